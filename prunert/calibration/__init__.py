@@ -1,0 +1,1 @@
+"""Calibration for explicit (Q/DQ) INT8/FP8 quantization. Arrives with the TensorRT issue; empty for now."""

@@ -1,0 +1,101 @@
+"""One frozen config object per concern; every default lives here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prunert.errors import ConfigError
+
+DEFAULT_OPSET = 20
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ResPruneConfig:
+    """ResPrune: greedy residual-energy selection weighted by text relevance r^alpha.
+
+    alpha:      exponent of the relevance weight (0 = pure subspace reconstruction).
+    relevance:  how token-to-text cosines are pooled over content words: "max" or "mean".
+    epsilon:    floor of the min-max normalised relevance, so r in [epsilon, 1].
+    tau:        a token's residual energy counts as 0 once below tau * its initial energy.
+    normalize:  L2-normalise tokens before selection (alpha=2 then equals greedy DPP MAP).
+    """
+
+    alpha: float = 1.0
+    relevance: str = "max"
+    epsilon: float = 1e-3
+    tau: float = 1e-4
+    normalize: bool = False
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ConfigError(f"resprune alpha: got {self.alpha}, expected >= 0")
+        if self.relevance not in ("max", "mean"):
+            raise ConfigError(f"resprune relevance: got {self.relevance!r}, expected 'max' or 'mean'")
+        if not 0 < self.epsilon <= 1:
+            raise ConfigError(f"resprune epsilon: got {self.epsilon}, expected 0 < epsilon <= 1")
+        if not 0 <= self.tau < 1:
+            raise ConfigError(f"resprune tau: got {self.tau}, expected 0 <= tau < 1")
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """How many visual tokens survive, and which method picks them."""
+
+    budget: int = 64
+    method: str = "resprune"
+    resprune: ResPruneConfig = field(default_factory=ResPruneConfig)
+
+    def validate_against(self, num_visual_tokens: int) -> None:
+        if not 0 < self.budget < num_visual_tokens:
+            raise ConfigError(
+                f"budget: got {self.budget}, expected 1 <= budget < {num_visual_tokens} "
+                f"(the model's number of visual tokens)"
+            )
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """Graph-level export settings. Sizes are the largest the artifact will accept."""
+
+    opset: int = DEFAULT_OPSET
+    max_text_tokens: int = 64  # content-word rows fed to the selection graph
+    max_prompt_tokens: int = 256  # text tokens of one prompt, placeholder included
+    max_new_tokens: int = 256  # decode steps the artifact is sized for
+    max_batch: int = 8
+    export_batch: int = 2  # example batch used for tracing: never 1
+    external_data_threshold_bytes: int = 1 << 30  # larger graphs store weights beside the .onnx
+
+    @property
+    def max_sequence(self) -> int:
+        return self.max_prompt_tokens + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings for the runtime pipeline. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens: got {self.max_new_tokens}, expected >= 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature: got {self.temperature}, expected >= 0")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p: got {self.top_p}, expected 0 < top_p <= 1")
+
+
+@dataclass(frozen=True)
+class ParityTolerances:
+    """Per-output tolerances for fp32 parity, in one place."""
+
+    pixels_max_abs: float = 1e-4
+    tokens_max_abs: float = 1e-3
+    tokens_min_cosine: float = 0.99999
+    logits_max_abs: float = 1e-3
+    logits_min_cosine: float = 0.99999
+    greedy_tokens: int = 8

@@ -1,0 +1,44 @@
+"""Typed errors. Every user-facing failure is a PrunertError subclass; the CLI prints its message
+and exits non-zero without a traceback."""
+
+
+class PrunertError(Exception):
+    """Base class for errors caused by bad input, a bad artifact or a failed check."""
+
+    exit_code = 2
+
+
+class ConfigError(PrunertError):
+    """A configuration value (budget, method parameter, CLI flag) is out of range."""
+
+
+class ModelSourceError(PrunertError):
+    """A model directory or preset name cannot be loaded as the expected model family."""
+
+
+class ImageError(PrunertError):
+    """An input image is missing, unreadable, or not what the model expects."""
+
+
+class PromptError(PrunertError):
+    """A prompt is malformed (image placeholder count, length) for the exported artifact."""
+
+
+class ArtifactError(PrunertError):
+    """An artifact directory is incomplete, tampered with, or from an unsupported schema."""
+
+
+class InputShapeError(PrunertError):
+    """A runner input does not match the manifest's name, dtype or shape."""
+
+
+class BackendUnavailableError(PrunertError):
+    """An optional backend package (onnxruntime, tensorrt, cuda-python) is not installed."""
+
+
+class ExportError(PrunertError):
+    """Export or post-export validation failed."""
+
+
+class ParityError(PrunertError):
+    """Parity could not be evaluated (not a parity FAIL, which is a result, not an error)."""

@@ -1,0 +1,94 @@
+"""ResPrune as a torch op that exports to a static ONNX graph.
+
+Greedy residual-energy selection (a weighted column-pivoted QR) with a fixed number of steps K.
+The K steps run in one ONNX Loop (~50 nodes in all, whatever K) whose carried shapes are constant
+and which has no scan outputs, as TensorRT's parser requires. Measured on 2 CPU cores, N=576, d=1024,
+K=64 in ONNX Runtime: Loop 10.7 ms / 48 nodes / 4 s export; unrolled 6.9 ms / 2,194 nodes / 24 s export.
+The loop wins on export time and graph size at ~1% of the vision graph's time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch._higher_order_ops import while_loop
+
+from prunert.config import ResPruneConfig
+
+
+def text_relevance(tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cfg: ResPruneConfig) -> torch.Tensor:
+    """tokens [B, N, D], text [B, M, D], text_mask [B, M] -> weight r^alpha [B, N]."""
+    valid = text_mask > 0  # [B, M]
+    tok_unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    txt_unit = text / text.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    cos = tok_unit @ txt_unit.transpose(1, 2)  # [B, N, M]
+    if cfg.relevance == "max":
+        r = cos.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=-1)  # [B, N]
+    else:
+        count = valid.sum(dim=-1, keepdim=True).clamp_min(1).to(cos.dtype)  # [B, 1]
+        r = (cos * valid[:, None, :].to(cos.dtype)).sum(dim=-1) / count
+    has_text = valid.any(dim=-1, keepdim=True)  # [B, 1]
+    r = torch.where(has_text, r, torch.ones_like(r))
+    r_min = r.amin(dim=-1, keepdim=True)
+    span = r.amax(dim=-1, keepdim=True) - r_min
+    scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(1e-30)
+    r = torch.where(span > 0, scaled, torch.ones_like(r))
+    if cfg.alpha == 0:
+        return torch.ones_like(r)
+    return r if cfg.alpha == 1 else r.pow(cfg.alpha)
+
+
+def resprune_select(
+    tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, budget: int, cfg: ResPruneConfig
+) -> torch.Tensor:
+    """tokens [B, N, D] (any float), text [B, M, D], text_mask [B, M] -> kept indices [B, K] ascending, int64.
+
+    Pivoted Cholesky of the weighted Gram matrix, K steps in one ONNX Loop with constant carried shapes.
+    Step k stores coeffs[:, :, k] = <x_n, q_k>, every token's coordinate on the k-th orthonormal basis
+    vector, so the residual energy ||x_n - P_S x_n||^2 drops by coeffs[n, k]^2 without carrying R [B, N, D].
+    Picks go through one-hot mat-muls instead of gathers (cheap at N <= a few thousand, loop-friendly).
+    """
+    x = tokens.float()
+    batch, n, _ = x.shape
+    weight = text_relevance(x, text.float(), text_mask, cfg)  # [B, N]
+    if cfg.normalize:
+        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    gram = x @ x.transpose(1, 2)  # [B, N, N]
+    energy = (x * x).sum(dim=-1)  # [B, N]
+    floor = cfg.tau * energy  # below its own floor a token counts as spanned (rounding noise)
+    positions = torch.arange(n, device=x.device)  # [N]
+    steps = torch.arange(budget, device=x.device)  # [K]
+
+    def keep_going(step, energy, kept, coeffs):
+        return step < budget
+
+    def greedy_step(step, energy, kept, coeffs):
+        effective = torch.where(energy < floor, torch.zeros_like(energy), energy)  # [B, N]
+        score = torch.where(kept > 0, torch.full_like(energy, float("-inf")), weight * effective)
+        pick = score.argmax(dim=-1, keepdim=True)  # [B, 1]; first maximum on every backend
+        onehot = (positions[None, :] == pick).to(energy.dtype)  # [B, N]
+        pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
+        gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>
+        pick_coeffs = onehot[:, None, :] @ coeffs  # [B, 1, K]
+        inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [B, N, 1]  <x_n, r_j>
+        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(1e-30).rsqrt(), torch.zeros_like(pick_energy))
+        column = inner * scale[:, :, None]  # [B, N, 1]  <x_n, q_k>; zero once nothing is left to span
+        coeffs = torch.where((steps == step)[None, None, :], column, coeffs)  # [B, N, K]
+        energy = (energy - column[..., 0] ** 2).clamp_min(0.0)
+        return step + 1, energy, kept + onehot, coeffs
+
+    state = (torch.zeros((), dtype=torch.int64), energy, torch.zeros_like(energy), x.new_zeros(batch, n, budget))
+    _, _, kept, _ = while_loop(keep_going, greedy_step, state)
+    return kept_to_indices(kept > 0, budget)
+
+
+def kept_to_indices(kept: torch.Tensor, budget: int) -> torch.Tensor:
+    """kept mask [B, N] with exactly `budget` True per row -> indices [B, K] ascending (TopK, sorted)."""
+    n = kept.shape[-1]
+    rank = torch.arange(n, 0, -1, device=kept.device, dtype=torch.float32)  # earlier index = larger key
+    keys = torch.where(kept, rank, torch.zeros_like(rank))
+    return torch.topk(keys, budget, dim=-1, largest=True, sorted=True).indices
+
+
+def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """tokens [B, N, D], indices [B, K] -> [B, K, D]."""
+    return tokens.gather(1, indices[:, :, None].expand(-1, -1, tokens.shape[-1]))
