@@ -1,0 +1,205 @@
+"""The artifact contract: `manifest.json` in an artifact directory.
+
+Everything the runtime knows about an artifact comes from here. Parsing is strict: unknown keys,
+missing keys, a newer schema version or a file whose sha256 differs are ArtifactErrors.
+Standard library only (the runtime and the edge path import this).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union
+
+from prunert.config import SCHEMA_VERSION
+from prunert.errors import ArtifactError
+
+MANIFEST_NAME = "manifest.json"
+Dim = Union[int, str]  # a static size, or a symbolic dim name such as "batch"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+    shape: tuple[Dim, ...]
+
+    def describe(self) -> str:
+        return "(" + ", ".join(str(d) for d in self.shape) + ")"
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    file: str  # .onnx file name inside the artifact directory
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    external_data: str | None = None  # weights file beside the .onnx, if any
+
+    def input(self, name: str) -> TensorSpec:
+        return next(spec for spec in self.inputs if spec.name == name)
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    model: str  # "synthetic:<preset>" or the local directory it was exported from
+    family: str  # adapter name, e.g. "llava"
+    architecture: str  # Hugging Face class name
+    synthetic: bool  # seeded random weights: can show plumbing and parity, never task accuracy
+
+
+@dataclass(frozen=True)
+class BudgetSpec:
+    budget: int  # K kept visual tokens per image
+    method: str
+    params: dict[str, Any]
+    num_visual_tokens: int  # N before pruning
+
+
+@dataclass(frozen=True)
+class TextSpec:
+    embeddings: str  # .npy file: the LLM's input-embedding table [vocab, hidden]
+    tokenizer: str  # tokenizer.json (the `tokenizers` library)
+    image_token: str
+    image_token_id: int
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    prompt_template: str  # contains "{prompt}"; the user's prompt must contain image_token once
+    max_prompt_tokens: int  # text tokens of one prompt, the placeholder counted once
+    max_sequence: int  # prompt (with K visual tokens) + generated tokens
+    max_text_tokens: int  # content-word rows the selection graph accepts
+
+
+@dataclass(frozen=True)
+class DecoderSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+
+
+@dataclass(frozen=True)
+class Manifest:
+    schema_version: int
+    prunert_version: str
+    versions: dict[str, str]  # torch, transformers, onnx, onnxscript, ... at export time
+    opset: int
+    source: SourceSpec
+    budget: BudgetSpec
+    graphs: dict[str, GraphSpec]  # "vision", "decoder"
+    text: TextSpec
+    decoder: DecoderSpec
+    image_preprocessor: str  # preprocessor_config.json (Hugging Face format)
+    family_config: dict[str, Any] = field(default_factory=dict)  # adapter-owned, opaque to generic code
+    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every other file
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        if not isinstance(data, dict):
+            raise ArtifactError(f"{MANIFEST_NAME}: expected a JSON object")
+        version = data.get("schema_version")
+        if not isinstance(version, int):
+            raise ArtifactError(f"{MANIFEST_NAME}: 'schema_version' missing or not an integer")
+        if version > SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{MANIFEST_NAME}: schema_version {version} is newer than this prunert supports "
+                f"({SCHEMA_VERSION}); upgrade prunert or re-export"
+            )
+        return _build(cls, data, "manifest")
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    """Strictly build a dataclass tree from JSON: unknown or missing keys raise ArtifactError."""
+    if not isinstance(data, dict):
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}' must be an object")
+    known = {f.name: f for f in fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ArtifactError(f"{MANIFEST_NAME}: unknown key(s) {unknown} in '{where}'; expected only {sorted(known)}")
+    kwargs = {}
+    for name, f in known.items():
+        if name not in data:
+            if f.default is not MISSING or f.default_factory is not MISSING:
+                continue
+            raise ArtifactError(f"{MANIFEST_NAME}: missing key '{name}' in '{where}'")
+        kwargs[name] = _convert(f.type, data[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+_NESTED = {"SourceSpec": SourceSpec, "BudgetSpec": BudgetSpec, "TextSpec": TextSpec, "DecoderSpec": DecoderSpec}
+
+
+def _convert(type_name: Any, value: Any, where: str) -> Any:
+    type_name = str(type_name)
+    if type_name in _NESTED:
+        return _build(_NESTED[type_name], value, where)
+    if type_name == "dict[str, GraphSpec]":
+        if not isinstance(value, dict):
+            raise ArtifactError(f"{MANIFEST_NAME}: '{where}' must be an object")
+        return {key: _graph(spec, f"{where}.{key}") for key, spec in value.items()}
+    if type_name.startswith("tuple") and isinstance(value, list):
+        return tuple(value)
+    return value
+
+
+def _graph(data: Any, where: str) -> GraphSpec:
+    graph = _build(GraphSpec, data, where)
+    inputs, outputs = (
+        tuple(_build(TensorSpec, spec, f"{where}.{kind}") for spec in getattr(graph, kind))
+        for kind in ("inputs", "outputs")
+    )
+    return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def hash_directory(directory: Path) -> dict[str, str]:
+    """sha256 of every file in the directory (recursively) except the manifest itself."""
+    return {
+        str(path.relative_to(directory)): sha256_file(path)
+        for path in sorted(directory.rglob("*"))
+        if path.is_file() and path.name != MANIFEST_NAME
+    }
+
+
+def load_manifest(directory: Path, verify_hashes: bool = True) -> Manifest:
+    """Read and check an artifact directory's manifest; verify every listed file's sha256."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ArtifactError(f"artifact '{directory}': not a directory")
+    path = directory / MANIFEST_NAME
+    if not path.is_file():
+        raise ArtifactError(f"artifact '{directory}': no {MANIFEST_NAME} (not a prunert artifact, or an interrupted export)")
+    try:
+        data = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"artifact '{directory}': {MANIFEST_NAME} is not valid JSON ({exc})") from None
+    manifest = Manifest.from_dict(data)
+    if verify_hashes:
+        verify_files(directory, manifest)
+    return manifest
+
+
+def verify_files(directory: Path, manifest: Manifest) -> None:
+    for name, expected in sorted(manifest.files.items()):
+        path = directory / name
+        if not path.is_file():
+            raise ArtifactError(f"artifact '{directory}': file '{name}' listed in {MANIFEST_NAME} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ArtifactError(
+                f"artifact '{directory}': file '{name}' sha256 {actual[:12]}... does not match the manifest's "
+                f"{expected[:12]}... (changed after export); re-export the artifact"
+            )
