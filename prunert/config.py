@@ -47,6 +47,10 @@ class BudgetConfig:
     resprune: ResPruneConfig = field(default_factory=ResPruneConfig)
 
     def validate_against(self, num_visual_tokens: int) -> None:
+        if self.method == "none":  # the unpruned baseline keeps every token
+            if self.budget != num_visual_tokens:
+                raise ConfigError(f"budget: got {self.budget} with --method none, expected {num_visual_tokens} (all visual tokens)")
+            return
         if not 0 < self.budget < num_visual_tokens:
             raise ConfigError(
                 f"budget: got {self.budget}, expected 1 <= budget < {num_visual_tokens} "

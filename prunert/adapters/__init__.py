@@ -1,0 +1,83 @@
+"""Model-family adapters: every model-family quirk lives in one adapter package per family.
+
+Generic code finds an adapter by the checkpoint's `model_type` (export side, torch) or by the
+manifest's `family` (runtime side, numpy only) and never branches on a model name.
+This module imports neither torch nor numpy.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from prunert.errors import ModelSourceError
+
+# family -> module of that family's adapter package
+FAMILIES = {"llava": "prunert.adapters.llava"}
+# Hugging Face config `model_type` -> family
+MODEL_TYPES = {"llava": "llava"}
+SYNTHETIC_PREFIX = "synthetic:"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a local Hugging Face directory, possibly a synthetic checkpoint."""
+
+    label: str  # what the user typed: "synthetic:llava-tiny" or a directory
+    path: Path
+    family: str
+    synthetic: bool
+    config: dict[str, Any]
+
+
+def family_module(family: str) -> Any:
+    if family not in FAMILIES:
+        raise ModelSourceError(f"model family {family!r}: not supported; expected one of {sorted(FAMILIES)}")
+    return importlib.import_module(FAMILIES[family])
+
+
+def synthetic_presets() -> dict[str, str]:
+    """preset name -> family, over every family that ships synthetic presets."""
+    presets = {}
+    for family, module_name in FAMILIES.items():
+        module = importlib.import_module(module_name + ".synthetic")
+        presets.update({name: family for name in module.PRESETS})
+    return presets
+
+
+def resolve_source(spec: str) -> ModelSource:
+    """`synthetic:<preset>` (written to a local cache on first use) or a local checkpoint directory."""
+    if spec.startswith(SYNTHETIC_PREFIX):
+        name = spec[len(SYNTHETIC_PREFIX) :]
+        presets = synthetic_presets()
+        if name not in presets:
+            raise ModelSourceError(f"--model {spec!r}: unknown synthetic preset; expected one of {sorted(presets)}")
+        synthetic = importlib.import_module(FAMILIES[presets[name]] + ".synthetic")
+        path = Path(synthetic.synthetic_checkpoint(name))
+        return _from_directory(spec, path, synthetic=True)
+    return _from_directory(spec, Path(spec), synthetic=False)
+
+
+def _from_directory(label: str, path: Path, synthetic: bool) -> ModelSource:
+    if not path.is_dir():
+        raise ModelSourceError(f"--model {label!r}: not a directory (expected a Hugging Face checkpoint directory or synthetic:<preset>)")
+    config_path = path / "config.json"
+    if not config_path.is_file():
+        raise ModelSourceError(f"--model {label!r}: no config.json; expected a Hugging Face checkpoint directory")
+    try:
+        config = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelSourceError(f"--model {label!r}: config.json is not valid JSON ({exc})") from None
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise ModelSourceError(
+            f"--model {label!r}: model_type {model_type!r} is not supported; expected one of {sorted(MODEL_TYPES)} "
+            f"(e.g. llava-hf/llava-1.5-7b-hf)"
+        )
+    if not any(path.glob("*.safetensors")):
+        raise ModelSourceError(f"--model {label!r}: no *.safetensors weights (prunert never loads pickled .bin weights)")
+    synthetic = synthetic or (path / "prunert_synthetic.json").is_file()
+    return ModelSource(label=label, path=path, family=MODEL_TYPES[model_type], synthetic=synthetic, config=config)

@@ -1,0 +1,5 @@
+"""LLaVA-1.5 (`LlavaForConditionalGeneration`): CLIP vision tower, 2-layer MLP projector, Llama decoder.
+
+`export` is the torch half (imported lazily), `host` the numpy half used by the runtime,
+`synthetic` the seeded presets.
+"""

@@ -1,0 +1,399 @@
+"""Synthetic LLaVA-1.5 checkpoints: seeded random weights written as real Hugging Face directories.
+
+A synthetic checkpoint has the same files and layout as a downloaded `llava-hf/llava-1.5-7b-hf`
+directory (config.json, model.safetensors, tokenizer files, preprocessor_config.json), so tests and
+demos load it through the very same loader as a real model. Nothing is downloaded: the tokenizer is
+trained locally (`tokenizer_builder`) and the weights come from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import prunert
+from prunert.adapters.llava.tokenizer_builder import (
+    BOS_TOKEN,
+    EOS_TOKEN,
+    IMAGE_TOKEN,
+    PAD_TOKEN,
+    UNK_TOKEN,
+    build_tokenizer,
+    num_trained_tokens,
+)
+from prunert.errors import ConfigError, ModelSourceError
+
+if TYPE_CHECKING:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+# The LLaVA-1.5 conversation template; `prompt` holds the `<image>` placeholder, e.g.
+# LLAVA_PROMPT_TEMPLATE.format(prompt="<image>\nWhat is in the picture?").
+LLAVA_PROMPT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+
+MARKER_FILE = "prunert_synthetic.json"
+# Bump when the weights or files written for an unchanged preset change: it invalidates caches.
+SYNTHETIC_FORMAT_VERSION = 1
+CACHE_ENV_VAR = "PRUNERT_CACHE"
+DEFAULT_CACHE_ROOT = Path("~/.cache/prunert")
+
+# OpenAI CLIP pixel statistics, as in every llava-hf preprocessor_config.json.
+CLIP_IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+BICUBIC = 3  # PIL.Image.BICUBIC, the "resample" value of CLIPImageProcessor
+
+# --- Initialisation scales -------------------------------------------------------------------
+# HF's default init (std 0.02 everywhere) gives a model whose activations shrink layer by layer:
+# attention is uniform, the image barely moves the output and next-token logits are so flat that
+# greedy decoding is decided by float rounding. Instead every scale below keeps activations O(1).
+# Linear weights ~ N(0, gain^2 / fan_in): variance preserving, so q.k/sqrt(d) has std ~1
+# (attention is peaked but not one-hot) and every residual branch adds an O(1) update.
+LINEAR_GAIN = 1.0
+# Token embeddings at the RMS of a normalised activation, comparable to projected image features.
+TOKEN_EMBED_STD = 1.0
+# Final RMSNorm output has RMS 1, so logits over the vocabulary have std ~LM_HEAD_GAIN: the top-1
+# vs top-2 margin is then ~0.5 for a 1k vocabulary, far above fp32/ONNX rounding noise.
+LM_HEAD_GAIN = 2.0
+# LM-head rows of `<extra_i>` filler ids (vocabulary padding beyond the trained BPE tokens) are
+# shrunk so that greedy decoding mostly picks real corpus tokens and demos print English words.
+FILLER_LM_HEAD_SCALE = 0.25
+# Vision tower: position embeddings large enough that patches of a flat image still differ, and a
+# CLS embedding at unit scale like the patch embeddings (conv weights use LINEAR_GAIN / fan_in).
+VISION_POSITION_STD = 0.5
+VISION_CLASS_STD = 1.0
+
+
+@dataclass(frozen=True)
+class SyntheticPreset:
+    """Shapes of a synthetic LLaVA-1.5 model: CLIP vision tower, 2-layer projector, Llama decoder."""
+
+    # CLIP vision tower
+    vision_hidden: int
+    vision_layers: int
+    vision_heads: int
+    vision_intermediate: int
+    image_size: int
+    patch_size: int
+    # Llama decoder
+    text_hidden: int
+    text_layers: int
+    text_heads: int
+    text_kv_heads: int
+    text_head_dim: int
+    text_intermediate: int
+    vocab_size: int
+    max_position_embeddings: int
+    seed: int = 0
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.image_size % self.patch_size:
+            raise ConfigError(f"preset image_size {self.image_size} is not a multiple of patch_size {self.patch_size}")
+        if self.vision_layers < 3:
+            raise ConfigError(f"preset vision_layers: got {self.vision_layers}, expected >= 3 (LLaVA reads layer -2)")
+        if self.text_heads % self.text_kv_heads:
+            raise ConfigError(f"preset text_heads {self.text_heads} is not a multiple of text_kv_heads {self.text_kv_heads}")
+
+    @property
+    def num_patches(self) -> int:
+        """Visual tokens per image: the CLS token is dropped ("default" feature select strategy)."""
+        return (self.image_size // self.patch_size) ** 2
+
+
+PRESETS: dict[str, SyntheticPreset] = {
+    "llava-tiny": SyntheticPreset(
+        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
+        image_size=140, patch_size=14,
+        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
+        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
+        seed=0, description="tiny LLaVA-1.5 for tests: 100 visual tokens, ~0.4M parameters",
+    ),
+    "llava-1.5-shaped": SyntheticPreset(
+        vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
+        image_size=336, patch_size=14,
+        text_hidden=1024, text_layers=24, text_heads=16, text_kv_heads=16, text_head_dim=64,
+        text_intermediate=4096, vocab_size=32064, max_position_embeddings=4096,
+        seed=0, description="CLIP ViT-L/14-336 tower (576 visual tokens) + 0.47B Llama decoder",
+    ),
+}
+
+
+def get_preset(name: str) -> SyntheticPreset:
+    """The preset called `name`, or ModelSourceError listing the available ones."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise ModelSourceError(
+            f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}"
+        ) from None
+
+
+def parameter_counts(preset: SyntheticPreset) -> dict[str, int]:
+    """Parameter counts per part, computed from the shapes alone (nothing is built)."""
+    v, t = preset.vision_hidden, preset.text_hidden
+    vision_layer = 4 * (v * v + v) + 2 * v * preset.vision_intermediate + preset.vision_intermediate + v + 4 * v
+    vision = (
+        v  # class embedding
+        + 3 * preset.patch_size**2 * v  # patch conv, no bias
+        + (preset.num_patches + 1) * v  # position embedding
+        + 2 * 2 * v  # pre and post layernorm
+        + preset.vision_layers * vision_layer
+    )
+    projector = v * t + t + t * t + t
+    q_out, kv_out = preset.text_heads * preset.text_head_dim, preset.text_kv_heads * preset.text_head_dim
+    text_layer = t * q_out + 2 * t * kv_out + q_out * t + 3 * t * preset.text_intermediate + 2 * t
+    embeddings = preset.vocab_size * t
+    decoder = embeddings + preset.text_layers * text_layer + t + embeddings  # + final norm + lm_head
+    return {"vision": vision, "projector": projector, "decoder": decoder, "total": vision + projector + decoder}
+
+
+def build_config(preset: SyntheticPreset, tokenizer: Tokenizer) -> LlavaConfig:
+    """The LlavaConfig of `preset`; special-token ids are read from `tokenizer`."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    pad_id = tokenizer.token_to_id(PAD_TOKEN)
+    vision = CLIPVisionConfig(
+        hidden_size=preset.vision_hidden,
+        num_hidden_layers=preset.vision_layers,
+        num_attention_heads=preset.vision_heads,
+        intermediate_size=preset.vision_intermediate,
+        image_size=preset.image_size,
+        patch_size=preset.patch_size,
+        projection_dim=preset.vision_hidden,
+    )
+    text = LlamaConfig(
+        hidden_size=preset.text_hidden,
+        num_hidden_layers=preset.text_layers,
+        num_attention_heads=preset.text_heads,
+        num_key_value_heads=preset.text_kv_heads,
+        head_dim=preset.text_head_dim,
+        intermediate_size=preset.text_intermediate,
+        vocab_size=preset.vocab_size,
+        max_position_embeddings=preset.max_position_embeddings,
+        rms_norm_eps=1e-5,  # Llama-2 / Vicuna-1.5, as in LLaVA-1.5
+        bos_token_id=tokenizer.token_to_id(BOS_TOKEN),
+        eos_token_id=tokenizer.token_to_id(EOS_TOKEN),
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+    return LlavaConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.token_to_id(IMAGE_TOKEN),
+        image_seq_length=preset.num_patches,
+        projector_hidden_act="gelu",
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        pad_token_id=pad_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_model(preset: SyntheticPreset, tokenizer: Tokenizer | None = None) -> LlavaForConditionalGeneration:
+    """A float32 LlavaForConditionalGeneration in eval mode with seeded weights (bit-reproducible)."""
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    tokenizer = tokenizer or build_tokenizer(preset.vocab_size)
+    config = build_config(preset, tokenizer)
+    with torch.random.fork_rng(devices=[]):  # HF's own init must not touch the caller's RNG
+        torch.manual_seed(preset.seed)
+        model = LlavaForConditionalGeneration(config)
+    generator = torch.Generator().manual_seed(preset.seed)
+    with torch.no_grad():
+        _init_weights(model, generator, first_filler_id=num_trained_tokens(tokenizer))
+    return model.eval()
+
+
+def _init_weights(model: torch.nn.Module, generator: torch.Generator, first_filler_id: int) -> None:
+    """Overwrite every parameter with the scales documented at the top of this module."""
+    import torch
+
+    initialised: set[int] = set()
+
+    def normal(param: torch.Tensor, std: float) -> None:
+        param.normal_(0.0, std, generator=generator)
+        initialised.add(id(param))
+
+    def fill(param: torch.Tensor | None, value: float) -> None:
+        if param is not None:
+            param.fill_(value)
+            initialised.add(id(param))
+
+    for name, module in model.named_modules():
+        if name == "lm_head":
+            normal(module.weight, LM_HEAD_GAIN / module.in_features ** 0.5)  # [vocab, text_hidden]
+            module.weight[first_filler_id:] *= FILLER_LM_HEAD_SCALE
+        elif isinstance(module, torch.nn.Linear):
+            normal(module.weight, LINEAR_GAIN / module.in_features ** 0.5)
+            fill(module.bias, 0.0)
+        elif isinstance(module, torch.nn.Conv2d):  # CLIP patch embedding [hidden, 3, patch, patch]
+            normal(module.weight, LINEAR_GAIN / module.weight[0].numel() ** 0.5)
+            fill(module.bias, 0.0)
+        elif isinstance(module, torch.nn.Embedding):
+            normal(module.weight, VISION_POSITION_STD if "vision_tower" in name else TOKEN_EMBED_STD)
+        elif isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
+            fill(module.weight, 1.0)
+            fill(getattr(module, "bias", None), 0.0)
+        if hasattr(module, "class_embedding"):  # CLIPVisionEmbeddings [vision_hidden]
+            normal(module.class_embedding, VISION_CLASS_STD)
+
+    missed = [name for name, param in model.named_parameters() if id(param) not in initialised]
+    if missed:
+        raise RuntimeError(f"synthetic init does not cover parameters: {missed[:5]}")
+
+
+def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False) -> Path:
+    """Write preset `preset_name` as a complete Hugging Face LLaVA-1.5 directory at `out_dir`.
+
+    The directory is built next to `out_dir` and renamed into place at the end, so a crash leaves
+    nothing at `out_dir`. An existing non-empty `out_dir` is an error unless `overwrite`.
+    """
+    preset = get_preset(preset_name)
+    out_dir = Path(out_dir).expanduser().absolute()
+    if _is_non_empty_dir(out_dir) and not overwrite:
+        raise ConfigError(f"output directory {out_dir} already exists and is not empty (use overwrite)")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        _write_files(preset_name, preset, tmp_dir)
+        _publish(tmp_dir, out_dir, overwrite=overwrite)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _write_files(preset_name: str, preset: SyntheticPreset, directory: Path) -> None:
+    """Model, tokenizer, image-processor and marker files of one checkpoint."""
+    tokenizer = build_tokenizer(preset.vocab_size)
+    model = build_model(preset, tokenizer)
+    # transformers 5 always writes model.safetensors (no pickle); the key names are the legacy ones
+    # of llava-hf checkpoints ("language_model.model.layers...") via save_original_format.
+    model.save_pretrained(directory)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    _write_json(directory / "tokenizer_config.json", _tokenizer_config(preset))
+    _write_json(directory / "special_tokens_map.json", _special_tokens_map())
+    _write_json(directory / "preprocessor_config.json", _preprocessor_config(preset))
+    _write_json(directory / "processor_config.json", _processor_config(preset))
+    _write_json(directory / MARKER_FILE, _marker(preset_name, preset))
+
+
+def _publish(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
+    """Rename the finished `tmp_dir` to `out_dir` (atomic when `out_dir` is absent or empty)."""
+    if overwrite and _is_non_empty_dir(out_dir):
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        os.replace(out_dir, old / out_dir.name)
+        os.replace(tmp_dir, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp_dir, out_dir)
+
+
+def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Path:
+    """Directory of preset `preset_name`, written on first use and reused afterwards.
+
+    Location: `<cache_dir>/<name>-<hash>`; without `cache_dir`, `$PRUNERT_CACHE/synthetic/...` or
+    `~/.cache/prunert/synthetic/...`. The hash covers the preset, prunert's version and
+    SYNTHETIC_FORMAT_VERSION, so a change in any of them writes a fresh directory.
+    """
+    preset = get_preset(preset_name)
+    if cache_dir is None:
+        cache_dir = Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser() / "synthetic"
+    out_dir = Path(cache_dir).expanduser() / f"{preset_name}-{preset_hash(preset)}"
+    if (out_dir / MARKER_FILE).is_file():
+        return out_dir
+    try:
+        return write_checkpoint(preset_name, out_dir)
+    except (ConfigError, OSError):
+        if (out_dir / MARKER_FILE).is_file():  # another process won the race to write it
+            return out_dir
+        raise
+
+
+def preset_hash(preset: SyntheticPreset) -> str:
+    """Short content hash naming a cached checkpoint of `preset`."""
+    key = {"preset": asdict(preset), "prunert": prunert.__version__, "format": SYNTHETIC_FORMAT_VERSION}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def _tokenizer_config(preset: SyntheticPreset) -> dict[str, Any]:
+    # PreTrainedTokenizerFast loads tokenizer.json as is; "LlamaTokenizer" would, in transformers 5,
+    # rebuild a sentencepiece-style (Metaspace) pipeline around our byte-level vocabulary.
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": preset.max_position_embeddings,
+        "padding_side": "left",
+    }
+
+
+def _special_tokens_map() -> dict[str, Any]:
+    return {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "unk_token": UNK_TOKEN,
+        "pad_token": PAD_TOKEN,
+        "additional_special_tokens": [IMAGE_TOKEN],
+    }
+
+
+def _preprocessor_config(preset: SyntheticPreset) -> dict[str, Any]:
+    """CLIPImageProcessor settings of LLaVA-1.5, at the preset's image size."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": preset.image_size},
+        "resample": BICUBIC,
+        "do_center_crop": True,
+        "crop_size": {"height": preset.image_size, "width": preset.image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(CLIP_IMAGE_MEAN),
+        "image_std": list(CLIP_IMAGE_STD),
+    }
+
+
+def _processor_config(preset: SyntheticPreset) -> dict[str, Any]:
+    """LlavaProcessor settings, so that `AutoProcessor` expands `<image>` to num_patches tokens."""
+    return {
+        "processor_class": "LlavaProcessor",
+        "image_token": IMAGE_TOKEN,
+        "patch_size": preset.patch_size,
+        "num_additional_image_tokens": 1,  # the CLS token, dropped by the "default" strategy
+        "vision_feature_select_strategy": "default",
+    }
+
+
+def _marker(preset_name: str, preset: SyntheticPreset) -> dict[str, Any]:
+    return {
+        "preset": preset_name,
+        "seed": preset.seed,
+        "synthetic": True,
+        "note": "seeded random weights; not a trained model",
+        "prunert_version": prunert.__version__,
+        "format_version": SYNTHETIC_FORMAT_VERSION,
+    }
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def _is_non_empty_dir(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())

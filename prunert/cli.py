@@ -1,0 +1,157 @@
+"""`prunert` command line: export, run, parity, inspect.
+
+`run` and `inspect` stay on the runtime path (no torch import); `export` and `parity` import torch.
+Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from prunert.errors import PrunertError
+
+SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs show the plumbing, not a trained model's answers"
+
+
+def _export(args: argparse.Namespace) -> int:
+    from prunert.config import BudgetConfig, ExportConfig, ResPruneConfig
+    from prunert.export.pipeline import export_artifact
+
+    resprune = ResPruneConfig(alpha=args.alpha, relevance=args.relevance, epsilon=args.epsilon, tau=args.tau, normalize=args.normalize)
+    budget = BudgetConfig(budget=args.budget, method=args.method, resprune=resprune)
+    cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch)
+    manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
+    if manifest.source.synthetic:
+        print(SYNTHETIC_NOTE)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from prunert.config import GenerationConfig
+    from prunert.errors import ConfigError
+    from prunert.runtime import VLMPipeline
+
+    images, prompts = args.image, args.prompt
+    if len(prompts) == 1 and len(images) > 1:
+        prompts = prompts * len(images)
+    if len(images) != len(prompts):
+        raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    pipe = VLMPipeline(args.artifact, backend=args.backend)
+    stream = args.stream and len(images) == 1
+
+    def on_token(row: int, token: int, text: str) -> None:
+        print(text, end="", flush=True)
+
+    results = pipe.generate(images, prompts, config, on_token=on_token if stream else None)
+    if stream:
+        print()
+    for image, result in zip(images, results):
+        if not stream:
+            print(f"[{image}] {result.text}" if len(images) > 1 else result.text)
+    t = pipe.timings
+    print(
+        f"kept {pipe.manifest.budget.budget}/{pipe.manifest.budget.num_visual_tokens} visual tokens ({pipe.manifest.budget.method}); "
+        f"vision {t.vision_s * 1e3:.0f} ms, prefill {t.prefill_s * 1e3:.0f} ms, "
+        f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",
+        file=sys.stderr,
+    )
+    if pipe.manifest.source.synthetic:
+        print(SYNTHETIC_NOTE, file=sys.stderr)
+    return 0
+
+
+def _parity(args: argparse.Namespace) -> int:
+    from prunert.config import ParityTolerances
+    from prunert.parity.reference import run_parity
+
+    tolerances = ParityTolerances(greedy_tokens=args.greedy_tokens)
+    report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model)
+    out = args.out or Path(args.artifact) / "parity.json"
+    report.write_json(out)
+    print(report.table())
+    if report.synthetic:
+        print(SYNTHETIC_NOTE)
+    print(f"report: {out}")
+    print(f"parity: {report.verdict}")
+    return 0 if report.passed else 1
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    from prunert.manifest import load_manifest
+    from prunert.inspect import manifest_table
+
+    manifest = load_manifest(Path(args.artifact), verify_hashes=not args.no_verify)
+    print(manifest.to_json() if args.json else manifest_table(manifest))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from prunert.config import BudgetConfig, ExportConfig, GenerationConfig, ParityTolerances, ResPruneConfig
+
+    parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    rp, ex, gen = ResPruneConfig(), ExportConfig(), GenerationConfig()
+
+    p = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX graphs + manifest.json)")
+    p.add_argument("--model", required=True, help="synthetic:<preset> (e.g. synthetic:llava-tiny) or a local Hugging Face LLaVA-1.5 directory")
+    p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K)")
+    p.add_argument("--method", default=BudgetConfig().method, help="selection method (default: %(default)s)")
+    p.add_argument("--alpha", type=float, default=rp.alpha, help="ResPrune relevance exponent (default: %(default)s)")
+    p.add_argument("--relevance", choices=("max", "mean"), default=rp.relevance, help="pool token-word cosines by max or mean")
+    p.add_argument("--epsilon", type=float, default=rp.epsilon, help="floor of normalised relevance (default: %(default)s)")
+    p.add_argument("--tau", type=float, default=rp.tau, help="relative residual-energy floor (default: %(default)s)")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise tokens before selection")
+    p.add_argument("--opset", type=int, default=ex.opset, help="ONNX opset (default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=ex.max_prompt_tokens, help="longest prompt the artifact accepts")
+    p.add_argument("--max-new-tokens", type=int, default=ex.max_new_tokens, help="longest generation the artifact is sized for")
+    p.add_argument("--max-batch", type=int, default=ex.max_batch, help="largest batch the graphs declare")
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("run", help="answer a prompt about an image with an exported artifact (no torch needed)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
+    p.add_argument("--prompt", action="append", required=True, help="prompt with one <image> placeholder; repeat per image (one prompt is shared)")
+    p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
+    p.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=gen.top_p)
+    p.add_argument("--seed", type=int, default=gen.seed)
+    p.add_argument("--backend", default="onnxruntime", help="runner backend (default: %(default)s)")
+    p.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end instead of streaming")
+    p.set_defaults(func=_run)
+
+    p = sub.add_parser("parity", help="compare the exported pipeline with the PyTorch reference, stage by stage")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--image", type=Path, required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--model", help="source checkpoint, if it moved since export (default: the manifest's)")
+    p.add_argument("--greedy-tokens", type=int, default=ParityTolerances().greedy_tokens, help="greedy steps compared")
+    p.add_argument("--out", type=Path, help="parity.json path (default: ARTIFACT/parity.json)")
+    p.set_defaults(func=_parity)
+
+    p = sub.add_parser("inspect", help="print an artifact's manifest as a table")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--json", action="store_true", help="print the raw manifest")
+    p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.set_defaults(func=_inspect)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PrunertError as exc:
+        print(f"prunert: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("prunert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

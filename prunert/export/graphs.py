@@ -1,0 +1,130 @@
+"""The two exported graphs as torch modules, with their dynamic axes declared in one place.
+
+vision:  pixel_values, text_embeds, text_mask -> visual_tokens [B, K, D], kept_indices [B, K]
+decoder: inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
+         -> logits, present.{i}.key/value     (common Optimum / onnxruntime-genai names)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch.export import Dim
+
+from prunert import pruning_ops
+from prunert.config import BudgetConfig, ExportConfig
+from prunert.pruning_ops.resprune import gather_tokens
+
+
+class VisionPruneGraph(torch.nn.Module):
+    """Vision tower + projector + static-budget selection."""
+
+    def __init__(self, adapter: Any, budget: BudgetConfig):
+        super().__init__()
+        self.adapter = adapter
+        self.budget = budget
+        self.tower = adapter.model  # registered so export sees the parameters
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        *vision_inputs, text_embeds, text_mask = inputs
+        tokens = self.adapter.visual_tokens(*vision_inputs)  # [B, N, D]
+        kept = pruning_ops.select(tokens, text_embeds, text_mask, self.budget)  # [B, K]
+        return gather_tokens(tokens, kept), kept  # [B, K, D], [B, K]
+
+
+class DecoderGraph(torch.nn.Module):
+    """Decoder + LM head with a flat KV cache: past_key_values.{i}.key/value [B, kv_heads, past, head_dim]."""
+
+    def __init__(self, adapter: Any):
+        super().__init__()
+        self.backbone = adapter.text_backbone()
+        self.head = adapter.lm_head()
+        self.num_layers = self.backbone.config.num_hidden_layers
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        from transformers import DynamicCache
+
+        cache = DynamicCache(config=self.backbone.config)
+        for layer in range(self.num_layers):
+            cache.update(past[2 * layer], past[2 * layer + 1], layer)
+        out = self.backbone(
+            inputs_embeds=inputs_embeds,  # [B, S, D]
+            attention_mask=attention_mask,  # [B, past + S]
+            position_ids=position_ids,  # [B, S]
+            past_key_values=cache,
+            use_cache=True,
+        )
+        logits = self.head(out.last_hidden_state)  # [B, S, V]
+        present = []
+        for layer in out.past_key_values.layers:
+            present += [layer.keys, layer.values]  # [B, kv_heads, past + S, head_dim]
+        return (logits, *present)
+
+
+def decoder_dims(adapter: Any) -> dict[str, int]:
+    config = adapter.text_backbone().config
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return {
+        "num_layers": config.num_hidden_layers,
+        "num_kv_heads": config.num_key_value_heads,
+        "head_dim": head_dim,
+        "hidden_size": config.hidden_size,
+        "vocab_size": adapter.embedding_table().shape[0],
+    }
+
+
+def past_names(num_layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+def present_names(num_layers: int) -> list[str]:
+    return [f"present.{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
+
+
+# ---- dynamic axes: the one place they are declared -------------------------------------------
+def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int, hidden: int):
+    """(example args, dynamic_shapes, input names, output names, manifest specs)."""
+    batch = Dim("batch", min=1, max=cfg.max_batch)
+    text = Dim("text", min=1, max=cfg.max_text_tokens)
+    b, m = cfg.export_batch, 5
+    generator = torch.Generator().manual_seed(1)
+    args = (
+        *adapter.example_vision_inputs(b),
+        torch.randn(b, m, hidden, generator=generator),
+        torch.ones(b, m, dtype=torch.int64),
+    )
+    dynamic = (*adapter.vision_dynamic_shapes(batch), {0: batch, 1: text}, {0: batch, 1: text})
+    inputs = [*adapter.vision_input_specs(), ("text_embeds", "float32", ("batch", "text", hidden)), ("text_mask", "int64", ("batch", "text"))]
+    outputs = [("visual_tokens", "float32", ("batch", budget, hidden)), ("kept_indices", "int64", ("batch", budget))]
+    return args, {"inputs": dynamic}, inputs, outputs  # forward(*inputs): varargs specs nest in one tuple
+
+
+def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig):
+    batch = Dim("batch", min=1, max=cfg.max_batch)
+    seq = Dim("sequence", min=1, max=cfg.max_sequence)
+    past = Dim("past", min=0, max=cfg.max_sequence)
+    total = Dim("total", min=1, max=cfg.max_sequence)  # past + sequence: declared on its own (derived dims can't be)
+    b, s, p = cfg.export_batch, 5, 3
+    layers, heads, head_dim, hidden = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], dims["hidden_size"]
+    generator = torch.Generator().manual_seed(2)
+    past_example = tuple(torch.randn(b, heads, p, head_dim, generator=generator) for _ in range(2 * layers))
+    args = (
+        torch.randn(b, s, hidden, generator=generator),
+        torch.ones(b, p + s, dtype=torch.int64),
+        torch.arange(p, p + s).repeat(b, 1),
+        past_example,
+    )
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_example))
+    kv_shape = ("batch", heads, "past", head_dim)
+    inputs = [
+        ("inputs_embeds", "float32", ("batch", "sequence", hidden)),
+        ("attention_mask", "int64", ("batch", "total")),
+        ("position_ids", "int64", ("batch", "sequence")),
+        *[(name, "float32", kv_shape) for name in past_names(layers)],
+    ]
+    outputs = [
+        ("logits", "float32", ("batch", "sequence", dims["vocab_size"])),
+        *[(name, "float32", ("batch", heads, "total", head_dim)) for name in present_names(layers)],
+    ]
+    return args, dynamic, inputs, outputs

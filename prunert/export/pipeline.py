@@ -1,0 +1,181 @@
+"""Export a checkpoint into an artifact directory: vision graph, decoder graph, embedding table,
+tokenizer, preprocessor config and manifest.json. Validated with ONNX Runtime after export.
+
+The directory is built under a temporary name beside the target and renamed into place only after
+validation, so a crash or Ctrl-C leaves nothing that `prunert run` would accept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.metadata
+import io
+import logging
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+import prunert
+from prunert import pruning_ops
+from prunert.adapters import ModelSource, family_module, resolve_source
+from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
+from prunert.errors import ArtifactError, ExportError, ModelSourceError
+from prunert.export.graphs import DecoderGraph, VisionPruneGraph, decoder_dims, decoder_export_spec, vision_export_spec
+from prunert.export.validate import validate_decoder, validate_vision
+from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
+
+VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers")
+
+
+def load_export_adapter(source: ModelSource) -> Any:
+    module = importlib.import_module(family_module(source.family).__name__ + ".export")
+    return module.ADAPTER(source.path)
+
+
+def export_artifact(
+    model: str,
+    out_dir: Path,
+    budget: BudgetConfig,
+    cfg: ExportConfig = ExportConfig(),
+    overwrite: bool = False,
+    log: Callable[[str], None] = print,
+) -> Manifest:
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not overwrite:
+        raise ArtifactError(f"--out '{out_dir}': already exists; choose another directory or pass --overwrite")
+    source = resolve_source(model)
+    log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else ""))
+    adapter = load_export_adapter(source)
+    budget.validate_against(adapter.num_visual_tokens)
+    pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
+    for name in ("tokenizer.json", "preprocessor_config.json"):
+        if not (source.path / name).is_file():
+            raise ModelSourceError(f"--model {source.label!r}: no {name} in the checkpoint directory")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        manifest = _write_artifact(staging, source, adapter, budget, cfg, log)
+        _move_into_place(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote {out_dir} ({len(manifest.files)} files, manifest.json)")
+    return manifest
+
+
+def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: BudgetConfig, cfg: ExportConfig, log) -> Manifest:
+    dims = decoder_dims(adapter)
+    log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={adapter.num_visual_tokens})")
+    vision = VisionPruneGraph(adapter, budget).eval()
+    args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, budget.budget, dims["hidden_size"])
+    vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
+    validate_vision(vision, args, staging / "vision.onnx", vision_spec)
+
+    log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
+    decoder = DecoderGraph(adapter).eval()
+    args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg)
+    decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
+    validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
+
+    table = adapter.embedding_table().detach().float().numpy()  # [V, D]
+    np.save(staging / "embed_tokens.npy", table)
+    shutil.copyfile(source.path / "tokenizer.json", staging / "tokenizer.json")
+    shutil.copyfile(source.path / "preprocessor_config.json", staging / "preprocessor_config.json")
+
+    text = adapter.text_info(source.path)
+    manifest = Manifest(
+        schema_version=SCHEMA_VERSION,
+        prunert_version=prunert.__version__,
+        versions={name: _version(name) for name in VERSIONED_PACKAGES},
+        opset=cfg.opset,
+        source=SourceSpec(model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic),
+        budget=BudgetSpec(budget=budget.budget, method=budget.method, params=pruning_ops.method_params(budget), num_visual_tokens=adapter.num_visual_tokens),
+        graphs={"vision": vision_spec, "decoder": decoder_spec},
+        text=TextSpec(
+            embeddings="embed_tokens.npy",
+            tokenizer="tokenizer.json",
+            image_token=text["image_token"],
+            image_token_id=text["image_token_id"],
+            bos_token_id=text["bos_token_id"],
+            eos_token_ids=tuple(text["eos_token_ids"]),
+            pad_token_id=text["pad_token_id"],
+            prompt_template=text["prompt_template"],
+            max_prompt_tokens=cfg.max_prompt_tokens,
+            max_sequence=cfg.max_prompt_tokens - 1 + budget.budget + cfg.max_new_tokens,
+            max_text_tokens=cfg.max_text_tokens,
+        ),
+        decoder=DecoderSpec(**dims),
+        image_preprocessor="preprocessor_config.json",
+        family_config=adapter.family_config(),
+        files=hash_directory(staging),
+    )
+    (staging / MANIFEST_NAME).write_text(manifest.to_json())
+    return manifest
+
+
+def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfig) -> GraphSpec:
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
+    external = weight_bytes > cfg.external_data_threshold_bytes
+    log_sink = io.StringIO()
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(log_sink), _quiet_exporter():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                dynamo=True,
+                opset_version=cfg.opset,
+                dynamic_shapes=dynamic,
+                input_names=[name for name, _, _ in inputs],
+                output_names=[name for name, _, _ in outputs],
+                external_data=external,
+                optimize=True,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; surface one clear error
+        raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    data_file = path.name + ".data"
+    return GraphSpec(
+        file=path.name,
+        inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),
+        outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
+        external_data=data_file if (path.parent / data_file).exists() else None,
+    )
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "torch._dynamo", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _move_into_place(staging: Path, out_dir: Path) -> None:
+    """Rename the finished directory into place; an existing one is swapped out, then removed."""
+    if out_dir.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+        old.rmdir()
+        out_dir.rename(old)
+        staging.rename(out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        staging.rename(out_dir)
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

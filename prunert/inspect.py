@@ -1,0 +1,29 @@
+"""A manifest as a readable table (standard library only)."""
+
+from __future__ import annotations
+
+from prunert.manifest import Manifest
+
+
+def manifest_table(m: Manifest) -> str:
+    lines = [
+        f"artifact schema {m.schema_version}, prunert {m.prunert_version}, opset {m.opset}",
+        f"source        {m.source.model} ({m.source.architecture}, family {m.source.family})"
+        + ("  [SYNTHETIC: seeded random weights]" if m.source.synthetic else ""),
+        f"budget        K={m.budget.budget} of N={m.budget.num_visual_tokens} visual tokens, method {m.budget.method} "
+        + " ".join(f"{k}={v}" for k, v in sorted(m.budget.params.items())),
+        f"decoder       {m.decoder.num_layers} layers, hidden {m.decoder.hidden_size}, kv heads {m.decoder.num_kv_heads} x {m.decoder.head_dim}, vocab {m.decoder.vocab_size}",
+        f"text          template {m.text.prompt_template!r}, image token {m.text.image_token!r}={m.text.image_token_id}, "
+        f"max prompt {m.text.max_prompt_tokens}, max sequence {m.text.max_sequence}",
+        "versions      " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())),
+        "",
+    ]
+    rows = [("graph", "io", "name", "dtype", "shape")]
+    for graph_name, graph in m.graphs.items():
+        for kind, tensors in (("in", graph.inputs), ("out", graph.outputs)):
+            for t in tensors:
+                rows.append((f"{graph_name} ({graph.file})", kind, t.name, t.dtype, t.describe()))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["", "files"] + [f"  {name:<28} sha256 {digest[:16]}..." for name, digest in sorted(m.files.items())]
+    return "\n".join(lines)

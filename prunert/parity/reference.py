@@ -1,0 +1,117 @@
+"""Stage-by-stage parity: the exported pipeline (ONNX Runtime) against the PyTorch reference, which
+is the Hugging Face model (its own image processor, tokenizer, vision tower, projector, language
+model and `generate`) plus the same selection op run in torch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from prunert import pruning_ops
+from prunert.adapters import resolve_source
+from prunert.config import GenerationConfig, ParityTolerances
+from prunert.export.pipeline import load_export_adapter
+from prunert.parity.report import TIE, Check, ParityReport
+from prunert.runtime.image import load_image
+from prunert.runtime.pipeline import VLMPipeline
+from prunert.runtime.text import content_word_groups, text_relevance_inputs
+
+
+def run_parity(
+    artifact_dir: Path,
+    image: Path,
+    prompt: str,
+    tolerances: ParityTolerances = ParityTolerances(),
+    model: str | None = None,
+    backend: str = "onnxruntime",
+) -> ParityReport:
+    pipe = VLMPipeline(artifact_dir, backend=backend)
+    manifest = pipe.manifest
+    source = resolve_source(model or manifest.source.model)
+    adapter = load_export_adapter(source)
+    budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
+    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, str(image), prompt)
+    tol = tolerances
+    picture = load_image(image)
+
+    # 1. preprocessing: numpy re-implementation vs the Hugging Face processor
+    ours_pixels = pipe.artifact.host.vision_inputs([picture], pipe.artifact.preprocessor_config)
+    ref_pixels = adapter.hf_vision_inputs([picture], source.path)
+    for name, ref in ref_pixels.items():
+        report.add_max_abs(f"pixels:{name}", ref.numpy(), ours_pixels[name], tol.pixels_max_abs)
+
+    # 2. tokens: the runtime's tokenizer.json vs the Hugging Face tokenizer
+    ids = pipe.tokenize([prompt])
+    ref_ids = adapter.hf_token_ids(manifest.text.prompt_template.format(prompt=prompt), source.path)
+    report.add("token ids", "equal", "yes" if ids[0] == ref_ids else f"{len(ids[0])} vs {len(ref_ids)} ids", "identical", ids[0] == ref_ids)
+
+    # 3. vision + selection: kept index sets must be equal, kept tokens close
+    vision = pipe.encode_images([picture], [prompt])
+    groups = [content_word_groups(pipe.artifact.tokenizer, prompt, pipe.artifact.special_ids)]
+    with torch.no_grad():
+        table = adapter.embedding_table().detach().float().numpy()
+        text_embeds, text_mask = text_relevance_inputs(groups, table, manifest.text.max_text_tokens)
+        tokens = adapter.visual_tokens(*ref_pixels.values())  # [1, N, D]
+        kept = pruning_ops.select(tokens, torch.from_numpy(text_embeds), torch.from_numpy(text_mask), budget)  # [1, K]
+        ref_visual = tokens.gather(1, kept[:, :, None].expand(-1, -1, tokens.shape[-1]))  # [1, K, D]
+    ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
+    detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set)} indices differ"
+    report.add("kept indices", "set equal", f"{len(ours_set & ref_set)}/{len(ref_set)}", "all", ours_set == ref_set, detail)
+    report.add_max_abs("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_max_abs)
+    report.add_cosine("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_min_cosine)
+
+    # 4. prefill logits over the whole spliced prompt
+    state = pipe.prefill(ids, vision)
+    ref_embeds = _reference_embeds(adapter, ref_ids, manifest.text.image_token_id, ref_visual)
+    with torch.no_grad():
+        ref_logits = adapter.model(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long)).logits
+    report.add_max_abs("prefill logits", ref_logits.numpy(), state.logits, tol.logits_max_abs)
+    report.add_cosine("prefill logits", ref_logits.numpy(), state.logits, tol.logits_min_cosine)
+
+    # 5. first N greedy tokens: identical, except after a step whose top-2 margin is within tolerance
+    ours_tokens = pipe._decode(state, GenerationConfig(max_new_tokens=tol.greedy_tokens), None)[0]
+    ref_tokens, ref_scores = _reference_greedy(adapter, ref_embeds, manifest.text, tol.greedy_tokens)
+    report.checks.append(_compare_greedy(ours_tokens, ref_tokens, ref_scores, tol))
+    return report
+
+
+def _reference_embeds(adapter, ids: list[int], image_token_id: int, visual: torch.Tensor) -> torch.Tensor:
+    at = ids.index(image_token_id)
+    with torch.no_grad():
+        embed = adapter.model.get_input_embeddings()
+        before, after = embed(torch.tensor([ids[:at]])), embed(torch.tensor([ids[at + 1 :]]))
+    return torch.cat([before, visual, after], dim=1)  # [1, L, D]
+
+
+def _reference_greedy(adapter, embeds: torch.Tensor, text, count: int):
+    with torch.no_grad():
+        out = adapter.model.generate(
+            inputs_embeds=embeds,
+            attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
+            max_new_tokens=count,
+            do_sample=False,
+            eos_token_id=list(text.eos_token_ids) or None,
+            pad_token_id=text.pad_token_id,
+            output_scores=True,
+            return_dict_in_generate=True,
+        )
+    return out.sequences[0].tolist(), [s[0].numpy() for s in out.scores]
+
+
+def _compare_greedy(ours: list[int], ref: list[int], scores: list[np.ndarray], tol: ParityTolerances) -> Check:
+    bound = "identical"
+    for step, (a, b) in enumerate(zip(ours, ref)):
+        if a == b:
+            continue
+        top2 = np.sort(scores[step])[-2:]
+        margin = float(top2[1] - top2[0])
+        if margin <= tol.logits_max_abs:
+            return Check("greedy tokens", f"first {len(ref)}", f"{step}/{len(ref)} agree", bound, TIE,
+                         f"step {step}: top-2 margin {margin:.2g} <= logits tolerance; later steps not compared")
+        return Check("greedy tokens", f"first {len(ref)}", f"{step}/{len(ref)} agree", bound, "FAIL",
+                     f"step {step}: ours {a}, reference {b}, margin {margin:.3g}")
+    same = len(ours) == len(ref)
+    detail = "" if same else f"lengths {len(ours)} vs {len(ref)}"
+    return Check("greedy tokens", f"first {len(ref)}", f"{min(len(ours), len(ref))}/{len(ref)} agree", bound, "PASS" if same else "FAIL", detail)

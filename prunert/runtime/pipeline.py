@@ -1,0 +1,200 @@
+"""The runtime pipeline: preprocess -> tokenize -> content-word embeddings -> vision graph (pruned) ->
+splice K visual tokens at the placeholder -> prefill -> decode with the KV cache.
+
+numpy + tokenizers + one runner per graph; no torch, no transformers.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from prunert.config import GenerationConfig
+from prunert.errors import ConfigError, PromptError
+from prunert.runtime.artifact import Artifact
+from prunert.runtime.image import load_image
+from prunert.runtime.runner import OnnxRuntimeRunner, Runner
+from prunert.runtime.sampling import next_tokens
+from prunert.runtime.text import content_word_groups, text_relevance_inputs
+
+TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
+BACKENDS = ("onnxruntime",)
+
+
+@dataclass
+class VisionResult:
+    pixel_inputs: dict[str, np.ndarray]
+    visual_tokens: np.ndarray  # [B, K, D]
+    kept_indices: np.ndarray  # [B, K] ascending, original positions
+
+
+@dataclass
+class Prefill:
+    inputs_embeds: np.ndarray  # [B, L, D] left-padded
+    attention_mask: np.ndarray  # [B, L]
+    position_ids: np.ndarray  # [B, L]
+    logits: np.ndarray  # [B, L, V]
+    present: list[np.ndarray]  # 2 x layers of [B, kv_heads, L, head_dim]
+
+
+@dataclass
+class Generation:
+    text: str
+    token_ids: list[int]
+    finish_reason: str  # "eos" or "length"
+    kept_indices: np.ndarray  # [K]
+
+
+@dataclass
+class Timings:
+    vision_s: float = 0.0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    decode_steps: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def ttft_s(self) -> float:
+        return self.vision_s + self.prefill_s
+
+
+def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0) -> Runner:
+    spec = artifact.manifest.graphs[graph]
+    if backend == "onnxruntime":
+        return OnnxRuntimeRunner(artifact.path(spec.file), spec, threads=threads)
+    raise ConfigError(f"--backend {backend!r}: unknown; expected one of {list(BACKENDS)}")
+
+
+class VLMPipeline:
+    def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", threads: int = 0):
+        self.artifact = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
+        self.manifest = self.artifact.manifest
+        self.vision = make_runner(self.artifact, "vision", backend, threads)
+        self.decoder = make_runner(self.artifact, "decoder", backend, threads)
+        self.timings = Timings()
+
+    # ---- stages (public so parity can compare each one) ----------------------------------------
+    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        text = self.manifest.text
+        sequences = []
+        for prompt in prompts:
+            count = prompt.count(text.image_token)
+            if count != 1:
+                raise PromptError(
+                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.image_token!r} {count} times, expected exactly once"
+                )
+            ids = self.artifact.tokenizer.encode(text.prompt_template.format(prompt=prompt)).ids
+            if ids.count(text.image_token_id) != 1:
+                raise PromptError(f"prompt {prompt[:60]!r}: tokenizes to {ids.count(text.image_token_id)} image tokens, expected 1")
+            if len(ids) > text.max_prompt_tokens:
+                raise PromptError(
+                    f"prompt {prompt[:60]!r}: {len(ids)} tokens, expected at most {text.max_prompt_tokens} (the exported maximum)"
+                )
+            sequences.append(ids)
+        return sequences
+
+    def encode_images(self, images: Sequence[Any], prompts: Sequence[str]) -> VisionResult:
+        loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in images]
+        pixel_inputs = self.artifact.host.vision_inputs(loaded, self.artifact.preprocessor_config)
+        groups = [content_word_groups(self.artifact.tokenizer, p, self.artifact.special_ids) for p in prompts]
+        text_embeds, text_mask = text_relevance_inputs(groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
+        start = time.perf_counter()
+        out = self.vision.infer({**pixel_inputs, "text_embeds": text_embeds, "text_mask": text_mask})
+        self.timings.vision_s = time.perf_counter() - start
+        return VisionResult(pixel_inputs, out["visual_tokens"], out["kept_indices"])
+
+    def splice(self, sequences: list[list[int]], visual_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Replace each sequence's placeholder by its K visual tokens; left-pad the batch.
+
+        -> inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L]
+        """
+        table, text = self.artifact.embeddings, self.manifest.text
+        rows = []
+        for ids, visual in zip(sequences, visual_tokens):
+            at = ids.index(text.image_token_id)
+            rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(np.float32))  # [L_i, D]
+        length = max(len(row) for row in rows)
+        embeds = np.repeat(np.asarray(table[text.pad_token_id], np.float32)[None, None], len(rows), 0).repeat(length, 1)
+        mask = np.zeros((len(rows), length), np.int64)
+        for b, row in enumerate(rows):
+            embeds[b, length - len(row) :] = row
+            mask[b, length - len(row) :] = 1
+        positions = self.artifact.host.position_ids(mask, self.manifest.family_config)
+        return embeds, mask, positions
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        dec = self.manifest.decoder
+        return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.float32) for _ in range(2 * dec.num_layers)]
+
+    def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+        names = [t.name for t in self.decoder.spec.inputs[3:]]
+        out = self.decoder.infer({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **dict(zip(names, past))})
+        return out["logits"], [out[t.name] for t in self.decoder.spec.outputs[1:]]
+
+    def prefill(self, sequences: list[list[int]], vision: VisionResult) -> Prefill:
+        embeds, mask, positions = self.splice(sequences, vision.visual_tokens)
+        start = time.perf_counter()
+        logits, present = self.run_decoder(embeds, mask, positions, self.empty_past(len(sequences)))
+        self.timings.prefill_s = time.perf_counter() - start
+        return Prefill(embeds, mask, positions, logits, present)
+
+    # ---- the whole thing -------------------------------------------------------------------------
+    def generate(
+        self,
+        images: Sequence[Any],
+        prompts: Sequence[str],
+        config: GenerationConfig = GenerationConfig(),
+        on_token: TokenCallback | None = None,
+    ) -> list[Generation]:
+        if len(images) != len(prompts):
+            raise ConfigError(f"images and prompts: got {len(images)} images and {len(prompts)} prompts, expected one image per prompt")
+        self.timings = Timings()
+        sequences = self.tokenize(prompts)
+        vision = self.encode_images(images, prompts)
+        state = self.prefill(sequences, vision)
+        tokens = self._decode(state, config, on_token)
+        results = []
+        eos = set(self.manifest.text.eos_token_ids)
+        for row, ids in enumerate(tokens):
+            finish = "eos" if ids and ids[-1] in eos else "length"
+            text = self.artifact.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
+            results.append(Generation(text, ids, finish, vision.kept_indices[row]))
+        return results
+
+    def _decode(self, state: Prefill, config: GenerationConfig, on_token: TokenCallback | None) -> list[list[int]]:
+        text, table = self.manifest.text, self.artifact.embeddings
+        batch, length = state.attention_mask.shape
+        budget = min(config.max_new_tokens, text.max_sequence - length)
+        rng = np.random.default_rng(config.seed)
+        eos = set(text.eos_token_ids)
+        out: list[list[int]] = [[] for _ in range(batch)]
+        done = np.zeros(batch, bool)
+        logits, past = state.logits[:, -1], state.present  # [B, V]
+        mask, positions = state.attention_mask, state.position_ids[:, -1:]  # [B, L], [B, 1]
+        start = time.perf_counter()
+        for step in range(budget):
+            chosen = next_tokens(logits, config, rng)  # [B]
+            chosen = np.where(done, text.pad_token_id, chosen)
+            for row in np.flatnonzero(~done):
+                out[row].append(int(chosen[row]))
+                if on_token is not None:
+                    on_token(int(row), int(chosen[row]), self._new_text(out[row]))
+                done[row] = chosen[row] in eos
+            if done.all() or step == budget - 1:
+                break
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            positions = positions + 1
+            embeds = np.asarray(table[chosen], np.float32)[:, None]  # [B, 1, D]
+            step_logits, past = self.run_decoder(embeds, mask, positions, past)
+            logits = step_logits[:, -1]
+            self.timings.decode_steps += 1
+        self.timings.decode_s = time.perf_counter() - start
+        return out
+
+    def _new_text(self, ids: list[int]) -> str:
+        decode = self.artifact.tokenizer.decode
+        return decode(ids, skip_special_tokens=True)[len(decode(ids[:-1], skip_special_tokens=True)) :]
