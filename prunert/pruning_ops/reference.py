@@ -10,6 +10,26 @@ import numpy as np
 
 from prunert.config import ResPruneConfig
 
+# Scores within this relative distance of the best one count as tied, and ties go to the lowest index.
+# Exact ties (duplicated rows, L2-normalised energies of 1, collinear tokens with equal relevance) reach
+# every backend with a few ulps of noise that differs between them (BLAS blocking, reduction order, fp32
+# vs fp64), so "equal" has to mean "equal up to rounding" for ORT, torch and NumPy to keep the same set.
+# fp32 noise after K <= a few hundred steps is <~1e-5 relative; 1e-4 leaves a margin and changes no
+# pick that a quality metric could see. Shared with the torch op (prunert.pruning_ops.resprune).
+TIE_RTOL = 1e-4
+
+
+def pick_first_best(score: np.ndarray) -> int:
+    """Index of the lowest-index score within TIE_RTOL (relative) of the maximum. score >= 0 or -inf."""
+    best = score.max()
+    return int(np.argmax(score >= best * (1.0 - TIE_RTOL)))
+
+
+def _safe_norm(v: np.ndarray) -> np.ndarray:
+    """Row norms [.., 1], with 1 in place of 0 so that zero rows stay zero after division."""
+    norm = np.linalg.norm(v, axis=-1, keepdims=True)
+    return np.where(norm > 0, norm, 1.0)
+
 
 def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, cfg: ResPruneConfig) -> np.ndarray:
     """Relevance weight w = r^alpha of each token, r = min-max normalised cosine to the text.
@@ -21,8 +41,8 @@ def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, 
     n = tokens.shape[0]
     if text.shape[0] == 0:
         return np.ones(n)
-    tok_unit = tokens / np.maximum(np.linalg.norm(tokens, axis=1, keepdims=True), 1e-12)
-    txt_unit = text / np.maximum(np.linalg.norm(text, axis=1, keepdims=True), 1e-12)
+    tok_unit = tokens / _safe_norm(tokens)
+    txt_unit = text / _safe_norm(text)
     cos = tok_unit @ txt_unit.T  # [N, M]
     r = cos.max(axis=1) if cfg.relevance == "max" else cos.mean(axis=1)
     span = r.max() - r.min()
@@ -41,7 +61,7 @@ def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
         raise ValueError(f"budget {budget} not in [1, {n}]")
     weight = text_relevance(x, text, text_mask, cfg)
     if cfg.normalize:
-        x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+        x = x / _safe_norm(x)
     residual = x.copy()
     energy = (residual * residual).sum(axis=1)
     floor = cfg.tau * energy  # per-token: energy below its own floor counts as spanned
@@ -49,7 +69,7 @@ def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
     for _ in range(budget):
         effective = np.where(energy < floor, 0.0, energy)
         score = np.where(kept, -np.inf, weight * effective)
-        j = int(np.argmax(score))  # first maximum: ties go to the lower index
+        j = pick_first_best(score)  # ties (within TIE_RTOL) go to the lower index
         kept[j] = True
         if effective[j] <= 0:
             continue  # nothing left to span: later picks are by index order only

@@ -13,19 +13,31 @@ import torch
 from torch._higher_order_ops import while_loop
 
 from prunert.config import ResPruneConfig
+from prunert.pruning_ops.reference import TIE_RTOL
+
+# fp32 range guard: a sample whose largest |token entry| lies outside [2^-32, 2^32] is rescaled by
+# 1/peak before selection (selection is scale-invariant), so energies and Gram entries neither
+# overflow to inf (then NaN) nor underflow to 0. Inside the range nothing is rescaled, so inputs
+# whose fp32 arithmetic is exact (small integers: exact ties) stay exact.
+_PEAK_HI = 2.0**32
+_PEAK_LO = 2.0**-32
+
+
+def _unit_rows(v: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their L2 norm; zero rows stay zero (only an exact 0 norm is guarded)."""
+    norm = v.norm(dim=-1, keepdim=True)
+    return v / torch.where(norm > 0, norm, torch.ones_like(norm))
 
 
 def text_relevance(tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cfg: ResPruneConfig) -> torch.Tensor:
     """tokens [B, N, D], text [B, M, D], text_mask [B, M] -> weight r^alpha [B, N]."""
-    valid = text_mask > 0  # [B, M]
-    tok_unit = tokens / tokens.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    txt_unit = text / text.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    cos = tok_unit @ txt_unit.transpose(1, 2)  # [B, N, M]
+    valid = text_mask != 0  # [B, M]; nonzero = content word, as in the reference
+    cos = _unit_rows(tokens) @ _unit_rows(text).transpose(1, 2)  # [B, N, M]
     if cfg.relevance == "max":
         r = cos.masked_fill(~valid[:, None, :], float("-inf")).amax(dim=-1)  # [B, N]
     else:
         count = valid.sum(dim=-1, keepdim=True).clamp_min(1).to(cos.dtype)  # [B, 1]
-        r = (cos * valid[:, None, :].to(cos.dtype)).sum(dim=-1) / count
+        r = cos.masked_fill(~valid[:, None, :], 0.0).sum(dim=-1) / count  # masked rows never reach r
     has_text = valid.any(dim=-1, keepdim=True)  # [B, 1]
     r = torch.where(has_text, r, torch.ones_like(r))
     r_min = r.amin(dim=-1, keepdim=True)
@@ -49,9 +61,12 @@ def resprune_select(
     """
     x = tokens.float()
     batch, n, _ = x.shape
+    peak = x.abs().amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
+    out_of_range = (peak > _PEAK_HI) | ((peak < _PEAK_LO) & (peak > 0))
+    x = x / torch.where(out_of_range, peak, torch.ones_like(peak))
     weight = text_relevance(x, text.float(), text_mask, cfg)  # [B, N]
     if cfg.normalize:
-        x = x / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        x = _unit_rows(x)
     gram = x @ x.transpose(1, 2)  # [B, N, N]
     energy = (x * x).sum(dim=-1)  # [B, N]
     floor = cfg.tau * energy  # below its own floor a token counts as spanned (rounding noise)
@@ -64,7 +79,11 @@ def resprune_select(
     def greedy_step(step, energy, kept, coeffs):
         effective = torch.where(energy < floor, torch.zeros_like(energy), energy)  # [B, N]
         score = torch.where(kept > 0, torch.full_like(energy, float("-inf")), weight * effective)
-        pick = score.argmax(dim=-1, keepdim=True)  # [B, 1]; first maximum on every backend
+        # Scores within TIE_RTOL of the best are tied (rounding differs between backends); ties go to the
+        # lowest index: argmax of a 0/1 mask returns its first 1 on every backend.
+        best = score.amax(dim=-1, keepdim=True)  # [B, 1]
+        tied = (score >= best * (1.0 - TIE_RTOL)).to(energy.dtype)  # [B, N]
+        pick = tied.argmax(dim=-1, keepdim=True)  # [B, 1]
         onehot = (positions[None, :] == pick).to(energy.dtype)  # [B, N]
         pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
         gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>

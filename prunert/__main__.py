@@ -1,0 +1,5 @@
+import sys
+
+from prunert.cli import main
+
+sys.exit(main())
