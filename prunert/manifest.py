@@ -186,7 +186,10 @@ def load_manifest(directory: Path, verify_hashes: bool = True) -> Manifest:
         data = json.loads(path.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ArtifactError(f"artifact '{directory}': {MANIFEST_NAME} is not valid JSON ({exc})") from None
-    manifest = Manifest.from_dict(data)
+    try:
+        manifest = Manifest.from_dict(data)
+    except ArtifactError as exc:  # name the artifact directory, as every other artifact error does
+        raise ArtifactError(f"artifact '{directory}': {exc}") from None
     if verify_hashes:
         verify_files(directory, manifest)
     return manifest

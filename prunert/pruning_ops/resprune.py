@@ -21,12 +21,13 @@ from prunert.pruning_ops.reference import TIE_RTOL
 # whose fp32 arithmetic is exact (small integers: exact ties) stay exact.
 _PEAK_HI = 2.0**32
 _PEAK_LO = 2.0**-32
+_TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32
 
 
 def _unit_rows(v: torch.Tensor) -> torch.Tensor:
-    """Rows divided by their L2 norm; zero rows stay zero (only an exact 0 norm is guarded)."""
-    norm = v.norm(dim=-1, keepdim=True)
-    return v / torch.where(norm > 0, norm, torch.ones_like(norm))
+    """Rows divided by their L2 norm; zero rows stay zero. Only a zero (or subnormal) norm is clamped:
+    a floor like 1e-12 would shrink the cosines of small but nonzero tokens, which the reference keeps."""
+    return v / v.norm(dim=-1, keepdim=True).clamp_min(_TINY)
 
 
 def text_relevance(tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor, cfg: ResPruneConfig) -> torch.Tensor:
@@ -39,11 +40,11 @@ def text_relevance(tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Te
         count = valid.sum(dim=-1, keepdim=True).clamp_min(1).to(cos.dtype)  # [B, 1]
         r = cos.masked_fill(~valid[:, None, :], 0.0).sum(dim=-1) / count  # masked rows never reach r
     has_text = valid.any(dim=-1, keepdim=True)  # [B, 1]
-    r = torch.where(has_text, r, torch.ones_like(r))
+    r = torch.where(has_text, r, 1.0)
     r_min = r.amin(dim=-1, keepdim=True)
     span = r.amax(dim=-1, keepdim=True) - r_min
     scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(1e-30)
-    r = torch.where(span > 0, scaled, torch.ones_like(r))
+    r = torch.where(span > 0, scaled, 1.0)
     if cfg.alpha == 0:
         return torch.ones_like(r)
     return r if cfg.alpha == 1 else r.pow(cfg.alpha)
@@ -61,9 +62,8 @@ def resprune_select(
     """
     x = tokens.float()
     batch, n, _ = x.shape
-    peak = x.abs().amax(dim=(1, 2), keepdim=True)  # [B, 1, 1]
-    out_of_range = (peak > _PEAK_HI) | ((peak < _PEAK_LO) & (peak > 0))
-    x = x / torch.where(out_of_range, peak, torch.ones_like(peak))
+    peak = x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY)  # [B, 1, 1]; all-zero: 0 / tiny = 0
+    x = x / torch.where((peak > _PEAK_HI) | (peak < _PEAK_LO), peak, 1.0)  # in range: exactly x
     weight = text_relevance(x, text.float(), text_mask, cfg)  # [B, N]
     if cfg.normalize:
         x = _unit_rows(x)
@@ -77,8 +77,8 @@ def resprune_select(
         return step < budget
 
     def greedy_step(step, energy, kept, coeffs):
-        effective = torch.where(energy < floor, torch.zeros_like(energy), energy)  # [B, N]
-        score = torch.where(kept > 0, torch.full_like(energy, float("-inf")), weight * effective)
+        effective = torch.where(energy < floor, 0.0, energy)  # [B, N]
+        score = torch.where(kept > 0, float("-inf"), weight * effective)
         # Scores within TIE_RTOL of the best are tied (rounding differs between backends); ties go to the
         # lowest index: argmax of a 0/1 mask returns its first 1 on every backend.
         best = score.amax(dim=-1, keepdim=True)  # [B, 1]
@@ -89,7 +89,7 @@ def resprune_select(
         gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>
         pick_coeffs = onehot[:, None, :] @ coeffs  # [B, 1, K]
         inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [B, N, 1]  <x_n, r_j>
-        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(1e-30).rsqrt(), torch.zeros_like(pick_energy))
+        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(_TINY).rsqrt(), 0.0)
         column = inner * scale[:, :, None]  # [B, N, 1]  <x_n, q_k>; zero once nothing is left to span
         coeffs = torch.where((steps == step)[None, None, :], column, coeffs)  # [B, N, K]
         energy = (energy - column[..., 0] ** 2).clamp_min(0.0)

@@ -181,9 +181,10 @@ class VLMPipeline:
             chosen = np.where(done, text.pad_token_id, chosen)
             for row in np.flatnonzero(~done):
                 out[row].append(int(chosen[row]))
-                if on_token is not None:
-                    on_token(int(row), int(chosen[row]), self._new_text(out[row]))
                 done[row] = chosen[row] in eos
+                if on_token is not None:
+                    last = bool(done[row]) or step == budget - 1  # the row's final token: flush held-back text
+                    on_token(int(row), int(chosen[row]), self._new_text(out[row], last))
             if done.all() or step == budget - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
@@ -195,6 +196,10 @@ class VLMPipeline:
         self.timings.decode_s = time.perf_counter() - start
         return out
 
-    def _new_text(self, ids: list[int]) -> str:
+    def _new_text(self, ids: list[int], last: bool = False) -> str:
+        """Text added by the last token. A character split over byte-level tokens decodes to U+FFFD
+        until complete, so trailing U+FFFD is held back (and emitted later) unless this is the last token."""
         decode = self.artifact.tokenizer.decode
-        return decode(ids, skip_special_tokens=True)[len(decode(ids[:-1], skip_special_tokens=True)) :]
+        before = decode(ids[:-1], skip_special_tokens=True).rstrip("\ufffd")
+        now = decode(ids, skip_special_tokens=True)
+        return (now if last else now.rstrip("\ufffd"))[len(before) :]

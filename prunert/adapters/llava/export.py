@@ -19,6 +19,7 @@ class LlavaExportAdapter:
     vision_input_names = ("pixel_values",)
 
     def __init__(self, model_dir: Path):
+        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
         from transformers.utils import logging as hf_logging
 
@@ -28,7 +29,7 @@ class LlavaExportAdapter:
             model = LlavaForConditionalGeneration.from_pretrained(
                 model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
             )
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ModelSourceError(f"--model '{model_dir}': cannot load as {self.architecture}: {exc}") from None
         self.model = model.eval()
         config = self.model.config
@@ -55,7 +56,8 @@ class LlavaExportAdapter:
         """Head-averaged softmax(q_cls k^T / sqrt(d)) of the layer whose output is the feature layer."""
         states = self._hidden_states(pixel_values)
         layer_index = self.feature_layer % len(states)  # hidden_states[i] is the output of layer i-1
-        layer = self.model.model.vision_tower.vision_model.encoder.layers[layer_index - 1]
+        tower = self.model.model.vision_tower  # CLIPVisionModel; older transformers wrap it in .vision_model
+        layer = getattr(tower, "vision_model", tower).encoder.layers[layer_index - 1]
         attn = layer.self_attn
         hidden = layer.layer_norm1(states[layer_index - 1])  # [B, 1+N, Dv]
         batch, length, _ = hidden.shape

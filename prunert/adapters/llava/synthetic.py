@@ -61,9 +61,11 @@ TOKEN_EMBED_STD = 1.0
 # Final RMSNorm output has RMS 1, so logits over the vocabulary have std ~LM_HEAD_GAIN: the top-1
 # vs top-2 margin is then ~0.5 for a 1k vocabulary, far above fp32/ONNX rounding noise.
 LM_HEAD_GAIN = 2.0
-# LM-head rows of `<extra_i>` filler ids (vocabulary padding beyond the trained BPE tokens) are
-# shrunk so that greedy decoding mostly picks real corpus tokens and demos print English words.
-FILLER_LM_HEAD_SCALE = 0.25
+# LM-head rows of `<extra_i>` filler ids (vocabulary padding beyond the trained BPE tokens; ~31k
+# of the 32064 ids of llava-1.5-shaped) are shrunk so that greedy decoding mostly picks trained
+# tokens and demos print words. At 0.5 filler logits have std ~1, their max over 31k ids (~4.5)
+# stays below the max over the ~1.2k trained ids (~7), and the std over the vocab stays ~1.
+FILLER_LM_HEAD_SCALE = 0.5
 # Vision tower: position embeddings large enough that patches of a flat image still differ, and a
 # CLS embedding at unit scale like the patch embeddings (conv weights use LINEAR_GAIN / fan_in).
 VISION_POSITION_STD = 0.5
@@ -99,7 +101,7 @@ class SyntheticPreset:
         if self.vision_layers < 3:
             raise ConfigError(f"preset vision_layers: got {self.vision_layers}, expected >= 3 (LLaVA reads layer -2)")
         if self.text_heads % self.text_kv_heads:
-            raise ConfigError(f"preset text_heads {self.text_heads} is not a multiple of text_kv_heads {self.text_kv_heads}")
+            raise ConfigError(f"preset text_heads {self.text_heads} is not a multiple of kv heads {self.text_kv_heads}")
 
     @property
     def num_patches(self) -> int:
@@ -113,7 +115,7 @@ PRESETS: dict[str, SyntheticPreset] = {
         image_size=140, patch_size=14,
         text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
         text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
-        seed=0, description="tiny LLaVA-1.5 for tests: 100 visual tokens, ~0.4M parameters",
+        seed=0, description="tiny LLaVA-1.5 for tests: 100 visual tokens, 0.36M parameters",
     ),
     "llava-1.5-shaped": SyntheticPreset(
         vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
@@ -130,9 +132,7 @@ def get_preset(name: str) -> SyntheticPreset:
     try:
         return PRESETS[name]
     except KeyError:
-        raise ModelSourceError(
-            f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}"
-        ) from None
+        raise ModelSourceError(f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
 
 
 def parameter_counts(preset: SyntheticPreset) -> dict[str, int]:
@@ -263,6 +263,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
+        tmp_dir.chmod(0o755)  # mkdtemp makes it 0700; the published directory is a normal one
         _write_files(preset_name, preset, tmp_dir)
         _publish(tmp_dir, out_dir, overwrite=overwrite)
     except BaseException:
@@ -273,6 +274,9 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
 
 def _write_files(preset_name: str, preset: SyntheticPreset, directory: Path) -> None:
     """Model, tokenizer, image-processor and marker files of one checkpoint."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no "Writing model shards" bar in logs and CLI output
     tokenizer = build_tokenizer(preset.vocab_size)
     model = build_model(preset, tokenizer)
     # transformers 5 always writes model.safetensors (no pickle); the key names are the legacy ones
@@ -301,8 +305,7 @@ def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Pat
     """Directory of preset `preset_name`, written on first use and reused afterwards.
 
     Location: `<cache_dir>/<name>-<hash>`; without `cache_dir`, `$PRUNERT_CACHE/synthetic/...` or
-    `~/.cache/prunert/synthetic/...`. The hash covers the preset, prunert's version and
-    SYNTHETIC_FORMAT_VERSION, so a change in any of them writes a fresh directory.
+    `~/.cache/prunert/synthetic/...`; `<hash>` is `preset_hash(preset)`.
     """
     preset = get_preset(preset_name)
     if cache_dir is None:
@@ -319,8 +322,10 @@ def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Pat
 
 
 def preset_hash(preset: SyntheticPreset) -> str:
-    """Short content hash naming a cached checkpoint of `preset`."""
-    key = {"preset": asdict(preset), "prunert": prunert.__version__, "format": SYNTHETIC_FORMAT_VERSION}
+    """Short hash of the preset's shapes, the init scales, prunert's version and the format version."""
+    shapes = {k: v for k, v in asdict(preset).items() if k != "description"}
+    scales = [LINEAR_GAIN, TOKEN_EMBED_STD, LM_HEAD_GAIN, FILLER_LM_HEAD_SCALE, VISION_POSITION_STD, VISION_CLASS_STD]
+    key = {"preset": shapes, "scales": scales, "prunert": prunert.__version__, "format": SYNTHETIC_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
 
 

@@ -105,7 +105,8 @@ def _check_layout(tokenizer: Tokenizer, vocab_size: int) -> None:
     """Fail loudly if the id layout is not the documented one (a tokenizers behaviour change)."""
     for expected_id, token in enumerate(SPECIAL_TOKENS):
         if tokenizer.token_to_id(token) != expected_id:
-            raise RuntimeError(f"tokenizer layout: {token!r} has id {tokenizer.token_to_id(token)}, expected {expected_id}")
+            got = tokenizer.token_to_id(token)
+            raise RuntimeError(f"tokenizer layout: {token!r} has id {got}, expected {expected_id}")
     if tokenizer.get_vocab_size(with_added_tokens=True) != vocab_size:
         raise RuntimeError(
             f"tokenizer layout: vocab has {tokenizer.get_vocab_size(with_added_tokens=True)} ids, expected {vocab_size}"

@@ -1,0 +1,135 @@
+"""Shared fixtures: a per-session synthetic-checkpoint cache and ONE exported tiny artifact.
+
+The artifact is exported once per session (~15-30 s); tests that tamper with an artifact copy it
+first (`artifact_copy`), never modify the shared one. Helpers are fixtures (`tiny_settings`,
+`error_line`, `cli_subprocess`), so test modules never import this file.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = "synthetic:llava-tiny"
+TINY_BUDGET = 16
+TINY_MAX_PROMPT = 48
+TINY_MAX_NEW = 16
+TINY_N = 100  # visual tokens of llava-tiny (140 / 14) ** 2
+
+
+TINY_SETTINGS = {
+    "model": TINY,
+    "budget": TINY_BUDGET,
+    "max_prompt_tokens": TINY_MAX_PROMPT,
+    "max_new_tokens": TINY_MAX_NEW,
+    "num_visual_tokens": TINY_N,
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_settings() -> dict:
+    """What `tiny_artifact` was exported with."""
+    return dict(TINY_SETTINGS)
+
+
+@pytest.fixture(scope="session")
+def error_line():
+    """assert_one_error_line(stderr, *needles) -> the line."""
+    return assert_one_error_line
+
+
+@pytest.fixture(scope="session")
+def cli_subprocess():
+    """run_cli(*args) -> CompletedProcess of `python -m prunert.cli ARGS`."""
+    return run_cli
+
+
+@pytest.fixture(scope="session", autouse=True)
+def prunert_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PRUNERT_CACHE -> a session temp dir, before anything builds a synthetic checkpoint.
+
+    `synthetic_checkpoint` reads the variable at call time (`$PRUNERT_CACHE/synthetic/...`), and
+    subprocesses inherit it.
+    """
+    cache = tmp_path_factory.mktemp("prunert-cache")
+    previous = os.environ.get("PRUNERT_CACHE")
+    os.environ["PRUNERT_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("PRUNERT_CACHE", None)
+    else:
+        os.environ["PRUNERT_CACHE"] = previous
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, prunert_cache: Path) -> Path:
+    """synthetic:llava-tiny exported once, K=16, max 48 prompt tokens, 16 new tokens. Read-only!"""
+    from prunert.config import BudgetConfig, ExportConfig
+    from prunert.export.pipeline import export_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / "tiny"
+    export_artifact(
+        TINY,
+        out,
+        BudgetConfig(budget=TINY_BUDGET),
+        ExportConfig(max_prompt_tokens=TINY_MAX_PROMPT, max_new_tokens=TINY_MAX_NEW),
+        log=lambda message: None,
+    )
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(prunert_cache: Path) -> Path:
+    """The cached synthetic llava-tiny Hugging Face directory."""
+    from prunert.adapters.llava.synthetic import synthetic_checkpoint
+
+    return synthetic_checkpoint("llava-tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_artifact: Path):
+    from prunert.runtime import VLMPipeline
+
+    return VLMPipeline(tiny_artifact)
+
+
+@pytest.fixture
+def artifact_copy(tiny_artifact: Path, tmp_path: Path) -> Path:
+    """A private copy of the tiny artifact, free to tamper with."""
+    copy = tmp_path / "artifact"
+    shutil.copytree(tiny_artifact, copy)
+    return copy
+
+
+def run_cli(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
+    """`python -m prunert.cli ARGS` in a subprocess (cwd = repo root)."""
+    return subprocess.run(
+        [sys.executable, "-m", "prunert.cli", *map(str, args)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=subprocess_env(),
+        **kwargs,
+    )
+
+
+def subprocess_env() -> dict[str, str]:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
+
+
+def assert_one_error_line(stderr: str, *needles: str) -> str:
+    """stderr holds exactly one line, `prunert: error: ...`, with every needle, and no traceback."""
+    assert "Traceback" not in stderr, stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("prunert: error: "), stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]

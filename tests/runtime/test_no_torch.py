@@ -1,0 +1,119 @@
+"""The runtime path runs where torch and transformers cannot be imported: `import prunert.runtime`,
+VLMPipeline end to end on the exported tiny artifact, and `prunert run` / `prunert inspect`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
+PROMPT = "<image>\nWhat is in the picture?"
+
+# Installed before anything else is imported: any import of torch / transformers (or a submodule)
+# raises ImportError, as on an edge device where they are not installed.
+BLOCKER = textwrap.dedent(
+    """
+    import sys
+
+    BLOCKED = ("torch", "transformers")
+
+    class Blocker:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test (runtime must not need it)")
+            return None
+
+    sys.meta_path.insert(0, Blocker())
+
+    def assert_no_heavy_modules():
+        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+        assert not heavy, heavy
+    """
+)
+
+
+def _python(code: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKER + textwrap.dedent(code), *map(str, args)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+def test_blocker_blocks() -> None:
+    result = _python(
+        """
+        for name in ("torch", "transformers", "torch.nn"):
+            try:
+                __import__(name)
+            except ImportError:
+                pass
+            else:
+                raise SystemExit(f"{name} imported despite the blocker")
+        assert_no_heavy_modules()
+        print("blocked")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "blocked"
+
+
+def test_pipeline_end_to_end_without_torch(tiny_artifact: Path) -> None:
+    result = _python(
+        """
+        import prunert.runtime
+        from prunert.config import GenerationConfig
+        from prunert.runtime import VLMPipeline
+
+        artifact, photo, prompt = sys.argv[1:4]
+        pipe = VLMPipeline(artifact)
+        pieces = []
+        result = pipe.generate([photo], [prompt], GenerationConfig(max_new_tokens=8), on_token=lambda r, t, s: pieces.append(s))[0]
+        assert len(result.token_ids) >= 1 and "".join(pieces) == result.text
+        assert len(result.kept_indices) == pipe.manifest.budget.budget
+        assert_no_heavy_modules()
+        print("ANSWER:" + repr(result.text))
+        print("TOKENS:" + ",".join(map(str, result.token_ids)))
+        """,
+        tiny_artifact,
+        PHOTO,
+        PROMPT,
+    )
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(":", 1) for line in result.stdout.splitlines() if ":" in line)
+    assert lines["ANSWER"].strip("'\"").strip(), result.stdout
+    assert len(lines["TOKENS"].split(",")) >= 1
+
+
+def test_cli_run_and_inspect_without_torch(tiny_artifact: Path) -> None:
+    result = _python(
+        """
+        from prunert import cli
+
+        artifact, photo, prompt = sys.argv[1:4]
+        run_code = cli.main(["run", artifact, "--image", photo, "--prompt", prompt, "--max-new-tokens", "6", "--no-stream"])
+        assert_no_heavy_modules()
+        inspect_code = cli.main(["inspect", artifact])
+        json_code = cli.main(["inspect", artifact, "--json"])
+        bad_code = cli.main(["run", artifact, "--image", photo, "--prompt", "no placeholder"])
+        assert_no_heavy_modules()
+        print(f"CODES {run_code} {inspect_code} {json_code} {bad_code}")
+        """,
+        tiny_artifact,
+        PHOTO,
+        PROMPT,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "CODES 0 0 0 2" in result.stdout, result.stdout + result.stderr
+    assert "kept 16/100 visual tokens (resprune)" in result.stderr
+    assert "K=16 of N=100" in result.stdout  # the inspect table
+    assert '"schema_version": 1' in result.stdout  # inspect --json
+    assert "prunert: error: prompt 'no placeholder'" in result.stderr
+    assert "Traceback" not in result.stderr
