@@ -70,9 +70,9 @@ class ExportConfig:
     export_batch: int = 2  # example batch used for tracing: never 1
     external_data_threshold_bytes: int = 1 << 30  # larger graphs store weights beside the .onnx
 
-    @property
-    def max_sequence(self) -> int:
-        return self.max_prompt_tokens + self.max_new_tokens
+    def max_sequence(self, budget: int) -> int:
+        """Longest decoder sequence: a full prompt whose placeholder became K visual tokens, plus generation."""
+        return self.max_prompt_tokens - 1 + budget + self.max_new_tokens
 
 
 @dataclass(frozen=True)

@@ -135,8 +135,28 @@ def _build(cls: type, data: Any, where: str) -> Any:
 _NESTED = {"SourceSpec": SourceSpec, "BudgetSpec": BudgetSpec, "TextSpec": TextSpec, "DecoderSpec": DecoderSpec}
 
 
+_SCALARS = {"int": (int,), "str": (str,), "bool": (bool,), "float": (int, float)}
+
+
+def _check_scalar(type_name: str, value: Any, where: str) -> None:
+    """Reject JSON values of the wrong type ("48" for an int, a list for a string, ...)."""
+    options = [option.strip() for option in type_name.split("|")]
+    if value is None and "None" in options:
+        return
+    allowed = tuple(t for option in options for t in _SCALARS.get(option, ()))
+    if not allowed:
+        return  # containers are checked where they are built
+    if isinstance(value, bool) and bool not in allowed:
+        allowed = ()
+    if not isinstance(value, allowed):
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}' is {json.dumps(value)}, expected {type_name}")
+
+
 def _convert(type_name: Any, value: Any, where: str) -> Any:
     type_name = str(type_name)
+    _check_scalar(type_name, value, where)
+    if type_name.startswith(("dict", "tuple")) and not isinstance(value, dict if type_name.startswith("dict") else list):
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}' is {json.dumps(value)}, expected {type_name}")
     if type_name in _NESTED:
         return _build(_NESTED[type_name], value, where)
     if type_name == "dict[str, GraphSpec]":

@@ -100,11 +100,12 @@ def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int, hidden: int
     return args, {"inputs": dynamic}, inputs, outputs  # forward(*inputs): varargs specs nest in one tuple
 
 
-def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig):
+def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig, budget: int):
+    longest = cfg.max_sequence(budget)
     batch = Dim("batch", min=1, max=cfg.max_batch)
-    seq = Dim("sequence", min=1, max=cfg.max_sequence)
-    past = Dim("past", min=0, max=cfg.max_sequence)
-    total = Dim("total", min=1, max=cfg.max_sequence)  # past + sequence: declared on its own (derived dims can't be)
+    seq = Dim("sequence", min=1, max=longest)
+    past = Dim("past", min=0, max=longest)
+    total = Dim("total", min=1, max=longest)  # past + sequence: declared on its own (derived dims can't be)
     b, s, p = cfg.export_batch, 5, 3
     layers, heads, head_dim, hidden = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], dims["hidden_size"]
     generator = torch.Generator().manual_seed(2)

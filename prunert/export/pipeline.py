@@ -57,6 +57,7 @@ def export_artifact(
         if not (source.path / name).is_file():
             raise ModelSourceError(f"--model {source.label!r}: no {name} in the checkpoint directory")
 
+    created_parent = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
     try:
@@ -64,6 +65,9 @@ def export_artifact(
         _move_into_place(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if created_parent and not out_dir.exists():
+            with contextlib.suppress(OSError):
+                out_dir.parent.rmdir()  # created only for this export and still empty: leave no trace
     log(f"wrote {out_dir} ({len(manifest.files)} files, manifest.json)")
     return manifest
 
@@ -78,7 +82,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
 
     log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
     decoder = DecoderGraph(adapter).eval()
-    args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg)
+    args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget)
     decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
     validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
 
@@ -106,7 +110,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
             pad_token_id=text["pad_token_id"],
             prompt_template=text["prompt_template"],
             max_prompt_tokens=cfg.max_prompt_tokens,
-            max_sequence=cfg.max_prompt_tokens - 1 + budget.budget + cfg.max_new_tokens,
+            max_sequence=cfg.max_sequence(budget.budget),
             max_text_tokens=cfg.max_text_tokens,
         ),
         decoder=DecoderSpec(**dims),

@@ -3,3 +3,6 @@
 `export` is the torch half (imported lazily), `host` the numpy half used by the runtime,
 `synthetic` the seeded presets.
 """
+
+# LLaVA-1.5's conversation format; the user's prompt carries the "<image>" placeholder.
+LLAVA_PROMPT_TEMPLATE = "USER: {prompt} ASSISTANT:"

@@ -8,9 +8,8 @@ from typing import Any
 
 import torch
 
+from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
 from prunert.errors import ModelSourceError
-
-LLAVA_PROMPT_TEMPLATE = "USER: {prompt} ASSISTANT:"
 
 
 class LlavaExportAdapter:

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 
 # The LLaVA-1.5 conversation template; `prompt` holds the `<image>` placeholder, e.g.
 # LLAVA_PROMPT_TEMPLATE.format(prompt="<image>\nWhat is in the picture?").
-LLAVA_PROMPT_TEMPLATE = "USER: {prompt} ASSISTANT:"
+from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE  # noqa: E402,F401  (re-exported)
 
 MARKER_FILE = "prunert_synthetic.json"
 # Bump when the weights or files written for an unchanged preset change: it invalidates caches.
