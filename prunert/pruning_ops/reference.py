@@ -18,6 +18,12 @@ from prunert.config import ResPruneConfig
 # pick that a quality metric could see. Shared with the torch op (prunert.pruning_ops.resprune).
 TIE_RTOL = 1e-4
 
+# Relevance whose spread over the tokens (max r - min r, in cosine units) is below this counts as flat:
+# r = 1. Text orthogonal to every token, or content words that cancel under "mean", give cosines that are
+# 0 up to rounding (~1e-8 in fp64, up to ~1e-5 in fp32 at d = 4096); min-max normalising that noise to
+# [epsilon, 1] would turn it into backend-dependent weights. Real spreads are orders of magnitude larger.
+RELEVANCE_SPAN_ATOL = 1e-4
+
 
 def pick_first_best(score: np.ndarray) -> int:
     """Index of the lowest-index score within TIE_RTOL (relative) of the maximum. score >= 0 or -inf."""
@@ -46,7 +52,7 @@ def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, 
     cos = tok_unit @ txt_unit.T  # [N, M]
     r = cos.max(axis=1) if cfg.relevance == "max" else cos.mean(axis=1)
     span = r.max() - r.min()
-    if span <= 0:
+    if span <= RELEVANCE_SPAN_ATOL:  # flat (or flat up to rounding): no relevance signal
         r = np.ones(n)
     else:
         r = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r.min()) / span

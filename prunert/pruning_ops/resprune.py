@@ -1,10 +1,19 @@
 """ResPrune as a torch op that exports to a static ONNX graph.
 
 Greedy residual-energy selection (a weighted column-pivoted QR) with a fixed number of steps K.
-The K steps run in one ONNX Loop (~50 nodes in all, whatever K) whose carried shapes are constant
-and which has no scan outputs, as TensorRT's parser requires. Measured on 2 CPU cores, N=576, d=1024,
-K=64 in ONNX Runtime: Loop 10.7 ms / 48 nodes / 4 s export; unrolled 6.9 ms / 2,194 nodes / 24 s export.
-The loop wins on export time and graph size at ~1% of the vision graph's time.
+The K steps run in one ONNX Loop (~55 top-level nodes, ~95 with the Loop body, whatever K) whose carried
+shapes are constant and which has no scan outputs, as TensorRT's parser requires. Measured on 2 CPU cores,
+N=576, d=1024, K=64 in ONNX Runtime: Loop 10.7 ms / 48 nodes / 4 s export; unrolled 6.9 ms / 2,194 nodes /
+24 s export. The loop wins on export time and graph size at ~1% of the vision graph's time. (The tie rule
+and range guard added 5 nodes and no measurable time: 13.6 vs 13.9 ms best-of-20 on a shared machine.)
+
+ORT, torch and prunert.pruning_ops.reference keep the same index SETS on every input, degenerate ones
+included (tests/pruning_ops/test_resprune.py). What that takes, beyond methods.md's tau rule:
+  * ties are "within TIE_RTOL of the best score", not bit equality, and go to the lowest index;
+  * normalize=True uses energies of exactly 1 (fp32 sums of d squares are off by ~sqrt(d) ulp);
+  * a relevance spread below RELEVANCE_SPAN_ATOL is flat (r = 1), not min-max-normalised rounding noise;
+  * samples whose largest |entry| is outside [2^-32, 2^32] are rescaled (fp32 overflow / underflow);
+  * norms are guarded only at 0, and masked text rows never reach r (NaN padding is harmless).
 """
 
 from __future__ import annotations
@@ -13,7 +22,7 @@ import torch
 from torch._higher_order_ops import while_loop
 
 from prunert.config import ResPruneConfig
-from prunert.pruning_ops.reference import TIE_RTOL
+from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL
 
 # fp32 range guard: a sample whose largest |token entry| lies outside [2^-32, 2^32] is rescaled by
 # 1/peak before selection (selection is scale-invariant), so energies and Gram entries neither
@@ -43,8 +52,8 @@ def text_relevance(tokens: torch.Tensor, text: torch.Tensor, text_mask: torch.Te
     r = torch.where(has_text, r, 1.0)
     r_min = r.amin(dim=-1, keepdim=True)
     span = r.amax(dim=-1, keepdim=True) - r_min
-    scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(1e-30)
-    r = torch.where(span > 0, scaled, 1.0)
+    scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(RELEVANCE_SPAN_ATOL)
+    r = torch.where(span > RELEVANCE_SPAN_ATOL, scaled, 1.0)  # flat up to rounding: no relevance signal
     if cfg.alpha == 0:
         return torch.ones_like(r)
     return r if cfg.alpha == 1 else r.pow(cfg.alpha)
@@ -69,6 +78,8 @@ def resprune_select(
         x = _unit_rows(x)
     gram = x @ x.transpose(1, 2)  # [B, N, N]
     energy = (x * x).sum(dim=-1)  # [B, N]
+    if cfg.normalize:  # exactly 1 (0 for zero tokens): fp32 sums give 1 +- ~sqrt(d) ulp, which at d = 1024..4096
+        energy = (energy > 0).to(energy.dtype)  # is as large as the score gaps of near-orthogonal unit tokens
     floor = cfg.tau * energy  # below its own floor a token counts as spanned (rounding noise)
     positions = torch.arange(n, device=x.device)  # [N]
     steps = torch.arange(budget, device=x.device)  # [K]
