@@ -20,7 +20,7 @@ def _export(args: argparse.Namespace) -> int:
     from prunert.export.pipeline import export_artifact
 
     resprune = ResPruneConfig(alpha=args.alpha, relevance=args.relevance, epsilon=args.epsilon, tau=args.tau, normalize=args.normalize)
-    budget = BudgetConfig(budget=args.budget, method=args.method, resprune=resprune)
+    budget = BudgetConfig(budget=args.budget, method=args.method, params=resprune if args.method == "resprune" else None)
     cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch)
     manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
     if manifest.source.synthetic:

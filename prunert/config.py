@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Any
 
 from prunert.errors import ConfigError
 
@@ -39,12 +40,26 @@ class ResPruneConfig:
 
 
 @dataclass(frozen=True)
+class NoPruningConfig:
+    """The unpruned baseline ("none"): every visual token is kept; no parameters."""
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
-    """How many visual tokens survive, and which method picks them."""
+    """How many visual tokens survive, which method picks them, and that method's parameters.
+
+    params: the method's own frozen config (ResPruneConfig for "resprune", ...); None = its defaults.
+    """
 
     budget: int = 64
     method: str = "resprune"
-    resprune: ResPruneConfig = field(default_factory=ResPruneConfig)
+    params: Any = None
+
+    def __post_init__(self) -> None:
+        if self.params is None:
+            from prunert.pruning_ops import method_spec
+
+            object.__setattr__(self, "params", method_spec(self.method).config_type())
 
     def validate_against(self, num_visual_tokens: int) -> None:
         if self.method == "none":  # the unpruned baseline keeps every token

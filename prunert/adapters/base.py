@@ -19,11 +19,9 @@ class ExportAdapter(Protocol):
     num_visual_tokens: int  # N before pruning, per image
     vision_input_names: tuple[str, ...]
 
-    def visual_tokens(self, *vision_inputs: Any) -> Any:
-        """Vision-graph inputs -> visual tokens in LLM input space [B, N, D] (before pruning)."""
-
-    def cls_attention(self, *vision_inputs: Any) -> Any:
-        """Head-averaged [CLS]->patch attention of the feature layer [B, N], for attention-based methods."""
+    def vision_features(self, *vision_inputs: Any, extras: tuple[str, ...] = ()) -> dict[str, Any]:
+        """Vision-graph inputs -> {"tokens": visual tokens in LLM input space [B, N, D] (before pruning)}
+        plus the extras a selection method needs ("cls_attention" [B, N], "patch_keys" [B, N, Dv])."""
 
     def example_vision_inputs(self, batch: int) -> tuple[Any, ...]:
         """Export examples (batch >= 2) in the order of vision_input_names."""

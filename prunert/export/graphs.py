@@ -14,7 +14,6 @@ from torch.export import Dim
 
 from prunert import pruning_ops
 from prunert.config import BudgetConfig, ExportConfig
-from prunert.pruning_ops.resprune import gather_tokens
 
 
 class VisionPruneGraph(torch.nn.Module):
@@ -28,9 +27,9 @@ class VisionPruneGraph(torch.nn.Module):
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
-        tokens = self.adapter.visual_tokens(*vision_inputs)  # [B, N, D]
-        kept = pruning_ops.select(tokens, text_embeds, text_mask, self.budget)  # [B, K]
-        return gather_tokens(tokens, kept), kept  # [B, K, D], [B, K]
+        needs = pruning_ops.method_spec(self.budget.method).needs
+        features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] + extras
+        return pruning_ops.select({**features, "text": text_embeds, "text_mask": text_mask}, self.budget)  # [B, K, D], [B, K]
 
 
 class DecoderGraph(torch.nn.Module):

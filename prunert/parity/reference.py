@@ -53,9 +53,9 @@ def run_parity(
     with torch.no_grad():
         table = adapter.embedding_table().detach().float().numpy()
         text_embeds, text_mask = text_relevance_inputs(groups, table, manifest.text.max_text_tokens)
-        tokens = adapter.visual_tokens(*ref_pixels.values())  # [1, N, D]
-        kept = pruning_ops.select(tokens, torch.from_numpy(text_embeds), torch.from_numpy(text_mask), budget)  # [1, K]
-        ref_visual = tokens.gather(1, kept[:, :, None].expand(-1, -1, tokens.shape[-1]))  # [1, K, D]
+        features = adapter.vision_features(*ref_pixels.values(), extras=pruning_ops.method_spec(budget.method).needs)
+        text_inputs = {"text": torch.from_numpy(text_embeds), "text_mask": torch.from_numpy(text_mask)}
+        ref_visual, kept = pruning_ops.select({**features, **text_inputs}, budget)  # [1, K, D], [1, K]
     ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
     detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set)} indices differ"
     report.add("kept indices", "set equal", f"{len(ours_set & ref_set)}/{len(ref_set)}", "all", ours_set == ref_set, detail)

@@ -1,57 +1,90 @@
-"""Static-budget token-selection ops. Each method: a torch op that exports (in its own module) and a
-plain NumPy reference (`reference`). Importing this package does not import torch."""
+"""Static-budget token-selection ops, one registry entry per method.
+
+Each method has a frozen config dataclass, a torch op that exports to ONNX and a plain NumPy reference:
+
+  op(inputs: dict[str, Tensor], budget, cfg) -> (kept_tokens [B, K, D], kept_indices [B, K] ascending)
+  reference(inputs: dict[str, ndarray], budget, cfg) -> kept_indices [K] ascending     (one sample)
+
+`inputs` always holds "tokens" [N, D] (projector outputs), "text" [M, D] and "text_mask" [M] (content
+words in LLM embedding space), plus whatever the method `needs` from the vision tower
+("cls_attention" [N]: head-averaged [CLS]->patch attention of the feature layer; "patch_keys" [N, Dv]:
+that layer's attention keys). Importing this package imports neither torch nor numpy.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import importlib
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
 
-from prunert.config import BudgetConfig, ResPruneConfig
+from prunert.config import BudgetConfig, NoPruningConfig, ResPruneConfig
 from prunert.errors import ConfigError
 
-METHODS = ("resprune", "none")  # "none": keep all N tokens (the unpruned baseline)
+
+@dataclass(frozen=True)
+class MethodSpec:
+    name: str
+    config_type: type  # frozen dataclass of the method's parameters
+    op: str  # "module:function" of the torch op
+    reference: str  # "module:function" of the NumPy reference
+    needs: tuple[str, ...] = ()  # extra vision-tower outputs: "cls_attention", "patch_keys"
+    description: str = ""
+
+
+_REGISTRY: dict[str, MethodSpec] = {}
+
+
+def register(spec: MethodSpec) -> None:
+    _REGISTRY[spec.name] = spec
+
+
+register(MethodSpec(
+    "resprune", ResPruneConfig, "prunert.pruning_ops.resprune:resprune_op", "prunert.pruning_ops.reference:resprune_reference",
+    description="greedy residual energy (weighted pivoted QR) x text relevance^alpha",
+))
+register(MethodSpec(
+    "none", NoPruningConfig, "prunert.pruning_ops.none:keep_all_op", "prunert.pruning_ops.none:keep_all_reference",
+    description="unpruned baseline: keeps all N tokens (budget must equal N)",
+))
+
+
+def methods() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def method_spec(name: str) -> MethodSpec:
+    if name not in _REGISTRY:
+        raise ConfigError(f"--method {name!r}: unknown; expected one of {methods()}")
+    return _REGISTRY[name]
+
+
+def _load(target: str) -> Callable[..., Any]:
+    module, function = target.split(":")
+    return getattr(importlib.import_module(module), function)
 
 
 def method_params(budget: BudgetConfig) -> dict[str, Any]:
     """The selected method's parameters, as recorded in the manifest."""
-    if budget.method == "resprune":
-        cfg = budget.resprune
-        return {"alpha": cfg.alpha, "relevance": cfg.relevance, "epsilon": cfg.epsilon, "tau": cfg.tau, "normalize": cfg.normalize}
-    if budget.method == "none":
-        return {}
-    raise ConfigError(f"--method {budget.method!r}: unknown; expected one of {list(METHODS)}")
+    spec = method_spec(budget.method)
+    if not isinstance(budget.params, spec.config_type):
+        raise ConfigError(f"--method {budget.method}: parameters of type {type(budget.params).__name__}, expected {spec.config_type.__name__}")
+    return asdict(budget.params)
 
 
 def config_from_params(method: str, params: dict[str, Any], budget: int) -> BudgetConfig:
     """Rebuild the BudgetConfig recorded in a manifest."""
-    if method == "resprune":
-        return BudgetConfig(budget=budget, method=method, resprune=ResPruneConfig(**params))
-    if method == "none":
-        return BudgetConfig(budget=budget, method=method)
-    raise ConfigError(f"method {method!r}: unknown; expected one of {list(METHODS)}")
+    spec = method_spec(method)
+    try:
+        return BudgetConfig(budget=budget, method=method, params=spec.config_type(**params))
+    except TypeError as exc:
+        raise ConfigError(f"method {method!r} parameters {params}: {exc}") from None
 
 
-def select(tokens: Any, text: Any, text_mask: Any, budget: BudgetConfig) -> Any:
-    """Torch: tokens [B, N, D], text [B, M, D], text_mask [B, M] -> kept indices [B, K] ascending."""
-    if budget.method == "resprune":
-        from prunert.pruning_ops.resprune import resprune_select
-
-        return resprune_select(tokens, text, text_mask, budget.budget, budget.resprune)
-    if budget.method == "none":
-        import torch
-
-        batch, n, _ = tokens.shape
-        return torch.arange(n, device=tokens.device).expand(batch, n)
-    raise ConfigError(f"--method {budget.method!r}: unknown; expected one of {list(METHODS)}")
+def select(inputs: dict[str, Any], budget: BudgetConfig) -> tuple[Any, Any]:
+    """Torch: batched inputs -> (kept_tokens [B, K, D], kept_indices [B, K] ascending)."""
+    return _load(method_spec(budget.method).op)(inputs, budget.budget, budget.params)
 
 
-def select_reference(tokens: Any, text: Any, text_mask: Any, budget: BudgetConfig) -> Any:
-    """NumPy reference for one image: tokens [N, D], text [M, D], text_mask [M] -> kept indices [K]."""
-    from prunert.pruning_ops import reference
-
-    if budget.method == "resprune":
-        return reference.resprune(tokens, text, text_mask, budget.budget, budget.resprune)
-    if budget.method == "none":
-        import numpy as np
-
-        return np.arange(len(tokens))
-    raise ConfigError(f"--method {budget.method!r}: unknown; expected one of {list(METHODS)}")
+def select_reference(inputs: dict[str, Any], budget: BudgetConfig) -> Any:
+    """NumPy: one sample's inputs -> kept indices [K] ascending."""
+    return _load(method_spec(budget.method).reference)(inputs, budget.budget, budget.params)

@@ -84,3 +84,8 @@ def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
         residual -= np.outer(c, q)
         energy = np.maximum(energy - c * c, 0.0)
     return np.flatnonzero(kept)
+
+
+def resprune_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig) -> np.ndarray:
+    """Registry entry: one sample's {"tokens", "text", "text_mask"} -> kept indices [K] ascending."""
+    return resprune(inputs["tokens"], inputs["text"], inputs["text_mask"], budget, cfg)

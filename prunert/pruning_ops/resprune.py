@@ -22,6 +22,7 @@ import torch
 from torch._higher_order_ops import while_loop
 
 from prunert.config import ResPruneConfig
+from prunert.pruning_ops.common import gather_tokens, kept_to_indices
 from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL
 
 # fp32 range guard: a sample whose largest |token entry| lies outside [2^-32, 2^32] is rescaled by
@@ -111,14 +112,7 @@ def resprune_select(
     return kept_to_indices(kept > 0, budget)
 
 
-def kept_to_indices(kept: torch.Tensor, budget: int) -> torch.Tensor:
-    """kept mask [B, N] with exactly `budget` True per row -> indices [B, K] ascending (TopK, sorted)."""
-    n = kept.shape[-1]
-    rank = torch.arange(n, 0, -1, device=kept.device, dtype=torch.float32)  # earlier index = larger key
-    keys = torch.where(kept, rank, torch.zeros_like(rank))
-    return torch.topk(keys, budget, dim=-1, largest=True, sorted=True).indices
-
-
-def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-    """tokens [B, N, D], indices [B, K] -> [B, K, D]."""
-    return tokens.gather(1, indices[:, :, None].expand(-1, -1, tokens.shape[-1]))
+def resprune_op(inputs: dict[str, torch.Tensor], budget: int, cfg: ResPruneConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """Registry entry: inputs {"tokens" [B, N, D], "text" [B, M, D], "text_mask" [B, M]} -> kept tokens, indices."""
+    kept = resprune_select(inputs["tokens"], inputs["text"], inputs["text_mask"], budget, cfg)  # [B, K]
+    return gather_tokens(inputs["tokens"], kept), kept

@@ -53,12 +53,13 @@ def test_cli_parity_pass_writes_report(capsys, artifact_copy: Path) -> None:
 
 
 def test_perturbed_reference_fails(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    original = llava_export.LlavaExportAdapter.visual_tokens
+    original = llava_export.LlavaExportAdapter.vision_features
 
-    def perturbed(self, pixel_values):
-        return original(self, pixel_values) + 0.05  # the reference projector output, shifted
+    def perturbed(self, pixel_values, extras=()):
+        features = original(self, pixel_values, extras)
+        return {**features, "tokens": features["tokens"] + 0.05}  # the reference projector output, shifted
 
-    monkeypatch.setattr(llava_export.LlavaExportAdapter, "visual_tokens", perturbed)
+    monkeypatch.setattr(llava_export.LlavaExportAdapter, "vision_features", perturbed)
     report = run_parity(tiny_artifact, PHOTO, PROMPT)
     assert report.verdict == FAIL and not report.passed
     status = {(check.stage, check.metric): check.status for check in report.checks}

@@ -45,25 +45,35 @@ class LlavaExportAdapter:
         tower = self.model.model.vision_tower
         return tower(pixel_values, output_hidden_states=True).hidden_states  # L+1 x [B, 1+N, Dv]
 
+    def vision_features(self, pixel_values: torch.Tensor, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """One tower pass -> {"tokens" [B, N, D]} plus requested extras of the feature layer:
+        "cls_attention" [B, N] (head-averaged softmax(q_cls k^T / sqrt(d)), CLS column dropped) and
+        "patch_keys" [B, N, Dv] (that layer's attention keys of the patches)."""
+        states = self._hidden_states(pixel_values)
+        features = states[self.feature_layer]  # [B, 1+N, Dv]
+        out = {"tokens": self.model.model.multi_modal_projector(features[:, 1:] if self.drop_cls else features)}
+        if extras:
+            layer_index = self.feature_layer % len(states)  # hidden_states[i] is the output of layer i-1
+            tower = self.model.model.vision_tower  # CLIPVisionModel; older transformers wrap it in .vision_model
+            layer = getattr(tower, "vision_model", tower).encoder.layers[layer_index - 1]
+            attn = layer.self_attn
+            hidden = layer.layer_norm1(states[layer_index - 1])  # [B, 1+N, Dv]
+            batch, length, _ = hidden.shape
+            keys = attn.k_proj(hidden)  # [B, 1+N, Dv]
+            if "cls_attention" in extras:
+                query = attn.q_proj(hidden[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
+                heads = keys.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
+                probs = torch.softmax((query @ heads.transpose(2, 3)) * attn.scale, dim=-1)  # [B, H, 1, 1+N]
+                out["cls_attention"] = probs.mean(dim=1)[:, 0, 1:]  # [B, N]
+            if "patch_keys" in extras:
+                out["patch_keys"] = keys[:, 1:]  # [B, N, Dv]
+        return out
+
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        features = self._hidden_states(pixel_values)[self.feature_layer]  # [B, 1+N, Dv]
-        if self.drop_cls:
-            features = features[:, 1:]  # [B, N, Dv]
-        return self.model.model.multi_modal_projector(features)  # [B, N, D]
+        return self.vision_features(pixel_values)["tokens"]  # [B, N, D]
 
     def cls_attention(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Head-averaged softmax(q_cls k^T / sqrt(d)) of the layer whose output is the feature layer."""
-        states = self._hidden_states(pixel_values)
-        layer_index = self.feature_layer % len(states)  # hidden_states[i] is the output of layer i-1
-        tower = self.model.model.vision_tower  # CLIPVisionModel; older transformers wrap it in .vision_model
-        layer = getattr(tower, "vision_model", tower).encoder.layers[layer_index - 1]
-        attn = layer.self_attn
-        hidden = layer.layer_norm1(states[layer_index - 1])  # [B, 1+N, Dv]
-        batch, length, _ = hidden.shape
-        query = attn.q_proj(hidden[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-        key = attn.k_proj(hidden).view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)
-        probs = torch.softmax((query @ key.transpose(2, 3)) * attn.scale, dim=-1)  # [B, H, 1, 1+N]
-        return probs.mean(dim=1)[:, 0, 1:]  # [B, N]
+        return self.vision_features(pixel_values, ("cls_attention",))["cls_attention"]  # [B, N]
 
     def example_vision_inputs(self, batch: int) -> tuple[torch.Tensor, ...]:
         generator = torch.Generator().manual_seed(0)
