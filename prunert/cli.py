@@ -16,11 +16,21 @@ SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs sh
 
 
 def _export(args: argparse.Namespace) -> int:
-    from prunert.config import BudgetConfig, ExportConfig, ResPruneConfig
+    from dataclasses import fields
+
+    from prunert import pruning_ops
+    from prunert.config import BudgetConfig, ExportConfig
+    from prunert.errors import ConfigError
     from prunert.export.pipeline import export_artifact
 
-    resprune = ResPruneConfig(alpha=args.alpha, relevance=args.relevance, epsilon=args.epsilon, tau=args.tau, normalize=args.normalize)
-    budget = BudgetConfig(budget=args.budget, method=args.method, params=resprune if args.method == "resprune" else None)
+    config_type = pruning_ops.method_spec(args.method).config_type
+    own = {f.name for f in fields(config_type)}
+    for other in pruning_ops.methods():
+        for f in fields(pruning_ops.method_spec(other).config_type):
+            if f.name not in own and getattr(args, f.name, None) is not None:
+                raise ConfigError(f"--{f.name.replace('_', '-')}: applies to --method {other}, not {args.method}")
+    given = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
+    budget = BudgetConfig(budget=args.budget, method=args.method, params=config_type(**given))
     cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch)
     manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
     if manifest.source.synthetic:
@@ -88,22 +98,44 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_method_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per field of every method's config (--alpha, --seed, ...); unset flags keep the method's default."""
+    from dataclasses import MISSING, fields
+
+    from prunert import pruning_ops
+
+    seen: dict[str, list[str]] = {}
+    defaults: dict[str, object] = {}
+    kinds: dict[str, type] = {}
+    for name in pruning_ops.methods():
+        for f in fields(pruning_ops.method_spec(name).config_type):
+            seen.setdefault(f.name, []).append(name)
+            defaults.setdefault(f.name, f.default if f.default is not MISSING else None)
+            kinds[f.name] = type(defaults[f.name])
+    group = parser.add_argument_group("method parameters (each applies to the methods named)")
+    for field_name, owners in sorted(seen.items()):
+        flag = "--" + field_name.replace("_", "-")
+        owners_text = ", ".join(owners)
+        if kinds[field_name] is bool:
+            group.add_argument(flag, dest=field_name, action="store_const", const=True, default=None, help=f"[{owners_text}]")
+        else:
+            group.add_argument(flag, dest=field_name, type=kinds[field_name], default=None,
+                               help=f"[{owners_text}] default {defaults[field_name]}")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    from prunert.config import BudgetConfig, ExportConfig, GenerationConfig, ParityTolerances, ResPruneConfig
+    from prunert import pruning_ops
+    from prunert.config import BudgetConfig, ExportConfig, GenerationConfig, ParityTolerances
 
     parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
     sub = parser.add_subparsers(dest="command", required=True)
-    rp, ex, gen = ResPruneConfig(), ExportConfig(), GenerationConfig()
+    ex, gen = ExportConfig(), GenerationConfig()
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX graphs + manifest.json)")
     p.add_argument("--model", required=True, help="synthetic:<preset> (e.g. synthetic:llava-tiny) or a local Hugging Face LLaVA-1.5 directory")
     p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K)")
-    p.add_argument("--method", default=BudgetConfig().method, help="selection method (default: %(default)s)")
-    p.add_argument("--alpha", type=float, default=rp.alpha, help="ResPrune relevance exponent (default: %(default)s)")
-    p.add_argument("--relevance", choices=("max", "mean"), default=rp.relevance, help="pool token-word cosines by max or mean")
-    p.add_argument("--epsilon", type=float, default=rp.epsilon, help="floor of normalised relevance (default: %(default)s)")
-    p.add_argument("--tau", type=float, default=rp.tau, help="relative residual-energy floor (default: %(default)s)")
-    p.add_argument("--normalize", action="store_true", help="L2-normalise tokens before selection")
+    p.add_argument("--method", default=BudgetConfig().method, help="selection method: " + ", ".join(pruning_ops.methods()) + " (default: %(default)s)")
+    _add_method_flags(p)
     p.add_argument("--opset", type=int, default=ex.opset, help="ONNX opset (default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=ex.max_prompt_tokens, help="longest prompt the artifact accepts")
     p.add_argument("--max-new-tokens", type=int, default=ex.max_new_tokens, help="longest generation the artifact is sized for")

@@ -40,6 +40,47 @@ class ResPruneConfig:
 
 
 @dataclass(frozen=True)
+class UniformConfig:
+    """Evenly spaced raster indices; no parameters."""
+
+
+@dataclass(frozen=True)
+class RandomConfig:
+    """Seeded uniform random subset (the seed is baked into the exported graph)."""
+
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ClsAttentionConfig:
+    """FasterVLM: top-K by head-averaged [CLS]->patch attention of the feature layer; no parameters."""
+
+
+@dataclass(frozen=True)
+class VisionZipConfig:
+    """VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.
+
+    contextual_fraction: share of K given to contextual (merged) tokens; 10/64 gives the published
+    splits 54+10 (K=64), 108+20 (K=128), 162+30 (K=192).
+    """
+
+    contextual_fraction: float = 10 / 64
+
+
+@dataclass(frozen=True)
+class DivPruneConfig:
+    """DivPrune: max-min diversity on projector outputs with distance 1 - cosine; no parameters."""
+
+
+@dataclass(frozen=True)
+class CDPrunerConfig:
+    """CDPruner: greedy DPP MAP with kernel diag(r) G diag(r), G the cosine Gram of projector outputs,
+    r the same LLM-space text relevance as ResPrune's (min-max normalised to [epsilon, 1])."""
+
+    epsilon: float = 1e-3
+
+
+@dataclass(frozen=True)
 class NoPruningConfig:
     """The unpruned baseline ("none"): every visual token is kept; no parameters."""
 

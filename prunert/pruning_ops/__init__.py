@@ -17,7 +17,17 @@ import importlib
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
-from prunert.config import BudgetConfig, NoPruningConfig, ResPruneConfig
+from prunert.config import (
+    BudgetConfig,
+    CDPrunerConfig,
+    ClsAttentionConfig,
+    DivPruneConfig,
+    NoPruningConfig,
+    RandomConfig,
+    ResPruneConfig,
+    UniformConfig,
+    VisionZipConfig,
+)
 from prunert.errors import ConfigError
 
 
@@ -46,6 +56,19 @@ register(MethodSpec(
     "none", NoPruningConfig, "prunert.pruning_ops.none:keep_all_op", "prunert.pruning_ops.none:keep_all_reference",
     description="unpruned baseline: keeps all N tokens (budget must equal N)",
 ))
+
+for _name, _config, _needs, _description in (
+    ("uniform", UniformConfig, (), "evenly spaced raster indices"),
+    ("random", RandomConfig, (), "seeded random subset"),
+    ("cls_attention", ClsAttentionConfig, ("cls_attention",), "FasterVLM: top-K [CLS] attention"),
+    ("visionzip", VisionZipConfig, ("cls_attention", "patch_keys"), "VisionZip: dominant + merged contextual tokens"),
+    ("divprune", DivPruneConfig, (), "DivPrune: max-min diversity, 1 - cosine"),
+    ("cdpruner", CDPrunerConfig, (), "CDPruner: greedy DPP MAP, relevance-weighted cosine kernel"),
+):
+    register(MethodSpec(
+        _name, _config, f"prunert.pruning_ops.{_name}:{_name}_op", f"prunert.pruning_ops.{_name}:{_name}_reference",
+        _needs, _description,
+    ))
 
 
 def methods() -> list[str]:
