@@ -1,13 +1,12 @@
 """First prunert benchmark: LLaVA-1.5-shaped TTFT and decode tokens/s, ONNX Runtime vs Hugging Face eager.
 
-One run exports (or reuses) one artifact per budget K plus the unpruned baseline (method "none"),
-times each with the ORT `VLMPipeline`, times Hugging Face eager `generate` on the same synthetic
-checkpoint, and times the ResPrune selection op alone. Everything is reported as ratios measured side
-by side in this run, plus a JSON file of raw numbers. Weights are synthetic (seeded random): this
-measures speed only, never accuracy.
+Exports (or reuses) one artifact per budget K plus the unpruned baseline (method "none"), times each
+with the ORT `VLMPipeline`, times Hugging Face eager `generate` on the same synthetic checkpoint, and
+times the ResPrune selection op alone; reports ratios measured side by side in this run and a JSON
+file of raw numbers. Weights are synthetic (seeded random): speed only, never accuracy.
 
-    python bench/bench_llava.py                                    # llava-1.5-shaped, K = 64,128,192
-    python bench/bench_llava.py --preset llava-tiny --budgets 16,32  # smoke mode (~1-2 minutes)
+    python bench/bench_llava.py                                      # llava-1.5-shaped, K = 64,128,192
+    python bench/bench_llava.py --preset llava-tiny --budgets 16,32  # smoke mode
 """
 
 from __future__ import annotations
@@ -39,13 +38,23 @@ IMAGE = ROOT / "examples/images/astronaut.jpg"
 PROMPT = "<image>\nWhat is the astronaut holding?"
 SELECTION_RUNS = 20  # the selection op alone takes milliseconds: more runs for a stable median
 STATEMENT = "weights are synthetic (seeded random): only speed is measured, not accuracy"
+DEFINITIONS = {
+    "ttft_s": "wall clock from the request start (image file + prompt) to the first token's logits. ORT: tokenize + "
+              "image load/preprocess + content words + vision graph + splice + prefill; HF: image load + AutoProcessor "
+              "+ generate(max_new_tokens=1)",
+    "decode_tok_s": "ORT: new_tokens greedy decoder steps / their time; HF: (new_tokens-1) / (t(generate n) - t(generate 1))",
+    "ratios": "speed-ups, > 1 = faster than the reference (vs_unpruned: ORT unpruned; vs_hf_eager: HF eager)",
+    "selection_share": "direct = selection op alone in ORT / vision_K; by_difference = (vision_K - vision_unpruned) / vision_K",
+    "rounds": "round-robin: each round loads, warms up and times every configuration once; medians over rounds",
+    "probe_ms": "a fixed single-threaded numpy workload timed around each measured run: the machine's speed then",
+}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llava-1.5-shaped", help="synthetic preset (default: %(default)s)")
     p.add_argument("--budgets", default="64,128,192", help="comma-separated K values (default: %(default)s)")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per configuration, after one warm-up")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each times every configuration once after a warm-up")
     p.add_argument("--new-tokens", type=int, default=32, help="greedy decode steps per run (EOS ignored)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/llava.json")
     p.add_argument("--work", type=Path, default=ROOT / "bench/results/artifacts", help="artifact directory")
@@ -69,59 +78,78 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def speed_probe() -> float:
+    """ms of a fixed single-threaded numpy workload: how fast the shared virtual machine is right now."""
+    x = np.linspace(0.0, 1.0, 1 << 20, dtype=np.float32)
+    start = time.perf_counter()
+    for _ in range(8):
+        x = np.sqrt(x * x + 1.0) - 1.0
+    return (time.perf_counter() - start) * 1e3
+
+
 # ---- 1. artifacts -----------------------------------------------------------------------------
 def configurations(preset: str, budgets: list[int]) -> list[dict]:
     from prunert.adapters.llava.synthetic import get_preset
 
     n = get_preset(preset).num_patches
-    bad = [k for k in budgets if not 0 < k < n]
-    if bad:
-        raise SystemExit(f"bench: error: budgets {bad} outside 1..{n - 1} for {preset} (N={n})")
+    if any(not 0 < k < n for k in budgets):
+        raise SystemExit(f"bench: error: --budgets {budgets}: expected 1 <= K < {n} for {preset}")
     rows = [{"label": f"K={k}", "budget": k, "method": "resprune"} for k in budgets]
     return rows + [{"label": f"unpruned (N={n})", "budget": n, "method": "none"}]
 
 
-def artifact_matches(directory: Path, preset: str, budget: int, method: str) -> bool:
+def artifact_matches(directory: Path, preset: str, budget: int, method: str, checkpoint: str) -> bool:
+    """Manifest loads, hashes verify, budget/method/params match, and it came from today's checkpoint
+    (the manifest names only "synthetic:<preset>"; the sidecar record names the cache directory)."""
     from prunert.config import BudgetConfig
     from prunert.errors import PrunertError
     from prunert.manifest import load_manifest
     from prunert.pruning_ops import method_params
 
-    if not (directory / "manifest.json").is_file():
+    record = export_record(directory)
+    if not record.is_file() or json.loads(record.read_text()).get("checkpoint") != checkpoint:
         return False
     try:
         m = load_manifest(directory, verify_hashes=True)  # a truncated file means re-export
     except PrunertError:
         return False
-    wanted = method_params(BudgetConfig(budget=budget, method=method))
-    return (m.source.model, m.budget.budget, m.budget.method, m.budget.params) == (f"synthetic:{preset}", budget, method, wanted)
+    wanted = (f"synthetic:{preset}", budget, method, method_params(BudgetConfig(budget=budget, method=method)))
+    return (m.source.model, m.budget.budget, m.budget.method, m.budget.params) == wanted
 
 
-def _export_child(model: str, out_dir: str, budget: int, method: str) -> dict:
-    """Runs in a fresh process: export time and peak memory of one export, nothing else."""
+def export_record(directory: Path) -> Path:
+    return directory.with_name(directory.name + ".export.json")
+
+
+def _export_child(preset: str, out_dir: str, budget: int, method: str) -> dict:
+    """Runs in a fresh process, so its peak RSS is this export's."""
+    from prunert.adapters.llava.synthetic import synthetic_checkpoint
     from prunert.config import BudgetConfig, ExportConfig
     from prunert.export.pipeline import export_artifact
 
-    start = time.perf_counter()
-    export_artifact(model, Path(out_dir), BudgetConfig(budget=budget, method=method), ExportConfig(), overwrite=True,
-                    log=lambda m: print(f"    export: {m}", flush=True))
-    return {"export_s": time.perf_counter() - start, "export_peak_rss_mb": peak_rss_mb()}
+    checkpoint, start = synthetic_checkpoint(preset).name, time.perf_counter()
+    export_artifact(f"synthetic:{preset}", Path(out_dir), BudgetConfig(budget=budget, method=method), ExportConfig(),
+                    overwrite=True, log=lambda m: print(f"    export: {m}", flush=True))
+    if synthetic_checkpoint(preset).name != checkpoint:
+        raise RuntimeError(f"synthetic preset {preset} changed during the export; re-run")
+    return {"export_s": time.perf_counter() - start, "export_peak_rss_mb": peak_rss_mb(), "checkpoint": checkpoint}
 
 
-def prepare_artifacts(args: argparse.Namespace, rows: list[dict]) -> None:
+def prepare_artifacts(args: argparse.Namespace, rows: list[dict], checkpoint: str) -> None:
     for row in rows:
         directory = args.work / f"{args.preset}-{row['method']}-k{row['budget']}"
         row["artifact"] = str(directory)
-        if artifact_matches(directory, args.preset, row["budget"], row["method"]):
+        if artifact_matches(directory, args.preset, row["budget"], row["method"], checkpoint):
             log(f"{row['label']}: reusing {directory}")
-            row.update(reused=True, export_s=None, export_peak_rss_mb=None)
+            row.update(json.loads(export_record(directory).read_text()), reused=True)  # export time survives a reuse
             continue
         log(f"{row['label']}: exporting to {directory}")
-        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:  # fresh process: peak RSS per export
-            result = pool.submit(_export_child, f"synthetic:{args.preset}", str(directory), row["budget"], row["method"]).result()
-        row.update(reused=False, **result)
+        with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+            result = pool.submit(_export_child, args.preset, str(directory), row["budget"], row["method"]).result()
+        result["artifact_bytes"] = sum(p.stat().st_size for p in directory.iterdir())
+        export_record(directory).write_text(json.dumps(result) + "\n")
+        row.update(result, reused=False)
         log(f"{row['label']}: exported in {result['export_s']:.1f} s, peak RSS {result['export_peak_rss_mb']:.0f} MB")
-        row["artifact_bytes"] = sum(p.stat().st_size for p in directory.iterdir())
 
 
 # ---- 2. ONNX Runtime --------------------------------------------------------------------------
@@ -135,12 +163,10 @@ def ort_request(pipe, new_tokens: int) -> dict:
     state = pipe.prefill(sequences, vision)  # splice + prefill graph
     ttft = time.perf_counter() - start
     decode_s = ort_decode(pipe, state, new_tokens)
-    return {
-        "ttft_s": ttft, "tokenize_s": t_tok - start, "host_preprocess_s": (t_vis - t_tok) - pipe.timings.vision_s,
-        "vision_s": pipe.timings.vision_s, "splice_s": (start + ttft - t_vis) - pipe.timings.prefill_s,
-        "prefill_s": pipe.timings.prefill_s, "prefill_length": int(state.attention_mask.shape[1]),
-        "decode_s": decode_s, "decode_tok_s": new_tokens / decode_s,
-    }
+    t = pipe.timings
+    return {"ttft_s": ttft, "tokenize_s": t_tok - start, "host_preprocess_s": t_vis - t_tok - t.vision_s, "vision_s": t.vision_s,
+            "splice_s": start + ttft - t_vis - t.prefill_s, "prefill_s": t.prefill_s,
+            "prefill_length": int(state.attention_mask.shape[1]), "decode_s": decode_s, "decode_tok_s": new_tokens / decode_s}
 
 
 def ort_decode(pipe, state, steps: int) -> float:
@@ -157,120 +183,168 @@ def ort_decode(pipe, state, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def time_ort(row: dict, repeats: int, new_tokens: int) -> None:
+def ort_round(row: dict, new_tokens: int) -> dict:
+    """Load the artifact's pipeline, warm up, time one request, unload (memory: one artifact at a time)."""
     from prunert.runtime import Artifact, VLMPipeline
 
+    start = time.perf_counter()
     pipe = VLMPipeline(Artifact(row["artifact"], verify_hashes=False))  # hashes were checked in prepare_artifacts
-    ort_request(pipe, new_tokens)  # warm-up
-    runs = [ort_request(pipe, new_tokens) for _ in range(repeats)]
-    row["ort_runs"] = runs
-    row["ort"] = {key: median(r[key] for r in runs) for key in runs[0]}
-    row["ort"]["peak_rss_mb_so_far"] = peak_rss_mb()
-    row["ort"]["load_avg"] = os.getloadavg()  # other processes on a shared machine skew timings
-    o = row["ort"]
-    log(f"{row['label']}: TTFT {o['ttft_s'] * 1e3:.0f} ms (vision {o['vision_s'] * 1e3:.0f}, prefill {o['prefill_s'] * 1e3:.0f}), "
-        f"decode {o['decode_tok_s']:.2f} tok/s")
-    if row["method"] == "none":
-        row["_tokens"] = pipe.encode_images([IMAGE], [PROMPT]).visual_tokens  # the real projector outputs [1, N, D]
-        from prunert.runtime.text import content_word_groups, text_relevance_inputs
-
-        groups = [content_word_groups(pipe.artifact.tokenizer, PROMPT, pipe.artifact.special_ids)]
-        row["_text"] = text_relevance_inputs(groups, pipe.artifact.embeddings, pipe.manifest.text.max_text_tokens)
-        row["_ids"] = pipe.tokenize([PROMPT])[0]
+    load_s = time.perf_counter() - start
+    ort_request(pipe, 2)  # warm-up: the first run allocates
+    probe = speed_probe()
+    run = ort_request(pipe, new_tokens)
+    run.update(load_s=load_s, probe_ms=probe, probe_after_ms=speed_probe(), peak_rss_mb=peak_rss_mb())
+    if row["method"] == "none" and "_tokens" not in row:
+        keep_selection_inputs(row, pipe)
     del pipe
     gc.collect()
+    return run
+
+
+def keep_selection_inputs(row: dict, pipe) -> None:
+    """The real projector outputs [1, N, D] (the unpruned graph keeps all, in order), the prompt's words and ids."""
+    from prunert.runtime.text import content_word_groups, text_relevance_inputs
+
+    row["_tokens"] = pipe.encode_images([IMAGE], [PROMPT]).visual_tokens
+    groups = [content_word_groups(pipe.artifact.tokenizer, PROMPT, pipe.artifact.special_ids)]
+    row["_text"] = text_relevance_inputs(groups, pipe.artifact.embeddings, pipe.manifest.text.max_text_tokens)
+    row["_ids"] = pipe.tokenize([PROMPT])[0]
 
 
 # ---- 3. Hugging Face eager --------------------------------------------------------------------
-def time_hf(preset: str, repeats: int, new_tokens: int, ort_ids: list[int]) -> dict:
-    import torch
-    from PIL import Image
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
-    from transformers.utils import logging as hf_logging
+class HFEager:
+    """The baseline a user would pick instead: transformers eager attention, its own processor, `generate`."""
 
-    from prunert.adapters.llava.synthetic import LLAVA_PROMPT_TEMPLATE, synthetic_checkpoint
+    def __init__(self, preset: str):
+        import torch
+        from transformers import AutoProcessor
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    torch.set_num_threads(os.cpu_count() or 1)
-    directory = synthetic_checkpoint(preset)
-    model = LlavaForConditionalGeneration.from_pretrained(directory, attn_implementation="eager", dtype=torch.float32).eval()
-    processor = AutoProcessor.from_pretrained(directory)
-    text = LLAVA_PROMPT_TEMPLATE.format(prompt=PROMPT)
-    image_id = model.config.image_token_index
+        from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
+        from prunert.adapters.llava.synthetic import synthetic_checkpoint
 
-    def request(count: int) -> tuple[float, float]:
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        torch.set_num_threads(os.cpu_count() or 1)
+        self.torch, self.directory, self.model = torch, synthetic_checkpoint(preset), None
+        self.processor = AutoProcessor.from_pretrained(self.directory)
+        self.text = LLAVA_PROMPT_TEMPLATE.format(prompt=PROMPT)
+
+    def load(self) -> float:
+        from transformers import LlavaForConditionalGeneration
+
         start = time.perf_counter()
-        with Image.open(IMAGE) as im:
-            inputs = processor(images=im.convert("RGB"), text=text, return_tensors="pt")
-        t_gen = time.perf_counter()
-        with torch.inference_mode():
-            out = model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                                 pad_token_id=model.config.pad_token_id)
-        assert out.shape[1] - inputs["input_ids"].shape[1] == count
-        return time.perf_counter() - start, time.perf_counter() - t_gen
+        self.model = LlavaForConditionalGeneration.from_pretrained(self.directory, attn_implementation="eager",
+                                                                   dtype=self.torch.float32).eval()
+        return time.perf_counter() - start
 
-    with Image.open(IMAGE) as im:
-        ids = processor(images=im.convert("RGB"), text=text)["input_ids"][0]
-    collapsed = [t for i, t in enumerate(ids) if t != image_id or i == 0 or ids[i - 1] != image_id]
-    request(1)  # warm-up
-    first = [request(1) for _ in range(repeats)]
-    full = [request(new_tokens) for _ in range(repeats)]
-    ttft, gen1, gen_n = median(f[0] for f in first), median(f[1] for f in first), median(f[1] for f in full)
-    tok_s = (new_tokens - 1) / (gen_n - gen1) if gen_n > gen1 else float("nan")  # nan: noise exceeded the decode time
-    result = {
-        "ttft_s": ttft, "generate_1_s": gen1, "generate_n_s": gen_n, "decode_tok_s": tok_s, "load_avg": os.getloadavg(),
-        "image_tokens": int(sum(t == image_id for t in ids)), "prompt_matches_ort": collapsed == list(ort_ids),
-        "runs_1": first, "runs_n": full, "threads": torch.get_num_threads(), "peak_rss_mb_so_far": peak_rss_mb(),
-    }
-    log(f"HF eager: TTFT {ttft * 1e3:.0f} ms (generate only {gen1 * 1e3:.0f}), decode {result['decode_tok_s']:.2f} tok/s, "
-        f"{result['image_tokens']} image tokens, prompt ids match ORT: {result['prompt_matches_ort']}")
-    del model
+    def inputs(self, **kwargs):
+        from PIL import Image
+
+        with Image.open(IMAGE) as image:
+            return self.processor(images=image.convert("RGB"), text=self.text, **kwargs)
+
+    def request(self, count: int) -> tuple[float, float]:
+        """(request wall clock, generate alone) for exactly `count` new tokens."""
+        start = time.perf_counter()
+        inputs = self.inputs(return_tensors="pt")
+        t_gen = time.perf_counter()
+        with self.torch.inference_mode():
+            out = self.model.generate(**inputs, max_new_tokens=count, min_new_tokens=count, do_sample=False,
+                                      pad_token_id=self.model.config.pad_token_id)
+        end = time.perf_counter()
+        assert out.shape[1] - inputs["input_ids"].shape[1] == count
+        return end - start, end - t_gen
+
+    def prompt_check(self, ort_ids: list[int]) -> dict:
+        """The processor expands <image> to N image tokens; collapsed back, the ids must equal prunert's."""
+        ids = list(self.inputs()["input_ids"][0])
+        image_id = self.processor.tokenizer.convert_tokens_to_ids(self.processor.image_token)
+        collapsed = [t for i, t in enumerate(ids) if t != image_id or i == 0 or ids[i - 1] != image_id]
+        return {"image_tokens": ids.count(image_id), "prompt_matches_ort": collapsed == list(ort_ids),
+                "threads": self.torch.get_num_threads(), "checkpoint": self.directory.name}
+
+
+def hf_round(hf: HFEager, new_tokens: int) -> dict:
+    load_s = hf.load()
+    hf.request(2)  # warm-up
+    probe = speed_probe()
+    first, full = hf.request(1), hf.request(new_tokens)
+    hf.model = None
     gc.collect()
+    return {"load_s": load_s, "probe_ms": probe, "probe_after_ms": speed_probe(), "ttft_s": first[0],
+            "generate_1_s": first[1], "generate_n_s": full[1], "peak_rss_mb": peak_rss_mb()}
+
+
+def hf_summary(runs: list[dict], new_tokens: int) -> dict:
+    out = {key: median(r[key] for r in runs) for key in ("ttft_s", "generate_1_s", "generate_n_s")}
+    span = out["generate_n_s"] - out["generate_1_s"]
+    out["decode_tok_s"] = (new_tokens - 1) / span if span > 0 else float("nan")  # nan: noise exceeded the decode time
+    return out
+
+
+def measure(args: argparse.Namespace, rows: list[dict]) -> dict | None:
+    """Round-robin: each round times every configuration once, so a slow spell of the shared machine hits
+    all of them alike instead of whichever ran then. Medians over rounds."""
+    hf, hf_runs = (None if args.skip_hf else HFEager(args.preset)), []
+    for round_ in range(1, args.repeats + 1):
+        for row in rows[::-1]:  # unpruned first: it also yields the real projector outputs for step 4
+            run = ort_round(row, args.new_tokens)
+            row.setdefault("ort_runs", []).append(run)
+            log(f"round {round_}/{args.repeats} ORT {row['label']}: TTFT {run['ttft_s'] * 1e3:.0f} ms (vision "
+                f"{run['vision_s'] * 1e3:.0f}, prefill {run['prefill_s'] * 1e3:.0f}), decode {run['decode_tok_s']:.2f} tok/s, "
+                f"probe {run['probe_ms']:.0f} ms")
+        if hf:
+            hf_runs.append(r := hf_round(hf, args.new_tokens))
+            log(f"round {round_}/{args.repeats} HF eager: TTFT {r['ttft_s'] * 1e3:.0f} ms, generate 1/{args.new_tokens}: "
+                f"{r['generate_1_s']:.2f}/{r['generate_n_s']:.2f} s, probe {r['probe_ms']:.0f} ms")
+    for row in rows:
+        row["ort"] = {key: median(r[key] for r in row["ort_runs"]) for key in row["ort_runs"][0]}
+    if not hf:
+        return None
+    result = {**hf_summary(hf_runs, args.new_tokens), **hf.prompt_check(rows[-1]["_ids"]), "runs": hf_runs}
+    log(f"HF eager: {result['image_tokens']} image tokens, prompt ids match ORT: {result['prompt_matches_ort']}")
     return result
 
 
 # ---- 4. the selection op alone ----------------------------------------------------------------
-class _SelectOnly:
-    """Built lazily (torch import): resprune_select + gather_tokens on [1, N, D]."""
+def select_only_module(budget: int):
+    """resprune_select + gather_tokens on [1, N, D], as in the vision graph, and nothing else."""
+    import torch
 
-    @staticmethod
-    def module(budget: int):
-        import torch
+    from prunert.config import ResPruneConfig
+    from prunert.pruning_ops.resprune import gather_tokens, resprune_select
 
-        from prunert.config import ResPruneConfig
-        from prunert.pruning_ops.resprune import gather_tokens, resprune_select
+    class SelectOnly(torch.nn.Module):
+        def forward(self, tokens, text, text_mask):
+            kept = resprune_select(tokens, text, text_mask, budget, ResPruneConfig())
+            return gather_tokens(tokens, kept), kept
 
-        class SelectOnly(torch.nn.Module):
-            def forward(self, tokens, text, text_mask):
-                kept = resprune_select(tokens, text, text_mask, budget, ResPruneConfig())
-                return gather_tokens(tokens, kept), kept
-
-        return SelectOnly().eval()
+    return SelectOnly().eval()
 
 
 def time_selection(budget: int, tokens: np.ndarray, text: tuple[np.ndarray, np.ndarray], work: Path) -> dict:
     import onnxruntime as ort
     import torch
 
-    path = work / f"select-only-k{budget}.onnx"
+    path, start = work / f"select-only-k{budget}.onnx", time.perf_counter()
     feeds = {"tokens": tokens.astype(np.float32), "text": text[0], "text_mask": text[1]}
-    start = time.perf_counter()
     args = tuple(torch.from_numpy(np.ascontiguousarray(v)) for v in feeds.values())
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
         logging.getLogger("torch.onnx").setLevel(logging.ERROR)
-        torch.onnx.export(_SelectOnly.module(budget), args, str(path), dynamo=True, input_names=list(feeds),
+        torch.onnx.export(select_only_module(budget), args, str(path), dynamo=True, input_names=list(feeds),
                           output_names=["visual_tokens", "kept_indices"], optimize=True, verbose=False)
     export_s = time.perf_counter() - start
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     session.run(None, feeds)  # warm-up
-    times = []
+    times, probes = [], []
     for _ in range(SELECTION_RUNS):
+        probes.append(speed_probe())
         start = time.perf_counter()
         session.run(None, feeds)
         times.append(time.perf_counter() - start)
-    return {"select_s": median(times), "runs": times, "export_s": export_s, "shape": list(tokens.shape)}
+    return {"select_s": median(times), "runs": times, "probe_ms": probes, "export_s": export_s, "shape": list(tokens.shape)}
 
 
 # ---- 5. report --------------------------------------------------------------------------------
@@ -285,58 +359,58 @@ def add_ratios(rows: list[dict], hf: dict | None) -> None:
 
 
 def selection_shares(rows: list[dict], selection: dict) -> dict:
-    base = rows[-1]["ort"]["vision_s"]
-    shares = {}
+    base, shares = rows[-1]["ort"]["vision_s"], {}
     for row in rows[:-1]:
-        vision = row["ort"]["vision_s"]
-        direct = selection.get(row["budget"], {}).get("select_s")
-        shares[row["label"]] = {
-            "by_difference": (vision - base) / vision,  # noisy: the difference of two medians
-            "direct": direct / vision if direct is not None else None,
-            "select_ms": direct * 1e3 if direct is not None else None,
-            "vision_ms": vision * 1e3,
-        }
+        vision, direct = row["ort"]["vision_s"], selection[row["budget"]]["select_s"]
+        shares[row["label"]] = {"direct": direct / vision, "by_difference": (vision - base) / vision,  # difference: noisy
+                                "select_ms": direct * 1e3, "vision_ms": vision * 1e3}
     return shares
 
 
 def table(rows: list[dict], hf: dict | None) -> str:
-    head = f"{'configuration':<18}{'TTFT ms':>10}{'tok/s':>8}{'vision ms':>11}{'prefill ms':>12}" \
-           f"{'TTFT x unpr':>13}{'tok/s x unpr':>14}{'TTFT x HF':>11}{'tok/s x HF':>12}"
-    lines = [head, "-" * len(head)]
+    head = (f"{'configuration':<22}{'TTFT ms':>9}{'tok/s':>8}{'vision ms':>11}{'prefill ms':>12}"
+            f"{'TTFT x unpr':>13}{'tok/s x unpr':>14}{'TTFT x HF':>11}{'tok/s x HF':>12}")
+    lines, nan = [head, "-" * len(head)], float("nan")
     for row in rows:
         o, u, h = row["ort"], row["vs_unpruned"], row.get("vs_hf_eager", {})
-        lines.append(f"{'ORT ' + row['label']:<18}{o['ttft_s'] * 1e3:>10.0f}{o['decode_tok_s']:>8.2f}{o['vision_s'] * 1e3:>11.0f}"
+        lines.append(f"{'ORT ' + row['label']:<22}{o['ttft_s'] * 1e3:>9.0f}{o['decode_tok_s']:>8.2f}{o['vision_s'] * 1e3:>11.0f}"
                      f"{o['prefill_s'] * 1e3:>12.0f}{u['ttft']:>13.2f}{u['decode_tok_s']:>14.2f}"
-                     f"{h.get('ttft', float('nan')):>11.2f}{h.get('decode_tok_s', float('nan')):>12.2f}")
+                     f"{h.get('ttft', nan):>11.2f}{h.get('decode_tok_s', nan):>12.2f}")
     if hf:
         base = rows[-1]["ort"]
-        lines.append(f"{'HF eager (N)':<18}{hf['ttft_s'] * 1e3:>10.0f}{hf['decode_tok_s']:>8.2f}{'-':>11}{'-':>12}"
+        lines.append(f"{'HF eager (all N)':<22}{hf['ttft_s'] * 1e3:>9.0f}{hf['decode_tok_s']:>8.2f}{'-':>11}{'-':>12}"
                      f"{base['ttft_s'] / hf['ttft_s']:>13.2f}{hf['decode_tok_s'] / base['decode_tok_s']:>14.2f}{1:>11.2f}{1:>12.2f}")
     return "\n".join(lines)
 
 
-def headlines(rows: list[dict], hf: dict | None, shares: dict) -> list[str]:
+def headlines(rows: list[dict], hf: dict | None, shares: dict, probes: dict) -> list[str]:
     first, base = rows[0], rows[-1]
-    out = [f"TTFT ratio {first['label']} vs unpruned: {first['vs_unpruned']['ttft']:.2f}x faster "
-           f"({first['ort']['ttft_s'] * 1e3:.0f} ms vs {base['ort']['ttft_s'] * 1e3:.0f} ms); "
-           f"decode tok/s {first['vs_unpruned']['decode_tok_s']:.2f}x"]
-    if hf:
-        for row in (base, first):
-            out.append(f"ONNX Runtime ({row['label']}) vs Hugging Face eager: TTFT {row['vs_hf_eager']['ttft']:.2f}x faster, "
-                       f"tokens/s {row['vs_hf_eager']['decode_tok_s']:.2f}x")
-    parts = [f"{label}: {s['by_difference'] * 100:.1f}% by difference, "
-             + (f"{s['direct'] * 100:.1f}% direct ({s['select_ms']:.1f} of {s['vision_ms']:.0f} ms)" if s["direct"] is not None else "direct n/a")
-             for label, s in shares.items()]
-    out.append("selection share of vision graph: " + "; ".join(parts))
+    out = [f"TTFT ratio {first['label']} vs unpruned: {first['vs_unpruned']['ttft']:.2f}x faster ({first['ort']['ttft_s'] * 1e3:.0f}"
+           f" ms vs {base['ort']['ttft_s'] * 1e3:.0f} ms); decode tok/s {first['vs_unpruned']['decode_tok_s']:.2f}x"]
+    for row in (base, first) if hf else ():
+        out.append(f"ONNX Runtime {row['label']} vs Hugging Face eager: TTFT {row['vs_hf_eager']['ttft']:.2f}x faster, "
+                   f"tokens/s {row['vs_hf_eager']['decode_tok_s']:.2f}x")
+    out.append("selection share of vision graph: " + "; ".join(
+        f"{label}: {s['direct'] * 100:.1f}% direct ({s['select_ms']:.1f} of {s['vision_ms']:.0f} ms), "
+        f"{s['by_difference'] * 100:.1f}% by difference" for label, s in shares.items()))
+    out.append(f"machine speed probe: {probes['min_ms']:.1f}-{probes['max_ms']:.1f} ms (max/min {probes['max_over_min']:.2f}; "
+               f"above ~1.3 the shared machine's speed moved during the run)")
     return out
 
 
+def probe_summary(rows: list[dict], hf: dict | None) -> dict:
+    runs = [r for row in rows for r in row["ort_runs"]] + (hf["runs"] if hf else [])
+    probes = [p for r in runs for p in (r["probe_ms"], r["probe_after_ms"])]
+    return {"min_ms": min(probes), "median_ms": median(probes), "max_ms": max(probes), "max_over_min": max(probes) / min(probes)}
+
+
 def machine() -> dict:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor())
-    mem = next((line.split()[1] for line in Path("/proc/meminfo").read_text().splitlines() if line.startswith("MemTotal")), "0")
-    return {"cpu_model": cpu, "cores": os.cpu_count(), "affinity_cores": len(os.sched_getaffinity(0)),
-            "mem_total_gib": round(int(mem) / 2**20, 1), "platform": platform.platform(), "python": platform.python_version()}
+    def field(path: str, key: str, default: str) -> str:
+        return next((line.split(":", 1)[1].strip() for line in Path(path).read_text().splitlines() if line.startswith(key)), default)
+
+    return {"cpu_model": field("/proc/cpuinfo", "model name", platform.processor()), "cores": os.cpu_count(),
+            "affinity_cores": len(os.sched_getaffinity(0)), "mem_total": field("/proc/meminfo", "MemTotal", "?"),
+            "platform": platform.platform(), "python": platform.python_version(), "load_avg_at_end": os.getloadavg()}
 
 
 def versions() -> dict:
@@ -344,58 +418,45 @@ def versions() -> dict:
 
     out = {}
     for name in ("prunert", "torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = "not installed"
-    try:
-        git = ["git", "-C", str(ROOT)]
-        out["git_commit"] = subprocess.run(git + ["rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-        out["git_dirty"] = subprocess.run(git + ["status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True).stdout.split("\n")
-    except OSError:
-        pass
+    with contextlib.suppress(OSError):
+        git = lambda *a: subprocess.run(["git", "-C", str(ROOT), *a], capture_output=True, text=True).stdout  # noqa: E731
+        out["git_commit"] = git("rev-parse", "HEAD").strip()
+        out["git_modified"] = git("status", "--porcelain", "--untracked-files=no").split()[1::2]
     return out
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    started = time.perf_counter()
+    args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters.llava.synthetic import synthetic_checkpoint
 
-    log(f"preset {args.preset}: budgets {args.budgets} + unpruned, {args.repeats} repeats, {args.new_tokens} new tokens")
-    t = time.perf_counter()
+    log(f"preset {args.preset}: budgets {args.budgets} + unpruned, {args.repeats} rounds, {args.new_tokens} new tokens")
     checkpoint = synthetic_checkpoint(args.preset)
-    log(f"synthetic checkpoint {checkpoint} ({time.perf_counter() - t:.1f} s)")
+    log(f"synthetic checkpoint {checkpoint} ({time.perf_counter() - started:.1f} s)")
     rows = configurations(args.preset, args.budgets)
-    prepare_artifacts(args, rows)
-    for row in rows[::-1]:  # unpruned first: it also yields the real projector outputs for step 4
-        time_ort(row, args.repeats, args.new_tokens)
+    prepare_artifacts(args, rows, checkpoint.name)
+    hf = measure(args, rows)
     base = rows[-1]
-    hf = None if args.skip_hf else time_hf(args.preset, args.repeats, args.new_tokens, base.pop("_ids"))
     selection = {row["budget"]: time_selection(row["budget"], base["_tokens"], base["_text"], args.work) for row in rows[:-1]}
-    for k, s in selection.items():
-        log(f"selection op alone, K={k}: {s['select_s'] * 1e3:.2f} ms on {s['shape']}")
-    base.pop("_tokens"), base.pop("_text"), base.pop("_ids", None)
+    for k, sel in selection.items():
+        log(f"selection op alone, K={k}: {sel['select_s'] * 1e3:.2f} ms on {sel['shape']}")
+    for key in ("_tokens", "_text", "_ids"):
+        base.pop(key)
     add_ratios(rows, hf)
-    shares = selection_shares(rows, selection)
-    lines = headlines(rows, hf, shares)
-    print("\n" + table(rows, hf) + "\n")
-    for line in lines + [f"note: {STATEMENT}"]:
-        print(line)
+    shares, probes = selection_shares(rows, selection), probe_summary(rows, hf)
+    lines = headlines(rows, hf, shares, probes)
+    same = {row["checkpoint"] for row in rows} | ({hf["checkpoint"]} if hf else set()) == {checkpoint.name}
+    if not same:  # the preset changed under us (another process rewrote the cache): ORT and HF differ
+        lines.append(f"WARNING: configurations come from different checkpoints; re-run to re-export")
+    print("\n" + table(rows, hf) + "\n\n" + "\n".join(lines) + f"\nnote: {STATEMENT}")
     report = {
-        "statement": STATEMENT, "preset": args.preset, "image": str(IMAGE.relative_to(ROOT)), "prompt": PROMPT,
-        "repeats": args.repeats, "new_tokens": args.new_tokens, "machine": machine(), "versions": versions(),
+        "statement": STATEMENT, "preset": args.preset, "checkpoint": str(checkpoint), "same_checkpoint": same,
+        "image": str(IMAGE.relative_to(ROOT)), "prompt": PROMPT,
+        "rounds": args.repeats, "new_tokens": args.new_tokens, "machine": machine(), "versions": versions(),
         "configurations": rows, "hf_eager": hf, "selection_op": {str(k): v for k, v in selection.items()},
-        "selection_share": shares, "headlines": lines, "peak_rss_mb_bench_process": peak_rss_mb(),
-        "total_wall_s": time.perf_counter() - started,
-        "definitions": {
-            "ttft_s": "wall clock from the request start (image file + prompt) to the first token's logits: "
-                      "ORT = tokenize + image load/preprocess + content words + vision graph + splice + prefill; "
-                      "HF = image load + AutoProcessor + generate(max_new_tokens=1)",
-            "decode_tok_s": "ORT: new_tokens greedy decoder steps / their time; HF: (new_tokens-1) / (t(generate n) - t(generate 1))",
-            "ratios": "speed-ups, > 1 = faster than the reference (vs_unpruned: ORT unpruned; vs_hf_eager: HF eager)",
-            "selection_share": "by_difference = (vision_K - vision_unpruned) / vision_K; direct = selection op alone in ORT / vision_K",
-        },
+        "selection_share": shares, "speed_probe": probes, "headlines": lines, "definitions": DEFINITIONS,
+        "peak_rss_mb_bench_process": peak_rss_mb(), "total_wall_s": time.perf_counter() - started,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")

@@ -3,7 +3,7 @@
 Each method has a frozen config dataclass, a torch op that exports to ONNX and a plain NumPy reference:
 
   op(inputs: dict[str, Tensor], budget, cfg) -> (kept_tokens [B, K, D], kept_indices [B, K] ascending)
-  reference(inputs: dict[str, ndarray], budget, cfg) -> kept_indices [K] ascending     (one sample)
+  reference(inputs: dict[str, ndarray], budget, cfg) -> (kept_indices [K] ascending, kept_tokens [K, D])   (one sample)
 
 `inputs` always holds "tokens" [N, D] (projector outputs), "text" [M, D] and "text_mask" [M] (content
 words in LLM embedding space), plus whatever the method `needs` from the vision tower
@@ -108,6 +108,6 @@ def select(inputs: dict[str, Any], budget: BudgetConfig) -> tuple[Any, Any]:
     return _load(method_spec(budget.method).op)(inputs, budget.budget, budget.params)
 
 
-def select_reference(inputs: dict[str, Any], budget: BudgetConfig) -> Any:
-    """NumPy: one sample's inputs -> kept indices [K] ascending."""
+def select_reference(inputs: dict[str, Any], budget: BudgetConfig) -> tuple[Any, Any]:
+    """NumPy: one sample's inputs -> (kept indices [K] ascending, kept tokens [K, D])."""
     return _load(method_spec(budget.method).reference)(inputs, budget.budget, budget.params)

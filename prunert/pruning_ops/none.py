@@ -16,4 +16,5 @@ def keep_all_op(inputs: dict[str, Any], budget: int, cfg: Any) -> tuple[Any, Any
 def keep_all_reference(inputs: dict[str, Any], budget: int, cfg: Any) -> Any:
     import numpy as np
 
-    return np.arange(len(inputs["tokens"]))
+    tokens = np.asarray(inputs["tokens"])  # [N, D]
+    return np.arange(len(tokens)), tokens

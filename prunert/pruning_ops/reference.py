@@ -86,6 +86,7 @@ def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
     return np.flatnonzero(kept)
 
 
-def resprune_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig) -> np.ndarray:
-    """Registry entry: one sample's {"tokens", "text", "text_mask"} -> kept indices [K] ascending."""
-    return resprune(inputs["tokens"], inputs["text"], inputs["text_mask"], budget, cfg)
+def resprune_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """Registry entry: one sample's {"tokens", "text", "text_mask"} -> (kept indices [K] ascending, tokens [K, D])."""
+    kept = resprune(inputs["tokens"], inputs["text"], inputs["text_mask"], budget, cfg)
+    return kept, np.asarray(inputs["tokens"])[kept]
