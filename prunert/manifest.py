@@ -70,6 +70,7 @@ class TextSpec:
     max_prompt_tokens: int  # text tokens of one prompt, the placeholder counted once
     max_sequence: int  # prompt (with K visual tokens) + generated tokens
     max_text_tokens: int  # content-word rows the selection graph accepts
+    max_batch: int  # largest batch the graphs declare (engine profiles are built up to it)
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
             max_prompt_tokens=cfg.max_prompt_tokens,
             max_sequence=cfg.max_sequence(budget.budget),
             max_text_tokens=cfg.max_text_tokens,
+            max_batch=cfg.max_batch,
         ),
         decoder=DecoderSpec(**dims),
         image_preprocessor="preprocessor_config.json",

@@ -152,6 +152,8 @@ class VLMPipeline:
     ) -> list[Generation]:
         if len(images) != len(prompts):
             raise ConfigError(f"images and prompts: got {len(images)} images and {len(prompts)} prompts, expected one image per prompt")
+        if len(prompts) > self.manifest.text.max_batch:
+            raise ConfigError(f"batch: got {len(prompts)} prompts, expected at most {self.manifest.text.max_batch} (the exported maximum)")
         self.timings = Timings()
         sequences = self.tokenize(prompts)
         vision = self.encode_images(images, prompts)

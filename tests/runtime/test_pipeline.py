@@ -226,3 +226,9 @@ def test_generation_config_validation() -> None:
     for kwargs in ({"max_new_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}):
         with pytest.raises(ConfigError):
             GenerationConfig(**kwargs)
+
+
+def test_batch_larger_than_exported_maximum(tiny_pipeline) -> None:
+    limit = tiny_pipeline.manifest.text.max_batch
+    with pytest.raises(ConfigError, match=f"at most {limit}"):
+        tiny_pipeline.generate([PHOTO] * (limit + 1), [PROMPT] * (limit + 1), GenerationConfig(max_new_tokens=1))
