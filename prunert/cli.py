@@ -98,6 +98,26 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_trt(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from prunert.errors import BackendUnavailableError
+
+    try:
+        from prunert.export.trt_check import TrtCheckConfig, check_target
+    except ImportError as exc:
+        raise BackendUnavailableError(f"check-trt needs the onnx package ({exc}); install prunert[export]") from None
+    flags = {"max_opset": args.max_opset, "max_topk": args.max_topk, "trt_version": args.trt_version}
+    config = replace(TrtCheckConfig(), **{k: v for k, v in flags.items() if v is not None},
+                     allow_dynamic_topk_k=args.allow_dynamic_topk_k, assume_constant_folding=args.assume_constant_folding)
+    results = check_target(args.path, config)
+    for result in results:
+        for issue in result.issues:
+            print(issue.line())
+        print(result.summary(config), file=sys.stdout if result.ok else sys.stderr)
+    return 0 if all(result.ok for result in results) else 1
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of every method's config (--alpha, --seed, ...); unset flags keep the method's default."""
     from dataclasses import MISSING, fields
@@ -170,6 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(func=_inspect)
+
+    p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser would reject in a graph (CPU only, no TensorRT needed)")
+    p.add_argument("path", type=Path, help="an .onnx file, or an artifact directory (checks every graph in its manifest)")
+    p.add_argument("--max-opset", type=int, help=f"highest default-domain opset allowed (default: {ex.opset})")
+    p.add_argument("--max-topk", type=int, help="largest TopK K allowed (default: TensorRT's limit, 3840)")
+    p.add_argument("--trt-version", help="oldest TensorRT the engines must build with; gates version-dependent rules (default: 10.3)")
+    p.add_argument("--allow-dynamic-topk-k", action="store_true", help="accept a TopK K computed at run time")
+    p.add_argument("--assume-constant-folding", action="store_true",
+                   help="accept inputs computed from constants where the parser needs initializers (fold them before building)")
+    p.set_defaults(func=_check_trt)
     return parser
 
 

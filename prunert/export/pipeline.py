@@ -79,12 +79,14 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, budget.budget, dims["hidden_size"])
     vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
     validate_vision(vision, args, staging / "vision.onnx", vision_spec)
+    _check_tensorrt(staging / "vision.onnx", cfg)
 
     log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
     decoder = DecoderGraph(adapter).eval()
     args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget)
     decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
     validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
+    _check_tensorrt(staging / "decoder.onnx", cfg)
 
     table = adapter.embedding_table().detach().float().numpy()  # [V, D]
     np.save(staging / "embed_tokens.npy", table)
@@ -121,6 +123,16 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _check_tensorrt(path: Path, cfg: ExportConfig) -> None:
+    """Every exported graph must parse in TensorRT >= 10.3: checked on the CPU, no TensorRT needed."""
+    from prunert.export.trt_check import TrtCheckConfig, check_trt
+
+    issues = check_trt(path, TrtCheckConfig(max_opset=cfg.opset))
+    if issues:
+        lines = "; ".join(issue.line() for issue in issues[:5])
+        raise ExportError(f"{path.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
 
 
 def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfig) -> GraphSpec:

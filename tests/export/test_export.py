@@ -308,6 +308,7 @@ def _fast_fake_export(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(export_pipeline, "_export", fake_export)
     monkeypatch.setattr(export_pipeline, "validate_vision", lambda *a: None)
     monkeypatch.setattr(export_pipeline, "validate_decoder", lambda *a: None)
+    monkeypatch.setattr(export_pipeline, "_check_tensorrt", lambda *a: None)
 
 
 @pytest.mark.parametrize("exc", [RuntimeError("disk full"), KeyboardInterrupt()])
