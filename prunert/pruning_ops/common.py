@@ -16,3 +16,23 @@ def kept_to_indices(kept: torch.Tensor, budget: int) -> torch.Tensor:
 def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """tokens [B, N, D], indices [B, K] -> [B, K, D]."""
     return tokens.gather(1, indices[:, :, None].expand(-1, -1, tokens.shape[-1]))
+
+
+# TensorRT's ONNX parser accepts TopK only with k <= 3840 (deploy-facts.md); ops that TopK over K check this.
+MAX_TOPK = 3840
+
+
+def check_budget(budget: int, n: int, method: str, topk: bool = True) -> None:
+    """Trace-time guard shared by the baseline ops: 1 <= K <= N, and K <= MAX_TOPK for ops that TopK over K."""
+    if not 0 < budget <= n:
+        raise ValueError(f"{method}: budget {budget} not in [1, {n}] (N = {n} tokens)")
+    if topk and budget > MAX_TOPK:
+        raise ValueError(f"{method}: budget {budget} > {MAX_TOPK}, TensorRT's TopK limit")
+
+
+def fixed_indices(tokens: torch.Tensor, indices: list[int]) -> torch.Tensor:
+    """The same kept indices for every row: tokens [B, N, D], indices (K ascending ints) -> [B, K] int64.
+
+    Exports as one constant [K] and an Expand to the (dynamic) batch: no data-dependent op at all."""
+    row = torch.tensor(indices, dtype=torch.int64, device=tokens.device)  # [K]
+    return row[None, :].expand(tokens.shape[0], len(indices))  # [B, K]
