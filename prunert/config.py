@@ -31,12 +31,16 @@ class ResPruneConfig:
     def __post_init__(self) -> None:
         if self.alpha < 0:
             raise ConfigError(f"resprune alpha: got {self.alpha}, expected >= 0")
-        if self.relevance not in ("max", "mean"):
-            raise ConfigError(f"resprune relevance: got {self.relevance!r}, expected 'max' or 'mean'")
-        if not 0 < self.epsilon <= 1:
-            raise ConfigError(f"resprune epsilon: got {self.epsilon}, expected 0 < epsilon <= 1")
-        if not 0 <= self.tau < 1:
-            raise ConfigError(f"resprune tau: got {self.tau}, expected 0 <= tau < 1")
+        _check_relevance_params("resprune", self.relevance, self.epsilon, self.tau)
+
+
+def _check_relevance_params(method: str, relevance: str, epsilon: float, tau: float) -> None:
+    if relevance not in ("max", "mean"):
+        raise ConfigError(f"{method} relevance: got {relevance!r}, expected 'max' or 'mean'")
+    if not 0 < epsilon <= 1:
+        raise ConfigError(f"{method} epsilon: got {epsilon}, expected 0 < epsilon <= 1")
+    if not 0 <= tau < 1:
+        raise ConfigError(f"{method} tau: got {tau}, expected 0 <= tau < 1")
 
 
 @dataclass(frozen=True)
@@ -62,9 +66,18 @@ class VisionZipConfig:
 
     contextual_fraction: share of K given to contextual (merged) tokens; 10/64 gives the published
     splits 54+10 (K=64), 108+20 (K=128), 162+30 (K=192).
+    key_heads:           average patch_keys over this many equal head slices before the cosine; 1 = the
+                         full key vector, 16 = VisionZip's code on CLIP ViT-L/14 (keys averaged over heads).
     """
 
     contextual_fraction: float = 10 / 64
+    key_heads: int = 1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.contextual_fraction <= 1:
+            raise ConfigError(f"visionzip contextual_fraction: got {self.contextual_fraction}, expected 0 <= fraction <= 1")
+        if self.key_heads < 1:
+            raise ConfigError(f"visionzip key_heads: got {self.key_heads}, expected >= 1")
 
 
 @dataclass(frozen=True)
@@ -75,9 +88,19 @@ class DivPruneConfig:
 @dataclass(frozen=True)
 class CDPrunerConfig:
     """CDPruner: greedy DPP MAP with kernel diag(r) G diag(r), G the cosine Gram of projector outputs,
-    r the same LLM-space text relevance as ResPrune's (min-max normalised to [epsilon, 1])."""
+    r the same LLM-space text relevance as ResPrune's (min-max normalised to [epsilon, 1]).
+
+    epsilon:    floor of the min-max normalised relevance, so r in [epsilon, 1].
+    relevance:  how token-to-text cosines are pooled over content words: "max" or "mean".
+    tau:        a token's marginal gain counts as 0 once below tau * its initial gain L_ii (rank exhausted).
+    """
 
     epsilon: float = 1e-3
+    relevance: str = "max"
+    tau: float = 1e-4
+
+    def __post_init__(self) -> None:
+        _check_relevance_params("cdpruner", self.relevance, self.epsilon, self.tau)
 
 
 @dataclass(frozen=True)

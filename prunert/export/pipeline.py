@@ -24,7 +24,7 @@ import prunert
 from prunert import pruning_ops
 from prunert.adapters import ModelSource, family_module, resolve_source
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
-from prunert.errors import ArtifactError, ExportError, ModelSourceError
+from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
 from prunert.export.graphs import DecoderGraph, VisionPruneGraph, decoder_dims, decoder_export_spec, vision_export_spec
 from prunert.export.validate import validate_decoder, validate_vision
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
@@ -156,6 +156,11 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfi
                 verbose=False,
             )
     except Exception as exc:  # the exporter raises many types; surface one clear error
+        cause = exc
+        while cause is not None:  # a PrunertError raised inside the traced module is the real message
+            if isinstance(cause, PrunertError):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
         raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     data_file = path.name + ".data"
     return GraphSpec(
