@@ -8,7 +8,8 @@ IMAGE=examples/images/astronaut.jpg
 PROMPT=$'<image>\nWhat is the astronaut holding?'
 
 python -m prunert export --model synthetic:llava-tiny --budget 64 --out "$ARTIFACT" --overwrite
-python -m prunert inspect "$ARTIFACT" | head -n 5
+python -m prunert inspect "$ARTIFACT"
+python -m prunert check-trt "$ARTIFACT"
 echo "answer:"
 python -m prunert run "$ARTIFACT" --image "$IMAGE" --prompt "$PROMPT" --max-new-tokens 24
 python -m prunert parity "$ARTIFACT" --image "$IMAGE" --prompt "$PROMPT"

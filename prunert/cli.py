@@ -7,6 +7,7 @@ Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -213,6 +214,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("prunert: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader closed early (`prunert inspect A | head`): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 if __name__ == "__main__":
