@@ -8,7 +8,7 @@ from typing import Any
 from prunert.errors import ConfigError
 
 DEFAULT_OPSET = 20
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: text.max_batch, source.revision
 
 
 @dataclass(frozen=True)

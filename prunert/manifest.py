@@ -47,6 +47,7 @@ class SourceSpec:
     family: str  # adapter name, e.g. "llava"
     architecture: str  # Hugging Face class name
     synthetic: bool  # seeded random weights: can show plumbing and parity, never task accuracy
+    revision: str  # fingerprint of the checkpoint's config and weights (prunert.adapters.checkpoint_revision)
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,10 @@ class Manifest:
             raise ArtifactError(
                 f"{MANIFEST_NAME}: schema_version {version} is newer than this prunert supports "
                 f"({SCHEMA_VERSION}); upgrade prunert or re-export"
+            )
+        if version < SCHEMA_VERSION:
+            raise ArtifactError(
+                f"{MANIFEST_NAME}: schema_version {version} is older than this prunert reads ({SCHEMA_VERSION}); re-export the artifact"
             )
         return _build(cls, data, "manifest")
 

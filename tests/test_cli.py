@@ -180,6 +180,8 @@ def _tamper(kind: str, artifact: Path) -> str:
         del data["text"]["eos_token_ids"]
     elif kind == "newer-schema":
         data["schema_version"] = 99
+    elif kind == "older-schema":
+        data["schema_version"] = 1
     elif kind == "no-manifest":
         manifest_path.unlink()
         return "no manifest.json"
@@ -192,10 +194,12 @@ def _tamper(kind: str, artifact: Path) -> str:
         "unknown-nested-key": "unknown key(s) ['ratio'] in 'manifest.budget'",
         "missing-key": "missing key 'eos_token_ids'",
         "newer-schema": "schema_version 99 is newer",
+        "older-schema": "schema_version 1 is older",
     }[kind]
 
 
 ARTIFACT_DAMAGE = [
+    "older-schema",
     "missing-file",
     "changed-byte",
     "changed-tokenizer",

@@ -7,6 +7,7 @@ This module imports neither torch nor numpy.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import json
 from dataclasses import dataclass
@@ -31,6 +32,29 @@ class ModelSource:
     family: str
     synthetic: bool
     config: dict[str, Any]
+
+    @property
+    def revision(self) -> str:
+        return checkpoint_revision(self.path)
+
+
+SAMPLES_PER_SHARD = 16  # 64 KiB windows spread over each weights file
+SAMPLE_BYTES = 1 << 16
+
+
+def checkpoint_revision(path: Path) -> str:
+    """A cheap fingerprint of a checkpoint directory: config.json, and per *.safetensors file its name,
+    size, header and evenly spaced 64 KiB samples of its data (~1 MiB read per file, even for 10 GB
+    shards). Different weights of the same shapes (another seed or init scale) give another revision."""
+    digest = hashlib.sha256((path / "config.json").read_bytes())
+    for shard in sorted(path.glob("*.safetensors")):
+        size = shard.stat().st_size
+        digest.update(f"{shard.name}:{size}".encode())
+        with open(shard, "rb") as handle:
+            for index in range(SAMPLES_PER_SHARD):
+                handle.seek(index * max(size - SAMPLE_BYTES, 0) // max(SAMPLES_PER_SHARD - 1, 1))
+                digest.update(handle.read(SAMPLE_BYTES))
+    return digest.hexdigest()[:16]
 
 
 def family_module(family: str) -> Any:

@@ -99,7 +99,9 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
         prunert_version=prunert.__version__,
         versions={name: _version(name) for name in VERSIONED_PACKAGES},
         opset=cfg.opset,
-        source=SourceSpec(model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic),
+        source=SourceSpec(
+            model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic, revision=source.revision
+        ),
         budget=BudgetSpec(budget=budget.budget, method=budget.method, params=pruning_ops.method_params(budget), num_visual_tokens=adapter.num_visual_tokens),
         graphs={"vision": vision_spec, "decoder": decoder_spec},
         text=TextSpec(

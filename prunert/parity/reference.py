@@ -35,6 +35,9 @@ def run_parity(
     report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, str(image), prompt)
     tol = tolerances
     picture = load_image(image)
+    same = source.revision == manifest.source.revision
+    report.add("source", "checkpoint revision", source.revision, f"== {manifest.source.revision} (exported from)", same,
+               "" if same else "the reference weights differ from the exported ones: re-export, or pass --model")
 
     # 1. preprocessing: numpy re-implementation vs the Hugging Face processor
     ours_pixels = pipe.artifact.host.vision_inputs([picture], pipe.artifact.preprocessor_config)

@@ -3,6 +3,8 @@ model directories, and atomic writes (a crash or an existing --out leaves nothin
 
 from __future__ import annotations
 
+from prunert.config import SCHEMA_VERSION
+
 import hashlib
 import json
 import os
@@ -41,7 +43,8 @@ def test_manifest_has_every_required_field(tiny_artifact: Path, tiny_settings: d
     raw = json.loads((tiny_artifact / MANIFEST_NAME).read_text())
     manifest = load_manifest(tiny_artifact)  # strict parse + hash verification
 
-    assert raw["schema_version"] == manifest.schema_version == 1
+    assert raw["schema_version"] == manifest.schema_version == SCHEMA_VERSION
+    assert len(manifest.source.revision) == 16
     assert manifest.prunert_version
     for package in ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers"):
         assert package in manifest.versions

@@ -21,7 +21,7 @@ from prunert.parity.report import FAIL, PASS, TIE, Check, ParityReport
 REPO = Path(__file__).resolve().parents[2]
 PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
 PROMPT = "<image>\nWhat is in the picture?"
-STAGES = {"pixels:pixel_values", "token ids", "kept indices", "kept tokens", "prefill logits", "greedy tokens"}
+STAGES = {"source", "pixels:pixel_values", "token ids", "kept indices", "kept tokens", "prefill logits", "greedy tokens"}
 
 
 @pytest.fixture(scope="module")

@@ -16,20 +16,9 @@ Layout:
 
 from __future__ import annotations
 
-import collections
-import os
-import subprocess
-import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
@@ -40,8 +29,11 @@ from prunert.errors import ConfigError  # noqa: E402
 from prunert.pruning_ops import cdpruner as cd  # noqa: E402
 from prunert.pruning_ops import reference  # noqa: E402
 
+import op_graph as og  # noqa: E402
+from op_graph import TextCase as Case  # noqa: E402
+
 N, D = 48, 32  # tokens per image, width
-M_EXPORT = 5  # example text length at export (M is symbolic in the graph)
+INPUTS = ("tokens", "text", "text_mask")
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
 # name -> (budget, config)
@@ -57,57 +49,8 @@ EAGER: dict[str, tuple[int, CDPrunerConfig]] = {**GRAPHS, "mean_tau": (8, CDPrun
 # ----------------------------------------------------------------------------------------- inputs
 
 
-@dataclass
-class Case:
-    tokens: np.ndarray  # [N, D] float32
-    text: np.ndarray  # [M, D] float32
-    mask: np.ndarray  # [M] int64, nonzero = content word
-
-
-def _text(rng):
-    m = int(rng.integers(1, 8))
-    return rng.standard_normal((m, D)), np.ones(m, np.int64)
-
-
-def _copy_rows(rng, x, count, factors=(1.0,)):
-    src, dst = rng.integers(0, len(x), count), rng.integers(0, len(x), count)
-    x[dst] = x[src] * rng.choice(factors, count)[:, None]
-    return x
-
-
-def kind_gaussian(rng, k):
-    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-4, 4), *_text(rng)
-
-
-def kind_extreme_scale(rng, k):  # 1e+-(15..25): fp32 norms would overflow / underflow without row scaling
-    return rng.standard_normal((N, D)) * 10 ** (rng.choice([-1, 1]) * rng.uniform(15, 25)), *_text(rng)
-
-
 def kind_token_scales(rng, k):  # one scale per token, 1e-20 .. 1e20: the cosine kernel ignores them
-    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-20, 20, (N, 1)), *_text(rng)
-
-
-def kind_duplicates(rng, k):
-    return _copy_rows(rng, rng.standard_normal((N, D)), 20), *_text(rng)
-
-
-def kind_scaled_duplicates(rng, k):  # copies times -1 and powers of two: cosine +-1, zero marginal gain
-    return _copy_rows(rng, rng.standard_normal((N, D)), 20, (-1.0, 2.0, -0.5, 4.0, 0.25)), *_text(rng)
-
-
-def kind_zero_rows(rng, k):
-    x = rng.standard_normal((N, D))
-    x[rng.integers(0, N, 12)] = 0.0
-    return x, *_text(rng)
-
-
-def kind_all_zero(rng, k):
-    return np.zeros((N, D)), *_text(rng)
-
-
-def kind_low_rank(rng, k):  # rank < K: later picks by the tau rule + lowest index
-    rank = int(rng.integers(1, max(2, min(k, D))))
-    return rng.standard_normal((N, rank)) @ rng.standard_normal((rank, D)), *_text(rng)
+    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-20, 20, (N, 1)), *og.random_text(rng, D)
 
 
 def kind_rank_one(rng, k):  # +-2^j * v: exactly collinear in fp32 (equal relevance within each sign group)
@@ -115,96 +58,35 @@ def kind_rank_one(rng, k):  # +-2^j * v: exactly collinear in fp32 (equal releva
     # sign groups' cosines can lie ~1e-3 apart, and min-max normalising that span amplifies 1e-7 rounding to
     # ~1e-4 relative differences in r: the first pick is then a near-tie no backend rule can settle.
     a = rng.choice([-1.0, 1.0], (N, 1)) * 2.0 ** rng.integers(-3, 4, (N, 1))
-    return a @ rng.standard_normal((1, D)).astype(np.float32).astype(np.float64), *_text(rng)
+    return a @ rng.standard_normal((1, D)).astype(np.float32).astype(np.float64), *og.random_text(rng, D)
 
 
 def kind_permuted_ties(rng, k):  # permutations of one small-integer row, no text: r = 1, equal gains
     base = rng.integers(-2, 3, D).astype(float)
-    text, mask = _text(rng)
+    text, mask = og.random_text(rng, D)
     return np.stack([rng.permutation(base) for _ in range(N)]), text, np.zeros_like(mask)
 
 
 def kind_sign_ties(rng, k):  # +-1 tokens, one-hot text: exact ties in relevance and gain
-    text, mask = _text(rng)
+    text, mask = og.random_text(rng, D)
     return rng.choice([-1.0, 1.0], (N, D)), np.eye(D)[rng.integers(0, D, len(mask))], mask
-
-
-def kind_small_ints(rng, k):
-    return rng.integers(-3, 4, (N, D)).astype(float), *_text(rng)
-
-
-def kind_all_equal(rng, k):
-    return np.tile(rng.standard_normal(D), (N, 1)), *_text(rng)
-
-
-def kind_huge_token(rng, k):  # one token 1e3 .. 1e8 times the others: irrelevant for a cosine kernel
-    x = rng.standard_normal((N, D))
-    x[rng.integers(N)] *= 10 ** rng.uniform(3, 8)
-    return x, *_text(rng)
 
 
 def kind_tiny_tokens(rng, k):  # a few tokens 1e-30 .. 1e-6 times the others: still unit directions
     x = rng.standard_normal((N, D))
     x[rng.integers(0, N, 5)] *= 10 ** rng.uniform(-30, -6, (5, 1))
-    return x, *_text(rng)
+    return x, *og.random_text(rng, D)
 
 
-def kind_no_text(rng, k):
-    text, mask = _text(rng)
-    return rng.standard_normal((N, D)), text, np.zeros_like(mask)
-
-
-def kind_partial_mask(rng, k):  # masked rows hold garbage (NaN, 1e30) and must not matter
-    text, mask = _text(rng)
-    mask = rng.choice([0, 0, 1, 2, -1], len(mask)).astype(np.int64)
-    text[mask == 0] = rng.choice([np.nan, 1e30, -7.0])
-    return rng.standard_normal((N, D)), text, mask
-
-
-def kind_text_is_token(rng, k):
-    x = rng.standard_normal((N, D))
-    text, mask = _text(rng)
-    return x, x[rng.integers(0, N, len(mask))], mask
-
-
-def kind_orthogonal_text(rng, k):  # cosines 0 up to rounding: flat relevance, r = 1
-    rotation, _ = np.linalg.qr(rng.standard_normal((D, D)))
-    x = np.zeros((N, D))
-    x[:, 1:] = rng.standard_normal((N, D - 1))
-    text, mask = _text(rng)
-    text[:] = 0.0
-    text[:, 0] = rng.standard_normal(len(mask))
-    return x @ rotation.T, text @ rotation.T, mask
-
-
-def kind_cancelling_text(rng, k):  # t and -t: "mean" cosines 0 up to rounding
-    text, mask = _text(rng)
-    return rng.standard_normal((N, D)), np.concatenate([text, -text]), np.concatenate([mask, mask])
-
-
-KINDS: dict[str, Callable] = {
-    name[len("kind_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("kind_") and callable(fn)
-}
+KINDS = {**og.text_kinds(N, D), **og.kinds_in(globals())}  # the shared kinds, and those above
 assert len(KINDS) == 20
 
 
 def make_cases(kind: str, count: int, budget: int, stream: int) -> list[Case]:
-    kind_id = sorted(KINDS).index(kind)
-    cases = []
-    for i in range(count):
-        x, text, mask = KINDS[kind](np.random.default_rng([stream, kind_id, i]), budget)
-        cases.append(Case(x.astype(np.float32), text.astype(np.float32), np.asarray(mask, np.int64)))
-    return cases
+    return og.make_text_cases(KINDS, kind, count, budget, stream)
 
 
-def stack(cases: list[Case]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch cases; text padded to the longest with zero rows and mask 0 (padding must not matter)."""
-    m = max(len(c.mask) for c in cases)
-    text = np.zeros((len(cases), m, cases[0].tokens.shape[1]), np.float32)
-    mask = np.zeros((len(cases), m), np.int64)
-    for b, c in enumerate(cases):
-        text[b, : len(c.mask)], mask[b, : len(c.mask)] = c.text, c.mask
-    return np.stack([c.tokens for c in cases]), text, mask
+stack = og.stack_text
 
 
 def ref(case: Case, budget: int, cfg: CDPrunerConfig) -> np.ndarray:
@@ -216,123 +98,34 @@ def run_eager(cases: list[Case], budget: int, cfg: CDPrunerConfig) -> np.ndarray
     return cd.cdpruner_select(tokens, text, mask, budget, cfg).numpy()
 
 
-def assert_valid(indices: np.ndarray, kept: np.ndarray | None, tokens: np.ndarray, budget: int) -> None:
-    """Every row: K distinct indices, strictly ascending, in [0, N); kept tokens = tokens[indices] bit for bit."""
-    assert indices.dtype == np.int64 and indices.shape == (tokens.shape[0], budget)
-    assert (indices >= 0).all() and (indices < tokens.shape[1]).all()
-    assert (np.diff(indices, axis=1) > 0).all(), "indices not strictly ascending (duplicates or unsorted)"
-    if kept is not None:
-        np.testing.assert_array_equal(kept, np.take_along_axis(tokens, indices[:, :, None], axis=1))
-
-
 def assert_same_sets(got: np.ndarray, cases: list[Case], budget: int, cfg: CDPrunerConfig, label: str) -> None:
-    for b, case in enumerate(cases):
-        want = ref(case, budget, cfg)
-        only_got, only_want = sorted(set(got[b]) - set(want)), sorted(set(want) - set(got[b]))
-        assert got[b].tolist() == want.tolist(), f"{label} row {b}: kept only here {only_got}, only in reference {only_want}"
+    og.assert_same_sets(got, [ref(case, budget, cfg) for case in cases], label)
 
 
 # ----------------------------------------------------------------------------------------- export
 
 
-class SelectGraph(torch.nn.Module):
-    def __init__(self, budget: int, cfg: CDPrunerConfig):
-        super().__init__()
-        self.budget, self.cfg = budget, cfg
-
-    def forward(self, tokens, text, text_mask):
-        return cd.cdpruner_op({"tokens": tokens, "text": text, "text_mask": text_mask}, self.budget, self.cfg)
-
-
-@dataclass
-class Exported:
-    budget: int
-    cfg: CDPrunerConfig
-    model: onnx.ModelProto
-    session: ort.InferenceSession
-
-    def run(self, tokens, text, mask) -> tuple[np.ndarray, np.ndarray]:
-        kept, indices = self.session.run(None, {"tokens": tokens, "text": text, "text_mask": mask})
-        return indices, kept
-
-
-def export_graph(path, budget: int, cfg: CDPrunerConfig, n: int = N, d: int = D) -> Exported:
-    """Export (example batch 2, M=5; batch and M symbolic) and load in ORT CPU, one thread."""
-    batch, m = torch.export.Dim("batch"), torch.export.Dim("m")
-    example = (torch.randn(2, n, d), torch.randn(2, M_EXPORT, d), torch.ones(2, M_EXPORT, dtype=torch.int64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            SelectGraph(budget, cfg).eval(),
-            example,
-            dynamo=True,
-            opset_version=20,
-            input_names=["tokens", "text", "text_mask"],
-            output_names=["kept_tokens", "kept_indices"],
-            dynamic_shapes={"tokens": {0: batch}, "text": {0: batch, 1: m}, "text_mask": {0: batch, 1: m}},
-            verbose=False,
-        )
-    program.save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Exported(budget, cfg, onnx.load(str(path)), session)
+def export_graph(path, budget: int, cfg: CDPrunerConfig, n: int = N, d: int = D) -> og.Exported:
+    return og.export_selection(path, cd.cdpruner_op, budget, cfg, INPUTS, n=n, d=d)
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    out = tmp_path_factory.mktemp("cdpruner_onnx")
-    return {name: export_graph(out / f"{name}.onnx", budget, cfg) for name, (budget, cfg) in GRAPHS.items()}
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _dims(value_info) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, og.Exported]:
+    return og.export_each(tmp_path_factory.mktemp("cdpruner_onnx"), cd.cdpruner_op, GRAPHS, INPUTS, n=N, d=D)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_graph_structure(graphs: dict[str, Exported], name: str) -> None:
+def test_graph_structure(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
-    onnx.checker.check_model(g.model)
-    assert {o.domain: o.version for o in g.model.opset_import}.get("") == 20
-    top = list(g.model.graph.node)
-    every = list(_all_nodes(g.model.graph))
-    ops = collections.Counter(n.op_type for n in every)
+    ops = og.check_graph(g, {"tokens": ["batch", N, D], "text": ["batch", "m", D], "text_mask": ["batch", "m"]})
     assert ops["Loop"] == 1, "the K greedy steps must be one ONNX Loop"
-    assert ops["NonZero"] == 0, "data-dependent shapes: no NonZero"
-    assert all(n.domain in ("", "ai.onnx") for n in every), "standard ops only"
-    assert len(top) < 80, f"{len(top)} top-level nodes"  # 59 at the time of writing
-    assert len(every) < 120, f"{len(every)} nodes including the Loop body"  # 97
-    for node in every:
-        if node.op_type == "TopK":
-            assert {a.name: a.i for a in node.attribute}.get("sorted", 1) == 1
-    loop = next(n for n in top if n.op_type == "Loop")
-    assert len(loop.output) == len(loop.input) - 2, "Loop has scan outputs (TensorRT wants none)"
-
-    inputs = {v.name: _dims(v) for v in g.model.graph.input}
-    outputs = {v.name: _dims(v) for v in g.model.graph.output}
-    batch = inputs["tokens"][0]
-    assert isinstance(batch, str), "batch must be symbolic (example batch 2, never specialised)"
-    assert inputs["tokens"] == [batch, N, D]
-    assert inputs["text"][0] == batch and isinstance(inputs["text"][1], str) and inputs["text"][2] == D
-    assert inputs["text_mask"] == [batch, inputs["text"][1]]
-    assert outputs == {"kept_tokens": [batch, g.budget, D], "kept_indices": [batch, g.budget]}
+    top, every = len(g.model.graph.node), og.node_count(g.model)
+    assert top < 80, f"{top} top-level nodes"  # 59 at the time of writing
+    assert every < 120, f"{every} nodes including the Loop body"  # 97
 
 
-def test_graph_size_does_not_depend_on_budget(graphs: dict[str, Exported]) -> None:
-    ops = [collections.Counter(n.op_type for n in _all_nodes(graphs[k].model.graph)) for k in ("k8", "k47")]
-    assert ops[0] == ops[1]
+def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported]) -> None:
+    assert og.op_counts(graphs["k8"].model) == og.op_counts(graphs["k47"].model)
 
 
 # ----------------------------------------------------------------------------------------- ORT vs reference
@@ -344,29 +137,29 @@ def test_random_case_count() -> None:
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_ort_matches_reference(graphs: dict[str, Exported], name: str) -> None:
+def test_ort_matches_reference(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
     for kind in sorted(KINDS):
         cases = make_cases(kind, CASES_PER_KIND[name], g.budget, stream=1)
         tokens, text, mask = stack(cases)
         indices, kept = g.run(tokens, text, mask)
-        assert_valid(indices, kept, tokens, g.budget)
+        og.assert_valid(indices, kept, tokens, g.budget)
         assert_same_sets(indices, cases, g.budget, g.cfg, f"ORT {name}/{kind}")
 
 
-def test_ort_batch_rows_are_independent(graphs: dict[str, Exported]) -> None:
+def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported]) -> None:
     """One row per kind in a batch of 20 (text padded to the longest): each row alone gives the same set."""
     g = graphs["k8"]
     cases = [make_cases(kind, 1, g.budget, stream=2)[0] for kind in sorted(KINDS)]
     batched, _ = g.run(*stack(cases))
     for b, case in enumerate(cases):
         alone, kept = g.run(case.tokens[None], case.text[None], case.mask[None])  # batch 1, unpadded M
-        assert_valid(alone, kept, case.tokens[None], g.budget)
+        og.assert_valid(alone, kept, case.tokens[None], g.budget)
         np.testing.assert_array_equal(alone[0], batched[b])
 
 
 @pytest.mark.parametrize("m", [1, 9])
-def test_ort_dynamic_text_length(graphs: dict[str, Exported], m: int) -> None:
+def test_ort_dynamic_text_length(graphs: dict[str, og.Exported], m: int) -> None:
     rng = np.random.default_rng(m)
     cases = [
         Case(rng.standard_normal((N, D)).astype(np.float32), rng.standard_normal((m, D)).astype(np.float32), np.ones(m, np.int64))
@@ -374,11 +167,11 @@ def test_ort_dynamic_text_length(graphs: dict[str, Exported], m: int) -> None:
     ]
     tokens, text, mask = stack(cases)
     indices, kept = graphs["k8"].run(tokens, text, mask)
-    assert_valid(indices, kept, tokens, 8)
+    og.assert_valid(indices, kept, tokens, 8)
     assert_same_sets(indices, cases, 8, CDPrunerConfig(), f"ORT M={m}")
 
 
-def test_ort_token_scale_invariance(graphs: dict[str, Exported]) -> None:
+def test_ort_token_scale_invariance(graphs: dict[str, og.Exported]) -> None:
     """A cosine kernel: positive per-token scales (1e-20 .. 1e20) change nothing, in ORT too."""
     base = make_cases("gaussian", 3, 8, stream=8)
     rng = np.random.default_rng(8)
@@ -398,7 +191,7 @@ def test_torch_eager_matches_reference(name: str) -> None:
     cases = [c for kind in sorted(KINDS) for c in make_cases(kind, 2, budget, stream=3)]
     tokens, _, _ = stack(cases)
     indices = run_eager(cases, budget, cfg)
-    assert_valid(indices, None, tokens, budget)
+    og.assert_valid(indices, None, tokens, budget)
     assert_same_sets(indices, cases, budget, cfg, f"torch {name}")
 
 
@@ -406,7 +199,7 @@ def test_op_returns_gathered_tokens() -> None:
     cases = make_cases("gaussian", 2, 8, stream=9)
     tokens, text, mask = (torch.from_numpy(a) for a in stack(cases))
     kept, indices = cd.cdpruner_op({"tokens": tokens, "text": text, "text_mask": mask}, 8, CDPrunerConfig())
-    assert_valid(indices.numpy(), kept.numpy(), tokens.numpy(), 8)
+    og.assert_valid(indices.numpy(), kept.numpy(), tokens.numpy(), 8)
 
 
 # ----------------------------------------------------------------------------------------- equivalent forms
@@ -527,7 +320,7 @@ def _closed_form() -> list[tuple[str, Case, list[int]]]:
 
 
 @pytest.mark.parametrize("label", [e[0] for e in _closed_form()])
-def test_closed_form_degenerate_cases(graphs: dict[str, Exported], label: str) -> None:
+def test_closed_form_degenerate_cases(graphs: dict[str, og.Exported], label: str) -> None:
     _, case, want = next(e for e in _closed_form() if e[0] == label)
     cfg = CDPrunerConfig()
     assert ref(case, 8, cfg).tolist() == want
@@ -602,15 +395,12 @@ def test_ort_matches_reference_at_realistic_size(tmp_path) -> None:
         cases.append(Case(x.astype(np.float32), text_rows.astype(np.float32), np.full(6, int(seed < 2), np.int64)))
     tokens, text, mask = stack(cases)
     indices, kept = g.run(tokens, text, mask)
-    assert_valid(indices, kept, tokens, REAL_K)
+    og.assert_valid(indices, kept, tokens, REAL_K)
     for b, case in enumerate(cases):
         want = cd.cdpruner(case.tokens, case.text, case.mask, REAL_K, CDPrunerConfig())
         assert indices[b].tolist() == want.tolist(), f"case {b}"
 
 
 def test_reference_imports_without_torch() -> None:
-    """The NumPy reference is importable on the runtime path: the module imports torch only inside the op."""
-    code = "import sys, prunert.pruning_ops.cdpruner as m; m.cdpruner_reference; assert 'torch' not in sys.modules"
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH", "")]))}
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=repo, env=env)
+    inputs = "{'tokens': x, 'text': x[:2], 'text_mask': np.ones(2)}"
+    og.check_reference_without_torch("cdpruner", "cdpruner_reference", "CDPrunerConfig", inputs)

@@ -14,20 +14,9 @@ Layout:
 
 from __future__ import annotations
 
-import collections
-import json
-import subprocess
-import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
-
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
@@ -37,20 +26,16 @@ from prunert import pruning_ops  # noqa: E402
 from prunert.config import BudgetConfig, DivPruneConfig  # noqa: E402
 from prunert.pruning_ops import divprune as dp  # noqa: E402
 
+import op_graph as og  # noqa: E402
+
 N, D = 48, 32
 CFG = DivPruneConfig()
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None)
-GRAPHS = {"k8": (8,), "k1_k47": (1, N - 1)}  # name -> budgets computed by that graph
+GRAPHS = {"k8": ((8,), CFG), "k1_k47": ((1, N - 1), CFG)}  # name -> (budgets computed by that graph, config)
 CASES_PER_KIND = {"k8": 8, "k1_k47": 6}
 
 
 # ----------------------------------------------------------------------------------------- inputs
-
-
-def _copy_rows(rng, x, count, factors=(1.0,)):
-    src, dst = rng.integers(0, len(x), count), rng.integers(0, len(x), count)
-    x[dst] = x[src] * rng.choice(factors, count)[:, None]
-    return x
 
 
 def kind_gaussian(rng):  # one scale per image, 1e-4 .. 1e4
@@ -66,11 +51,11 @@ def kind_token_scales(rng):  # one scale per token, 1e-20 .. 1e20: the row-peak 
 
 
 def kind_duplicates(rng):
-    return _copy_rows(rng, rng.standard_normal((N, D)), 24)
+    return og.copy_rows(rng, rng.standard_normal((N, D)), 24)
 
 
 def kind_scaled_duplicates(rng):  # positive multiples (distance 0) and negative ones (distance 2)
-    return _copy_rows(rng, rng.standard_normal((N, D)), 24, (-1.0, 2.0, -0.5, 1e3, 1e-3))
+    return og.copy_rows(rng, rng.standard_normal((N, D)), 24, (-1.0, 2.0, -0.5, 1e3, 1e-3))
 
 
 def kind_noisy_duplicates(rng):  # copies with 1e-7 relative noise: distance ~1e-14 (fp32: ~1e-7), inside DIST_ATOL
@@ -126,134 +111,41 @@ def kind_permuted_row(rng):  # permutations of one small-integer row: equal norm
     return np.stack([rng.permutation(base) for _ in range(N)])
 
 
-KINDS: dict[str, Callable] = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("kind_")}
+KINDS = og.kinds_in(globals())
 assert len(KINDS) == 16
 
 
 def make_cases(kind: str, count: int, stream: int) -> list[np.ndarray]:
-    kind_id = sorted(KINDS).index(kind)
-    return [KINDS[kind](np.random.default_rng([stream, kind_id, i])).astype(np.float32) for i in range(count)]
-
-
-def assert_valid(indices: np.ndarray, kept: np.ndarray | None, tokens: np.ndarray, budget: int) -> None:
-    """Every row: K distinct ascending indices in [0, N); kept tokens == tokens[indices] bit for bit."""
-    assert indices.dtype == np.int64 and indices.shape == (tokens.shape[0], budget)
-    assert (indices >= 0).all() and (indices < tokens.shape[1]).all()
-    assert (np.diff(indices, axis=1) > 0).all(), "indices not strictly ascending"
-    if kept is not None:
-        np.testing.assert_array_equal(kept, np.take_along_axis(tokens, indices[:, :, None], axis=1))
+    return [KINDS[kind](rng).astype(np.float32) for rng in og.case_rngs(KINDS, kind, count, stream)]
 
 
 def assert_same_sets(got: np.ndarray, cases: list[np.ndarray], budget: int, label: str) -> None:
-    for b, x in enumerate(cases):
-        want = dp.divprune(x, budget)
-        only_got, only_want = sorted(set(got[b]) - set(want)), sorted(set(want) - set(got[b]))
-        assert got[b].tolist() == want.tolist(), f"{label} row {b}: only here {only_got}, only in reference {only_want}"
+    og.assert_same_sets(got, [dp.divprune(x, budget) for x in cases], label)
 
 
 # ----------------------------------------------------------------------------------------- export
 
 
-class SelectGraph(torch.nn.Module):
-    """tokens [B, N, D] -> (kept_indices, kept_tokens) for each budget."""
-
-    def __init__(self, budgets: tuple[int, ...]):
-        super().__init__()
-        self.budgets = budgets
-
-    def forward(self, tokens):
-        out = []
-        for budget in self.budgets:
-            kept_tokens, kept = dp.divprune_op({"tokens": tokens}, budget, CFG)
-            out += [kept, kept_tokens]
-        return tuple(out)
-
-
-@dataclass
-class Exported:
-    budgets: tuple[int, ...]
-    model: onnx.ModelProto
-    session: ort.InferenceSession
-
-    def run(self, tokens: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"tokens": tokens})
-
-
-def export_graph(path, budgets: tuple[int, ...], n: int = N, d: int = D) -> Exported:
-    outputs = [f"{kind}_{k}" for k in budgets for kind in ("kept_indices", "kept_tokens")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            SelectGraph(budgets).eval(),
-            (torch.randn(2, n, d),),  # batch 2: batch 1 would specialise
-            dynamo=True,
-            opset_version=20,
-            input_names=["tokens"],
-            output_names=outputs,
-            dynamic_shapes={"tokens": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
-    program.save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    return Exported(budgets, onnx.load(str(path)), ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"]))
+def export_graph(path, budgets: tuple[int, ...], n: int = N, d: int = D) -> og.Exported:
+    return og.export_selection(path, dp.divprune_op, budgets, CFG, n=n, d=d)
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory) -> dict[str, Exported]:
-    out = tmp_path_factory.mktemp("divprune_onnx")
-    return {name: export_graph(out / f"{name}.onnx", budgets) for name, budgets in GRAPHS.items()}
-
-
-def _all_nodes(graph):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-
-
-def _constants(model) -> dict[str, np.ndarray]:
-    values = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
-    for node in _all_nodes(model.graph):
-        if node.op_type == "Constant":
-            values[node.output[0]] = onnx.numpy_helper.to_array(node.attribute[0].t)
-    return values
-
-
-def _dims(value_info) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+def graphs(tmp_path_factory) -> dict[str, og.Exported]:
+    return og.export_each(tmp_path_factory.mktemp("divprune_onnx"), dp.divprune_op, GRAPHS, n=N, d=D)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_graph_structure(graphs, name: str) -> None:
     g = graphs[name]
-    onnx.checker.check_model(g.model)
-    assert {o.domain: o.version for o in g.model.opset_import}[""] == 20
-    every = list(_all_nodes(g.model.graph))
-    ops = collections.Counter(n.op_type for n in every)
-    assert ops["NonZero"] == 0, "data-dependent shapes: no NonZero"
+    ops = og.check_graph(g, {"tokens": ["batch", N, D]}, topk_k_in_budgets=True)
     assert ops["Loop"] == len(g.budgets), "the K greedy steps of each selection: one ONNX Loop"
-    assert all(n.domain in ("", "ai.onnx") for n in every), "standard ops only"
-    for loop in (n for n in g.model.graph.node if n.op_type == "Loop"):
-        assert len(loop.output) == len(loop.input) - 2, "Loop has scan outputs (TensorRT wants none)"
-    constants = _constants(g.model)
-    for topk in (n for n in every if n.op_type == "TopK"):
-        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in topk.attribute}
-        assert attrs.get("sorted", 1) == 1
-        assert int(constants[topk.input[1]].reshape(())) in g.budgets  # k a constant, <= K <= 3840
-    inputs, outputs = {v.name: _dims(v) for v in g.model.graph.input}, {v.name: _dims(v) for v in g.model.graph.output}
-    batch = inputs["tokens"][0]
-    assert isinstance(batch, str) and inputs["tokens"] == [batch, N, D]
-    for k in g.budgets:
-        assert outputs[f"kept_indices_{k}"] == [batch, k] and outputs[f"kept_tokens_{k}"] == [batch, k, D]
 
 
 def test_node_count(graphs) -> None:
     """One selection: 23 top-level nodes, 42 with the Loop body (reported in the module docstring)."""
     g = graphs["k8"]
-    top, every = len(g.model.graph.node), len(list(_all_nodes(g.model.graph)))
+    top, every = len(g.model.graph.node), og.node_count(g.model)
     assert top <= 30 and every <= 50, (top, every)
 
 
@@ -266,9 +158,8 @@ def test_ort_matches_reference(graphs, name: str, kind: str) -> None:
     g = graphs[name]
     cases = make_cases(kind, CASES_PER_KIND[name], stream=1)
     tokens = np.stack(cases)
-    outputs = g.run(tokens)
-    for budget, indices, kept in zip(g.budgets, outputs[0::2], outputs[1::2]):
-        assert_valid(indices, kept, tokens, budget)
+    for budget, indices, kept in g.selections(tokens):
+        og.assert_valid(indices, kept, tokens, budget)
         assert_same_sets(indices, cases, budget, f"ORT {name} K={budget}/{kind}")
 
 
@@ -354,7 +245,7 @@ def test_ort_matches_reference_at_realistic_size(tmp_path) -> None:
         cases.append(x.astype(np.float32))
     tokens = np.stack(cases)
     indices, kept = g.run(tokens)
-    assert_valid(indices, kept, tokens, REAL_K)
+    og.assert_valid(indices, kept, tokens, REAL_K)
     assert_same_sets(indices, cases, REAL_K, "ORT realistic")
     eager = dp.divprune_op({"tokens": torch.from_numpy(tokens)}, REAL_K, CFG)[1].numpy()
     assert_same_sets(eager, cases, REAL_K, "torch realistic")
@@ -368,7 +259,7 @@ def test_torch_eager_matches_reference(budget: int) -> None:
     cases = [c for kind in sorted(KINDS) for c in make_cases(kind, 1, stream=3)]
     tokens = np.stack(cases)
     kept_tokens, indices = dp.divprune_op({"tokens": torch.from_numpy(tokens)}, budget, CFG)
-    assert_valid(indices.numpy(), kept_tokens.numpy(), tokens, budget)
+    og.assert_valid(indices.numpy(), kept_tokens.numpy(), tokens, budget)
     assert_same_sets(indices.numpy(), cases, budget, f"torch K={budget}")
 
 
@@ -380,15 +271,10 @@ def test_registry_dispatch_and_budget_config() -> None:
     budget.validate_against(N)
     rng = np.random.default_rng(4)
     x = rng.standard_normal((2, N, D)).astype(np.float32)
-    text, mask = rng.standard_normal((2, 3, D)).astype(np.float32), np.ones((2, 3), np.int64)
-    batched = {"tokens": torch.from_numpy(x), "text": torch.from_numpy(text), "text_mask": torch.from_numpy(mask)}
-    kept_tokens, indices = pruning_ops.select(batched, budget)
-    want_tokens, want = dp.divprune_op(batched, 8, CFG)
-    assert torch.equal(indices, want) and torch.equal(kept_tokens, want_tokens)
-    for b in range(2):
-        ref_indices, ref_tokens = pruning_ops.select_reference({"tokens": x[b], "text": text[b], "text_mask": mask[b]}, budget)
-        assert ref_indices.tolist() == indices[b].tolist() == dp.divprune(x[b], 8).tolist()
-        np.testing.assert_array_equal(ref_tokens, x[b][ref_indices])
+    want_tokens, want = dp.divprune_op({"tokens": torch.from_numpy(x)}, 8, CFG)
+    assert want.tolist() == [dp.divprune(x[b], 8).tolist() for b in range(2)]
+    kept_tokens, _ = og.check_dispatch(budget, {"tokens": x}, want.numpy(), rng=rng)
+    assert torch.equal(kept_tokens, want_tokens)
 
 
 @pytest.mark.parametrize("budget", [0, N + 1])
@@ -493,13 +379,4 @@ def test_zero_token_is_at_distance_one() -> None:
 
 
 def test_reference_loads_without_torch() -> None:
-    """The runtime may call the NumPy reference on a machine without torch: the module imports it lazily."""
-    code = (
-        "import sys; sys.modules['torch'] = None; import numpy as np; "
-        "from prunert.config import DivPruneConfig; from prunert.pruning_ops.divprune import divprune_reference; "
-        "x = np.random.default_rng(0).standard_normal((12, 3)); "
-        "print(divprune_reference({'tokens': x, 'cls_attention': x[:, 0]}, 4, DivPruneConfig())[0].tolist())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert len(json.loads(out.stdout)) == 4
+    og.check_reference_without_torch("divprune", "divprune_reference", "DivPruneConfig", "{'tokens': x, 'cls_attention': x[:, 0]}")

@@ -12,34 +12,40 @@ Layout:
 
 from __future__ import annotations
 
-import collections
 import importlib
-import json
-import subprocess
 import sys
-import warnings
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
 onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from prunert import pruning_ops  # noqa: E402
 from prunert.config import BudgetConfig, RandomConfig  # noqa: E402
 from prunert.pruning_ops import random as rnd  # noqa: E402
 
+import op_graph as og  # noqa: E402
+
 N, D = 48, 8
 GRAPHS = {"k8": ((8,), RandomConfig()), "k1_k47": ((1, N - 1), RandomConfig(seed=1234))}
 CASES_PER_KIND = {"k8": 15, "k1_k47": 10}
+KINDS = og.token_kinds(N, D)
+assert len(KINDS) == 8
 
 
 def reference(tokens: np.ndarray, budget: int, cfg: RandomConfig) -> np.ndarray:
     return rnd.random_reference({"tokens": tokens}, budget, cfg)[0]
+
+
+def make_tokens(kind: str, count: int, stream: int) -> np.ndarray:
+    return og.make_tokens(KINDS, kind, count, stream)
+
+
+def check(indices: np.ndarray, kept: np.ndarray, tokens: np.ndarray, budget: int, cfg: RandomConfig, label: str) -> None:
+    """Every row: exactly the reference's indices (int64, ascending) and tokens[indices] bit for bit."""
+    og.assert_valid(indices, kept, tokens, budget)
+    og.assert_same_sets(indices, [reference(x, budget, cfg) for x in tokens], label)
 
 
 # ----------------------------------------------------------------------------------------- subset
@@ -92,75 +98,15 @@ def test_bad_budget_raises(budget: int) -> None:
 # ----------------------------------------------------------------------------------------- export
 
 
-class SelectGraph(torch.nn.Module):
-    def __init__(self, budgets: tuple[int, ...], cfg: RandomConfig):
-        super().__init__()
-        self.budgets, self.cfg = budgets, cfg
-
-    def forward(self, tokens):
-        out = []
-        for budget in self.budgets:
-            kept_tokens, kept = rnd.random_op({"tokens": tokens}, budget, self.cfg)
-            out += [kept, kept_tokens]
-        return tuple(out)
-
-
-@dataclass
-class Exported:
-    budgets: tuple[int, ...]
-    cfg: RandomConfig
-    model: onnx.ModelProto
-    session: ort.InferenceSession
-
-    def run(self, tokens: np.ndarray) -> list[np.ndarray]:
-        return self.session.run(None, {"tokens": tokens})
-
-
-def export_graph(path, budgets: tuple[int, ...], cfg: RandomConfig) -> Exported:
-    outputs = [f"{kind}_{k}" for k in budgets for kind in ("kept_indices", "kept_tokens")]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            SelectGraph(budgets, cfg).eval(),
-            (torch.randn(2, N, D),),  # batch 2: batch 1 would specialise
-            dynamo=True,
-            opset_version=20,
-            input_names=["tokens"],
-            output_names=outputs,
-            dynamic_shapes={"tokens": {0: torch.export.Dim("batch")}},
-            verbose=False,
-        )
-    program.save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Exported(budgets, cfg, onnx.load(str(path)), session)
-
-
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory) -> dict[str, Exported]:
-    out = tmp_path_factory.mktemp("random_onnx")
-    return {name: export_graph(out / f"{name}.onnx", budgets, cfg) for name, (budgets, cfg) in GRAPHS.items()}
-
-
-def _dims(value_info) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+def graphs(tmp_path_factory) -> dict[str, og.Exported]:
+    return og.export_each(tmp_path_factory.mktemp("random_onnx"), rnd.random_op, GRAPHS, n=N, d=D)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_graph_structure(graphs, name: str) -> None:
     g = graphs[name]
-    onnx.checker.check_model(g.model)
-    assert {o.domain: o.version for o in g.model.opset_import}[""] == 20
-    ops = collections.Counter(n.op_type for n in g.model.graph.node)
-    assert not {"NonZero", "TopK", "Loop", "Scan", "If", "RandomUniform", "RandomNormal"} & set(ops), ops
-    assert all(n.domain in ("", "ai.onnx") for n in g.model.graph.node)
-    inputs, outputs = {v.name: _dims(v) for v in g.model.graph.input}, {v.name: _dims(v) for v in g.model.graph.output}
-    batch = inputs["tokens"][0]
-    assert isinstance(batch, str) and inputs["tokens"] == [batch, N, D]
-    for k in g.budgets:
-        assert outputs[f"kept_indices_{k}"] == [batch, k] and outputs[f"kept_tokens_{k}"] == [batch, k, D]
+    og.check_graph(g, {"tokens": ["batch", N, D]}, absent=("NonZero", "TopK", "Loop", "Scan", "If", "RandomUniform", "RandomNormal"))
     # the seed's subset is baked in as a constant
     constants = [onnx.numpy_helper.to_array(t).reshape(-1).tolist() for t in g.model.graph.initializer]
     for k in g.budgets:
@@ -175,67 +121,12 @@ def test_node_count(graphs) -> None:
 # ----------------------------------------------------------------------------------------- ORT, torch
 
 
-def kind_gaussian(rng):
-    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-4, 4)
-
-
-def kind_all_zero(rng):
-    return np.zeros((N, D))
-
-
-def kind_all_equal(rng):
-    return np.tile(rng.standard_normal(D), (N, 1))
-
-
-def kind_duplicates(rng):
-    x = rng.standard_normal((N, D))
-    return x[rng.integers(0, 4, N)]
-
-
-def kind_non_finite(rng):  # NaN / inf tokens are passed through untouched (and change no index)
-    x = rng.standard_normal((N, D))
-    x[rng.integers(0, N, 6)] = rng.choice([np.nan, np.inf, -np.inf])
-    return x
-
-
-def kind_huge(rng):
-    return rng.standard_normal((N, D)) * 1e30
-
-
-def kind_small_ints(rng):
-    return rng.integers(-2, 3, (N, D)).astype(float)
-
-
-def kind_zero_rows(rng):
-    x = rng.standard_normal((N, D))
-    x[rng.integers(0, N, 20)] = 0.0
-    return x
-
-
-KINDS: dict[str, Callable] = {name[5:]: fn for name, fn in sorted(globals().items()) if name.startswith("kind_")}
-assert len(KINDS) == 8
-
-
-def make_tokens(kind: str, count: int, stream: int) -> np.ndarray:
-    kind_id = sorted(KINDS).index(kind)
-    return np.stack([KINDS[kind](np.random.default_rng([stream, kind_id, i])) for i in range(count)]).astype(np.float32)
-
-
-def check(indices: np.ndarray, kept: np.ndarray, tokens: np.ndarray, budget: int, cfg: RandomConfig, label: str) -> None:
-    """Every row: exactly the reference's indices (int64, ascending) and tokens[indices] bit for bit."""
-    assert indices.dtype == np.int64 and indices.shape == (len(tokens), budget)
-    for b in range(len(tokens)):
-        assert indices[b].tolist() == reference(tokens[b], budget, cfg).tolist(), f"{label} row {b}"
-    np.testing.assert_array_equal(kept, np.take_along_axis(tokens, indices[:, :, None], axis=1))
-
-
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("name", list(GRAPHS))
 def test_ort_matches_reference(graphs, name: str, kind: str) -> None:
     g = graphs[name]
     tokens = make_tokens(kind, CASES_PER_KIND[name], stream=1)
-    outputs = g.run(tokens)
-    for budget, indices, kept in zip(g.budgets, outputs[0::2], outputs[1::2]):
+    for budget, indices, kept in g.selections(tokens):
         check(indices, kept, tokens, budget, g.cfg, f"ORT {name} K={budget}/{kind}")
 
 
@@ -262,19 +153,9 @@ def test_registry_dispatch_and_budget_config() -> None:
     assert pruning_ops.method_spec("random").needs == ()
     budget.validate_against(N)
     tokens = make_tokens("gaussian", 2, stream=4)
-    rng = np.random.default_rng(4)
-    text, mask = rng.standard_normal((2, 3, D)).astype(np.float32), np.ones((2, 3), np.int64)
-    batched = {"tokens": torch.from_numpy(tokens), "text": torch.from_numpy(text), "text_mask": torch.from_numpy(mask)}
     for cfg in (RandomConfig(), RandomConfig(seed=5)):
-        budget = BudgetConfig(budget=8, method="random", params=cfg)
-        kept, indices = pruning_ops.select(batched, budget)
-        want = rnd.random_indices(cfg.seed, N, 8)
-        assert indices.tolist() == [want] * 2
-        np.testing.assert_array_equal(kept.numpy(), tokens[:, want])
-        for b in range(2):
-            ref_indices, ref_tokens = pruning_ops.select_reference({"tokens": tokens[b], "text": text[b], "text_mask": mask[b]}, budget)
-            assert ref_indices.tolist() == want
-            np.testing.assert_array_equal(ref_tokens, tokens[b][ref_indices])
+        want = np.array([rnd.random_indices(cfg.seed, N, 8)] * 2)
+        og.check_dispatch(BudgetConfig(budget=8, method="random", params=cfg), {"tokens": tokens}, want)
 
 
 def test_module_name_shadows_no_stdlib_module() -> None:
@@ -288,13 +169,4 @@ def test_module_name_shadows_no_stdlib_module() -> None:
 
 
 def test_reference_loads_without_torch() -> None:
-    """The runtime may call the NumPy reference on a machine without torch: the module imports it lazily."""
-    code = (
-        "import sys; sys.modules['torch'] = None; import numpy as np; "
-        "from prunert.config import RandomConfig; from prunert.pruning_ops.random import random_reference; "
-        "x = np.random.default_rng(0).standard_normal((12, 3)); "
-        "print(random_reference({'tokens': x, 'cls_attention': x[:, 0]}, 4, RandomConfig())[0].tolist())"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr
-    assert len(json.loads(out.stdout)) == 4
+    og.check_reference_without_torch("random", "random_reference", "RandomConfig", "{'tokens': x, 'cls_attention': x[:, 0]}")

@@ -17,16 +17,9 @@ Layout:
 
 from __future__ import annotations
 
-import collections
-import warnings
-from dataclasses import dataclass
-from typing import Callable
-
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
@@ -35,10 +28,13 @@ from hypothesis import strategies as st  # noqa: E402
 from prunert.config import BudgetConfig, ResPruneConfig  # noqa: E402
 from prunert.errors import ConfigError  # noqa: E402
 from prunert.pruning_ops import reference  # noqa: E402
-from prunert.pruning_ops.resprune import gather_tokens, kept_to_indices, resprune_select, text_relevance  # noqa: E402
+from prunert.pruning_ops.resprune import gather_tokens, kept_to_indices, resprune_op, resprune_select, text_relevance  # noqa: E402
+
+import op_graph as og  # noqa: E402
+from op_graph import TextCase as Case  # noqa: E402
 
 N, D = 48, 32  # tokens per image, width
-M_EXPORT = 5  # example text length at export (M is symbolic in the graph)
+INPUTS = ("tokens", "text", "text_mask")
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 # name -> (budget, config)
@@ -53,279 +49,77 @@ CASES_PER_KIND = {"k8": 8, "k47": 3, "norm_mean_a2": 4}  # random inputs per (gr
 # ----------------------------------------------------------------------------------------- inputs
 
 
-@dataclass
-class Case:
-    tokens: np.ndarray  # [N, D] float32
-    text: np.ndarray  # [M, D] float32
-    mask: np.ndarray  # [M] int64, nonzero = content word
-
-
-def _text(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    m = int(rng.integers(1, 8))
-    return rng.standard_normal((m, D)), np.ones(m, np.int64)
-
-
-def _copy_rows(rng: np.random.Generator, x: np.ndarray, count: int, factors=(1.0,)) -> np.ndarray:
-    src, dst = rng.integers(0, len(x), count), rng.integers(0, len(x), count)
-    x[dst] = x[src] * rng.choice(factors, count)[:, None]
-    return x
-
-
-def kind_gaussian(rng, k):  # one scale per image, 1e-4 .. 1e4
-    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-4, 4), *_text(rng)
-
-
-def kind_extreme_scale(rng, k):  # 1e+-(15..25): fp32 energies would overflow / underflow without the range guard
-    return rng.standard_normal((N, D)) * 10 ** (rng.choice([-1, 1]) * rng.uniform(15, 25)), *_text(rng)
-
-
 def kind_token_scales(rng, k):  # one scale per token, 1e-3 .. 1e3
-    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-3, 3, (N, 1)), *_text(rng)
-
-
-def kind_duplicates(rng, k):  # rows copied exactly
-    return _copy_rows(rng, rng.standard_normal((N, D)), 20), *_text(rng)
-
-
-def kind_scaled_duplicates(rng, k):  # copies times -1 and powers of two (exact in fp32): collinear ties
-    return _copy_rows(rng, rng.standard_normal((N, D)), 20, (-1.0, 2.0, -0.5, 4.0, 0.25)), *_text(rng)
-
-
-def kind_zero_rows(rng, k):
-    x = rng.standard_normal((N, D))
-    x[rng.integers(0, N, 12)] = 0.0
-    return x, *_text(rng)
-
-
-def kind_all_zero(rng, k):
-    return np.zeros((N, D)), *_text(rng)
-
-
-def kind_low_rank(rng, k):  # rank < K (and < D): later picks by the tau rule + lowest index
-    rank = int(rng.integers(1, max(2, min(k, D))))
-    return rng.standard_normal((N, rank)) @ rng.standard_normal((rank, D)), *_text(rng)
+    return rng.standard_normal((N, D)) * 10 ** rng.uniform(-3, 3, (N, 1)), *og.random_text(rng, D)
 
 
 def kind_rank_one(rng, k):  # collinear tokens: equal relevance up to sign, every later pick is spanned
-    return rng.standard_normal((N, 1)) @ rng.standard_normal((1, D)), *_text(rng)
+    return rng.standard_normal((N, 1)) @ rng.standard_normal((1, D)), *og.random_text(rng, D)
 
 
 def kind_permuted_ties(rng, k):  # permutations of one small-integer row, no text: r = 1, equal energies
     base = rng.integers(-2, 3, D).astype(float)
     x = np.stack([rng.permutation(base) for _ in range(N)])
-    text, mask = _text(rng)
+    text, mask = og.random_text(rng, D)
     return x, text, np.zeros_like(mask)
 
 
 def kind_sign_ties(rng, k):  # +-1 tokens, one-hot text: exact ties in relevance AND energy
-    text, mask = _text(rng)
+    text, mask = og.random_text(rng, D)
     text = np.eye(D)[rng.integers(0, D, len(mask))]
     return rng.choice([-1.0, 1.0], (N, D)), text, mask
-
-
-def kind_small_ints(rng, k):  # exact Gram in fp32, many exact ties among residual energies
-    return rng.integers(-3, 4, (N, D)).astype(float), *_text(rng)
-
-
-def kind_all_equal(rng, k):
-    return np.tile(rng.standard_normal(D), (N, 1)), *_text(rng)
-
-
-def kind_huge_token(rng, k):  # one token 1e3 .. 1e8 times the others: must not floor the others' energies
-    x = rng.standard_normal((N, D))
-    x[rng.integers(N)] *= 10 ** rng.uniform(3, 8)
-    return x, *_text(rng)
 
 
 def kind_tiny_tokens(rng, k):  # a few tokens 1e-16 .. 1e-6 times the others (norms below a 1e-12 clamp too)
     x = rng.standard_normal((N, D))
     x[rng.integers(0, N, 5)] *= 10 ** rng.uniform(-16, -6, (5, 1))
-    return x, *_text(rng)
+    return x, *og.random_text(rng, D)
 
 
-def kind_no_text(rng, k):  # no content words: r = 1
-    text, mask = _text(rng)
-    return rng.standard_normal((N, D)), text, np.zeros_like(mask)
-
-
-def kind_partial_mask(rng, k):  # masked rows hold garbage (NaN, 1e30, noise) and must not matter; nonzero = content
-    text, mask = _text(rng)
-    mask = rng.choice([0, 0, 1, 2, -1], len(mask)).astype(np.int64)
-    text[mask == 0] = rng.choice([np.nan, 1e30, -7.0])
-    return rng.standard_normal((N, D)), text, mask
-
-
-def kind_text_is_token(rng, k):  # text rows equal to tokens: cosines of exactly 1
-    x = rng.standard_normal((N, D))
-    text, mask = _text(rng)
-    return x, x[rng.integers(0, N, len(mask))], mask
-
-
-def kind_orthogonal_text(rng, k):  # text orthogonal to every token (rotated): cosines are 0 up to rounding
-    rotation, _ = np.linalg.qr(rng.standard_normal((D, D)))
-    x = np.zeros((N, D))
-    x[:, 1:] = rng.standard_normal((N, D - 1))
-    text, mask = _text(rng)
-    text[:] = 0.0
-    text[:, 0] = rng.standard_normal(len(mask))
-    return x @ rotation.T, text @ rotation.T, mask
-
-
-def kind_cancelling_text(rng, k):  # content words t and -t: "mean" cosines are 0 up to rounding
-    text, mask = _text(rng)
-    return rng.standard_normal((N, D)), np.concatenate([text, -text]), np.concatenate([mask, mask])
-
-
-KINDS: dict[str, Callable] = {
-    name[len("kind_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("kind_") and callable(fn)
-}
+KINDS = {**og.text_kinds(N, D), **og.kinds_in(globals())}  # the shared kinds, and those above
 assert len(KINDS) == 20
 
 
 def make_cases(kind: str, count: int, budget: int, stream: int) -> list[Case]:
-    kind_id = sorted(KINDS).index(kind)
-    cases = []
-    for i in range(count):
-        rng = np.random.default_rng([stream, kind_id, i])
-        x, text, mask = KINDS[kind](rng, budget)
-        cases.append(Case(x.astype(np.float32), text.astype(np.float32), np.asarray(mask, np.int64)))
-    return cases
+    return og.make_text_cases(KINDS, kind, count, budget, stream)
 
 
-def stack(cases: list[Case]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Batch cases; text padded to the longest with zero rows and mask 0 (padding must not matter)."""
-    m = max(len(c.mask) for c in cases)
-    text = np.zeros((len(cases), m, cases[0].tokens.shape[1]), np.float32)
-    mask = np.zeros((len(cases), m), np.int64)
-    for b, c in enumerate(cases):
-        text[b, : len(c.mask)], mask[b, : len(c.mask)] = c.text, c.mask
-    return np.stack([c.tokens for c in cases]), text, mask
+stack = og.stack_text
 
 
 def ref_select(case: Case, budget: int, cfg: ResPruneConfig) -> np.ndarray:
     return reference.resprune(case.tokens, case.text, case.mask, budget, cfg)
 
 
-def assert_valid_output(indices: np.ndarray, kept: np.ndarray | None, tokens: np.ndarray, budget: int) -> None:
-    """Every row: exactly K distinct indices, ascending, in [0, N); kept_tokens == tokens[indices] bit for bit."""
-    assert indices.dtype == np.int64
-    assert indices.shape == (tokens.shape[0], budget)
-    assert (indices >= 0).all() and (indices < tokens.shape[1]).all()
-    assert (np.diff(indices, axis=1) > 0).all(), "indices not strictly ascending (duplicates or unsorted)"
-    if kept is not None:
-        assert kept.shape == (tokens.shape[0], budget, tokens.shape[2])
-        np.testing.assert_array_equal(kept, np.take_along_axis(tokens, indices[:, :, None], axis=1))
-
-
 def assert_same_sets(got: np.ndarray, cases: list[Case], budget: int, cfg: ResPruneConfig, label: str) -> None:
-    for b, case in enumerate(cases):
-        want = ref_select(case, budget, cfg)
-        only_got, only_want = sorted(set(got[b]) - set(want)), sorted(set(want) - set(got[b]))
-        assert got[b].tolist() == want.tolist(), f"{label} row {b}: kept only here {only_got}, only in reference {only_want}"
+    og.assert_same_sets(got, [ref_select(case, budget, cfg) for case in cases], label)
 
 
 # ----------------------------------------------------------------------------------------- export
 
 
-class SelectGraph(torch.nn.Module):
-    def __init__(self, budget: int, cfg: ResPruneConfig):
-        super().__init__()
-        self.budget, self.cfg = budget, cfg
-
-    def forward(self, tokens, text, text_mask):
-        indices = resprune_select(tokens, text, text_mask, self.budget, self.cfg)
-        return indices, gather_tokens(tokens, indices)
-
-
-@dataclass
-class Exported:
-    name: str
-    budget: int
-    cfg: ResPruneConfig
-    model: onnx.ModelProto
-    session: ort.InferenceSession
-
-    def run(self, tokens, text, mask) -> tuple[np.ndarray, np.ndarray]:
-        indices, kept = self.session.run(None, {"tokens": tokens, "text": text, "text_mask": mask})
-        return indices, kept
-
-
-def export_graph(path, name: str, budget: int, cfg: ResPruneConfig, n: int = N, d: int = D) -> Exported:
-    """Export (example batch 2, M=5; batch and M symbolic) and load in ORT CPU, one thread."""
-    batch, m = torch.export.Dim("batch"), torch.export.Dim("m")
-    example = (torch.randn(2, n, d), torch.randn(2, M_EXPORT, d), torch.ones(2, M_EXPORT, dtype=torch.int64))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            SelectGraph(budget, cfg).eval(),
-            example,
-            dynamo=True,
-            opset_version=20,
-            input_names=["tokens", "text", "text_mask"],
-            output_names=["kept_indices", "kept_tokens"],
-            dynamic_shapes={"tokens": {0: batch}, "text": {0: batch, 1: m}, "text_mask": {0: batch, 1: m}},
-            verbose=False,
-        )
-    program.save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Exported(name, budget, cfg, onnx.load(str(path)), session)
+def export_graph(path, budget: int, cfg: ResPruneConfig, n: int = N, d: int = D) -> og.Exported:
+    return og.export_selection(path, resprune_op, budget, cfg, INPUTS, n=n, d=d)
 
 
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, og.Exported]:
     """Each graph of GRAPHS exported once per module."""
-    out = tmp_path_factory.mktemp("resprune_onnx")
-    return {name: export_graph(out / f"{name}.onnx", name, budget, cfg) for name, (budget, cfg) in GRAPHS.items()}
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _dims(value_info) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+    return og.export_each(tmp_path_factory.mktemp("resprune_onnx"), resprune_op, GRAPHS, INPUTS, n=N, d=D)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_graph_structure(graphs: dict[str, Exported], name: str) -> None:
+def test_graph_structure(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
-    onnx.checker.check_model(g.model)
-    assert {o.domain: o.version for o in g.model.opset_import}.get("", None) == 20
-    top = list(g.model.graph.node)
-    every = list(_all_nodes(g.model.graph))
-    ops = collections.Counter(n.op_type for n in every)
+    ops = og.check_graph(g, {"tokens": ["batch", N, D], "text": ["batch", "m", D], "text_mask": ["batch", "m"]})
     assert ops["Loop"] == 1, "the K greedy steps must be one ONNX Loop"
-    assert ops["NonZero"] == 0, "data-dependent shapes: no NonZero"
-    assert all(n.domain in ("", "ai.onnx") for n in every), "standard ops only"
-    assert len(top) < 100, f"{len(top)} top-level nodes"
-    assert len(every) < 128, f"{len(every)} nodes including the Loop body"
-    loop = next(n for n in top if n.op_type == "Loop")
-    assert len(loop.output) == len(loop.input) - 2, "Loop has scan outputs (TensorRT wants none)"
-
-    inputs = {v.name: _dims(v) for v in g.model.graph.input}
-    outputs = {v.name: _dims(v) for v in g.model.graph.output}
-    batch = inputs["tokens"][0]
-    assert isinstance(batch, str), "batch must be symbolic (example batch 2, never specialised)"
-    assert inputs["tokens"] == [batch, N, D]
-    assert inputs["text"][0] == batch and isinstance(inputs["text"][1], str) and inputs["text"][2] == D
-    assert inputs["text_mask"] == [batch, inputs["text"][1]]
-    assert outputs["kept_indices"] == [batch, g.budget]
-    assert outputs["kept_tokens"] == [batch, g.budget, D]
+    top, every = len(g.model.graph.node), og.node_count(g.model)
+    assert top < 100, f"{top} top-level nodes"
+    assert every < 128, f"{every} nodes including the Loop body"
 
 
-def test_graph_size_does_not_depend_on_budget(graphs: dict[str, Exported]) -> None:
-    ops = [collections.Counter(n.op_type for n in _all_nodes(graphs[k].model.graph)) for k in ("k8", "k47")]
-    assert ops[0] == ops[1]
+def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported]) -> None:
+    assert og.op_counts(graphs["k8"].model) == og.op_counts(graphs["k47"].model)
 
 
 # ----------------------------------------------------------------------------------------- ORT vs reference
@@ -333,12 +127,12 @@ def test_graph_size_does_not_depend_on_budget(graphs: dict[str, Exported]) -> No
 
 @pytest.mark.parametrize("kind", sorted(KINDS))
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_ort_matches_reference(graphs: dict[str, Exported], name: str, kind: str) -> None:
+def test_ort_matches_reference(graphs: dict[str, og.Exported], name: str, kind: str) -> None:
     g = graphs[name]
     cases = make_cases(kind, CASES_PER_KIND[name], g.budget, stream=1)
     tokens, text, mask = stack(cases)
     indices, kept = g.run(tokens, text, mask)
-    assert_valid_output(indices, kept, tokens, g.budget)
+    og.assert_valid(indices, kept, tokens, g.budget)
     assert_same_sets(indices, cases, g.budget, g.cfg, f"ORT {name}/{kind}")
 
 
@@ -348,7 +142,7 @@ def test_random_case_count() -> None:
 
 
 @pytest.mark.parametrize("name", ["k8", "norm_mean_a2"])
-def test_ort_batch_rows_are_independent(graphs: dict[str, Exported], name: str) -> None:
+def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported], name: str) -> None:
     """One row per kind in a batch of 20 (text padded to the longest): each row alone gives the same set."""
     g = graphs[name]
     cases = [make_cases(kind, 1, g.budget, stream=2)[0] for kind in sorted(KINDS)]
@@ -357,12 +151,12 @@ def test_ort_batch_rows_are_independent(graphs: dict[str, Exported], name: str) 
     assert_same_sets(batched, cases, g.budget, g.cfg, f"ORT {name} batched")
     for b, case in enumerate(cases):
         alone, kept = g.run(case.tokens[None], case.text[None], case.mask[None])  # batch 1, unpadded M
-        assert_valid_output(alone, kept, case.tokens[None], g.budget)
+        og.assert_valid(alone, kept, case.tokens[None], g.budget)
         np.testing.assert_array_equal(alone[0], batched[b])
 
 
 @pytest.mark.parametrize("m", [1, 9])
-def test_ort_dynamic_text_length(graphs: dict[str, Exported], m: int) -> None:
+def test_ort_dynamic_text_length(graphs: dict[str, og.Exported], m: int) -> None:
     g = graphs["k8"]
     rng = np.random.default_rng(m)
     cases = [
@@ -371,7 +165,7 @@ def test_ort_dynamic_text_length(graphs: dict[str, Exported], m: int) -> None:
     ]
     tokens, text, mask = stack(cases)
     indices, kept = g.run(tokens, text, mask)
-    assert_valid_output(indices, kept, tokens, g.budget)
+    og.assert_valid(indices, kept, tokens, g.budget)
     assert_same_sets(indices, cases, g.budget, g.cfg, f"ORT M={m}")
 
 
@@ -397,7 +191,7 @@ def _exact_expectations() -> list[tuple[str, Case, list[int] | None]]:
 
 
 @pytest.mark.parametrize("label", [e[0] for e in _exact_expectations()])
-def test_closed_form_degenerate_cases(graphs: dict[str, Exported], label: str) -> None:
+def test_closed_form_degenerate_cases(graphs: dict[str, og.Exported], label: str) -> None:
     _, case, want = next(e for e in _exact_expectations() if e[0] == label)
     cfg = ResPruneConfig()
     ref = ref_select(case, 8, cfg)
@@ -417,10 +211,10 @@ REAL_N, REAL_D, REAL_K = 576, 1024, 64  # LLaVA-1.5 token count, a quarter of it
 
 
 @pytest.fixture(scope="module")
-def realistic_graph(tmp_path_factory: pytest.TempPathFactory) -> Exported:
+def realistic_graph(tmp_path_factory: pytest.TempPathFactory) -> og.Exported:
     cfg = ResPruneConfig(normalize=True, alpha=2.0)
     path = tmp_path_factory.mktemp("resprune_onnx_real") / "real.onnx"
-    return export_graph(path, "real", REAL_K, cfg, n=REAL_N, d=REAL_D)
+    return export_graph(path, REAL_K, cfg, n=REAL_N, d=REAL_D)
 
 
 # Seeds, among 64 no-text cases, whose picks flipped between ORT and the reference before the op used exact
@@ -442,7 +236,7 @@ def _realistic_case(seed: int, with_text: bool, low_rank: bool = False) -> Case:
 
 
 @pytest.mark.slow
-def test_ort_matches_reference_at_realistic_size(realistic_graph: Exported) -> None:
+def test_ort_matches_reference_at_realistic_size(realistic_graph: og.Exported) -> None:
     """N=576, d=1024, K=64, normalize=True: near-orthogonal unit tokens put hundreds of scores within ~1e-3
     of each other, the hardest case for fp32 vs fp64 agreement."""
     g = realistic_graph
@@ -452,7 +246,7 @@ def test_ort_matches_reference_at_realistic_size(realistic_graph: Exported) -> N
         chunk = cases[start : start + 4]
         tokens, text, mask = stack(chunk)
         indices, kept = g.run(tokens, text, mask)
-        assert_valid_output(indices, kept, tokens, g.budget)
+        og.assert_valid(indices, kept, tokens, g.budget)
         assert_same_sets(indices, chunk, g.budget, g.cfg, f"ORT realistic, cases {start}..")
 
 
@@ -466,7 +260,7 @@ def test_torch_eager_matches_reference(name: str) -> None:
     cases = [c for kind in sorted(KINDS) for c in make_cases(kind, 2, budget, stream=3)]
     tokens, text, mask = stack(cases)
     indices = resprune_select(torch.from_numpy(tokens), torch.from_numpy(text), torch.from_numpy(mask), budget, cfg).numpy()
-    assert_valid_output(indices, None, tokens, budget)
+    og.assert_valid(indices, None, tokens, budget)
     assert_same_sets(indices, cases, budget, cfg, f"torch {name}")
 
 
@@ -710,7 +504,7 @@ def test_permutation_equivariance(seed: int, n: int, d: int, budget: int, alpha:
     assert sorted(perm[kept_permuted].tolist()) == kept.tolist()
 
 
-def test_permutation_equivariance_in_ort(graphs: dict[str, Exported]) -> None:
+def test_permutation_equivariance_in_ort(graphs: dict[str, og.Exported]) -> None:
     g = graphs["k8"]
     base = make_cases("gaussian", 1, 8, stream=10)[0]
     perms = [np.arange(N)] + [np.random.default_rng(s).permutation(N) for s in range(5)]
@@ -722,7 +516,7 @@ def test_permutation_equivariance_in_ort(graphs: dict[str, Exported]) -> None:
 
 
 @pytest.mark.parametrize("gap, winner", [(0.25, 0), (0.9, 0), (4.0, 1), (20.0, 1)])
-def test_tie_rule_is_relative_and_goes_to_lower_index(graphs: dict[str, Exported], gap: float, winner: int) -> None:
+def test_tie_rule_is_relative_and_goes_to_lower_index(graphs: dict[str, og.Exported], gap: float, winner: int) -> None:
     """Token 1 = token 0 * sqrt(1 + gap * TIE_RTOL): collinear, so only one of them is kept. Within TIE_RTOL
     (gap < 1) it is the lower index on every backend; beyond it, the larger one."""
     rng = np.random.default_rng(11)

@@ -16,20 +16,11 @@ Layout:
 
 from __future__ import annotations
 
-import collections
-import os
-import subprocess
-import sys
-import warnings
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import pytest
 
-onnx = pytest.importorskip("onnx")
-ort = pytest.importorskip("onnxruntime")
 torch = pytest.importorskip("torch")
 
 from hypothesis import given, settings  # noqa: E402
@@ -39,7 +30,10 @@ from prunert.config import VisionZipConfig  # noqa: E402
 from prunert.errors import ConfigError  # noqa: E402
 from prunert.pruning_ops import visionzip as vz  # noqa: E402
 
+import op_graph as og  # noqa: E402
+
 N, D, DV = 48, 24, 16  # tokens per image, token width, key width
+INPUTS = ("tokens", "cls_attention", "patch_keys")
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
 # name -> (budget, config)
@@ -62,13 +56,8 @@ class Case:
     keys: np.ndarray  # [N, DV] float32
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    e = np.exp(z - z.max())
-    return e / e.sum()
-
-
 def _base(rng):
-    return rng.standard_normal((N, D)), _softmax(2 * rng.standard_normal(N)), rng.standard_normal((N, DV))
+    return rng.standard_normal((N, D)), og.softmax(2 * rng.standard_normal(N)), rng.standard_normal((N, DV))
 
 
 def kind_gaussian(rng):
@@ -146,17 +135,14 @@ def kind_all_degenerate(rng):  # everything equal: attention, keys, tokens
     return np.tile(rng.standard_normal(D), (N, 1)), np.full(N, 0.5), np.ones((N, DV))
 
 
-KINDS: dict[str, Callable] = {
-    name[len("kind_") :]: fn for name, fn in sorted(globals().items()) if name.startswith("kind_") and callable(fn)
-}
+KINDS = og.kinds_in(globals())
 assert len(KINDS) == 14
 
 
 def make_cases(kind: str, count: int, stream: int) -> list[Case]:
-    kind_id = sorted(KINDS).index(kind)
     cases = []
-    for i in range(count):
-        x, a, k = KINDS[kind](np.random.default_rng([stream, kind_id, i]))
+    for rng in og.case_rngs(KINDS, kind, count, stream):
+        x, a, k = KINDS[kind](rng)
         cases.append(Case(x.astype(np.float32), np.asarray(a, np.float32), k.astype(np.float32)))
     return cases
 
@@ -177,19 +163,14 @@ def run_eager(cases: list[Case], budget: int, cfg: VisionZipConfig) -> tuple[np.
 
 def assert_valid(indices: np.ndarray, kept: np.ndarray, budget: int, batch: int) -> None:
     """Every row: K distinct indices, strictly ascending, in [0, N); tokens [B, K, D] float32."""
-    assert indices.dtype == np.int64 and indices.shape == (batch, budget)
-    assert (indices >= 0).all() and (indices < N).all()
-    assert (np.diff(indices, axis=1) > 0).all(), "indices not strictly ascending (duplicates or unsorted)"
+    og.assert_valid_indices(indices, batch, budget, N)
     assert kept.shape == (batch, budget, D) and kept.dtype == np.float32
 
 
 def assert_matches_reference(indices, kept, cases, budget, cfg, label: str) -> None:
-    for b, case in enumerate(cases):
-        want_idx, want_tok = ref(case, budget, cfg)
-        assert indices[b].tolist() == want_idx.tolist(), (
-            f"{label} row {b}: only here {sorted(set(indices[b]) - set(want_idx))}, "
-            f"only in reference {sorted(set(want_idx) - set(indices[b]))}"
-        )
+    wants = [ref(case, budget, cfg) for case in cases]
+    og.assert_same_sets(indices, [want_idx for want_idx, _ in wants], label)
+    for b, (case, (want_idx, want_tok)) in enumerate(zip(cases, wants)):
         scale = max(1.0, float(np.abs(want_tok).max()))
         err = float(np.abs(kept[b].astype(np.float64) - want_tok).max())
         assert err <= 1e-4 * scale, f"{label} row {b}: tokens differ by {err:.3g} (scale {scale:.3g})"
@@ -203,103 +184,25 @@ def assert_matches_reference(indices, kept, cases, budget, cfg, label: str) -> N
 # ----------------------------------------------------------------------------------------- export
 
 
-class SelectGraph(torch.nn.Module):
-    def __init__(self, budget: int, cfg: VisionZipConfig):
-        super().__init__()
-        self.budget, self.cfg = budget, cfg
-
-    def forward(self, tokens, cls_attention, patch_keys):
-        inputs = {"tokens": tokens, "cls_attention": cls_attention, "patch_keys": patch_keys}
-        return vz.visionzip_op(inputs, self.budget, self.cfg)  # [B, K, D], [B, K]
-
-
-@dataclass
-class Exported:
-    budget: int
-    cfg: VisionZipConfig
-    model: onnx.ModelProto
-    session: ort.InferenceSession
-
-    def run(self, tokens, attention, keys) -> tuple[np.ndarray, np.ndarray]:
-        kept, indices = self.session.run(None, {"tokens": tokens, "cls_attention": attention, "patch_keys": keys})
-        return indices, kept
-
-
-def export_graph(path, budget: int, cfg: VisionZipConfig) -> Exported:
-    """Export with batch-2 examples (batch symbolic) and load in ORT CPU, one thread."""
-    batch = torch.export.Dim("batch")
-    example = (torch.randn(2, N, D), torch.rand(2, N), torch.randn(2, N, DV))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            SelectGraph(budget, cfg).eval(),
-            example,
-            dynamo=True,
-            opset_version=20,
-            input_names=["tokens", "cls_attention", "patch_keys"],
-            output_names=["kept_tokens", "kept_indices"],
-            dynamic_shapes={"tokens": {0: batch}, "cls_attention": {0: batch}, "patch_keys": {0: batch}},
-            verbose=False,
-        )
-    program.save(str(path))
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    return Exported(budget, cfg, onnx.load(str(path)), session)
-
-
 @pytest.fixture(scope="module")
-def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Exported]:
-    out = tmp_path_factory.mktemp("visionzip_onnx")
-    return {name: export_graph(out / f"{name}.onnx", budget, cfg) for name, (budget, cfg) in GRAPHS.items()}
-
-
-def _all_nodes(graph: onnx.GraphProto):
-    for node in graph.node:
-        yield node
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from _all_nodes(attr.g)
-            for sub in attr.graphs:
-                yield from _all_nodes(sub)
-
-
-def _dims(value_info) -> list:
-    return [d.dim_param if d.HasField("dim_param") else d.dim_value for d in value_info.type.tensor_type.shape.dim]
+def graphs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, og.Exported]:
+    return og.export_each(tmp_path_factory.mktemp("visionzip_onnx"), vz.visionzip_op, GRAPHS, INPUTS, n=N, d=D, dv=DV)
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_graph_structure(graphs: dict[str, Exported], name: str) -> None:
+def test_graph_structure(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
-    onnx.checker.check_model(g.model)
-    assert {o.domain: o.version for o in g.model.opset_import}.get("") == 20
-    nodes = list(_all_nodes(g.model.graph))
-    ops = collections.Counter(n.op_type for n in nodes)
-    assert ops["NonZero"] == 0, "data-dependent shapes: no NonZero"
-    assert ops["Loop"] == 0 and ops["Scan"] == 0, "VisionZip needs no loop"
-    assert all(n.domain in ("", "ai.onnx") for n in nodes), "standard ops only"
-    assert len(nodes) < 80, f"{len(nodes)} nodes"  # 60 with contextual tokens, fewer without
-    topks = [n for n in nodes if n.op_type == "TopK"]
-    assert len(topks) == 1
-    for node in topks:
-        attrs = {a.name: a.i for a in node.attribute}
-        assert attrs.get("sorted", 1) == 1
-    for node in nodes:  # CumSum's axis must be an initializer (TensorRT)
+    inputs = {"tokens": ["batch", N, D], "cls_attention": ["batch", N], "patch_keys": ["batch", N, DV]}
+    ops = og.check_graph(g, inputs, absent=("NonZero", "Loop", "Scan"))  # VisionZip needs no loop
+    assert og.node_count(g.model) < 80, og.node_count(g.model)  # 60 with contextual tokens, fewer without
+    assert ops["TopK"] == 1
+    for node in og.all_nodes(g.model.graph):  # CumSum's axis must be an initializer (TensorRT)
         if node.op_type == "CumSum":
             assert node.input[1] in {i.name for i in g.model.graph.initializer}
-    inputs = {v.name: _dims(v) for v in g.model.graph.input}
-    outputs = {v.name: _dims(v) for v in g.model.graph.output}
-    batch = inputs["tokens"][0]
-    assert isinstance(batch, str), "batch must be symbolic (example batch 2, never specialised)"
-    assert inputs == {"tokens": [batch, N, D], "cls_attention": [batch, N], "patch_keys": [batch, N, DV]}
-    assert outputs == {"kept_tokens": [batch, g.budget, D], "kept_indices": [batch, g.budget]}
 
 
-def test_graph_size_does_not_depend_on_budget(graphs: dict[str, Exported]) -> None:
-    ops = [collections.Counter(n.op_type for n in _all_nodes(graphs[k].model.graph)) for k in ("k8", "k47")]
-    assert ops[0] == ops[1]
+def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported]) -> None:
+    assert og.op_counts(graphs["k8"].model) == og.op_counts(graphs["k47"].model)
 
 
 # ----------------------------------------------------------------------------------------- ORT vs reference
@@ -311,7 +214,7 @@ def test_random_case_count() -> None:
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
-def test_ort_matches_reference(graphs: dict[str, Exported], name: str) -> None:
+def test_ort_matches_reference(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
     for kind in sorted(KINDS):
         cases = make_cases(kind, CASES_PER_KIND[name], stream=1)
@@ -321,7 +224,7 @@ def test_ort_matches_reference(graphs: dict[str, Exported], name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["k8", "k12_half_h4"])
-def test_ort_batch_rows_are_independent(graphs: dict[str, Exported], name: str) -> None:
+def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported], name: str) -> None:
     g = graphs[name]
     cases = [make_cases(kind, 1, stream=2)[0] for kind in sorted(KINDS)]
     batched, kept_batched = g.run(*stack(cases))
@@ -366,7 +269,7 @@ def test_split_extremes() -> None:
     assert vz.split_budget(8, VisionZipConfig(contextual_fraction=1.0)) == (0, 8)
 
 
-def test_dominant_only_is_top_k_with_ties_to_lower_index(graphs: dict[str, Exported]) -> None:
+def test_dominant_only_is_top_k_with_ties_to_lower_index(graphs: dict[str, og.Exported]) -> None:
     cases = make_cases("attention_int_ties", 3, stream=20) + make_cases("attention_all_equal", 1, stream=20)
     indices, _ = graphs["dominant_only"].run(*stack(cases))
     for b, case in enumerate(cases):
@@ -375,7 +278,7 @@ def test_dominant_only_is_top_k_with_ties_to_lower_index(graphs: dict[str, Expor
     assert indices[-1].tolist() == list(range(8))  # all equal -> lowest indices
 
 
-def test_all_equal_attention_layout(graphs: dict[str, Exported]) -> None:
+def test_all_equal_attention_layout(graphs: dict[str, og.Exported]) -> None:
     """All-equal attention: dominant 0..K_d-1; remaining K_d..N-1, targets every step-th of them."""
     g = graphs["k12_half_h4"]  # 6 + 6: remaining 42, step 7 -> targets 6, 13, 20, 27, 34, 41
     case = make_cases("attention_all_equal", 1, stream=21)[0]
@@ -434,7 +337,7 @@ def test_target_without_sources_is_the_target_itself() -> None:
     np.testing.assert_array_equal(kept[0, 7:], tokens[[13, 20, 27, 34, 41]])
 
 
-def test_k_equals_n_minus_one_drops_the_last_remaining_token(graphs: dict[str, Exported]) -> None:
+def test_k_equals_n_minus_one_drops_the_last_remaining_token(graphs: dict[str, og.Exported]) -> None:
     """K = N-1 (40 + 7): 8 remaining, step 1, targets = the first 7 of them; the 8th is merged and dropped."""
     g = graphs["k47"]
     cases = make_cases("gaussian", 4, stream=23)
@@ -527,8 +430,5 @@ def test_bad_budget_raises(budget: int) -> None:
 
 
 def test_reference_imports_without_torch() -> None:
-    """The NumPy reference is importable on the runtime path: the module imports torch only inside the op."""
-    code = "import sys, prunert.pruning_ops.visionzip as m; m.visionzip_reference; assert 'torch' not in sys.modules"
-    repo = str(Path(__file__).resolve().parents[2])
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [repo, os.environ.get("PYTHONPATH", "")]))}
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, cwd=repo, env=env)
+    inputs = "{'tokens': x, 'cls_attention': x[:, 0], 'patch_keys': x}"
+    og.check_reference_without_torch("visionzip", "visionzip_reference", "VisionZipConfig", inputs)

@@ -3,6 +3,8 @@ VLMPipeline end to end on the exported tiny artifact, and `prunert run` / `prune
 
 from __future__ import annotations
 
+from prunert.config import SCHEMA_VERSION
+
 import os
 import subprocess
 import sys
@@ -114,6 +116,6 @@ def test_cli_run_and_inspect_without_torch(tiny_artifact: Path) -> None:
     assert "CODES 0 0 0 2" in result.stdout, result.stdout + result.stderr
     assert "kept 16/100 visual tokens (resprune)" in result.stderr
     assert "K=16 of N=100" in result.stdout  # the inspect table
-    assert '"schema_version": 1' in result.stdout  # inspect --json
+    assert f'"schema_version": {SCHEMA_VERSION}' in result.stdout  # inspect --json
     assert "prunert: error: prompt 'no placeholder'" in result.stderr
     assert "Traceback" not in result.stderr
