@@ -409,7 +409,7 @@ def machine() -> dict:
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
     mem = next((line.split(":", 1)[1].strip() for line in open("/proc/meminfo") if line.startswith("MemTotal")), "?")
     return {"cpu_model": cpu, "cores": os.cpu_count(), "mem_total": mem, "platform": platform.platform(),
-            "python": platform.python_version(), "load_avg_at_end": os.getloadavg()}
+            "python": platform.python_version(), "load_avg_at_start": os.getloadavg()}
 
 
 def versions() -> dict:
@@ -427,6 +427,7 @@ def main(argv=None) -> int:
     args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters.llava.synthetic import synthetic_checkpoint
 
+    environment = {"machine": machine(), "versions": versions()}  # at the start: the code that exports
     log(f"preset {args.preset}: budgets {args.budgets} + unpruned, {args.repeats} rounds, {args.new_tokens} new tokens")
     checkpoint = synthetic_checkpoint(args.preset)
     log(f"synthetic checkpoint {checkpoint} ({time.perf_counter() - started:.1f} s)")
@@ -440,25 +441,28 @@ def main(argv=None) -> int:
     for key in ("_tokens", "_text", "_ids"):
         base.pop(key)
     add_ratios(rows, hf, selection)
-    probes = probe_summary(rows, hf)
-    lines = headlines(rows, hf, selection, probes)
-    same = {row["checkpoint"] for row in rows} | ({hf["checkpoint"]} if hf else set()) == {checkpoint.name}
-    if not same:  # the preset changed under us (another process rewrote the cache): ORT and HF differ
+    report = {"statement": STATEMENT, "preset": args.preset, "checkpoint": str(checkpoint), "image": str(IMAGE.relative_to(ROOT)),
+              "prompt": PROMPT, "rounds": args.repeats, "new_tokens": args.new_tokens, **environment, "configurations": rows,
+              "hf_eager": hf, "selection_op": {str(k): v for k, v in selection.items()}, "definitions": DEFINITIONS}
+    write_report(args, report, started)
+    return 0
+
+
+def write_report(args: argparse.Namespace, report: dict, started: float) -> None:
+    rows, hf = report["configurations"], report["hf_eager"]
+    probes = report["speed_probe"] = probe_summary(rows, hf)
+    lines = headlines(rows, hf, {int(k): v for k, v in report["selection_op"].items()}, probes)
+    checkpoints = {row["checkpoint"] for row in rows} | ({hf["checkpoint"]} if hf else set())
+    report["same_checkpoint"] = checkpoints == {Path(report["checkpoint"]).name}
+    if not report["same_checkpoint"]:  # the preset changed under us (another process rewrote the cache)
         lines.append("WARNING: configurations come from different checkpoints; re-run to re-export")
     for stat, title in (("median", f"median of {args.repeats} rounds"), ("best", f"best of {args.repeats} rounds (fastest run)")):
         print(f"\n{title}\n{table(rows, hf, stat)}")
     print("\n" + "\n".join(lines) + f"\nnote: {STATEMENT}")
-    report = {
-        "statement": STATEMENT, "preset": args.preset, "checkpoint": str(checkpoint), "same_checkpoint": same,
-        "image": str(IMAGE.relative_to(ROOT)), "prompt": PROMPT, "rounds": args.repeats, "new_tokens": args.new_tokens,
-        "machine": machine(), "versions": versions(), "configurations": rows, "hf_eager": hf,
-        "selection_op": {str(k): v for k, v in selection.items()}, "speed_probe": probes, "headlines": lines,
-        "definitions": DEFINITIONS, "peak_rss_mb_bench_process": peak_rss_mb(), "total_wall_s": time.perf_counter() - started,
-    }
+    report.update(headlines=lines, peak_rss_mb_bench_process=peak_rss_mb(), total_wall_s=time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2, default=float) + "\n")
     log(f"wrote {args.out} (total {time.perf_counter() - started:.0f} s)")
-    return 0
 
 
 if __name__ == "__main__":
