@@ -119,6 +119,14 @@ def _check_trt(args: argparse.Namespace) -> int:
     return 0 if all(result.ok for result in results) else 1
 
 
+def _visualize(args: argparse.Namespace) -> int:
+    from prunert.visualize import visualize
+
+    out = visualize(args.artifact, args.image, args.prompt, args.out, scale=args.scale)
+    print(f"wrote {out}")
+    return 0
+
+
 def _add_method_flags(parser: argparse.ArgumentParser) -> None:
     """One flag per field of every method's config (--alpha, --seed, ...); unset flags keep the method's default."""
     from dataclasses import MISSING, fields
@@ -201,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--assume-constant-folding", action="store_true",
                    help="accept inputs computed from constants where the parser needs initializers (fold them before building)")
     p.set_defaults(func=_check_trt)
+
+    p = sub.add_parser("visualize", help="draw the visual tokens each artifact keeps on a photo, as a PNG (no torch needed)")
+    p.add_argument("artifact", type=Path, nargs="+", help="one or more artifact directories; one panel each, side by side")
+    p.add_argument("--image", type=Path, required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="prompt with one <image> placeholder (text-aware methods use it)")
+    p.add_argument("--out", type=Path, required=True, help="PNG file to write (its directory is created)")
+    p.add_argument("--scale", type=int, help="integer zoom of each panel (default: enough for a panel >= 300 px)")
+    p.set_defaults(func=_visualize)
     return parser
 
 
