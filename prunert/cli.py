@@ -42,7 +42,7 @@ def _export(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from prunert.config import GenerationConfig
     from prunert.errors import ConfigError
-    from prunert.runtime import VLMPipeline
+    from prunert.runtime import Artifact, VLMPipeline
 
     images, prompts = args.image, args.prompt
     if len(prompts) == 1 and len(images) > 1:
@@ -50,7 +50,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(images) != len(prompts):
         raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    pipe = VLMPipeline(args.artifact, backend=args.backend)
+    pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend)
     stream = args.stream and len(images) == 1
 
     def on_token(row: int, token: int, text: str) -> None:
@@ -183,6 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=gen.seed)
     p.add_argument("--backend", default="onnxruntime", help="runner backend (default: %(default)s)")
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end instead of streaming")
+    p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files (seconds on multi-GB artifacts)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("parity", help="compare the exported pipeline with the PyTorch reference, stage by stage")

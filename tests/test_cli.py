@@ -278,3 +278,12 @@ def test_run_rejects_image_prompt_count_mismatch(error_line, capsys, tiny_artifa
     code, _, err = _main(capsys, "run", tiny_artifact, *images, "--prompt", PROMPT, "--prompt", PROMPT)
     assert code == 2
     error_line(err, "--image/--prompt", "3 images and 2 prompts")
+
+
+def test_run_no_verify_skips_the_hash_check(capsys, artifact_copy: Path) -> None:
+    path = artifact_copy / "preprocessor_config.json"
+    path.write_text(path.read_text() + "\n")  # same content for the runtime, different sha256
+    args = ["run", str(artifact_copy), "--image", str(PHOTO), "--prompt", "<image> What is it?", "--max-new-tokens", "2"]
+    assert cli.main(args) == 2
+    assert "sha256" in capsys.readouterr().err
+    assert cli.main([*args, "--no-verify"]) == 0
