@@ -116,7 +116,7 @@ def export_selection(
             opset_version=OPSET,
             input_names=list(names),
             output_names=[f"{kind}_{k}" for k in budgets for kind in ("kept_indices", "kept_tokens")],
-            dynamic_shapes={"tensors": tuple(dynamic)},
+            dynamic_shapes={"tensors": tuple(dynamic)},  # keyed by SelectGraph.forward's parameter, *tensors
             verbose=False,
         )
     program.save(str(path))
