@@ -30,6 +30,15 @@ def check_budget(budget: int, n: int, method: str, topk: bool = True) -> None:
         raise ValueError(f"{method}: budget {budget} > {MAX_TOPK}, TensorRT's TopK limit")
 
 
+def select_fixed(tokens: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input-independent selection: tokens [B, N, D], indices (K ascending ints) -> ([B, K, D], [B, K]).
+
+    Gathers with the [K] constant along dim 1 (ONNX Gather), so the graph carries K integers rather
+    than an index tensor expanded to [B, K, D] that the exporter would fold into a K x D constant."""
+    row = torch.tensor(indices, dtype=torch.int64, device=tokens.device)  # [K]
+    return tokens.index_select(1, row), fixed_indices(tokens, indices)
+
+
 def fixed_indices(tokens: torch.Tensor, indices: list[int]) -> torch.Tensor:
     """The same kept indices for every row: tokens [B, N, D], indices (K ascending ints) -> [B, K] int64.
 

@@ -40,13 +40,12 @@ def random_indices(seed: int, n: int, budget: int) -> list[int]:
 
 def random_op(inputs: dict[str, torch.Tensor], budget: int, cfg: RandomConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Registry entry: inputs {"tokens" [B, N, D], ...} -> kept tokens [B, K, D], kept indices [B, K] ascending."""
-    from prunert.pruning_ops.common import check_budget, fixed_indices, gather_tokens
+    from prunert.pruning_ops.common import check_budget, select_fixed
 
     tokens = inputs["tokens"]  # [B, N, D]; N is static in every exported graph
     n = int(tokens.shape[1])
     check_budget(budget, n, "random", topk=False)
-    kept = fixed_indices(tokens, random_indices(cfg.seed, n, budget))  # [B, K] int64, a graph constant
-    return gather_tokens(tokens, kept), kept  # [B, K, D], [B, K]
+    return select_fixed(tokens, random_indices(cfg.seed, n, budget))  # [B, K, D], [B, K] int64: graph constants, no data-dependent op
 
 
 def random_reference(inputs: dict[str, np.ndarray], budget: int, cfg: RandomConfig) -> tuple[np.ndarray, np.ndarray]:
