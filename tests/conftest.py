@@ -2,7 +2,7 @@
 
 The artifact is exported once per session (~15-30 s); tests that tamper with an artifact copy it
 first (`artifact_copy`), never modify the shared one. Helpers are fixtures (`tiny_settings`,
-`error_line`, `cli_subprocess`), so test modules never import this file.
+`error_line`, `cli_subprocess`, `python_without`), so test modules never import this file.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -48,6 +49,46 @@ def error_line():
 def cli_subprocess():
     """run_cli(*args) -> CompletedProcess of `python -m prunert.cli ARGS`."""
     return run_cli
+
+
+# Installed before anything else is imported: any import of a blocked package (or a submodule) raises
+# ImportError, as on an edge device where it is not installed.
+_IMPORT_BLOCKER = """
+import sys
+
+BLOCKED = {blocked!r}
+
+class Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED:
+            raise ImportError(f"{{name}} is blocked in this test (runtime must not need it)")
+        return None
+
+sys.meta_path.insert(0, Blocker())
+
+def assert_no_heavy_modules():
+    heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    assert not heavy, heavy
+"""
+
+
+def run_python_without(code: str, *args: object, blocked: tuple[str, ...] = ("torch", "transformers")) -> subprocess.CompletedProcess:
+    """`python -c CODE ARGS` with `blocked` packages unimportable; CODE may call assert_no_heavy_modules()."""
+    source = _IMPORT_BLOCKER.format(blocked=tuple(blocked)) + textwrap.dedent(code)
+    return subprocess.run(
+        [sys.executable, "-c", source, *map(str, args)],
+        cwd=REPO,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def python_without():
+    """run_python_without(code, *args, blocked=("torch", "transformers")) -> CompletedProcess."""
+    return run_python_without
 
 
 @pytest.fixture(scope="session", autouse=True)

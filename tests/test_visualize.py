@@ -3,11 +3,7 @@ per artifact), the model-view crop geometry, bad input -> one `prunert: error:` 
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -215,44 +211,17 @@ def test_non_square_token_count_is_a_config_error(artifact_copy: Path, tmp_path:
 
 # ---------------------------------------------------------------------------------------- no torch
 
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-
-    BLOCKED = ("torch", "transformers", "matplotlib")
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test (runtime must not need it)")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-    """
-)
-
-
-def test_cli_visualize_without_torch(tiny_artifact: Path, tmp_path: Path) -> None:
+def test_cli_visualize_without_torch(python_without, tiny_artifact: Path, tmp_path: Path) -> None:
     out = tmp_path / "nt" / "v.png"
-    code = BLOCKER + textwrap.dedent(
-        """
+    code = """
         from prunert import cli
 
         artifact, photo, prompt, out = sys.argv[1:5]
         code = cli.main(["visualize", artifact, "--image", photo, "--prompt", prompt, "--out", out])
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        assert not heavy, heavy
+        assert_no_heavy_modules()
         print(f"CODE {code}")
         """
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", code, str(tiny_artifact), str(PHOTO), PROMPT, str(out)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    result = python_without(code, tiny_artifact, PHOTO, PROMPT, out, blocked=("torch", "transformers", "matplotlib"))
     assert result.returncode == 0, result.stderr
     assert "CODE 0" in result.stdout, result.stdout + result.stderr
     assert out.is_file()

@@ -5,52 +5,14 @@ from __future__ import annotations
 
 from prunert.config import SCHEMA_VERSION
 
-import os
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
 PROMPT = "<image>\nWhat is in the picture?"
 
-# Installed before anything else is imported: any import of torch / transformers (or a submodule)
-# raises ImportError, as on an edge device where they are not installed.
-BLOCKER = textwrap.dedent(
-    """
-    import sys
-
-    BLOCKED = ("torch", "transformers")
-
-    class Blocker:
-        def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
-                raise ImportError(f"{name} is blocked in this test (runtime must not need it)")
-            return None
-
-    sys.meta_path.insert(0, Blocker())
-
-    def assert_no_heavy_modules():
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
-        assert not heavy, heavy
-    """
-)
-
-
-def _python(code: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-c", BLOCKER + textwrap.dedent(code), *map(str, args)],
-        cwd=REPO,
-        env=dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-
-
-def test_blocker_blocks() -> None:
-    result = _python(
+def test_blocker_blocks(python_without) -> None:
+    result = python_without(
         """
         for name in ("torch", "transformers", "torch.nn"):
             try:
@@ -67,8 +29,8 @@ def test_blocker_blocks() -> None:
     assert result.stdout.strip() == "blocked"
 
 
-def test_pipeline_end_to_end_without_torch(tiny_artifact: Path) -> None:
-    result = _python(
+def test_pipeline_end_to_end_without_torch(python_without, tiny_artifact: Path) -> None:
+    result = python_without(
         """
         import prunert.runtime
         from prunert.config import GenerationConfig
@@ -94,8 +56,8 @@ def test_pipeline_end_to_end_without_torch(tiny_artifact: Path) -> None:
     assert len(lines["TOKENS"].split(",")) >= 1
 
 
-def test_cli_run_and_inspect_without_torch(tiny_artifact: Path) -> None:
-    result = _python(
+def test_cli_run_and_inspect_without_torch(python_without, tiny_artifact: Path) -> None:
+    result = python_without(
         """
         from prunert import cli
 
