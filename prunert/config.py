@@ -8,7 +8,17 @@ from typing import Any
 from prunert.errors import ConfigError
 
 DEFAULT_OPSET = 20
-SCHEMA_VERSION = 2  # 2: text.max_batch, source.revision
+SCHEMA_VERSION = 3  # 2: text.max_batch, source.revision; 3: variants (fp16/bf16/int8/fp8 graphs), engines
+READABLE_SCHEMA_VERSIONS = (2, 3)  # a schema-2 manifest reads as one with no variants and no engines
+
+# Name scope of the selection op in the exported vision graph (graphs.Selection): precision conversion
+# and quantization find the op's nodes by it and keep them in fp32 (argmax decisions are precision-sensitive).
+SELECTION_SCOPE = "selection"
+
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+FLOAT_PRECISIONS = ("fp16", "bf16")  # prunert.export.precision: cast weights, fp32 islands
+QUANTIZED_PRECISIONS = ("int8", "fp8")  # prunert.calibration: explicit Q/DQ from a calibration set
+GRAPH_NAMES = ("vision", "decoder")
 
 
 @dataclass(frozen=True)
@@ -172,13 +182,125 @@ class GenerationConfig:
             raise ConfigError(f"top_p: got {self.top_p}, expected 0 < top_p <= 1")
 
 
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
+    if precision not in allowed:
+        raise ConfigError(f"{flag}: got {precision!r}, expected one of {list(allowed)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """fp16/bf16 conversion of an artifact's fp32 graphs into strongly typed graphs (prunert.export.precision).
+
+    fp32_op_types:      op types that stay fp32 islands (LayerNorm after attention overflows in fp16).
+    fp32_node_patterns: fnmatch patterns on node names or name scopes kept in fp32, e.g.
+                        "*encoder.layers.23.mlp.fc2*" for a late MLP down-projection.
+    keep_selection_fp32: the selection op (SELECTION_SCOPE) stays fp32; its argmax decisions are precision-sensitive.
+    auto_islands:       run the fp32 graph on sample inputs and keep every node whose output magnitude
+                        exceeds overflow_fraction * the target type's largest finite value in fp32.
+    """
+
+    precision: str = "fp16"
+    fp32_op_types: tuple[str, ...] = ("LayerNormalization",)
+    fp32_node_patterns: tuple[str, ...] = ()
+    keep_selection_fp32: bool = True
+    auto_islands: bool = True
+    overflow_fraction: float = 0.25
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, FLOAT_PRECISIONS)
+        if not 0 < self.overflow_fraction <= 1:
+            raise ConfigError(f"overflow_fraction: got {self.overflow_fraction}, expected 0 < fraction <= 1")
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    """Explicit (Q/DQ) quantization of an artifact's graphs from a calibration set (prunert.calibration).
+
+    Symmetric int8 with per-channel weights and per-tensor activations, or FP8 E4M3. Only op_types are
+    quantized (quantizing every op wrecks the [CLS] ranking); the selection op always stays fp32.
+    """
+
+    precision: str = "int8"
+    quantizer: str = "onnxruntime"  # "onnxruntime" (onnxruntime.quantization) or "modelopt" (nvidia-modelopt)
+    op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
+    graphs: tuple[str, ...] = GRAPH_NAMES
+    method: str = "minmax"  # activation range: "minmax", "percentile", "entropy"
+    max_samples: int = 32
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, QUANTIZED_PRECISIONS)
+        if self.quantizer not in ("onnxruntime", "modelopt"):
+            raise ConfigError(f"--quantizer: got {self.quantizer!r}, expected 'onnxruntime' or 'modelopt'")
+        if self.method not in ("minmax", "percentile", "entropy"):
+            raise ConfigError(f"--calibration-method: got {self.method!r}, expected 'minmax', 'percentile' or 'entropy'")
+        unknown = sorted(set(self.graphs) - set(GRAPH_NAMES))
+        if unknown or not self.graphs:
+            raise ConfigError(f"graphs: got {list(self.graphs)}, expected a non-empty subset of {list(GRAPH_NAMES)}")
+        if self.max_samples < 1:
+            raise ConfigError(f"max_samples: got {self.max_samples}, expected >= 1")
+
+
+@dataclass(frozen=True)
+class EngineBuildConfig:
+    """TensorRT engine build settings (prunert.engines). Sizes default to the manifest's maxima.
+
+    The network is always strongly typed: precision comes from the graph variant, never builder flags.
+    """
+
+    precision: str = "fp32"
+    max_batch: int | None = None  # None: the manifest's text.max_batch
+    max_seq: int | None = None  # None: the manifest's text.max_sequence
+    opt_batch: int = 1
+    workspace_bytes: int = 4 << 30
+    optimization_level: int = 3  # TensorRT builder optimization level 0..5
+    graphs: tuple[str, ...] = GRAPH_NAMES
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision)
+        for name, value in (("--max-batch", self.max_batch), ("--max-seq", self.max_seq)):
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: got {value}, expected >= 1")
+        if not 0 <= self.optimization_level <= 5:
+            raise ConfigError(f"optimization_level: got {self.optimization_level}, expected 0..5")
+        unknown = sorted(set(self.graphs) - set(GRAPH_NAMES))
+        if unknown or not self.graphs:
+            raise ConfigError(f"graphs: got {list(self.graphs)}, expected a non-empty subset of {list(GRAPH_NAMES)}")
+
+
 @dataclass(frozen=True)
 class ParityTolerances:
-    """Per-output tolerances for fp32 parity, in one place."""
+    """Per-output tolerances for parity, in one place. `for_precision` gives each precision's bar.
+
+    A check with a None bound is not applied at that precision (elementwise max-abs is meaningless
+    for fp16/int8 logits; cosine and set overlap carry the comparison there).
+    """
 
     pixels_max_abs: float = 1e-4
-    tokens_max_abs: float = 1e-3
+    kept_min_overlap: float = 1.0  # |ours ∩ reference| / K
+    tokens_max_abs: float | None = 1e-3
     tokens_min_cosine: float = 0.99999
-    logits_max_abs: float = 1e-3
+    logits_max_abs: float | None = 1e-3
     logits_min_cosine: float = 0.99999
+    tie_margin: float = 1e-3  # a greedy divergence after a top-2 margin at most this is a TIE, not a FAIL
     greedy_tokens: int = 8
+
+    @classmethod
+    def for_precision(cls, precision: str, greedy_tokens: int = 8) -> "ParityTolerances":
+        check_precision(precision)
+        return cls(greedy_tokens=greedy_tokens, **PRECISION_TOLERANCES[precision])
+
+
+# The bars per precision (docs/deploy.md explains them). fp16/bf16 follow the issue: kept-index overlap
+# >= 0.98 and logits cosine >= 0.999. int8/fp8 are looser by design and documented, never loosened silently.
+PRECISION_TOLERANCES: dict[str, dict[str, Any]] = {
+    "fp32": {},
+    "fp16": {"kept_min_overlap": 0.98, "tokens_max_abs": None, "tokens_min_cosine": 0.999,
+             "logits_max_abs": None, "logits_min_cosine": 0.999, "tie_margin": 0.05},
+    "bf16": {"kept_min_overlap": 0.95, "tokens_max_abs": None, "tokens_min_cosine": 0.995,
+             "logits_max_abs": None, "logits_min_cosine": 0.995, "tie_margin": 0.25},
+    "int8": {"kept_min_overlap": 0.90, "tokens_max_abs": None, "tokens_min_cosine": 0.98,
+             "logits_max_abs": None, "logits_min_cosine": 0.98, "tie_margin": 0.5},
+    "fp8": {"kept_min_overlap": 0.90, "tokens_max_abs": None, "tokens_min_cosine": 0.98,
+            "logits_max_abs": None, "logits_min_cosine": 0.98, "tie_margin": 0.5},
+}

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Union
 
-from prunert.config import SCHEMA_VERSION
+from prunert.config import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from prunert.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -84,6 +84,36 @@ class DecoderSpec:
 
 
 @dataclass(frozen=True)
+class VariantSpec:
+    """The artifact's graphs at one lower precision (fp16/bf16: cast weights + fp32 islands; int8/fp8: Q/DQ).
+
+    graphs names every graph; one the variant leaves in fp32 points at the top-level fp32 file.
+    """
+
+    precision: str
+    graphs: dict[str, GraphSpec]
+    tool: str  # what wrote it, with its version: "prunert.export.precision", "onnxruntime.quantization 1.31.1", ...
+    settings: dict[str, Any]  # islands / quantized op types / calibration set summary: enough to redo it
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """One TensorRT engine built from one graph of the artifact on one GPU (engines are not portable)."""
+
+    graph: str  # "vision" / "decoder"
+    precision: str
+    file: str  # "engines/<graph>-<precision>-<key>.plan"
+    cache_key: str  # sha256 of onnx + profiles + builder settings + TensorRT version + compute capability
+    onnx_sha256: str
+    tensorrt_version: str
+    compute_capability: str  # "8.7" (Orin), "9.0" (H100), ...
+    device_name: str
+    profiles: tuple[dict[str, Any], ...]  # {"name": ..., "shapes": {input: [min, opt, max]}}
+    builder: dict[str, Any]  # EngineBuildConfig fields and anything else that went into the key
+    build_seconds: float
+
+
+@dataclass(frozen=True)
 class Manifest:
     schema_version: int
     prunert_version: str
@@ -96,7 +126,23 @@ class Manifest:
     decoder: DecoderSpec
     image_preprocessor: str  # preprocessor_config.json (Hugging Face format)
     family_config: dict[str, Any] = field(default_factory=dict)  # adapter-owned, opaque to generic code
+    variants: dict[str, VariantSpec] = field(default_factory=dict)  # precision -> graphs (schema 3)
+    engines: tuple[EngineSpec, ...] = ()  # TensorRT engines built into this artifact (schema 3)
     files: dict[str, str] = field(default_factory=dict)  # file name -> sha256 of every other file
+
+    def graph_spec(self, graph: str, precision: str = "fp32") -> GraphSpec:
+        """The graph to run at a precision; an ArtifactError names the command that makes a missing variant."""
+        if graph not in self.graphs:
+            raise ArtifactError(f"{MANIFEST_NAME}: no graph {graph!r}; the artifact has {sorted(self.graphs)}")
+        if precision == "fp32":
+            return self.graphs[graph]
+        if precision not in self.variants:
+            make = "prunert calibrate ARTIFACT --images DIR" if precision in ("int8", "fp8") else "prunert convert ARTIFACT"
+            raise ArtifactError(
+                f"{MANIFEST_NAME}: no {precision} graphs (the artifact has {['fp32', *sorted(self.variants)]}); "
+                f"make them with `{make} --precision {precision}`"
+            )
+        return self.variants[precision].graphs[graph]
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -113,10 +159,15 @@ class Manifest:
                 f"{MANIFEST_NAME}: schema_version {version} is newer than this prunert supports "
                 f"({SCHEMA_VERSION}); upgrade prunert or re-export"
             )
-        if version < SCHEMA_VERSION:
+        if version not in READABLE_SCHEMA_VERSIONS:
             raise ArtifactError(
-                f"{MANIFEST_NAME}: schema_version {version} is older than this prunert reads ({SCHEMA_VERSION}); re-export the artifact"
+                f"{MANIFEST_NAME}: schema_version {version} is older than this prunert reads ({list(READABLE_SCHEMA_VERSIONS)}); re-export the artifact"
             )
+        if version < SCHEMA_VERSION:  # older readable schema: the fields it lacks keep their defaults
+            unknown = sorted(set(data) & {"variants", "engines"})
+            if unknown:
+                raise ArtifactError(f"{MANIFEST_NAME}: schema_version {version} has no {unknown}")
+            data = {**data, "schema_version": SCHEMA_VERSION}
         return _build(cls, data, "manifest")
 
 
@@ -169,6 +220,10 @@ def _convert(type_name: Any, value: Any, where: str) -> Any:
         if not isinstance(value, dict):
             raise ArtifactError(f"{MANIFEST_NAME}: '{where}' must be an object")
         return {key: _graph(spec, f"{where}.{key}") for key, spec in value.items()}
+    if type_name == "dict[str, VariantSpec]":
+        return {key: _variant(spec, f"{where}.{key}") for key, spec in value.items()}
+    if type_name == "tuple[EngineSpec, ...]":
+        return tuple(_engine(spec, f"{where}[{i}]") for i, spec in enumerate(value))
     if type_name.startswith("tuple") and isinstance(value, list):
         return tuple(value)
     return value
@@ -181,6 +236,20 @@ def _graph(data: Any, where: str) -> GraphSpec:
         for kind in ("inputs", "outputs")
     )
     return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data)
+
+
+def _variant(data: Any, where: str) -> VariantSpec:
+    variant = _build(VariantSpec, data, where)
+    if not isinstance(variant.settings, dict):
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}.settings' must be an object")
+    return variant
+
+
+def _engine(data: Any, where: str) -> EngineSpec:
+    engine = _build(EngineSpec, data, where)
+    if not all(isinstance(p, dict) for p in engine.profiles) or not isinstance(engine.builder, dict):
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}': profiles must be objects and builder an object")
+    return engine
 
 
 def sha256_file(path: Path) -> str:

@@ -13,7 +13,19 @@ import torch
 from torch.export import Dim
 
 from prunert import pruning_ops
-from prunert.config import BudgetConfig, ExportConfig
+from prunert.config import SELECTION_SCOPE, BudgetConfig, ExportConfig
+
+
+class Selection(torch.nn.Module):
+    """The selection op as a submodule, so every node it exports carries the SELECTION_SCOPE name scope
+    (precision conversion and quantization keep that region in fp32 by finding it)."""
+
+    def __init__(self, budget: BudgetConfig):
+        super().__init__()
+        self.budget = budget
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pruning_ops.select(inputs, self.budget)  # [B, K, D], [B, K]
 
 
 class VisionPruneGraph(torch.nn.Module):
@@ -24,12 +36,14 @@ class VisionPruneGraph(torch.nn.Module):
         self.adapter = adapter
         self.budget = budget
         self.tower = adapter.model  # registered so export sees the parameters
+        setattr(self, SELECTION_SCOPE, Selection(budget))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
         needs = pruning_ops.method_spec(self.budget.method).needs
         features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] + extras
-        return pruning_ops.select({**features, "text": text_embeds, "text_mask": text_mask}, self.budget)  # [B, K, D], [B, K]
+        select = getattr(self, SELECTION_SCOPE)
+        return select({**features, "text": text_embeds, "text_mask": text_mask})  # [B, K, D], [B, K]
 
 
 class DecoderGraph(torch.nn.Module):

@@ -1,0 +1,112 @@
+"""Adding files to an existing artifact (precision variants, quantized graphs, TensorRT engines)
+without ever leaving it half-written.
+
+New files are written under `ARTIFACT/.staging/<name>-<random>/`, then the folder is renamed to
+`ARTIFACT/<name>-<random>/` and the manifest is replaced atomically (temp file + os.replace) with one
+that lists them and their sha256. Until that replace the old manifest stands and names only old files;
+an interrupted update leaves at most an unlisted folder, which the next update or `prunert inspect`
+ignores. Folders a committed update drops are deleted after the manifest no longer names them.
+
+Standard library only: `prunert build` runs on the target, where torch is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Callable, Iterable
+
+from prunert.errors import ArtifactError
+from prunert.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+
+STAGING_DIR = ".staging"
+
+
+class ArtifactUpdate:
+    """with ArtifactUpdate(artifact, "fp16") as update:
+           write files under update.staging; name them in the manifest as update.file("vision.onnx")
+           update.commit(lambda manifest: replace(manifest, variants=...), drop=[old folder])
+    Leaving the block without commit (an exception, Ctrl-C) removes the staged files."""
+
+    def __init__(self, directory: Path | str, name: str):
+        self.directory = Path(directory)
+        load_manifest(self.directory, verify_hashes=False)  # a clear error before anything is written
+        self.folder = f"{name}-{secrets.token_hex(4)}"
+        self.staging = self.directory / STAGING_DIR / self.folder
+        self.staging.mkdir(parents=True)
+        self.committed: Manifest | None = None
+
+    def file(self, name: str) -> str:
+        """The manifest's name for a file staged at self.staging / name."""
+        return f"{self.folder}/{name}"
+
+    def commit(self, update: Callable[[Manifest], Manifest], drop: Iterable[str] = ()) -> Manifest:
+        """Install the staged folder and the manifest update(old) lists; drop whole folders the old one listed."""
+        old = load_manifest(self.directory, verify_hashes=False)
+        new = update(old)
+        drop = [folder.rstrip("/") for folder in drop if folder]
+        final = self.directory / self.folder
+        os.rename(self.staging, final)
+        try:
+            files = {name: digest for name, digest in old.files.items() if not any(name.startswith(d + "/") for d in drop)}
+            for path in sorted(final.rglob("*")):
+                if path.is_file():
+                    files[str(path.relative_to(self.directory))] = sha256_file(path)
+            new = replace(new, files=files)
+            _check_listed(new)
+            write_manifest(self.directory, new)
+        except BaseException:
+            shutil.rmtree(final, ignore_errors=True)
+            raise
+        for folder in drop:
+            if (self.directory / folder).resolve().parent == self.directory.resolve():
+                shutil.rmtree(self.directory / folder, ignore_errors=True)
+        _remove_if_empty(self.directory / STAGING_DIR)
+        self.committed = new
+        return new
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+        _remove_if_empty(self.directory / STAGING_DIR)
+
+    def __enter__(self) -> "ArtifactUpdate":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.committed is None:
+            self.abort()
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> None:
+    """Replace ARTIFACT/manifest.json atomically."""
+    handle, temp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=directory)
+    try:
+        with os.fdopen(handle, "w") as out:
+            out.write(manifest.to_json())
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temp, directory / MANIFEST_NAME)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def _check_listed(manifest: Manifest) -> None:
+    """Every graph and engine file the new manifest names must be among its hashed files."""
+    names = [spec.file for spec in manifest.graphs.values()]
+    names += [spec.file for variant in manifest.variants.values() for spec in variant.graphs.values()]
+    names += [engine.file for engine in manifest.engines]
+    missing = sorted(name for name in set(names) if name not in manifest.files)
+    if missing:
+        raise ArtifactError(f"artifact update names files that are not in the artifact: {missing}")
+
+
+def _remove_if_empty(path: Path) -> None:
+    try:
+        path.rmdir()
+    except OSError:
+        pass
