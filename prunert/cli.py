@@ -1,6 +1,7 @@
-"""`prunert` command line: export, run, parity, inspect.
+"""`prunert` command line: export, run, parity, inspect, check-trt, visualize, convert, calibrate, build.
 
-`run` and `inspect` stay on the runtime path (no torch import); `export` and `parity` import torch.
+`run`, `inspect`, `visualize` and `build` stay on the runtime path (no torch import); `export` and
+`parity` import torch; `convert` and `calibrate` need onnx (prunert[export]).
 Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits 1.
 """
 
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from prunert.errors import PrunertError
 
+EXAMPLE_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "examples" / "calibration"
 SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs show the plumbing, not a trained model's answers"
 
 
@@ -50,7 +52,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(images) != len(prompts):
         raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend)
+    pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision)
     stream = args.stream and len(images) == 1
 
     def on_token(row: int, token: int, text: str) -> None:
@@ -65,6 +67,7 @@ def _run(args: argparse.Namespace) -> int:
     t = pipe.timings
     print(
         f"kept {pipe.manifest.budget.budget}/{pipe.manifest.budget.num_visual_tokens} visual tokens ({pipe.manifest.budget.method}); "
+        f"{args.backend} {args.precision}; "
         f"vision {t.vision_s * 1e3:.0f} ms, prefill {t.prefill_s * 1e3:.0f} ms, "
         f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",
         file=sys.stderr,
@@ -78,8 +81,8 @@ def _parity(args: argparse.Namespace) -> int:
     from prunert.config import ParityTolerances
     from prunert.parity.reference import run_parity
 
-    tolerances = ParityTolerances(greedy_tokens=args.greedy_tokens)
-    report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model)
+    tolerances = ParityTolerances.for_precision(args.precision, greedy_tokens=args.greedy_tokens)
+    report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision)
     out = args.out or Path(args.artifact) / "parity.json"
     report.write_json(out)
     print(report.table())
@@ -88,6 +91,79 @@ def _parity(args: argparse.Namespace) -> int:
     print(f"report: {out}")
     print(f"parity: {report.verdict}")
     return 0 if report.passed else 1
+
+
+def _sample_set(images: Path | None, prompts: Path | None, max_samples: int):
+    """The calibration set: --images, else the real photos that ship in examples/calibration."""
+    from prunert.calibration.dataset import load_calibration_set
+    from prunert.errors import ConfigError
+
+    if images is None:
+        images = EXAMPLE_CALIBRATION_DIR
+        if not images.is_dir():
+            raise ConfigError(f"--images: not given, and the bundled set {images} is not here (installed without examples/); pass --images DIR")
+    return load_calibration_set(images, prompts, max_samples)
+
+
+def _sample_feeds(artifact: Path, images: Path | None, prompts: Path | None, max_samples: int):
+    from prunert.calibration.dataset import collect_feeds
+    from prunert.runtime import VLMPipeline
+
+    return collect_feeds(VLMPipeline(artifact), _sample_set(images, prompts, max_samples))
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from prunert.config import PrecisionConfig
+    from prunert.export.precision import convert_artifact
+
+    config = PrecisionConfig(precision=args.precision, fp32_node_patterns=tuple(args.fp32_layer or ()),
+                             fp32_op_types=tuple(args.fp32_op) if args.fp32_op is not None else PrecisionConfig().fp32_op_types,
+                             auto_islands=args.auto_islands)
+    feeds = _sample_feeds(args.artifact, args.images, None, args.max_samples) if config.auto_islands else None
+    convert_artifact(args.artifact, config, feeds)
+    print(f"wrote the {args.precision} graphs into {args.artifact} (listed in its manifest)")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from prunert.calibration.quantize import calibrate_artifact
+    from prunert.config import CalibrationConfig
+
+    config = CalibrationConfig(precision=args.precision, quantizer=args.quantizer, method=args.calibration_method, max_samples=args.max_samples)
+    calibration = _sample_set(args.images, args.prompts, config.max_samples)
+    manifest, drift = calibrate_artifact(args.artifact, calibration, config)
+    print(drift.table())
+    if manifest.source.synthetic:
+        print(SYNTHETIC_NOTE)
+    print(f"wrote the {args.precision} graphs into {args.artifact} (listed in its manifest)")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
+    from prunert.config import FLOAT_PRECISIONS, EngineBuildConfig, PrecisionConfig
+    from prunert.engines.builder import build_engines
+    from prunert.errors import BackendUnavailableError
+    from prunert.manifest import load_manifest
+
+    config = EngineBuildConfig(precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq,
+                               workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level)
+    manifest = load_manifest(args.artifact)
+    if config.precision in FLOAT_PRECISIONS and config.precision not in manifest.variants:
+        print(f"no {config.precision} graphs in the artifact yet: converting (prunert convert) first")
+        try:
+            from prunert.export.precision import convert_artifact
+        except ImportError as exc:
+            raise BackendUnavailableError(
+                f"--precision {config.precision}: converting needs the onnx package ({exc}); "
+                f"install it, or run `prunert convert {args.artifact} --precision {config.precision}` on the workstation"
+            ) from None
+        precision = PrecisionConfig(precision=config.precision)
+        convert_artifact(args.artifact, precision, _sample_feeds(args.artifact, args.images, None, 4) if args.images else None)
+    manifest = build_engines(args.artifact, config)
+    for engine in manifest.engines:
+        if engine.precision == config.precision:
+            print(f"{engine.graph}: {engine.file} (TensorRT {engine.tensorrt_version}, sm {engine.compute_capability})")
+    return 0
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -152,9 +228,20 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
                                help=f"[{owners_text}] default {defaults[field_name]}")
 
 
+def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
+    from prunert.config import PRECISIONS
+    from prunert.runtime.pipeline import BACKENDS
+
+    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
+                        help="onnxruntime (CPU), ort-cuda / ort-trt (onnxruntime-gpu), trt (engines from `prunert build`); default %(default)s")
+    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                        help="graphs to run: fp32 (exported), or a variant made by `prunert convert` / `prunert calibrate`")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from prunert import pruning_ops
-    from prunert.config import BudgetConfig, ExportConfig, GenerationConfig, ParityTolerances
+    from prunert.config import (FLOAT_PRECISIONS, PRECISIONS, QUANTIZED_PRECISIONS, BudgetConfig, CalibrationConfig,
+                                EngineBuildConfig, ExportConfig, GenerationConfig, ParityTolerances, PrecisionConfig)
 
     parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -181,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=gen.top_p)
     p.add_argument("--seed", type=int, default=gen.seed)
-    p.add_argument("--backend", default="onnxruntime", help="runner backend (default: %(default)s)")
+    _add_backend_flags(p)
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end instead of streaming")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files (seconds on multi-GB artifacts)")
     p.set_defaults(func=_run)
@@ -193,7 +280,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="source checkpoint, if it moved since export (default: the manifest's)")
     p.add_argument("--greedy-tokens", type=int, default=ParityTolerances().greedy_tokens, help="greedy steps compared")
     p.add_argument("--out", type=Path, help="parity.json path (default: ARTIFACT/parity.json)")
+    _add_backend_flags(p)
     p.set_defaults(func=_parity)
+
+    p = sub.add_parser("convert", help="add fp16/bf16 graphs (cast weights, fp32 islands) to an artifact, for strongly typed engines")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--precision", required=True, choices=FLOAT_PRECISIONS)
+    p.add_argument("--fp32-layer", action="append", metavar="PATTERN",
+                   help="keep nodes whose name or name scope matches this fnmatch pattern in fp32 (repeat), e.g. '*layers.23.mlp.fc2*'")
+    p.add_argument("--fp32-op", action="append", metavar="OP_TYPE",
+                   help=f"op types kept in fp32 (repeat; default: {', '.join(PrecisionConfig().fp32_op_types)})")
+    p.add_argument("--no-auto-islands", dest="auto_islands", action="store_false",
+                   help="skip the fp32 run that keeps every node whose outputs would overflow in fp16")
+    p.add_argument("--images", type=Path, help="images for the overflow run (default: examples/calibration)")
+    p.add_argument("--max-samples", type=int, default=4, help="images used for the overflow run")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("calibrate", help="add int8/fp8 Q/DQ graphs (explicit quantization) calibrated on images and prompts")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--images", type=Path, help="folder of calibration images (default: the real set in examples/calibration)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the image placeholder (default: built-in prompts)")
+    p.add_argument("--precision", required=True, choices=QUANTIZED_PRECISIONS)
+    p.add_argument("--quantizer", default=CalibrationConfig().quantizer, choices=("onnxruntime", "modelopt"))
+    p.add_argument("--calibration-method", default=CalibrationConfig().method, choices=("minmax", "percentile", "entropy"))
+    p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
+    p.set_defaults(func=_calibrate)
+
+    p = sub.add_parser("build", help="build TensorRT engines for an artifact on this GPU (strongly typed; needs tensorrt)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
+                   help="graphs to build from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
+    p.add_argument("--max-batch", type=int, help="largest batch of the engine profiles (default and ceiling: the manifest's)")
+    p.add_argument("--max-seq", type=int, help="longest decoder sequence of the profiles (default and ceiling: the manifest's)")
+    p.add_argument("--workspace-gb", type=float, default=EngineBuildConfig().workspace_bytes / (1 << 30), help="builder workspace limit")
+    p.add_argument("--opt-level", type=int, default=EngineBuildConfig().optimization_level, help="builder optimization level 0..5")
+    p.add_argument("--images", type=Path, help="images for the fp16 overflow run when converting first")
+    p.set_defaults(func=_build)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest as a table")
     p.add_argument("artifact", type=Path)

@@ -25,5 +25,14 @@ def manifest_table(m: Manifest) -> str:
                 rows.append((f"{graph_name} ({graph.file})", kind, t.name, t.dtype, t.describe()))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines += ["", "precisions    fp32 (exported)"]
+    for precision, variant in sorted(m.variants.items()):
+        files = ", ".join(f"{graph}={spec.file}" for graph, spec in sorted(variant.graphs.items()))
+        lines.append(f"              {precision} by {variant.tool}: {files}")
+    if m.engines:
+        lines += ["", "TensorRT engines (not portable: each runs only on its TensorRT version and GPU)"]
+        for e in m.engines:
+            lines.append(f"  {e.graph:<8} {e.precision:<5} TensorRT {e.tensorrt_version}, sm {e.compute_capability} ({e.device_name}), "
+                         f"{len(e.profiles)} profile(s), built in {e.build_seconds:.0f} s: {e.file}")
     lines += ["", "files"] + [f"  {name:<28} sha256 {digest[:16]}..." for name, digest in sorted(m.files.items())]
     return "\n".join(lines)

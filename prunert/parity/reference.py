@@ -4,6 +4,7 @@ model and `generate`) plus the same selection op run in torch."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -23,16 +24,19 @@ def run_parity(
     artifact_dir: Path,
     image: Path,
     prompt: str,
-    tolerances: ParityTolerances = ParityTolerances(),
+    tolerances: ParityTolerances | None = None,
     model: str | None = None,
     backend: str = "onnxruntime",
+    precision: str = "fp32",
 ) -> ParityReport:
-    pipe = VLMPipeline(artifact_dir, backend=backend)
+    """tolerances None: the precision's own bars (ParityTolerances.for_precision)."""
+    tolerances = tolerances or ParityTolerances.for_precision(precision)
+    pipe = VLMPipeline(artifact_dir, backend=backend, precision=precision)
     manifest = pipe.manifest
     source = resolve_source(model or manifest.source.model)
     adapter = load_export_adapter(source)
     budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
-    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, str(image), prompt)
+    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision, asdict(tolerances), str(image), prompt)
     tol = tolerances
     picture = load_image(image)
     same = source.revision == manifest.source.revision
@@ -60,8 +64,10 @@ def run_parity(
         text_inputs = {"text": torch.from_numpy(text_embeds), "text_mask": torch.from_numpy(text_mask)}
         ref_visual, kept = pruning_ops.select({**features, **text_inputs}, budget)  # [1, K, D], [1, K]
     ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
-    detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set)} indices differ"
-    report.add("kept indices", "set equal", f"{len(ours_set & ref_set)}/{len(ref_set)}", "all", ours_set == ref_set, detail)
+    overlap = len(ours_set & ref_set) / len(ref_set)
+    detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"
+    bound = "all" if tol.kept_min_overlap >= 1 else f">= {tol.kept_min_overlap:g}"
+    report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
     report.add_max_abs("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_max_abs)
     report.add_cosine("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_min_cosine)
 
@@ -110,9 +116,9 @@ def _compare_greedy(ours: list[int], ref: list[int], scores: list[np.ndarray], t
             continue
         top2 = np.sort(scores[step])[-2:]
         margin = float(top2[1] - top2[0])
-        if margin <= tol.logits_max_abs:
+        if margin <= tol.tie_margin:
             return Check("greedy tokens", f"first {len(ref)}", f"{step}/{len(ref)} agree", bound, TIE,
-                         f"step {step}: top-2 margin {margin:.2g} <= logits tolerance; later steps not compared")
+                         f"step {step}: top-2 margin {margin:.2g} <= tie margin {tol.tie_margin:g}; later steps not compared")
         return Check("greedy tokens", f"first {len(ref)}", f"{step}/{len(ref)} agree", bound, "FAIL",
                      f"step {step}: ours {a}, reference {b}, margin {margin:.3g}")
     same = len(ours) == len(ref)

@@ -13,16 +13,16 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from prunert.config import GenerationConfig
-from prunert.errors import ConfigError, PromptError
+from prunert.config import GenerationConfig, check_precision
+from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
 from prunert.runtime.image import load_image
-from prunert.runtime.runner import OnnxRuntimeRunner, Runner
+from prunert.runtime.runner import DecoderSession, OnnxRuntimeRunner, Runner
 from prunert.runtime.sampling import next_tokens
 from prunert.runtime.text import content_word_groups, text_relevance_inputs
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
 
 
 @dataclass
@@ -38,7 +38,12 @@ class Prefill:
     attention_mask: np.ndarray  # [B, L]
     position_ids: np.ndarray  # [B, L]
     logits: np.ndarray  # [B, L, V]
-    present: list[np.ndarray]  # 2 x layers of [B, kv_heads, L, head_dim]
+    session: DecoderSession  # holds the KV cache (on the backend's device where it can)
+
+    @property
+    def present(self) -> list[np.ndarray]:
+        """Host copy of the KV cache: 2 x layers of [B, kv_heads, L, head_dim]."""
+        return self.session.present()
 
 
 @dataclass
@@ -62,19 +67,34 @@ class Timings:
         return self.vision_s + self.prefill_s
 
 
-def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0) -> Runner:
-    spec = artifact.manifest.graphs[graph]
+def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0, precision: str = "fp32") -> Runner:
+    """One graph of the artifact at a precision on a backend. Backends beyond ONNX Runtime CPU are
+    imported lazily; a missing package is a BackendUnavailableError that names it."""
+    check_precision(precision)
+    try:
+        spec = artifact.manifest.graph_spec(graph, precision)
+    except ArtifactError as exc:
+        raise ArtifactError(f"artifact '{artifact.directory}': {exc}") from None
     if backend == "onnxruntime":
         return OnnxRuntimeRunner(artifact.path(spec.file), spec, threads=threads)
+    if backend in ("ort-cuda", "ort-trt"):
+        from prunert.runtime.ort_gpu import ort_gpu_runner
+
+        return ort_gpu_runner(artifact, graph, backend, precision, spec)
+    if backend == "trt":
+        from prunert.runtime.trt_runner import load_trt_runner
+
+        return load_trt_runner(artifact, graph, precision)
     raise ConfigError(f"--backend {backend!r}: unknown; expected one of {list(BACKENDS)}")
 
 
 class VLMPipeline:
-    def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", threads: int = 0):
+    def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", threads: int = 0, precision: str = "fp32"):
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
         self.manifest = self.artifact.manifest
-        self.vision = make_runner(self.artifact, "vision", backend, threads)
-        self.decoder = make_runner(self.artifact, "decoder", backend, threads)
+        self.backend, self.precision = backend, precision
+        self.vision = make_runner(self.artifact, "vision", backend, threads, precision)
+        self.decoder = make_runner(self.artifact, "decoder", backend, threads, precision)
         self.timings = Timings()
 
     # ---- stages (public so parity can compare each one) ----------------------------------------
@@ -131,16 +151,19 @@ class VLMPipeline:
         return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.float32) for _ in range(2 * dec.num_layers)]
 
     def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
+        """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers)."""
         names = [t.name for t in self.decoder.spec.inputs[3:]]
         out = self.decoder.infer({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **dict(zip(names, past))})
         return out["logits"], [out[t.name] for t in self.decoder.spec.outputs[1:]]
 
     def prefill(self, sequences: list[list[int]], vision: VisionResult) -> Prefill:
         embeds, mask, positions = self.splice(sequences, vision.visual_tokens)
+        session = self.decoder.decoder_session(self.manifest.decoder.num_layers)
         start = time.perf_counter()
-        logits, present = self.run_decoder(embeds, mask, positions, self.empty_past(len(sequences)))
+        session.reset(len(sequences))
+        logits = session.run(embeds, mask, positions)  # [B, L, V]; the cache stays in the session
         self.timings.prefill_s = time.perf_counter() - start
-        return Prefill(embeds, mask, positions, logits, present)
+        return Prefill(embeds, mask, positions, logits, session)
 
     # ---- the whole thing -------------------------------------------------------------------------
     def generate(
@@ -175,7 +198,7 @@ class VLMPipeline:
         eos = set(text.eos_token_ids)
         out: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, bool)
-        logits, past = state.logits[:, -1], state.present  # [B, V]
+        logits, session = state.logits[:, -1], state.session  # [B, V]
         mask, positions = state.attention_mask, state.position_ids[:, -1:]  # [B, L], [B, 1]
         start = time.perf_counter()
         for step in range(budget):
@@ -192,8 +215,7 @@ class VLMPipeline:
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             positions = positions + 1
             embeds = np.asarray(table[chosen], np.float32)[:, None]  # [B, 1, D]
-            step_logits, past = self.run_decoder(embeds, mask, positions, past)
-            logits = step_logits[:, -1]
+            logits = session.run(embeds, mask, positions)[:, -1]
             self.timings.decode_steps += 1
         self.timings.decode_s = time.perf_counter() - start
         return out

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -24,16 +24,73 @@ class Runner(ABC):
     @abstractmethod
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
 
+    def decoder_session(self, num_layers: int) -> "DecoderSession":
+        """A step-by-step decoder over this runner's graph. Backends that can keep the KV cache on
+        their device override this; the default round-trips it through numpy on every step."""
+        return HostKVSession(self, num_layers)
 
-def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> None:
-    """Names, dtypes, ranks, static sizes, and one size per symbolic dim across all inputs."""
-    expected = [t.name for t in spec.inputs]
+
+class DecoderSession(ABC):
+    """Runs the decoder graph step by step and owns the KV cache between steps.
+
+    reset(batch)      empty cache for a new batch
+    run(embeds, mask, positions) -> logits [B, S, V]; appends the step's keys/values to the cache
+                      embeds [B, S, D], mask [B, past + S], positions [B, S] (or the family's layout)
+    present()         host copy of the cache: 2 x layers arrays [B, kv_heads, T, head_dim] (parity, tests)
+    """
+
+    def __init__(self, runner: Runner, num_layers: int):
+        self.runner = runner
+        self.num_layers = num_layers
+        names = [t.name for t in runner.spec.inputs]
+        self.past_names = names[3:]  # after inputs_embeds, attention_mask, position_ids
+        self.present_names = [t.name for t in runner.spec.outputs[1:]]  # after logits
+        if len(self.past_names) != 2 * num_layers or len(self.present_names) != 2 * num_layers:
+            raise InputShapeError(f"{runner.spec.file}: expected {2 * num_layers} past and present tensors")
+
+    @abstractmethod
+    def reset(self, batch: int) -> None: ...
+
+    @abstractmethod
+    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray: ...
+
+    @abstractmethod
+    def present(self) -> list[np.ndarray]: ...
+
+    def empty_past(self, batch: int) -> list[np.ndarray]:
+        """Zero-length past tensors [B, kv_heads, 0, head_dim] with the manifest's dtype and sizes."""
+        specs = [self.runner.spec.input(name) for name in self.past_names]
+        return [np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.dtype(spec.dtype)) for spec in specs]
+
+
+class HostKVSession(DecoderSession):
+    """The KV cache lives in numpy arrays; every step feeds them in and takes the new ones out."""
+
+    def reset(self, batch: int) -> None:
+        self.cache = self.empty_past(batch)
+
+    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        out = self.runner.infer({**feeds, **dict(zip(self.past_names, self.cache))})
+        self.cache = [out[name] for name in self.present_names]
+        return out["logits"]
+
+    def present(self) -> list[np.ndarray]:
+        return list(self.cache)
+
+
+def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[str] | None = None) -> None:
+    """Names, dtypes, ranks, static sizes, and one size per symbolic dim across all inputs.
+    only: check just these inputs (a decoder session holds the KV cache itself)."""
+    expected = [t.name for t in spec.inputs if only is None or t.name in only]
     missing = [name for name in expected if name not in feeds]
     unknown = sorted(set(feeds) - set(expected))
     if missing or unknown:
         raise InputShapeError(f"{spec.file}: missing inputs {missing}, unknown inputs {unknown}; expected {expected}")
     bound: dict[str, tuple[int, str]] = {}
     for tensor in spec.inputs:
+        if tensor.name not in expected:
+            continue
         value = feeds[tensor.name]
         if not isinstance(value, np.ndarray):
             raise InputShapeError(f"input '{tensor.name}': got {type(value).__name__}, expected a numpy array")
@@ -59,14 +116,16 @@ def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray]) -> None:
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over one graph of an artifact (CPU by default)."""
 
-    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[str] = ("CPUExecutionProvider",), threads: int = 0):
+    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int = 0):
+        """providers: names or (name, options) pairs, as ONNX Runtime takes them."""
         super().__init__(spec)
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendUnavailableError("backend 'onnxruntime': package onnxruntime is not installed (pip install onnxruntime)") from None
         available = ort.get_available_providers()
-        absent = [p for p in providers if p not in available]
+        names = [p if isinstance(p, str) else p[0] for p in providers]
+        absent = [name for name in names if name not in available]
         if absent:
             raise BackendUnavailableError(f"ONNX Runtime providers {absent} unavailable; this onnxruntime has {available}")
         options = ort.SessionOptions()
@@ -75,7 +134,51 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = threads
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.output_names = [o.name for o in spec.outputs]
+        self.device = "cuda" if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)
         return dict(zip(self.output_names, values))
+
+    def decoder_session(self, num_layers: int) -> DecoderSession:
+        return OrtBoundKVSession(self, num_layers)
+
+
+HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
+
+
+class OrtBoundKVSession(DecoderSession):
+    """ONNX Runtime IOBinding: the present tensors of one step are bound, as OrtValues on the session's
+    device, as the past of the next; only embeds/mask/positions go in and logits come out each step."""
+
+    runner: OnnxRuntimeRunner
+
+    def reset(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(past, self.runner.device, 0) for past in self.empty_past(batch)]
+
+    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
+        past_len, batch = self.cache[0].shape()[2], self.cache[0].shape()[0]
+        if attention_mask.shape != (batch, past_len + inputs_embeds.shape[1]):
+            raise InputShapeError(
+                f"input 'attention_mask': got {attention_mask.shape}, expected ({batch}, {past_len + inputs_embeds.shape[1]}) "
+                f"(cached {past_len} + new {inputs_embeds.shape[1]} positions)"
+            )
+        binding = self.runner.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        for name, value in zip(self.past_names, self.cache):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits")  # host
+        for name in self.present_names:
+            binding.bind_output(name, self.runner.device)
+        self.runner.session.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        self.cache = list(outputs[1:])
+        return outputs[0].numpy()
+
+    def present(self) -> list[np.ndarray]:
+        return [value.numpy() for value in self.cache]

@@ -120,16 +120,16 @@ def test_compare_greedy_identical_passes() -> None:
 
 
 def test_compare_greedy_near_tie_is_tie_not_fail() -> None:
-    margin = TOL.logits_max_abs / 2
+    margin = TOL.tie_margin / 2
     check = _compare_greedy([1, 1, 2, 7], [1, 1, 1, 1], _scores(4, {2: margin}), TOL)
     assert check.status == TIE
     assert check.value == "2/4 agree" and "step 2" in check.detail
-    report = ParityReport("a", "s", True, "onnxruntime", "i", "p", [Check("x", "y", 0.0, "", PASS), check])
+    report = ParityReport("a", "s", True, "onnxruntime", "fp32", {}, "i", "p", [Check("x", "y", 0.0, "", PASS), check])
     assert report.passed and report.verdict == PASS  # a TIE is reported, not a failure
 
 
 def test_compare_greedy_margin_exactly_at_tolerance_is_tie() -> None:
-    check = _compare_greedy([2], [1], _scores(1, {0: TOL.logits_max_abs}), TOL)
+    check = _compare_greedy([2], [1], _scores(1, {0: TOL.tie_margin}), TOL)
     assert check.status == TIE
 
 
@@ -137,7 +137,7 @@ def test_compare_greedy_clear_mismatch_fails() -> None:
     check = _compare_greedy([1, 3, 1], [1, 1, 1], _scores(3, {1: 0.5}), TOL)
     assert check.status == FAIL
     assert "step 1" in check.detail and "ours 3" in check.detail and "reference 1" in check.detail
-    report = ParityReport("a", "s", True, "onnxruntime", "i", "p", [check])
+    report = ParityReport("a", "s", True, "onnxruntime", "fp32", {}, "i", "p", [check])
     assert not report.passed and report.verdict == FAIL and report.to_dict()["verdict"] == FAIL
 
 
@@ -147,7 +147,7 @@ def test_compare_greedy_length_mismatch_fails() -> None:
 
 
 def test_report_table_and_json(tmp_path: Path) -> None:
-    report = ParityReport("art", "src", False, "onnxruntime", "img", "prompt")
+    report = ParityReport("art", "src", False, "onnxruntime", "fp32", {}, "img", "prompt")
     report.add_max_abs("logits", np.zeros((2, 3)), np.full((2, 3), 1e-2, np.float32), 1e-3)
     report.add_cosine("logits", np.ones(4), np.ones(4), 0.999)
     report.add_max_abs("shape", np.zeros((2, 3)), np.zeros((3, 2)), 1e-3)
