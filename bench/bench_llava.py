@@ -162,15 +162,14 @@ def ort_request(pipe, new_tokens: int) -> dict:
 
 def ort_decode(pipe, state, steps: int) -> float:
     table = pipe.artifact.embeddings
-    logits, past = state.logits[:, -1], state.present  # [B, V]
+    logits, session = state.logits[:, -1], state.session  # [B, V]; the session holds the KV cache (IOBinding)
     mask, positions = state.attention_mask, state.position_ids[:, -1:]
     one = np.ones((mask.shape[0], 1), np.int64)
     start = time.perf_counter()
     for _ in range(steps):
         token = logits.argmax(axis=-1)  # greedy, EOS ignored
         mask, positions = np.concatenate([mask, one], axis=1), positions + 1
-        step_logits, past = pipe.run_decoder(np.asarray(table[token], np.float32)[:, None], mask, positions, past)
-        logits = step_logits[:, -1]
+        logits = session.run(np.asarray(table[token], np.float32)[:, None], mask, positions)[:, -1]
     return time.perf_counter() - start
 
 

@@ -89,6 +89,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
             out.write(manifest.to_json())
             out.flush()
             os.fsync(out.fileno())
+        os.chmod(temp, 0o644)  # mkstemp makes it 0600; the manifest is as readable as the rest
         os.replace(temp, directory / MANIFEST_NAME)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

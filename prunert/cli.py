@@ -85,6 +85,7 @@ def _parity(args: argparse.Namespace) -> int:
     report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision)
     out = args.out or Path(args.artifact) / "parity.json"
     report.write_json(out)
+    print(f"{args.backend}, {args.precision} graphs; the {args.precision} bars (ParityTolerances.for_precision, docs/deploy.md)")
     print(report.table())
     if report.synthetic:
         print(SYNTHETIC_NOTE)
@@ -93,23 +94,25 @@ def _parity(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-def _sample_set(images: Path | None, prompts: Path | None, max_samples: int):
+def _sample_set(artifact: Path, images: Path | None, prompts: Path | None, max_samples: int):
     """The calibration set: --images, else the real photos that ship in examples/calibration."""
     from prunert.calibration.dataset import load_calibration_set
     from prunert.errors import ConfigError
+    from prunert.manifest import load_manifest
 
+    image_token = load_manifest(artifact, verify_hashes=False).text.image_token
     if images is None:
         images = EXAMPLE_CALIBRATION_DIR
         if not images.is_dir():
             raise ConfigError(f"--images: not given, and the bundled set {images} is not here (installed without examples/); pass --images DIR")
-    return load_calibration_set(images, prompts, max_samples)
+    return load_calibration_set(images, prompts, max_samples, image_token=image_token)
 
 
 def _sample_feeds(artifact: Path, images: Path | None, prompts: Path | None, max_samples: int):
     from prunert.calibration.dataset import collect_feeds
     from prunert.runtime import VLMPipeline
 
-    return collect_feeds(VLMPipeline(artifact), _sample_set(images, prompts, max_samples))
+    return collect_feeds(VLMPipeline(artifact), _sample_set(artifact, images, prompts, max_samples))
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -130,7 +133,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from prunert.config import CalibrationConfig
 
     config = CalibrationConfig(precision=args.precision, quantizer=args.quantizer, method=args.calibration_method, max_samples=args.max_samples)
-    calibration = _sample_set(args.images, args.prompts, config.max_samples)
+    calibration = _sample_set(args.artifact, args.images, args.prompts, config.max_samples)
     manifest, drift = calibrate_artifact(args.artifact, calibration, config)
     print(drift.table())
     if manifest.source.synthetic:
@@ -141,12 +144,15 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 def _build(args: argparse.Namespace) -> int:
     from prunert.config import FLOAT_PRECISIONS, EngineBuildConfig, PrecisionConfig
+    from prunert.engines import import_tensorrt
     from prunert.engines.builder import build_engines
     from prunert.errors import BackendUnavailableError
     from prunert.manifest import load_manifest
 
-    config = EngineBuildConfig(precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq,
-                               workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level)
+    config = EngineBuildConfig(precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
+                               workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
+                               graphs=tuple(args.graph) if args.graph else EngineBuildConfig().graphs)
+    import_tensorrt()  # before anything is converted: no tensorrt, no change to the artifact
     manifest = load_manifest(args.artifact)
     if config.precision in FLOAT_PRECISIONS and config.precision not in manifest.variants:
         print(f"no {config.precision} graphs in the artifact yet: converting (prunert convert) first")
@@ -232,15 +238,16 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
     from prunert.config import PRECISIONS
     from prunert.runtime.pipeline import BACKENDS
 
-    parser.add_argument("--backend", default="onnxruntime", choices=BACKENDS,
-                        help="onnxruntime (CPU), ort-cuda / ort-trt (onnxruntime-gpu), trt (engines from `prunert build`); default %(default)s")
-    parser.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                        help="graphs to run: fp32 (exported), or a variant made by `prunert convert` / `prunert calibrate`")
+    parser.add_argument("--backend", default="onnxruntime",
+                        help=f"{' | '.join(BACKENDS)}: onnxruntime (CPU), ort-cuda / ort-trt (onnxruntime-gpu), "
+                        "trt (engines from `prunert build`); default %(default)s")
+    parser.add_argument("--precision", default="fp32",
+                        help=f"{' | '.join(PRECISIONS)}: fp32 (exported), or a variant made by `prunert convert` / `prunert calibrate`")
 
 
 def build_parser() -> argparse.ArgumentParser:
     from prunert import pruning_ops
-    from prunert.config import (FLOAT_PRECISIONS, PRECISIONS, QUANTIZED_PRECISIONS, BudgetConfig, CalibrationConfig,
+    from prunert.config import (FLOAT_PRECISIONS, GRAPH_NAMES, PRECISIONS, QUANTIZED_PRECISIONS, BudgetConfig, CalibrationConfig,
                                 EngineBuildConfig, ExportConfig, GenerationConfig, ParityTolerances, PrecisionConfig)
 
     parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
@@ -285,7 +292,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("convert", help="add fp16/bf16 graphs (cast weights, fp32 islands) to an artifact, for strongly typed engines")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precision", required=True, choices=FLOAT_PRECISIONS)
+    p.add_argument("--precision", required=True, help=" | ".join(FLOAT_PRECISIONS))
     p.add_argument("--fp32-layer", action="append", metavar="PATTERN",
                    help="keep nodes whose name or name scope matches this fnmatch pattern in fp32 (repeat), e.g. '*layers.23.mlp.fc2*'")
     p.add_argument("--fp32-op", action="append", metavar="OP_TYPE",
@@ -300,18 +307,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path)
     p.add_argument("--images", type=Path, help="folder of calibration images (default: the real set in examples/calibration)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the image placeholder (default: built-in prompts)")
-    p.add_argument("--precision", required=True, choices=QUANTIZED_PRECISIONS)
-    p.add_argument("--quantizer", default=CalibrationConfig().quantizer, choices=("onnxruntime", "modelopt"))
-    p.add_argument("--calibration-method", default=CalibrationConfig().method, choices=("minmax", "percentile", "entropy"))
+    p.add_argument("--precision", required=True, help=" | ".join(QUANTIZED_PRECISIONS))
+    p.add_argument("--quantizer", default=CalibrationConfig().quantizer, help="onnxruntime (default) | modelopt")
+    p.add_argument("--calibration-method", default=CalibrationConfig().method, help="activation ranges: minmax (default) | percentile | entropy")
     p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("build", help="build TensorRT engines for an artifact on this GPU (strongly typed; needs tensorrt)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precision", default="fp32", choices=PRECISIONS,
-                   help="graphs to build from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
+    p.add_argument("--precision", default="fp32",
+                   help=f"{' | '.join(PRECISIONS)}: graphs to build from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
     p.add_argument("--max-batch", type=int, help="largest batch of the engine profiles (default and ceiling: the manifest's)")
     p.add_argument("--max-seq", type=int, help="longest decoder sequence of the profiles (default and ceiling: the manifest's)")
+    p.add_argument("--opt-batch", type=int, default=EngineBuildConfig().opt_batch, help="batch the profiles are tuned for")
+    p.add_argument("--graph", action="append", help=f"{' | '.join(GRAPH_NAMES)}: build only this graph (repeat); default: all")
     p.add_argument("--workspace-gb", type=float, default=EngineBuildConfig().workspace_bytes / (1 << 30), help="builder workspace limit")
     p.add_argument("--opt-level", type=int, default=EngineBuildConfig().optimization_level, help="builder optimization level 0..5")
     p.add_argument("--images", type=Path, help="images for the fp16 overflow run when converting first")

@@ -68,8 +68,14 @@ def run_parity(
     detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"
     bound = "all" if tol.kept_min_overlap >= 1 else f">= {tol.kept_min_overlap:g}"
     report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
-    report.add_max_abs("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_max_abs)
-    report.add_cosine("kept tokens", ref_visual.numpy(), vision.visual_tokens, tol.tokens_min_cosine)
+    # tokens are compared where both kept the same original index (a swapped token shifts every later row)
+    ours_rows, ref_rows = _common_rows(vision.kept_indices[0], kept[0].numpy())
+    stage = "kept tokens" if ours_set == ref_set else f"kept tokens ({len(ours_rows)} both kept)"
+    if len(ours_rows):
+        report.add_max_abs(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_max_abs)
+        report.add_cosine(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_min_cosine)
+    else:
+        report.add(stage, "tokens compared", 0, ">= 1", False, "no kept index in common")
 
     # 4. prefill logits over the whole spliced prompt
     state = pipe.prefill(ids, vision)
@@ -84,6 +90,12 @@ def run_parity(
     ref_tokens, ref_scores = _reference_greedy(adapter, ref_embeds, manifest.text, tol.greedy_tokens)
     report.checks.append(_compare_greedy(ours_tokens, ref_tokens, ref_scores, tol))
     return report
+
+
+def _common_rows(ours: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Row positions, in ours and in the reference, of the original indices both kept ([K] each, ascending)."""
+    common = np.intersect1d(ours, ref)
+    return np.searchsorted(ours, common), np.searchsorted(ref, common)
 
 
 def _reference_embeds(adapter, ids: list[int], image_token_id: int, visual: torch.Tensor) -> torch.Tensor:

@@ -75,8 +75,10 @@ def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0, 
         spec = artifact.manifest.graph_spec(graph, precision)
     except ArtifactError as exc:
         raise ArtifactError(f"artifact '{artifact.directory}': {exc}") from None
+    variant = artifact.manifest.variants.get(precision)
+    session_config = dict(variant.settings.get("ort_session_config", {})) if variant else {}  # e.g. fp8 Q/DQ on CPU
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(artifact.path(spec.file), spec, threads=threads)
+        return OnnxRuntimeRunner(artifact.path(spec.file), spec, threads=threads, session_config=session_config)
     if backend in ("ort-cuda", "ort-trt"):
         from prunert.runtime.ort_gpu import ort_gpu_runner
 

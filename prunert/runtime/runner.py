@@ -116,8 +116,10 @@ def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[s
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over one graph of an artifact (CPU by default)."""
 
-    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int = 0):
-        """providers: names or (name, options) pairs, as ONNX Runtime takes them."""
+    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int = 0,
+                 session_config: dict[str, str] | None = None):
+        """providers: names or (name, options) pairs, as ONNX Runtime takes them.
+        session_config: SessionOptions config entries a graph variant needs (its manifest settings say which)."""
         super().__init__(spec)
         try:
             import onnxruntime as ort
@@ -132,6 +134,8 @@ class OnnxRuntimeRunner(Runner):
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+        for key, value in (session_config or {}).items():
+            options.add_session_config_entry(key, str(value))
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
         self.output_names = [o.name for o in spec.outputs]
         self.device = "cuda" if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
