@@ -132,7 +132,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     from prunert.calibration.quantize import calibrate_artifact
     from prunert.config import CalibrationConfig
 
-    config = CalibrationConfig(precision=args.precision, quantizer=args.quantizer, method=args.calibration_method, max_samples=args.max_samples)
+    config = CalibrationConfig(precision=args.precision, quantizer=args.quantizer, method=args.calibration_method, max_samples=args.max_samples,
+                               graphs=tuple(args.graph) if args.graph else CalibrationConfig().graphs)
     calibration = _sample_set(args.artifact, args.images, args.prompts, config.max_samples)
     manifest, drift = calibrate_artifact(args.artifact, calibration, config)
     print(drift.table())
@@ -311,6 +312,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quantizer", default=CalibrationConfig().quantizer, help="onnxruntime (default) | modelopt")
     p.add_argument("--calibration-method", default=CalibrationConfig().method, help="activation ranges: minmax (default) | percentile | entropy")
     p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
+    p.add_argument("--graph", action="append",
+                   help=f"{' | '.join(GRAPH_NAMES)}: quantize only this graph (repeat; default: all). On ONNX Runtime CPU "
+                   "only the vision graph gains (docs/deploy.md); TensorRT gains on both")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("build", help="build TensorRT engines for an artifact on this GPU (strongly typed; needs tensorrt)")

@@ -33,18 +33,19 @@ def precise_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFacto
     shutil.copytree(tiny_artifact, out)
     assert cli.main(["convert", str(out), "--precision", "fp16", "--max-samples", "2"]) == 0
     assert cli.main(["calibrate", str(out), "--precision", "int8", "--max-samples", "3"]) == 0
+    assert cli.main(["calibrate", str(out), "--precision", "fp8", "--max-samples", "2"]) == 0
     return out
 
 
 def test_variants_are_listed_and_inspected(capsys, precise_artifact: Path) -> None:
     manifest = load_manifest(precise_artifact)  # every hash verifies, the variants' files included
-    assert sorted(manifest.variants) == ["fp16", "int8"]
+    assert sorted(manifest.variants) == ["fp16", "fp8", "int8"]
     assert manifest.variants["int8"].tool.startswith("onnxruntime.quantization")
     code, out, _ = _main(capsys, "inspect", precise_artifact)
     assert code == 0 and "fp16 by prunert.export.precision" in out and "int8 by onnxruntime.quantization" in out
 
 
-@pytest.mark.parametrize("precision", ["fp16", "int8"])
+@pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
 def test_run_at_a_precision(capsys, precise_artifact: Path, precision: str) -> None:
     code, out, err = _main(capsys, "run", precise_artifact, "--precision", precision, "--image", PHOTO, "--prompt", PROMPT,
                            "--max-new-tokens", "3", "--no-stream")

@@ -39,8 +39,8 @@ def _steps(session, pipe, embeds, mask, positions, steps: int = 4):
 
 def test_bound_session_equals_host_round_trip(tiny_pipeline, prefill_inputs) -> None:
     layers = tiny_pipeline.manifest.decoder.num_layers
-    bound = tiny_pipeline.decoder.decoder_session(layers)
-    assert isinstance(bound, OrtBoundKVSession)
+    assert isinstance(tiny_pipeline.decoder.decoder_session(layers), HostKVSession)  # CPU default (see runner.py)
+    bound = OrtBoundKVSession(tiny_pipeline.decoder, layers)  # what ort-cuda uses, here with CPU OrtValues
     ours, ours_cache = _steps(bound, tiny_pipeline, *prefill_inputs)
     ref, ref_cache = _steps(HostKVSession(tiny_pipeline.decoder, layers), tiny_pipeline, *prefill_inputs)
     for a, b in zip(ours, ref):
@@ -54,7 +54,7 @@ def test_bound_session_equals_host_round_trip(tiny_pipeline, prefill_inputs) -> 
 
 def test_bound_session_checks_host_inputs(tiny_pipeline, prefill_inputs) -> None:
     embeds, mask, positions = prefill_inputs
-    session = tiny_pipeline.decoder.decoder_session(tiny_pipeline.manifest.decoder.num_layers)
+    session = OrtBoundKVSession(tiny_pipeline.decoder, tiny_pipeline.manifest.decoder.num_layers)
     session.reset(2)
     with pytest.raises(InputShapeError, match="input 'inputs_embeds': got dtype float64"):
         session.run(embeds.astype(np.float64), mask, positions)
