@@ -7,6 +7,8 @@ first (`artifact_copy`), never modify the shared one. Helpers are fixtures (`tin
 
 from __future__ import annotations
 
+import importlib.machinery
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -106,6 +108,30 @@ def prunert_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
         os.environ.pop("PRUNERT_CACHE", None)
     else:
         os.environ["PRUNERT_CACHE"] = previous
+
+
+FAKE_TRT = REPO / "tests" / "engines" / "test_engine_fake_backend.py"
+
+
+def fake_trt_backend():
+    """The CPU stand-in for tensorrt + cuda-python (tests/engines/test_engine_fake_backend.py), loaded by path."""
+    name = "prunert_tests_fake_trt_backend"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, FAKE_TRT)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+@pytest.fixture
+def fake_trt(monkeypatch, tmp_path: Path):
+    """Fake tensorrt 10.3 + cuda-python (sm 8.7) in sys.modules and a fresh machine cache: -> (trt, cudart)."""
+    monkeypatch.setenv("PRUNERT_CACHE", str(tmp_path / "machine-cache"))
+    installed = fake_trt_backend().install(monkeypatch)
+    for name in ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime"):  # torch._dynamo find_spec()s tensorrt
+        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
+    return installed
 
 
 @pytest.fixture(scope="session")

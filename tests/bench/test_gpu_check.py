@@ -6,34 +6,21 @@ that is what the script is for, on a GPU."""
 
 from __future__ import annotations
 
-import importlib.machinery
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-FAKE = REPO / "tests" / "engines" / "test_engine_fake_backend.py"
-
-
-def _load(name: str, path: Path):
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
 
 
 @pytest.mark.slow
-def test_gpu_check_runs_the_whole_path_on_the_fake_gpu(monkeypatch, tmp_path: Path, capsys) -> None:
-    monkeypatch.setenv("PRUNERT_CACHE", str(tmp_path / "cache"))
-    _load("prunert_tests_fake_trt_backend", FAKE).install(monkeypatch, version="10.3.0", cc=(8, 7))
-    for name in ("tensorrt", "cuda", "cuda.bindings", "cuda.bindings.runtime"):  # torch._dynamo find_spec()s tensorrt
-        sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-    gpu_check = _load("prunert_bench_gpu_check", REPO / "bench" / "gpu_check.py")
+def test_gpu_check_runs_the_whole_path_on_the_fake_gpu(fake_trt, tmp_path: Path, capsys) -> None:
+    """fake_trt (conftest): TensorRT 10.3 on a "Fake Orin", compute capability 8.7."""
+    spec = importlib.util.spec_from_file_location("prunert_bench_gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
     out = tmp_path / "report.json"
     code = gpu_check.main(["--preset", "llava-tiny", "--budget", "16", "--precisions", "fp32,fp16,int8,fp8",
                            "--repeats", "1", "--new-tokens", "4", "--work", str(tmp_path / "work"), "--out", str(out)])

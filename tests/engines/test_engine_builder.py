@@ -4,7 +4,6 @@ reuses them (manifest and machine caches), replaces superseded ones and reports 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 import sys
@@ -19,23 +18,9 @@ from prunert.engines.profiles import derive_profiles
 from prunert.errors import BackendUnavailableError, ConfigError, ExportError
 from prunert.manifest import load_manifest, sha256_file
 
-FAKE = Path(__file__).resolve().parent / "test_engine_fake_backend.py"
-
-
-def fake_backend():
-    name = "prunert_tests_fake_trt_backend"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FAKE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture
-def fake(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("PRUNERT_CACHE", str(tmp_path / "machine-cache"))  # a fresh machine per test
-    return fake_backend().install(monkeypatch)
+def fake(fake_trt):
+    return fake_trt
 
 
 def quiet(message: str) -> None:

@@ -6,7 +6,7 @@
 - the "engine" is a JSON plan naming the ONNX file and the optimization profiles; execution reads the
   inputs from their bound addresses, runs ONNX Runtime and writes the outputs to their addresses, and
   set_input_shape refuses shapes outside the context's profile, as TensorRT does.
-Other test modules load this file by path (their `fake_backend()` helper); the test below checks the fake.
+Other test modules get it through the `fake_trt` fixture (tests/conftest.py loads this file by path); the test below checks the fake.
 """
 
 from __future__ import annotations

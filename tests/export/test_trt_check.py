@@ -3,7 +3,6 @@ clean variant, and every graph prunert exports passes. No TensorRT needed."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path

@@ -6,7 +6,6 @@ tests/engines/test_engine_gpu.py."""
 
 from __future__ import annotations
 
-import importlib.util
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -20,23 +19,9 @@ from prunert.manifest import EngineSpec, load_manifest
 from prunert.runtime import cuda
 from prunert.runtime.runner import HostKVSession, OnnxRuntimeRunner
 
-FAKE = Path(__file__).resolve().parents[1] / "engines" / "test_engine_fake_backend.py"
-
-
-def fake_backend():
-    name = "prunert_tests_fake_trt_backend"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FAKE)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
 @pytest.fixture
-def fake(monkeypatch, tmp_path: Path):
-    monkeypatch.setenv("PRUNERT_CACHE", str(tmp_path / "machine-cache"))
-    return fake_backend().install(monkeypatch)
+def fake(fake_trt):
+    return fake_trt
 
 
 @pytest.fixture
