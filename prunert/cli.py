@@ -132,7 +132,7 @@ def _calibrate(args: argparse.Namespace) -> int:
     from prunert.calibration.quantize import calibrate_artifact
     from prunert.config import CalibrationConfig
 
-    config = CalibrationConfig(precision=args.precision, quantizer=args.quantizer, method=args.calibration_method, max_samples=args.max_samples,
+    config = CalibrationConfig(precision=args.precision, method=args.calibration_method, max_samples=args.max_samples,
                                graphs=tuple(args.graph) if args.graph else CalibrationConfig().graphs)
     calibration = _sample_set(args.artifact, args.images, args.prompts, config.max_samples)
     manifest, drift = calibrate_artifact(args.artifact, calibration, config)
@@ -309,7 +309,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=Path, help="folder of calibration images (default: the real set in examples/calibration)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the image placeholder (default: built-in prompts)")
     p.add_argument("--precision", required=True, help=" | ".join(QUANTIZED_PRECISIONS))
-    p.add_argument("--quantizer", default=CalibrationConfig().quantizer, help="onnxruntime (default) | modelopt")
     p.add_argument("--calibration-method", default=CalibrationConfig().method, help="activation ranges: minmax (default) | percentile | entropy")
     p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
     p.add_argument("--graph", action="append",

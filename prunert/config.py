@@ -217,12 +217,13 @@ class PrecisionConfig:
 class CalibrationConfig:
     """Explicit (Q/DQ) quantization of an artifact's graphs from a calibration set (prunert.calibration).
 
+    The quantizer is ONNX Runtime's static QDQ quantizer (it ships with the runtime's onnxruntime; ModelOpt's
+    ONNX path would need onnxruntime-gpu, which cannot live beside it), recorded as the variant's tool.
     Symmetric int8 with per-channel weights and per-tensor activations, or FP8 E4M3. Only op_types are
     quantized (quantizing every op wrecks the [CLS] ranking); the selection op always stays fp32.
     """
 
     precision: str = "int8"
-    quantizer: str = "onnxruntime"  # "onnxruntime" (onnxruntime.quantization) or "modelopt" (nvidia-modelopt)
     op_types: tuple[str, ...] = ("MatMul", "Gemm", "Conv")
     graphs: tuple[str, ...] = GRAPH_NAMES
     method: str = "minmax"  # activation range: "minmax", "percentile", "entropy"
@@ -230,8 +231,6 @@ class CalibrationConfig:
 
     def __post_init__(self) -> None:
         check_precision(self.precision, QUANTIZED_PRECISIONS)
-        if self.quantizer not in ("onnxruntime", "modelopt"):
-            raise ConfigError(f"--quantizer: got {self.quantizer!r}, expected 'onnxruntime' or 'modelopt'")
         if self.method not in ("minmax", "percentile", "entropy"):
             raise ConfigError(f"--calibration-method: got {self.method!r}, expected 'minmax', 'percentile' or 'entropy'")
         unknown = sorted(set(self.graphs) - set(GRAPH_NAMES))

@@ -81,7 +81,7 @@ def test_parity_applies_the_precision_bars(capsys, precise_artifact: Path, tmp_p
         (["convert", "{a}", "--precision", "fp16", "--fp32-layer", "*no-such-layer*"], "no-such-layer"),
         (["calibrate", "{a}", "--precision", "fp16"], "--precision: got 'fp16', expected one of ['int8', 'fp8']"),
         (["calibrate", "{a}", "--precision", "int8", "--images", "/nonexistent/dir"], "/nonexistent/dir"),
-        (["calibrate", "{a}", "--precision", "int8", "--quantizer", "tflite"], "--quantizer: got 'tflite'"),
+        (["calibrate", "{a}", "--precision", "int8", "--calibration-method", "mse"], "--calibration-method: got 'mse'"),
         (["build", "{a}", "--precision", "int4"], "--precision: got 'int4'"),
         (["build", "{a}", "--max-batch", "0"], "--max-batch: got 0"),
         (["build", "{a}", "--graph", "audio"], "graphs: got ['audio']"),

@@ -14,7 +14,7 @@ from prunert.calibration.dataset import collect_feeds, load_calibration_set
 from prunert.calibration.drift import ort_session
 from prunert.calibration.quantize import quantize_graph, selection_nodes
 from prunert.config import CalibrationConfig
-from prunert.errors import BackendUnavailableError, ExportError
+from prunert.errors import ExportError
 from prunert.export.trt_check import TrtCheckConfig, check_trt
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "calibration"
@@ -148,13 +148,6 @@ def test_fp8_vision_is_e4m3_qdq_that_ort_cpu_runs(tiny_artifact, feeds, tmp_path
     assert check_trt(tmp_path / "v.onnx", TrtCheckConfig()) == []
     visual, kept = ort_session(tmp_path / "v.onnx", "fp8").run(None, feeds["vision"][0])
     assert visual.shape == (1, 16, 64) and np.isfinite(visual).all() and kept.shape == (1, 16)
-
-
-def test_modelopt_quantizer_is_a_clear_backend_error(tiny_artifact, feeds, tmp_path):
-    config = CalibrationConfig(quantizer="modelopt")
-    with pytest.raises(BackendUnavailableError, match="modelopt"):
-        quantize_graph(tiny_artifact / "decoder.onnx", tmp_path / "d.onnx", feeds["decoder"], config)
-    assert not (tmp_path / "d.onnx").exists()
 
 
 def test_quantizing_nothing_is_an_error(tiny_artifact, feeds, tmp_path):
