@@ -255,7 +255,8 @@ def make_tensorrt(cudart: FakeCudart, version: str = "10.3.0") -> types.ModuleTy
                 value = np.ascontiguousarray(value)
                 cudart.region(self.addresses[name], value.nbytes)
                 for other in self.engine.inputs:  # outputs must never alias an input (past/present ping-pong)
-                    start, size = self.addresses[other], int(np.prod(self.shapes[other])) * value.itemsize
+                    itemsize = np.dtype(to_numpy[self.engine.dtypes[other]]).itemsize  # the input's own dtype
+                    start, size = self.addresses[other], int(np.prod(self.shapes[other])) * itemsize
                     end = self.addresses[name] + value.nbytes
                     assert size == 0 or end <= start or start + size <= self.addresses[name], f"{name} overlaps {other}"
                 ctypes.memmove(self.addresses[name], value.ctypes.data, value.nbytes)
