@@ -164,8 +164,12 @@ def _build(args: argparse.Namespace) -> int:
                 f"--precision {config.precision}: converting needs the onnx package ({exc}); "
                 f"install it, or run `prunert convert {args.artifact} --precision {config.precision}` on the workstation"
             ) from None
-        precision = PrecisionConfig(precision=config.precision)
-        convert_artifact(args.artifact, precision, _sample_feeds(args.artifact, args.images, None, 4) if args.images else None)
+        feeds = None
+        if args.images or EXAMPLE_CALIBRATION_DIR.is_dir():
+            feeds = _sample_feeds(args.artifact, args.images, None, 4)
+        else:
+            print("note: no --images and no examples/calibration here: converting without the fp16 overflow run")
+        convert_artifact(args.artifact, PrecisionConfig(precision=config.precision), feeds)
     manifest = build_engines(args.artifact, config)
     for engine in manifest.engines:
         if engine.precision == config.precision:
