@@ -97,7 +97,7 @@ def test_bad_input_is_one_error_line_and_writes_nothing(capsys, error_line, arti
     assert after == before and (artifact_copy / MANIFEST_NAME).is_file()
 
 
-def test_int8_run_and_build_without_torch(python_without, precise_artifact: Path) -> None:
+def test_int8_run_build_and_convert_without_torch(python_without, precise_artifact: Path) -> None:
     result = python_without(
         """
         from prunert import cli
@@ -105,6 +105,7 @@ def test_int8_run_and_build_without_torch(python_without, precise_artifact: Path
         code = cli.main(["run", artifact, "--precision", "int8", "--image", photo, "--prompt", "<image> Hi?", "--max-new-tokens", "2"])
         assert code == 0, code
         assert cli.main(["build", artifact, "--precision", "int8"]) == 2  # no tensorrt here: a clean error, not a torch import
+        assert cli.main(["convert", artifact, "--precision", "bf16", "--max-samples", "1"]) == 0  # onnx + ORT only: runs on a target
         assert_no_heavy_modules()
         print("ok")
         """,
