@@ -1,0 +1,277 @@
+"""Qwen2.5-VL export side (torch): loads a checkpoint and exposes the pieces the generic exporter uses.
+
+Vision graph: ONE image per call, static shapes given the patch count P, every data-dependent piece
+computed on the host (prunert.adapters.qwen2_5_vl.host; deploy-facts "How others stitch vision to
+the LLM"). Inputs, in `vision_input_names` order (P = merge^2 * N patches, N merged tokens):
+
+  pixel_values     float32 [P, C*T*p*p]  HF's patch rows permuted into WINDOW order (host.patch_permutation)
+  rotary_cos/_sin  float32 [P, head_dim] 2-D vision rotary tables, window order (host.rotary_cos_sin)
+  window_segments  int64   [P]           window id of every patch (window order); the additive window mask
+                                         [P, P] is built in-graph by Equal + Where (O(P) input, not O(P^2))
+  reverse_index    int64   [N]           argsort(window_index): merger outputs -> raster order of the merged grid
+
+Full-attention blocks attend over all P patches: one still image is one segment, so they need no mask.
+Batching is one call per image (no batch axis, no padding): images of a batch have different P, and
+padding would need a validity mask through the selection graph. Output: tokens [1, N, D] in raster order.
+
+Decoder: QwenDecoderGraph, the flat-KV-cache wrapper of graphs.DecoderGraph with 3-D M-RoPE position ids
+[3, B, S] (host.rope_index / decode_position_ids). Nothing here is wired into generic code yet.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from torch.export import Dim
+
+from prunert.adapters.qwen2_5_vl import IMAGE_PAD, QWEN_PROMPT_TEMPLATE, host
+from prunert.errors import ConfigError, ImageError, ModelSourceError
+from prunert.export.graphs import DecoderGraph, past_names, present_names
+
+VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")
+EXAMPLE_GRID = (1, 8, 12)  # export example: 4 x 6 merged tokens, windows cut at the grid edge
+
+
+def visual_token_range(cfg: host.QwenPreprocessConfig) -> tuple[int, int]:
+    """(min, max) merged tokens smart_resize can produce for images of aspect ratio <= 200 (bounds).
+
+    min: the round and min_pixels branches reach min_pixels; the max_pixels branch floors both sides of
+    a x b = max_pixels, giving at least i * floor(M / (i + 1)) tokens with i = floor(a / factor), M = max / factor^2.
+    max: max_pixels, or a side clamped to one factor (extreme aspect) with the other up to sqrt(200 * pixels)
+    -- 113 > 64 tokens for a 20 x 4000 image in the tiny preset's range; the min_pixels branch's ceil."""
+    unit = cfg.factor**2
+    limit = cfg.max_pixels / unit
+    floored = min([i * math.floor(limit / (i + 1)) for i in range(1, int(limit))] + [math.floor(limit)])  # i + 1 <= M
+    low = max(1, min(math.ceil(cfg.min_pixels / unit), floored))
+    ratio = host.MAX_ASPECT_RATIO
+    high = max(cfg.max_pixels // unit, math.isqrt(ratio * cfg.max_pixels) // cfg.factor,
+               math.isqrt(ratio * cfg.min_pixels) // cfg.factor + 1, 2 * math.ceil(cfg.min_pixels / unit) + 2)
+    return low, high
+
+
+def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Host output of ONE image (HF-order pixel rows, grid [1, 3]) -> the vision graph's inputs (numpy only:
+    belongs in host.py once wired)."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    if len(grid) != 1 or grid[0, 0] != 1:
+        raise ImageError(f"qwen2.5-vl vision graph: one still image per call, got grid_thw {grid.tolist()}")
+    merge = fc["spatial_merge_size"]
+    widx, cu_window = host.window_index(grid, merge, fc["window_size"], fc["patch_size"])
+    cos, sin = host.rotary_cos_sin(host.vision_position_ids(grid, merge), fc["vision_head_dim"], fc["vision_rope_theta"], widx, merge)
+    return {
+        "pixel_values": np.ascontiguousarray(np.asarray(pixel_values, np.float32)[host.patch_permutation(widx, merge)]),
+        "rotary_cos": cos,
+        "rotary_sin": sin,
+        "window_segments": host.segment_ids(cu_window).astype(np.int64),
+        "reverse_index": host.reverse_index(widx),
+    }
+
+
+class QwenExportAdapter:
+    family = "qwen2_5_vl"
+    architecture = "Qwen2_5_VLForConditionalGeneration"
+    vision_input_names = VISION_INPUT_NAMES
+
+    def __init__(self, model_dir: Path):
+        from safetensors import SafetensorError
+        from transformers import Qwen2_5_VLForConditionalGeneration
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        model_dir = Path(model_dir)
+        try:
+            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
+            )
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
+            raise ModelSourceError(f"--model '{model_dir}': cannot load as {self.architecture}: {exc}") from None
+        self.model = model.eval()
+        self.visual = self.model.model.visual
+        vision = self.model.config.vision_config
+        self.merge = vision.spatial_merge_size
+        self.patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size**2
+        self.vision_head_dim = vision.hidden_size // vision.num_heads
+        self.full_attention = frozenset(vision.fullatt_block_indexes)
+        self._family = host.family_config(self.model.config.to_dict())
+        self.preprocess = host.QwenPreprocessConfig.from_hf_dict(_read_json(model_dir / "preprocessor_config.json"))
+        if (self.preprocess.patch_size, self.preprocess.merge_size) != (vision.patch_size, self.merge):
+            raise ModelSourceError(f"--model '{model_dir}': preprocessor patch/merge size differ from the vision config")
+        self.min_visual_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
+        self.num_visual_tokens = self.max_visual_tokens  # N varies per image; this is the largest
+
+    # --- vision -------------------------------------------------------------------------------
+    def vision_features(self, pixel_values: torch.Tensor, rotary_cos: torch.Tensor, rotary_sin: torch.Tensor,
+                        window_segments: torch.Tensor, reverse_index: torch.Tensor,
+                        extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+        """One image's host inputs -> {"tokens" [1, N, D]} in raster order of the merged grid, equal to
+        HF's visual(...).pooler_output. Blocks, patch embedding and merger are the model's own; only the
+        cu_seqlens splits become an additive mask (one softmax over [P, P] per head)."""
+        if extras:
+            raise ConfigError(f"qwen2.5-vl: selection inputs {list(extras)} are not available (no [CLS] token); "
+                              "use a method that needs only the tokens (resprune, divprune, cdpruner, uniform, random, none)")
+        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
+
+        visual = self.visual
+        x = visual.patch_embed(pixel_values)  # [P, Dv], window order (patch embedding is per row)
+        same = window_segments[:, None] == window_segments[None, :]  # [P, P]
+        window_bias = torch.where(same, 0.0, torch.finfo(x.dtype).min).to(x.dtype)[None, None]  # [1, 1, P, P]
+        for layer, block in enumerate(visual.blocks):
+            attn, length = block.attn, x.shape[0]
+            q, k, v = attn.qkv(block.norm1(x)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
+            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, P, head_dim]
+            bias = None if layer in self.full_attention else window_bias
+            out, _ = eager_attention_forward(attn, q, k, v, bias, scaling=attn.scaling)  # [1, P, heads, head_dim]
+            x = x + attn.proj(out.reshape(length, -1))
+            x = x + block.mlp(block.norm2(x))
+        merged = visual.merger(x)  # [N, D], window order
+        return {"tokens": merged.index_select(0, reverse_index)[None]}  # [1, N, D], raster order
+
+    def visual_tokens(self, *vision_inputs: torch.Tensor) -> torch.Tensor:
+        return self.vision_features(*vision_inputs)["tokens"]
+
+    def example_vision_inputs(self, batch: int = 1, grid: Sequence[int] = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
+        """Inputs of one random image of `grid` (t, h, w patches); `batch` is ignored: one image per call."""
+        generator = torch.Generator().manual_seed(0)
+        pixels = torch.randn(int(np.prod(grid)), self.patch_dim, generator=generator).numpy()
+        inputs = graph_vision_inputs(pixels, [grid], self._family)
+        return tuple(torch.from_numpy(inputs[name]) for name in self.vision_input_names)
+
+    def vision_dynamic_shapes(self, batch_dim: Any = None) -> tuple[dict[int, Any], ...]:
+        """P = merge^2 * N is declared as a derived dim of N (the merger reshapes P rows into N)."""
+        merged = Dim("merged", min=self.min_visual_tokens, max=self.max_visual_tokens)
+        patches = self.merge**2 * merged
+        return ({0: patches}, {0: patches}, {0: patches}, {0: patches}, {0: merged})
+
+    def vision_input_specs(self) -> list[tuple[str, str, tuple]]:
+        hd = self.vision_head_dim
+        return [("pixel_values", "float32", ("patches", self.patch_dim)), ("rotary_cos", "float32", ("patches", hd)),
+                ("rotary_sin", "float32", ("patches", hd)), ("window_segments", "int64", ("patches",)),
+                ("reverse_index", "int64", ("merged",))]
+
+    # --- text ---------------------------------------------------------------------------------
+    def text_backbone(self) -> torch.nn.Module:
+        return self.model.model.language_model
+
+    def lm_head(self) -> torch.nn.Module:
+        return self.model.lm_head
+
+    def embedding_table(self) -> torch.Tensor:
+        return self.model.get_input_embeddings().weight  # [V, D]
+
+    def text_info(self, model_dir: Path) -> dict[str, Any]:
+        config, text = self.model.config, self.model.config.text_config
+        tokenizer_config = _read_json(Path(model_dir) / "tokenizer_config.json")
+        generation = _read_json(Path(model_dir) / "generation_config.json")
+        eos: list[int] = []
+        for value in (text.eos_token_id, generation.get("eos_token_id")):
+            for token in value if isinstance(value, (list, tuple)) else [value]:
+                if token is not None and int(token) not in eos:
+                    eos.append(int(token))
+        pad = text.pad_token_id if text.pad_token_id is not None else generation.get("pad_token_id")
+        bos = tokenizer_config.get("bos_token")  # Qwen's tokenizer adds no BOS: null there (the config's id is unused)
+        return {
+            "image_token": IMAGE_PAD,
+            "image_token_id": int(config.image_token_id),
+            "bos_token_id": text.bos_token_id if bos is not None else None,
+            "eos_token_ids": tuple(eos),
+            "pad_token_id": int(pad if pad is not None else eos[0]),
+            "prompt_template": QWEN_PROMPT_TEMPLATE,
+        }
+
+    def family_config(self) -> dict[str, Any]:
+        return {**self._family, "min_visual_tokens": self.min_visual_tokens, "max_visual_tokens": self.max_visual_tokens}
+
+    # --- the Hugging Face reference path, for parity ----------------------------------------------
+    def hf_image_inputs(self, images: list[Any], model_dir: Path) -> dict[str, torch.Tensor]:
+        """HF's Qwen2VLImageProcessorPil: {"pixel_values" [sum P, C*T*p*p] (HF order), "image_grid_thw" [n, 3]}."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        out = processor(images=images, return_tensors="pt")
+        return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
+
+    def hf_vision_inputs(self, images: list[Any], model_dir: Path) -> dict[str, torch.Tensor]:
+        """ONE image through HF's processor, converted to the vision graph's inputs (vision_input_names order)."""
+        if len(images) != 1:
+            raise ImageError(f"qwen2.5-vl vision graph: one image per call, got {len(images)}")
+        hf = self.hf_image_inputs(images, model_dir)
+        inputs = graph_vision_inputs(hf["pixel_values"].numpy(), hf["image_grid_thw"].numpy(), self._family)
+        return {name: torch.from_numpy(inputs[name]) for name in self.vision_input_names}
+
+    def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+
+
+class QwenVisionGraph(torch.nn.Module):
+    """The vision graph without selection: host inputs -> tokens [1, N, D]."""
+
+    def __init__(self, adapter: QwenExportAdapter):
+        super().__init__()
+        self.adapter = adapter
+        self.visual = adapter.visual  # registered so export sees the parameters
+
+    def forward(self, pixel_values, rotary_cos, rotary_sin, window_segments, reverse_index):
+        return self.adapter.vision_features(pixel_values, rotary_cos, rotary_sin, window_segments, reverse_index)["tokens"]
+
+
+class QwenDecoderGraph(DecoderGraph):
+    """graphs.DecoderGraph with M-RoPE: position_ids [3, B, S] (t, h, w), passed to the text model as is."""
+
+    def forward(self, inputs_embeds, attention_mask, position_ids, past):
+        if position_ids.dim() != 3 or position_ids.shape[0] != 3:
+            raise ConfigError(f"qwen2.5-vl decoder: position_ids must be [3, B, S], got {tuple(position_ids.shape)}")
+        return super().forward(inputs_embeds, attention_mask, position_ids, past)
+
+
+# ---- export specs (what graphs.vision_export_spec / decoder_export_spec must become for Qwen) ----
+def vision_features_export_spec(adapter: QwenExportAdapter):
+    """(example args, dynamic_shapes, input specs, output specs) of QwenVisionGraph."""
+    hidden = adapter.model.config.text_config.hidden_size
+    return (adapter.example_vision_inputs(), adapter.vision_dynamic_shapes(), adapter.vision_input_specs(),
+            [("visual_tokens", "float32", (1, "merged", hidden))])
+
+
+def decoder_export_spec(dims: dict[str, int], max_batch: int, max_sequence: int, export_batch: int = 2):
+    """graphs.decoder_export_spec with position_ids [3, batch, sequence]."""
+    batch = Dim("batch", min=1, max=max_batch)
+    seq = Dim("sequence", min=1, max=max_sequence)
+    past = Dim("past", min=0, max=max_sequence)
+    total = Dim("total", min=1, max=max_sequence)
+    b, s, p = export_batch, 5, 3
+    layers, heads, head_dim, hidden = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], dims["hidden_size"]
+    generator = torch.Generator().manual_seed(2)
+    past_example = tuple(torch.randn(b, heads, p, head_dim, generator=generator) for _ in range(2 * layers))
+    args = (
+        torch.randn(b, s, hidden, generator=generator),
+        torch.ones(b, p + s, dtype=torch.int64),
+        torch.arange(p, p + s).repeat(3, b, 1),
+        past_example,
+    )
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {1: batch, 2: seq}, tuple({0: batch, 2: past} for _ in past_example))
+    kv_shape = ("batch", heads, "past", head_dim)
+    inputs = [
+        ("inputs_embeds", "float32", ("batch", "sequence", hidden)),
+        ("attention_mask", "int64", ("batch", "total")),
+        ("position_ids", "int64", (3, "batch", "sequence")),
+        *[(name, "float32", kv_shape) for name in past_names(layers)],
+    ]
+    outputs = [
+        ("logits", "float32", ("batch", "sequence", dims["vocab_size"])),
+        *[(name, "float32", ("batch", heads, "total", head_dim)) for name in present_names(layers)],
+    ]
+    return args, dynamic, inputs, outputs
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+ADAPTER = QwenExportAdapter
