@@ -119,6 +119,28 @@ class NoPruningConfig:
 
 
 @dataclass(frozen=True)
+class TileBudgetConfig:
+    """HERO-style split of K over any-resolution tiles (prunert.pruning_ops.tile_budgets, used by
+    per-tile selection, prunert.pruning_ops.tiled).
+
+    thumbnail_share: fraction of K the global thumbnail keeps; text_weight: blend of text relevance
+    into the tile saliency; temperature: of the softmax over tile-vs-global [CLS] cosines.
+    """
+
+    thumbnail_share: float = 0.25
+    text_weight: float = 0.5
+    temperature: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.thumbnail_share <= 1:
+            raise ConfigError(f"thumbnail_share: got {self.thumbnail_share}, expected 0..1")
+        if not 0 <= self.text_weight <= 1:
+            raise ConfigError(f"text_weight: got {self.text_weight}, expected 0..1")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature: got {self.temperature}, expected > 0")
+
+
+@dataclass(frozen=True)
 class BudgetConfig:
     """How many visual tokens survive, which method picks them, and that method's parameters.
 

@@ -4,6 +4,14 @@ ExportAdapter (torch, workstation): loads the checkpoint and exposes the pieces 
 parity code composes: visual tokens before pruning, the text backbone and LM head, the embedding table.
 HostAdapter (numpy, runtime): the data-dependent work that stays outside the engines: image
 preprocessing into vision-graph inputs and position ids of the spliced sequence.
+
+Optional ExportAdapter hooks (generic code calls them only where the adapter has them):
+  selection_module(budget, family_config) -> torch.nn.Module   the selection run on vision_features'
+      output in the vision graph and by parity's reference (default: prunert.export.graphs.Selection,
+      the registry's op on tokens [B, N, D]; LLaVA-NeXT: graphs.TiledSelection on [B, T, N, D] tiles).
+      family_config is the adapter's own at export and the manifest's at parity.
+  artifact_preprocessor_config(model_dir) -> dict   what the artifact stores as preprocessor_config.json
+      (default: the checkpoint's file, copied).
 """
 
 from __future__ import annotations
@@ -45,6 +53,13 @@ class ExportAdapter(Protocol):
 
     def family_config(self) -> dict[str, Any]:
         """Opaque settings the host adapter needs at run time (stored in the manifest)."""
+
+    def hf_vision_inputs(self, images: list[Any], model_dir: Path) -> dict[str, Any]:
+        """Parity: Hugging Face's own image processor, as torch tensors named and laid out like the
+        vision-graph inputs (every name of vision_input_names)."""
+
+    def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
+        """Parity: Hugging Face's tokenizer on the templated prompt."""
 
 
 class HostAdapter(Protocol):

@@ -1,6 +1,7 @@
 """The two exported graphs as torch modules, with their dynamic axes declared in one place.
 
-vision:  pixel_values, text_embeds, text_mask -> visual_tokens [B, K, D], kept_indices [B, K]
+vision:  <the adapter's vision inputs>, text_embeds, text_mask -> visual_tokens [B, K, D], kept_indices [B, K]
+         (LLaVA-1.5: pixel_values; LLaVA-NeXT: pixel_values, tile_mask, token_mask)
 decoder: inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
          -> logits, present.{i}.key/value     (common Optimum / onnxruntime-genai names)
 """
@@ -13,7 +14,7 @@ import torch
 from torch.export import Dim
 
 from prunert import pruning_ops
-from prunert.config import SELECTION_SCOPE, BudgetConfig, ExportConfig
+from prunert.config import SELECTION_SCOPE, BudgetConfig, ExportConfig, TileBudgetConfig
 
 
 class Selection(torch.nn.Module):
@@ -28,6 +29,34 @@ class Selection(torch.nn.Module):
         return pruning_ops.select(inputs, self.budget)  # [B, K, D], [B, K]
 
 
+class TiledSelection(torch.nn.Module):
+    """Per-tile selection over any-resolution tiles (prunert.pruning_ops.tiled): HERO-style budgets per
+    tile, the method inside each tile. Features: tokens [B, T, N, D], tile_cls [B, T, Dv], tile_mask
+    [B, T], token_mask [B, T, N]. A method without per-tile support is a ConfigError here."""
+
+    def __init__(self, budget: BudgetConfig, tiles: TileBudgetConfig, num_tiles: int, tokens_per_tile: int):
+        super().__init__()
+        from prunert.pruning_ops import tiled
+
+        tiled.check_tiled_budget(budget, num_tiles, tokens_per_tile)
+        self.budget, self.tiles = budget, tiles
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        from prunert.pruning_ops import tiled
+
+        return tiled.tiled_select(inputs, self.budget, self.tiles)  # [B, K, D], [B, K]
+
+
+def selection_module(adapter: Any, budget: BudgetConfig, family_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The selection the vision graph (and parity's reference) runs on the adapter's features: the
+    adapter's `selection_module(budget, family_config)` hook if it has one, else the plain Selection.
+    family_config: the manifest's (parity), or the adapter's own at export."""
+    hook = getattr(adapter, "selection_module", None)
+    if hook is None:
+        return Selection(budget)
+    return hook(budget, adapter.family_config() if family_config is None else family_config)
+
+
 class VisionPruneGraph(torch.nn.Module):
     """Vision tower + projector + static-budget selection."""
 
@@ -36,12 +65,12 @@ class VisionPruneGraph(torch.nn.Module):
         self.adapter = adapter
         self.budget = budget
         self.tower = adapter.model  # registered so export sees the parameters
-        setattr(self, SELECTION_SCOPE, Selection(budget))
+        setattr(self, SELECTION_SCOPE, selection_module(adapter, budget))
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
         needs = pruning_ops.method_spec(self.budget.method).needs
-        features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] + extras
+        features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] (or [B, T, N, D]) + extras
         select = getattr(self, SELECTION_SCOPE)
         return select({**features, "text": text_embeds, "text_mask": text_mask})  # [B, K, D], [B, K]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import importlib.metadata
 import io
+import json
 import logging
 import shutil
 import tempfile
@@ -91,7 +92,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     table = adapter.embedding_table().detach().float().numpy()  # [V, D]
     np.save(staging / "embed_tokens.npy", table)
     shutil.copyfile(source.path / "tokenizer.json", staging / "tokenizer.json")
-    shutil.copyfile(source.path / "preprocessor_config.json", staging / "preprocessor_config.json")
+    _write_preprocessor_config(adapter, source.path, staging / "preprocessor_config.json")
 
     text = adapter.text_info(source.path)
     manifest = Manifest(
@@ -125,6 +126,16 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _write_preprocessor_config(adapter: Any, model_dir: Path, path: Path) -> None:
+    """The checkpoint's preprocessor_config.json, or what the adapter's optional
+    `artifact_preprocessor_config(model_dir)` hook makes of it (keys its host adapter needs)."""
+    hook = getattr(adapter, "artifact_preprocessor_config", None)
+    if hook is None:
+        shutil.copyfile(model_dir / "preprocessor_config.json", path)
+    else:
+        path.write_text(json.dumps(hook(model_dir), indent=2) + "\n")
 
 
 def _check_tensorrt(path: Path, cfg: ExportConfig) -> None:

@@ -13,6 +13,7 @@ import torch
 from prunert import pruning_ops
 from prunert.adapters import resolve_source
 from prunert.config import GenerationConfig, ParityTolerances
+from prunert.export.graphs import selection_module
 from prunert.export.pipeline import load_export_adapter
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
@@ -60,9 +61,11 @@ def run_parity(
     with torch.no_grad():
         table = adapter.embedding_table().detach().float().numpy()
         text_embeds, text_mask = text_relevance_inputs(groups, table, manifest.text.max_text_tokens)
-        features = adapter.vision_features(*ref_pixels.values(), extras=pruning_ops.method_spec(budget.method).needs)
+        vision_inputs = [ref_pixels[name] for name in adapter.vision_input_names]
+        features = adapter.vision_features(*vision_inputs, extras=pruning_ops.method_spec(budget.method).needs)
         text_inputs = {"text": torch.from_numpy(text_embeds), "text_mask": torch.from_numpy(text_mask)}
-        ref_visual, kept = pruning_ops.select({**features, **text_inputs}, budget)  # [1, K, D], [1, K]
+        select = selection_module(adapter, budget, manifest.family_config)  # the exported graph's selection, in torch
+        ref_visual, kept = select({**features, **text_inputs})  # [1, K, D], [1, K]
     ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
     overlap = len(ours_set & ref_set) / len(ref_set)
     detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"

@@ -18,29 +18,9 @@ importance go to the lower tile index. Shapes: cls [B, T, Dv] (tile 0 = thumbnai
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-
-@dataclass(frozen=True)
-class TileBudgetConfig:
-    """thumbnail_share: fraction of K the global thumbnail keeps; text_weight: blend of text relevance
-    into the tile saliency; temperature: of the softmax over tile-vs-global [CLS] cosines."""
-
-    thumbnail_share: float = 0.25
-    text_weight: float = 0.5
-    temperature: float = 0.1
-
-    def __post_init__(self) -> None:
-        from prunert.errors import ConfigError
-
-        if not 0 <= self.thumbnail_share <= 1:
-            raise ConfigError(f"thumbnail_share: got {self.thumbnail_share}, expected 0..1")
-        if not 0 <= self.text_weight <= 1:
-            raise ConfigError(f"text_weight: got {self.text_weight}, expected 0..1")
-        if self.temperature <= 0:
-            raise ConfigError(f"temperature: got {self.temperature}, expected > 0")
+from prunert.config import TileBudgetConfig  # noqa: F401  (defined, with its defaults, in prunert.config)
 
 
 # ---- torch (exports to a static graph: sorts over T tiles, no loop) ----------------------------

@@ -29,7 +29,7 @@ BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
 class VisionResult:
     pixel_inputs: dict[str, np.ndarray]
     visual_tokens: np.ndarray  # [B, K, D]
-    kept_indices: np.ndarray  # [B, K] ascending, original positions
+    kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
 
 
 @dataclass

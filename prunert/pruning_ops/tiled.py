@@ -1,0 +1,253 @@
+"""Per-tile selection for any-resolution tiles (LLaVA-NeXT): HERO-style tile budgets, then ResPrune
+inside every tile with that tile's own budget, as ONE static graph; plus the NumPy reference.
+
+Inputs (batched; T tiles of N tokens, tile 0 = the global thumbnail):
+  tokens [B, T, N, D] projector outputs   tile_cls [B, T, Dv] each tile's [CLS] at the feature layer
+  tile_mask [B, T]    1 = thumbnail / real tile, 0 = padding tile
+  token_mask [B, T, N] 1 = the token survives HF's unpadding   text [B, M, D], text_mask [B, M]
+-> kept_tokens [B, K, D], kept_indices [B, K]: flat positions tile * N + index, ascending, i.e. ordered
+   by (tile, raster index inside the tile); kept_tokens[b, k] = tokens[b].reshape(T * N, D)[kept_indices[b, k]].
+
+Steps:
+ 1. valid = token_mask & tile_mask. ResPrune's text relevance r (the cosine pooled over content words,
+    min-max normalised to [epsilon, 1]) with the min and max taken over the image's VALID tokens; the
+    within-tile weight is r^alpha (resprune.text_relevance, with a token mask).
+ 2. budgets k_t = tile_budgets(cls, rel, valid counts, K): rel_t = mean r over tile t's valid tokens
+    (0 without any). k_t <= valid_t for every tile whenever the image has >= K valid tokens, which is
+    always so for K <= N (the thumbnail alone has N). An image with V < K valid tokens (possible only
+    for K > N, at extreme aspect ratios) keeps all V and fills the K - V slots the static output still
+    has with masked tokens, tile by tile in order 1, 2, ... (`fill_deficit`).
+ 3. ResPrune on all B*T tiles as one batch for S = min(K, N) steps (the largest possible tile budget),
+    recording each token's pick step. Valid tokens always go first; once a tile's valid tokens are all
+    kept, its masked tokens follow in index order. Greedy picks are prefix-consistent (the first k
+    picks of an S-step run are the k-step run), so tile t keeps the tokens picked at steps < k_t:
+    exactly sum_t k_t = K per image, in a graph with one Loop and no data-dependent shapes.
+ 4. kept_indices: TopK (sorted, K <= 3840) over the [B, T * N] kept mask, as every op.
+
+Per tile the numerics are ResPrune's (tau rule, TIE_RTOL ties to the lowest index, fp32 range guard
+per tile). The NumPy reference runs, per tile, a plain k_t-step greedy: the test that the two agree
+is also the test of prefix consistency. torch is imported only inside the torch functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from prunert.config import BudgetConfig, ResPruneConfig, TileBudgetConfig
+from prunert.errors import ConfigError
+from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
+from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
+
+TILED_METHODS = ("resprune",)  # methods with a prefix-consistent pick order (see step 3)
+MAX_TOPK = 3840  # TensorRT's TopK limit (pruning_ops.common.MAX_TOPK; that module imports torch)
+
+
+def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
+    """ConfigError unless `budget.method` supports per-tile budgets and 1 <= K < T * N, K <= 3840."""
+    if budget.method not in TILED_METHODS:
+        raise ConfigError(f"--method {budget.method}: method {budget.method!r} does not support per-tile budgets; expected one of {list(TILED_METHODS)}")
+    if not 0 < budget.budget < tiles * n:
+        raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget < {tiles * n} ({tiles} tiles x {n} tokens)")
+    if budget.budget > MAX_TOPK:
+        raise ConfigError(f"budget: got {budget.budget}, expected at most {MAX_TOPK} (TensorRT's TopK limit)")
+
+
+# ================================================================================ torch (exported)
+
+
+def masked_relevance(tokens, valid, text, text_mask, cfg: ResPruneConfig):
+    """resprune.text_relevance's r (alpha not applied) with min-max over valid tokens only.
+    tokens [B, L, D], valid [B, L] bool, text [B, M, D], text_mask [B, M] -> r [B, L] (1 where masked)."""
+    import torch
+
+    from prunert.pruning_ops.resprune import _PEAK_HI, _PEAK_LO, _TINY, _unit_rows
+
+    peak = tokens.float().abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)  # [B, L, 1]: fp32 range guard, per token
+    x = tokens.float() / torch.where((peak > _PEAK_HI) | (peak < _PEAK_LO), peak, 1.0)  # cosines do not see it
+    has = text_mask != 0  # [B, M]
+    cos = _unit_rows(x) @ _unit_rows(text.float()).transpose(1, 2)  # [B, L, M]
+    if cfg.relevance == "max":
+        r = cos.masked_fill(~has[:, None, :], float("-inf")).amax(dim=-1)  # [B, L]
+    else:
+        count = has.sum(dim=-1, keepdim=True).clamp_min(1).to(cos.dtype)
+        r = cos.masked_fill(~has[:, None, :], 0.0).sum(dim=-1) / count
+    r = torch.where(has.any(dim=-1, keepdim=True), r, 1.0)
+    r_min = torch.where(valid, r, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
+    span = torch.where(valid, r, float("-inf")).amax(dim=-1, keepdim=True) - r_min
+    scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(RELEVANCE_SPAN_ATOL)
+    r = torch.where(span > RELEVANCE_SPAN_ATOL, scaled, 1.0)  # flat up to rounding: no relevance signal
+    return torch.where(valid, r, 1.0)
+
+
+def resprune_order(tokens, weight, valid, steps: int, cfg: ResPruneConfig):
+    """ResPrune's greedy for `steps` steps, returning WHEN each token was picked.
+    tokens [R, N, D], weight [R, N] (r^alpha), valid [R, N] bool -> order [R, N] int64: the step at which
+    the token was kept, `steps` if never. Valid tokens first; then masked ones by index."""
+    import torch
+    from torch._higher_order_ops import while_loop
+
+    from prunert.pruning_ops.resprune import _PEAK_HI, _PEAK_LO, _TINY, _unit_rows
+
+    x = tokens.float()
+    n = x.shape[1]
+    peak = x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY)  # [R, 1, 1]: the range guard, per tile
+    x = x / torch.where((peak > _PEAK_HI) | (peak < _PEAK_LO), peak, 1.0)
+    if cfg.normalize:
+        x = _unit_rows(x)
+    gram = x @ x.transpose(1, 2)  # [R, N, N]
+    energy = (x * x).sum(dim=-1)  # [R, N]
+    if cfg.normalize:
+        energy = (energy > 0).to(energy.dtype)
+    floor = cfg.tau * energy
+    positions = torch.arange(n, device=x.device)  # [N]
+    step_ids = torch.arange(steps, device=x.device)  # [S]
+
+    def keep_going(step, energy, order, coeffs):
+        return step < steps
+
+    def greedy_step(step, energy, order, coeffs):
+        free = order >= steps  # [R, N] not kept yet
+        candidates = free & valid
+        effective = torch.where(energy < floor, 0.0, energy)
+        score = torch.where(candidates, weight * effective, float("-inf"))  # [R, N]
+        best = score.amax(dim=-1, keepdim=True)  # [R, 1]
+        tied = (score >= best * (1.0 - TIE_RTOL)).to(energy.dtype)  # ResPrune's tie rule among valid candidates
+        any_valid = candidates.to(energy.dtype).amax(dim=-1, keepdim=True) > 0  # [R, 1]
+        tied = torch.where(any_valid, tied, free.to(energy.dtype))  # no valid left: the first free token
+        pick = tied.argmax(dim=-1, keepdim=True)  # [R, 1]
+        onehot = (positions[None, :] == pick).to(energy.dtype)  # [R, N]
+        pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [R, 1]
+        gram_row = onehot[:, None, :] @ gram  # [R, 1, N]
+        pick_coeffs = onehot[:, None, :] @ coeffs  # [R, 1, S]
+        inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [R, N, 1]
+        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(_TINY).rsqrt(), 0.0)
+        column = inner * scale[:, :, None]  # [R, N, 1]
+        coeffs = torch.where((step_ids == step)[None, None, :], column, coeffs)  # [R, N, S]
+        energy = (energy - column[..., 0] ** 2).clamp_min(0.0)
+        order = torch.where(onehot > 0, step, order)  # [R, N]
+        return step + 1, energy, order, coeffs
+
+    order = torch.full_like(energy, steps, dtype=torch.int64)
+    state = (torch.zeros((), dtype=torch.int64), energy, order, x.new_zeros(x.shape[0], n, steps))
+    _, _, order, _ = while_loop(keep_going, greedy_step, state)
+    return order
+
+
+def fill_deficit(budgets, n: int):
+    """budgets [B, T] int64 from tile_budgets -> the same, with a thumbnail share above N (an image with
+    fewer valid tokens than K) moved into tiles 1, 2, ... up to N each, in tile order."""
+    import torch
+
+    excess = (budgets[:, :1] - n).clamp_min(0)  # [B, 1]
+    room = n - budgets[:, 1:]  # [B, T-1]
+    t = room.shape[-1]
+    earlier = (torch.arange(t)[None, :] < torch.arange(t)[:, None]).to(torch.int64)  # [T-1, T-1]: j before i
+    before = (earlier[None] * room[:, None, :]).sum(dim=-1)  # [B, T-1] room of the earlier tiles
+    add = torch.minimum(room, (excess - before).clamp_min(0))
+    return torch.cat([budgets[:, :1] - excess, budgets[:, 1:] + add], dim=-1)  # [B, T]
+
+
+def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudgetConfig) -> tuple[Any, Any]:
+    """Torch: the module docstring's steps 1-4. -> kept_tokens [B, K, D], kept_indices [B, K] int64."""
+    import torch
+
+    from prunert.pruning_ops.common import gather_tokens, kept_to_indices
+
+    tokens = inputs["tokens"]  # [B, T, N, D]
+    _, t, n, d = tokens.shape
+    k, cfg = budget.budget, budget.params
+    check_tiled_budget(budget, t, n)
+    valid = (inputs["token_mask"] != 0) & (inputs["tile_mask"] != 0)[:, :, None]  # [B, T, N]
+    flat = tokens.reshape(-1, t * n, d)  # [B, T*N, D]
+    r = masked_relevance(flat, valid.reshape(-1, t * n), inputs["text"], inputs["text_mask"], cfg)  # [B, T*N]
+    r = r.reshape(-1, t, n)  # [B, T, N]
+    count = valid.to(torch.int64).sum(dim=-1)  # [B, T]
+    rel = torch.where(valid, r, 0.0).sum(dim=-1) / count.clamp_min(1).to(r.dtype)  # [B, T] mean over valid
+    budgets = fill_deficit(tile_budgets(inputs["tile_cls"], rel, count, k, tiles), n)  # [B, T]
+    weight = torch.ones_like(r) if cfg.alpha == 0 else (r if cfg.alpha == 1 else r.pow(cfg.alpha))
+    steps = min(k, n)
+    order = resprune_order(tokens.reshape(-1, n, d), weight.reshape(-1, n), valid.reshape(-1, n), steps, cfg)  # [B*T, N]
+    keep = order.reshape(-1, t, n) < budgets[:, :, None]  # [B, T, N]: the first k_t picks of each tile
+    kept = kept_to_indices(keep.reshape(-1, t * n), k)  # [B, K] ascending flat positions
+    return gather_tokens(flat, kept), kept  # [B, K, D], [B, K]
+
+
+# ================================================================================ NumPy reference
+
+
+def resprune_order_reference(tokens: np.ndarray, weight: np.ndarray, valid: np.ndarray, steps: int, cfg: ResPruneConfig) -> list[int]:
+    """One tile: tokens [N, D], weight [N], valid [N] -> the first `steps` picks, in pick order
+    (reference.resprune's loop, valid tokens first, then masked ones by index)."""
+    x = np.asarray(tokens, np.float64)
+    if cfg.normalize:
+        x = x / _safe_norm(x)
+    residual = x.copy()
+    energy = (residual * residual).sum(axis=1)
+    floor = cfg.tau * energy
+    kept = np.zeros(len(x), bool)
+    valid = np.asarray(valid, bool)
+    picks = []
+    for _ in range(steps):
+        effective = np.where(energy < floor, 0.0, energy)
+        candidates = ~kept & valid
+        j = pick_first_best(np.where(candidates, weight * effective, -np.inf)) if candidates.any() else int(np.argmax(~kept))
+        kept[j] = True
+        picks.append(j)
+        if effective[j] <= 0:
+            continue
+        q = residual[j] / np.sqrt(effective[j])
+        c = residual @ q
+        residual -= np.outer(c, q)
+        energy = np.maximum(energy - c * c, 0.0)
+    return picks
+
+
+def fill_deficit_reference(budgets: np.ndarray, n: int) -> np.ndarray:
+    budgets = np.array(budgets, np.int64)
+    excess = max(int(budgets[0]) - n, 0)
+    budgets[0] -= excess
+    for t in range(1, len(budgets)):
+        take = min(n - int(budgets[t]), excess)
+        budgets[t] += take
+        excess -= take
+    return budgets
+
+
+def _relevance_reference(inputs: dict[str, np.ndarray], cfg: ResPruneConfig) -> tuple[np.ndarray, np.ndarray]:
+    """-> valid [T, N] bool, r [T, N] (min-max over the valid tokens; 1 where masked)."""
+    tokens = np.asarray(inputs["tokens"], np.float64)
+    valid = (np.asarray(inputs["token_mask"]) != 0) & (np.asarray(inputs["tile_mask"]) != 0)[:, None]
+    r = np.ones(valid.shape)
+    r[valid] = text_relevance(tokens[valid], inputs["text"], inputs["text_mask"], replace(cfg, alpha=1.0))
+    return valid, r
+
+
+def tiled_budgets_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig, tiles: TileBudgetConfig) -> np.ndarray:
+    """One sample -> per-tile budgets [T] int64 (steps 1-2)."""
+    valid, r = _relevance_reference(inputs, cfg)
+    count = valid.sum(axis=1)
+    rel = np.array([r[t][valid[t]].mean() if count[t] else 0.0 for t in range(len(count))])
+    return fill_deficit_reference(tile_budgets_reference(np.asarray(inputs["tile_cls"]), rel, count, budget, tiles), valid.shape[1])
+
+
+def tiled_reference(
+    inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig, tiles: TileBudgetConfig, budgets: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """One sample {"tokens" [T, N, D], "tile_cls" [T, Dv], "tile_mask" [T], "token_mask" [T, N], "text" [M, D],
+    "text_mask" [M]} -> (kept flat indices [K] ascending, kept tokens [K, D]). `budgets` [T] overrides
+    steps 1-2 (tests pass the op's own where fp32 and fp64 round a floor(share * K) apart)."""
+    tokens = np.asarray(inputs["tokens"])
+    t, n, d = tokens.shape
+    valid, r = _relevance_reference(inputs, cfg)
+    if budgets is None:
+        budgets = tiled_budgets_reference(inputs, budget, cfg, tiles)
+    kept = []
+    for tile in range(t):
+        if budgets[tile] > 0:  # a plain k_t-step run on this tile alone
+            picks = resprune_order_reference(tokens[tile], r[tile] ** cfg.alpha, valid[tile], int(budgets[tile]), cfg)
+            kept += [tile * n + j for j in picks]
+    kept = np.array(sorted(kept), np.int64)
+    return kept, tokens.reshape(t * n, d)[kept]
