@@ -260,7 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex, gen = ExportConfig(), GenerationConfig()
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX graphs + manifest.json)")
-    p.add_argument("--model", required=True, help="synthetic:<preset> (e.g. synthetic:llava-tiny) or a local Hugging Face LLaVA-1.5 directory")
+    p.add_argument("--model", required=True, help="synthetic:<preset> (llava-tiny, llava-1.5-shaped, llava-next-tiny, llava-next-shaped) "
+                   "or a local Hugging Face LLaVA-1.5 / LLaVA-NeXT directory (safetensors)")
     p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K)")
     p.add_argument("--method", default=BudgetConfig().method, help="selection method: " + ", ".join(pruning_ops.methods()) + " (default: %(default)s)")
     _add_method_flags(p)
