@@ -260,8 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex, gen = ExportConfig(), GenerationConfig()
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX graphs + manifest.json)")
-    p.add_argument("--model", required=True, help="synthetic:<preset> (llava-tiny, llava-1.5-shaped, llava-next-tiny, llava-next-shaped) "
-                   "or a local Hugging Face LLaVA-1.5 / LLaVA-NeXT directory (safetensors)")
+    p.add_argument("--model", required=True, help="synthetic:<preset> (llava-tiny, llava-1.5-shaped, llava-next-tiny, llava-next-shaped, "
+                   "qwen2.5-vl-tiny, qwen2.5-vl-shaped) or a local Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL directory (safetensors)")
     p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K)")
     p.add_argument("--method", default=BudgetConfig().method, help="selection method: " + ", ".join(pruning_ops.methods()) + " (default: %(default)s)")
     _add_method_flags(p)
@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="answer a prompt about an image with an exported artifact (no torch needed)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
-    p.add_argument("--prompt", action="append", required=True, help="prompt with one <image> placeholder; repeat per image (one prompt is shared)")
+    p.add_argument("--prompt", action="append", required=True, help="prompt with the artifact's image placeholder once (<image>; Qwen2.5-VL: "
+                   "<|vision_start|><|image_pad|><|vision_end|>); repeat per image (one prompt is shared)")
     p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
     p.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=gen.top_p)

@@ -36,6 +36,9 @@ class GraphSpec:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     external_data: str | None = None  # weights file beside the .onnx, if any
+    # (min, opt, max) of symbolic dims the adapter bounds (Qwen2.5-VL vision: "patches", "merged"); TensorRT
+    # profiles use them and runners check inputs against them. Written only when non-empty.
+    dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -145,7 +148,7 @@ class Manifest:
         return self.variants[precision].graphs[graph]
 
     def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        return json.dumps(_drop_empty_dim_ranges(asdict(self)), indent=2, sort_keys=True) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
@@ -169,6 +172,15 @@ class Manifest:
                 raise ArtifactError(f"{MANIFEST_NAME}: schema_version {version} has no {unknown}")
             data = {**data, "schema_version": SCHEMA_VERSION}
         return _build(cls, data, "manifest")
+
+
+def _drop_empty_dim_ranges(data: Any) -> Any:
+    """An empty GraphSpec.dim_ranges is left out of the JSON (manifests without adapter-bounded dims are unchanged)."""
+    if isinstance(data, dict):
+        return {k: _drop_empty_dim_ranges(v) for k, v in data.items() if not (k == "dim_ranges" and v == {})}
+    if isinstance(data, list):
+        return [_drop_empty_dim_ranges(v) for v in data]
+    return data
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -235,7 +247,13 @@ def _graph(data: Any, where: str) -> GraphSpec:
         tuple(_build(TensorSpec, spec, f"{where}.{kind}") for spec in getattr(graph, kind))
         for kind in ("inputs", "outputs")
     )
-    return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data)
+    ranges = {}
+    for dim, triple in graph.dim_ranges.items():
+        ok = isinstance(triple, list) and len(triple) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in triple)
+        if not ok or not 0 <= triple[0] <= triple[1] <= triple[2]:
+            raise ArtifactError(f"{MANIFEST_NAME}: '{where}.dim_ranges.{dim}' is {json.dumps(triple)}, expected [min, opt, max] ints, min <= opt <= max")
+        ranges[dim] = tuple(triple)
+    return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data, dim_ranges=ranges)
 
 
 def _variant(data: Any, where: str) -> VariantSpec:

@@ -17,9 +17,9 @@ from typing import Any
 from prunert.errors import ModelSourceError
 
 # family -> module of that family's adapter package
-FAMILIES = {"llava": "prunert.adapters.llava", "llava_next": "prunert.adapters.llava_next"}
+FAMILIES = {"llava": "prunert.adapters.llava", "llava_next": "prunert.adapters.llava_next", "qwen2_5_vl": "prunert.adapters.qwen2_5_vl"}
 # Hugging Face config `model_type` -> family
-MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next"}
+MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl"}
 SYNTHETIC_PREFIX = "synthetic:"
 
 
@@ -99,7 +99,7 @@ def _from_directory(label: str, path: Path, synthetic: bool) -> ModelSource:
     if model_type not in MODEL_TYPES:
         raise ModelSourceError(
             f"--model {label!r}: model_type {model_type!r} is not supported; expected one of {sorted(MODEL_TYPES)} "
-            f"(e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf)"
+            f"(e.g. llava-hf/llava-1.5-7b-hf, llava-hf/llava-v1.6-vicuna-7b-hf, Qwen/Qwen2.5-VL-3B-Instruct)"
         )
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"--model {label!r}: no *.safetensors weights (prunert never loads pickled .bin weights)")

@@ -197,7 +197,7 @@ class PrefillState:
     inputs_embeds: np.ndarray  # [1, L, D] spliced
     logits: np.ndarray  # [1, L, V]
     attention_mask: np.ndarray  # [1, L]
-    position_ids: np.ndarray  # [1, L]
+    position_ids: np.ndarray  # [1, L] (M-RoPE: [3, 1, L])
     present: list[np.ndarray]  # 2 x layers of [1, kv_heads, L, head_dim]
 
 
@@ -219,7 +219,7 @@ def for_each_sample(
         image = load_image(sample.image)
         sequences = pipe.tokenize([prompt])
         result = pipe.encode_images([image], [prompt])
-        embeds, mask, positions = pipe.splice(sequences, result.visual_tokens)
+        embeds, mask, positions = pipe.splice(sequences, result)
         logits, present = pipe.run_decoder(embeds, mask, positions, pipe.empty_past(1))
         state = PrefillState(embeds, logits, mask, positions, present)
         visit(index, result, state, greedy_decode(pipe, state, greedy_tokens))
@@ -229,7 +229,8 @@ def greedy_decode(pipe: Any, state: PrefillState, tokens: int) -> list[int]:
     """Greedy token ids after a prefill (batch 1)."""
     text, table = pipe.manifest.text, pipe.artifact.embeddings
     logits, past = state.logits[:, -1], state.present
-    mask, positions = state.attention_mask, state.position_ids[:, -1:]
+    mask = state.attention_mask
+    positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)  # the first decode step's
     budget = min(tokens, text.max_sequence - mask.shape[1])
     out: list[int] = []
     for step in range(budget):
@@ -238,10 +239,10 @@ def greedy_decode(pipe: Any, state: PrefillState, tokens: int) -> list[int]:
         if chosen in text.eos_token_ids or step == budget - 1:
             break
         mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        positions = positions + 1
         embeds = np.asarray(table[[chosen]], np.float32)[:, None]  # [1, 1, D]
         step_logits, past = pipe.run_decoder(embeds, mask, positions, past)
         logits = step_logits[:, -1]
+        positions = positions + 1
     return out
 
 

@@ -4,7 +4,7 @@ Every input of a graph gets (min, opt, max) shapes with every dim resolved: stat
 manifest's tensor specs, symbolic dims from the table below.
 
 vision (one profile, "vision"):
-    batch     1 .. max_batch, opt = opt_batch
+    batch     1 .. max_batch, opt = opt_batch (graphs with a batch axis)
     text      1 .. text.max_text_tokens, opt = min(TEXT_OPT, max). The runtime does NOT pad to
               max_text_tokens: `prunert.runtime.text.text_relevance_inputs` pads the batch to its longest
               prompt's content-word count (at least 1, at most max_text_tokens), so typical widths are a
@@ -16,6 +16,9 @@ decoder (two profiles; the runtime picks the one whose ranges hold the step's sh
                   opt past = halfway between the context opt and max_seq - 1.
     Every (min, opt, max) triple is itself consistent (total = past + sequence), so the builder never
     sees a shape combination the graph cannot run.
+any graph: symbolic dims the adapter bounds are recorded with their (min, opt, max) in the manifest's graph
+    spec (`dim_ranges`, e.g. Qwen2.5-VL's one-image vision graph: merged tokens N and patches P = 4 N, the
+    triples consistent with each other) and used as recorded, in every profile of that graph.
 
 Empty past (past = 0 in the "context" profile): TensorRT supports empty tensors (TensorRT Developer Guide,
 "Working with Empty Tensors": a tensor with a zero-length dim is legal, zero lengths follow the rules of
@@ -115,15 +118,16 @@ DimRanges = dict[str, tuple[int, int, int]]
 def dim_ranges(manifest: Manifest, graph: str, limits: Limits) -> list[tuple[str, DimRanges]]:
     """(profile name, symbolic dim -> (min, opt, max)) per profile of a graph."""
     batch = (1, limits.opt_batch, limits.max_batch)
+    own: DimRanges = dict(manifest.graphs[graph].dim_ranges) if graph in manifest.graphs else {}  # the fp32 spec's
     if graph == "vision":
-        return [("vision", {"batch": batch, "text": (1, min(TEXT_OPT, limits.max_text), limits.max_text)})]
+        return [("vision", {"batch": batch, "text": (1, min(TEXT_OPT, limits.max_text), limits.max_text), **own})]
     if graph == "decoder":
         top = limits.max_seq
         opt_context = max(1, min(top, manifest.budget.budget + min(manifest.text.max_prompt_tokens - 1, PROMPT_OPT)))
         opt_past = max(1, min(top - 1, (opt_context + top - 1) // 2))
         context = {"batch": batch, "sequence": (1, opt_context, top), "past": (0, 0, 0), "total": (1, opt_context, top)}
         generation = {"batch": batch, "sequence": (1, 1, 1), "past": (1, opt_past, top - 1), "total": (2, opt_past + 1, top)}
-        return [("context", context), ("generation", generation)]
+        return [("context", {**context, **own}), ("generation", {**generation, **own})]
     raise ConfigError(f"graph: got {graph!r}, expected one of {list(GRAPH_NAMES)}")
 
 

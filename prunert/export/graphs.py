@@ -1,9 +1,12 @@
 """The two exported graphs as torch modules, with their dynamic axes declared in one place.
 
 vision:  <the adapter's vision inputs>, text_embeds, text_mask -> visual_tokens [B, K, D], kept_indices [B, K]
-         (LLaVA-1.5: pixel_values; LLaVA-NeXT: pixel_values, tile_mask, token_mask)
+         (LLaVA-1.5: pixel_values; LLaVA-NeXT: pixel_values, tile_mask, token_mask). An adapter with
+         `one_image_per_vision_call` (Qwen2.5-VL) has no batch axis: its own inputs are one image's (its
+         symbolic dims, e.g. patches / merged), B = 1 for text_embeds, text_mask and the outputs.
 decoder: inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/value
          -> logits, present.{i}.key/value     (common Optimum / onnxruntime-genai names)
+         position_ids [B, S], or [*position_ids_leading_dims, B, S] (Qwen2.5-VL M-RoPE: [3, B, S])
 """
 
 from __future__ import annotations
@@ -93,7 +96,7 @@ class DecoderGraph(torch.nn.Module):
         out = self.backbone(
             inputs_embeds=inputs_embeds,  # [B, S, D]
             attention_mask=attention_mask,  # [B, past + S]
-            position_ids=position_ids,  # [B, S]
+            position_ids=position_ids,  # [B, S] (M-RoPE: [3, B, S])
             past_key_values=cache,
             use_cache=True,
         )
@@ -102,6 +105,12 @@ class DecoderGraph(torch.nn.Module):
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]  # [B, kv_heads, past + S, head_dim]
         return (logits, *present)
+
+
+def decoder_module(adapter: Any) -> torch.nn.Module:
+    """The adapter's `decoder_module()` if it has one (Qwen2.5-VL: QwenDecoderGraph), else DecoderGraph."""
+    hook = getattr(adapter, "decoder_module", None)
+    return DecoderGraph(adapter) if hook is None else hook()
 
 
 def decoder_dims(adapter: Any) -> dict[str, int]:
@@ -127,22 +136,27 @@ def present_names(num_layers: int) -> list[str]:
 # ---- dynamic axes: the one place they are declared -------------------------------------------
 def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int, hidden: int):
     """(example args, dynamic_shapes, input names, output names, manifest specs)."""
-    batch = Dim("batch", min=1, max=cfg.max_batch)
+    per_image = getattr(adapter, "one_image_per_vision_call", False)
+    batch = None if per_image else Dim("batch", min=1, max=cfg.max_batch)
     text = Dim("text", min=1, max=cfg.max_text_tokens)
-    b, m = cfg.export_batch, 5
+    b, m = (1 if per_image else cfg.export_batch), 5
+    rows = 1 if per_image else "batch"  # the batch dim of text inputs and outputs
     generator = torch.Generator().manual_seed(1)
     args = (
         *adapter.example_vision_inputs(b),
         torch.randn(b, m, hidden, generator=generator),
         torch.ones(b, m, dtype=torch.int64),
     )
-    dynamic = (*adapter.vision_dynamic_shapes(batch), {0: batch, 1: text}, {0: batch, 1: text})
-    inputs = [*adapter.vision_input_specs(), ("text_embeds", "float32", ("batch", "text", hidden)), ("text_mask", "int64", ("batch", "text"))]
-    outputs = [("visual_tokens", "float32", ("batch", budget, hidden)), ("kept_indices", "int64", ("batch", budget))]
+    text_dynamic = {1: text} if per_image else {0: batch, 1: text}
+    dynamic = (*adapter.vision_dynamic_shapes(batch), text_dynamic, dict(text_dynamic))
+    inputs = [*adapter.vision_input_specs(), ("text_embeds", "float32", (rows, "text", hidden)), ("text_mask", "int64", (rows, "text"))]
+    outputs = [("visual_tokens", "float32", (rows, budget, hidden)), ("kept_indices", "int64", (rows, budget))]
     return args, {"inputs": dynamic}, inputs, outputs  # forward(*inputs): varargs specs nest in one tuple
 
 
-def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig, budget: int):
+def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig, budget: int, position_leading: tuple[int, ...] = ()):
+    """position_leading: static dims of position_ids before [batch, sequence] (the adapter's
+    position_ids_leading_dims; M-RoPE: (3,))."""
     longest = cfg.max_sequence(budget)
     batch = Dim("batch", min=1, max=cfg.max_batch)
     seq = Dim("sequence", min=1, max=longest)
@@ -155,15 +169,16 @@ def decoder_export_spec(dims: dict[str, int], cfg: ExportConfig, budget: int):
     args = (
         torch.randn(b, s, hidden, generator=generator),
         torch.ones(b, p + s, dtype=torch.int64),
-        torch.arange(p, p + s).repeat(b, 1),
+        torch.arange(p, p + s).repeat(*position_leading, b, 1),
         past_example,
     )
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {0: batch, 1: seq}, tuple({0: batch, 2: past} for _ in past_example))
+    lead = len(position_leading)
+    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {lead: batch, lead + 1: seq}, tuple({0: batch, 2: past} for _ in past_example))
     kv_shape = ("batch", heads, "past", head_dim)
     inputs = [
         ("inputs_embeds", "float32", ("batch", "sequence", hidden)),
         ("attention_mask", "int64", ("batch", "total")),
-        ("position_ids", "int64", ("batch", "sequence")),
+        ("position_ids", "int64", (*position_leading, "batch", "sequence")),
         *[(name, "float32", kv_shape) for name in past_names(layers)],
     ]
     outputs = [

@@ -15,6 +15,7 @@ import logging
 import shutil
 import tempfile
 import warnings
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,8 +27,8 @@ from prunert import pruning_ops
 from prunert.adapters import ModelSource, family_module, resolve_source
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
-from prunert.export.graphs import DecoderGraph, VisionPruneGraph, decoder_dims, decoder_export_spec, vision_export_spec
-from prunert.export.validate import validate_decoder, validate_vision
+from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, vision_export_spec
+from prunert.export.validate import check_symbolic_dims, validate_decoder, validate_vision
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
 
 VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers")
@@ -36,6 +37,16 @@ VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntim
 def load_export_adapter(source: ModelSource) -> Any:
     module = importlib.import_module(family_module(source.family).__name__ + ".export")
     return module.ADAPTER(source.path)
+
+
+def fit_budget(adapter: Any, budget: BudgetConfig) -> None:
+    """The adapter's `fit_budget(budget)` hook (N varies per image: the adapter adapts its preprocessing to K),
+    else K is checked against the adapter's fixed N. Export and parity both call it."""
+    hook = getattr(adapter, "fit_budget", None)
+    if hook is None:
+        budget.validate_against(adapter.num_visual_tokens)
+    else:
+        hook(budget)
 
 
 def export_artifact(
@@ -52,7 +63,7 @@ def export_artifact(
     source = resolve_source(model)
     log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else ""))
     adapter = load_export_adapter(source)
-    budget.validate_against(adapter.num_visual_tokens)
+    fit_budget(adapter, budget)
     pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (source.path / name).is_file():
@@ -75,16 +86,21 @@ def export_artifact(
 
 def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: BudgetConfig, cfg: ExportConfig, log) -> Manifest:
     dims = decoder_dims(adapter)
-    log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={adapter.num_visual_tokens})")
+    low = getattr(adapter, "min_visual_tokens", adapter.num_visual_tokens)  # N varies per image for some families
+    count = f"{low}..{adapter.num_visual_tokens} per image" if low != adapter.num_visual_tokens else str(low)
+    log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={count})")
     vision = VisionPruneGraph(adapter, budget).eval()
     args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, budget.budget, dims["hidden_size"])
     vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
+    ranges = getattr(adapter, "vision_dim_ranges", dict)()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
+    vision_spec = replace(vision_spec, dim_ranges={name: tuple(int(v) for v in triple) for name, triple in ranges.items()})
     validate_vision(vision, args, staging / "vision.onnx", vision_spec)
     _check_tensorrt(staging / "vision.onnx", cfg)
 
     log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
-    decoder = DecoderGraph(adapter).eval()
-    args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget)
+    decoder = decoder_module(adapter).eval()
+    leading = tuple(getattr(adapter, "position_ids_leading_dims", ()))
+    args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget, leading)
     decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
     validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
     _check_tensorrt(staging / "decoder.onnx", cfg)
@@ -176,6 +192,8 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfi
             cause = cause.__cause__ or cause.__context__
         raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
     data_file = path.name + ".data"
+    budget = getattr(module, "budget", None)  # the vision graph's selection: the usual cause of a fixed token count
+    check_symbolic_dims(path, inputs, "" if budget is None else f" (--method {budget.method} may need a fixed number of visual tokens)")
     return GraphSpec(
         file=path.name,
         inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),

@@ -21,6 +21,21 @@ def _run(path: Path, spec: GraphSpec, args: tuple) -> dict[str, np.ndarray]:
     return OnnxRuntimeRunner(path, spec).infer(feeds)
 
 
+def check_symbolic_dims(path: Path, inputs: list[tuple[str, str, tuple]], hint: str = "") -> None:
+    """Every dim the manifest declares symbolic is symbolic in the ONNX graph's inputs. The dynamo exporter
+    can silently fix a declared dynamic dim to the example's size (an op that reads the size as a Python int,
+    e.g. a selection method whose indices are computed from N at trace time); such a graph would reject
+    every other size at run time."""
+    import onnx
+
+    declared = {name: shape for name, _, shape in inputs}  # (name, dtype, shape) as the manifest will record them
+    for value in onnx.load(str(path), load_external_data=False).graph.input:
+        for axis, (want, got) in enumerate(zip(declared.get(value.name, ()), value.type.tensor_type.shape.dim)):
+            if isinstance(want, str) and got.HasField("dim_value"):
+                raise ExportError(f"{path.name}: input '{value.name}' dim {axis} ({want!r}) was fixed to {got.dim_value} "
+                                  f"by the exporter, expected it to stay dynamic{hint}")
+
+
 def validate_vision(module: torch.nn.Module, args: tuple, path: Path, spec: GraphSpec) -> None:
     with torch.no_grad():
         tokens, kept = module(*args)

@@ -1,6 +1,12 @@
 """Stage-by-stage parity: the exported pipeline (ONNX Runtime) against the PyTorch reference, which
 is the Hugging Face model (its own image processor, tokenizer, vision tower, projector, language
-model and `generate`) plus the same selection op run in torch."""
+model and `generate`) plus the same selection op run in torch.
+
+Families with their own position ids (the adapter's `hf_position_ids` hook, Qwen2.5-VL's M-RoPE): the
+reference runs HF's language model with HF's own positions of the pruned prompt (HF's get_rope_index on
+the unpruned prompt, restricted to the kept tokens), and greedy decoding is a short loop over HF's
+forward with its KV cache and explicit positions (cache length + rope_deltas, HF's decode rule), because
+`generate` recomputes M-RoPE positions from input ids, which a pruned prompt of embeddings does not have."""
 
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ from prunert import pruning_ops
 from prunert.adapters import resolve_source
 from prunert.config import GenerationConfig, ParityTolerances
 from prunert.export.graphs import selection_module
-from prunert.export.pipeline import load_export_adapter
+from prunert.export.pipeline import fit_budget, load_export_adapter
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
 from prunert.runtime.pipeline import VLMPipeline
@@ -37,6 +43,7 @@ def run_parity(
     source = resolve_source(model or manifest.source.model)
     adapter = load_export_adapter(source)
     budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
+    fit_budget(adapter, budget)  # the adapter's preprocessing as at export (Qwen2.5-VL: min_pixels raised to K)
     report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision, asdict(tolerances), str(image), prompt)
     tol = tolerances
     picture = load_image(image)
@@ -83,14 +90,20 @@ def run_parity(
     # 4. prefill logits over the whole spliced prompt
     state = pipe.prefill(ids, vision)
     ref_embeds = _reference_embeds(adapter, ref_ids, manifest.text.image_token_id, ref_visual)
+    hook = getattr(adapter, "hf_position_ids", None)  # HF's own positions of the pruned prompt, where the family has them
+    positions = None if hook is None else hook(ref_ids, [picture], source.path, kept)  # ([..., 1, L], rope_deltas)
     with torch.no_grad():
-        ref_logits = adapter.model(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long)).logits
+        extra = {} if positions is None else {"position_ids": positions[0]}
+        ref_logits = adapter.model(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long), **extra).logits
     report.add_max_abs("prefill logits", ref_logits.numpy(), state.logits, tol.logits_max_abs)
     report.add_cosine("prefill logits", ref_logits.numpy(), state.logits, tol.logits_min_cosine)
 
     # 5. first N greedy tokens: identical, except after a step whose top-2 margin is within tolerance
     ours_tokens = pipe._decode(state, GenerationConfig(max_new_tokens=tol.greedy_tokens), None)[0]
-    ref_tokens, ref_scores = _reference_greedy(adapter, ref_embeds, manifest.text, tol.greedy_tokens)
+    if positions is None:
+        ref_tokens, ref_scores = _reference_greedy(adapter, ref_embeds, manifest.text, tol.greedy_tokens)
+    else:
+        ref_tokens, ref_scores = _reference_greedy_positions(adapter, ref_embeds, *positions, manifest.text, tol.greedy_tokens)
     report.checks.append(_compare_greedy(ours_tokens, ref_tokens, ref_scores, tol))
     return report
 
@@ -122,6 +135,33 @@ def _reference_greedy(adapter, embeds: torch.Tensor, text, count: int):
             return_dict_in_generate=True,
         )
     return out.sequences[0].tolist(), [s[0].numpy() for s in out.scores]
+
+
+def _reference_greedy_positions(adapter, embeds: torch.Tensor, positions: torch.Tensor, deltas: torch.Tensor, text, count: int):
+    """Greedy decoding through HF's forward with its KV cache and explicit position ids: prefill with
+    `positions` [..., 1, L], then each step at cache length c with position c + deltas (HF's decode rule,
+    compute_3d_position_ids), broadcast over the leading dims. -> (tokens, per-step logits), like generate."""
+    from transformers import DynamicCache
+
+    eos = set(text.eos_token_ids)
+    tokens, scores, length = [], [], embeds.shape[1]
+    cache = DynamicCache(config=adapter.model.config)
+    step_embeds, step_positions = embeds, positions
+    with torch.no_grad():
+        for step in range(count):
+            mask = torch.ones(1, length + step, dtype=torch.long)
+            out = adapter.model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                                past_key_values=cache, use_cache=True)
+            cache, logits = out.past_key_values, out.logits[0, -1]  # [V]
+            scores.append(logits.numpy())
+            token = int(logits.argmax())
+            tokens.append(token)
+            if token in eos:
+                break
+            step_embeds = adapter.model.get_input_embeddings()(torch.tensor([[token]]))  # [1, 1, D]
+            place = (length + step) + deltas.reshape(-1)[0]
+            step_positions = torch.full((*positions.shape[:-1], 1), int(place), dtype=torch.long)  # [..., 1, 1]
+    return tokens, scores
 
 
 def _compare_greedy(ours: list[int], ref: list[int], scores: list[np.ndarray], tol: ParityTolerances) -> Check:

@@ -60,4 +60,5 @@ class Artifact:
         from prunert.adapters import family_module
 
         module = importlib.import_module(family_module(self.manifest.source.family).__name__ + ".host")
-        return module.HOST_ADAPTER
+        factory = getattr(module, "host_adapter", None)  # a host bound to the manifest's family_config
+        return module.HOST_ADAPTER if factory is None else factory(self.manifest.family_config)

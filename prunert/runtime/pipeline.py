@@ -1,6 +1,11 @@
 """The runtime pipeline: preprocess -> tokenize -> content-word embeddings -> vision graph (pruned) ->
 splice K visual tokens at the placeholder -> prefill -> decode with the KV cache.
 
+Family quirks come from the artifact's host adapter (prunert.adapters.base.HostAdapter): a host with
+`one_image_per_vision_call` (Qwen2.5-VL) gets one vision-graph call per image; host outputs that are not
+vision-graph inputs (image_grid_thw) travel with the VisionResult to the host's position ids, which get
+the spliced layout (token ids, kept indices); decode positions start at the host's next_position_ids.
+
 numpy + tokenizers + one runner per graph; no torch, no transformers.
 """
 
@@ -13,6 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from prunert.adapters.base import SpliceLayout
 from prunert.config import GenerationConfig, check_precision
 from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
@@ -27,16 +33,17 @@ BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
 
 @dataclass
 class VisionResult:
-    pixel_inputs: dict[str, np.ndarray]
+    pixel_inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]]  # host outputs: batched, or one dict per image (per-image calls)
     visual_tokens: np.ndarray  # [B, K, D]
     kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
+    image_info: dict[str, np.ndarray] = field(default_factory=dict)  # host outputs that are not graph inputs, over images
 
 
 @dataclass
 class Prefill:
     inputs_embeds: np.ndarray  # [B, L, D] left-padded
     attention_mask: np.ndarray  # [B, L]
-    position_ids: np.ndarray  # [B, L]
+    position_ids: np.ndarray  # [B, L] (M-RoPE: [3, B, L])
     logits: np.ndarray  # [B, L, V]
     session: DecoderSession  # holds the KV cache (on the backend's device where it can)
 
@@ -121,31 +128,53 @@ class VLMPipeline:
 
     def encode_images(self, images: Sequence[Any], prompts: Sequence[str]) -> VisionResult:
         loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in images]
-        pixel_inputs = self.artifact.host.vision_inputs(loaded, self.artifact.preprocessor_config)
         groups = [content_word_groups(self.artifact.tokenizer, p, self.artifact.special_ids) for p in prompts]
-        text_embeds, text_mask = text_relevance_inputs(groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
-        start = time.perf_counter()
-        out = self.vision.infer({**pixel_inputs, "text_embeds": text_embeds, "text_mask": text_mask})
-        self.timings.vision_s = time.perf_counter() - start
-        return VisionResult(pixel_inputs, out["visual_tokens"], out["kept_indices"])
+        host, names = self.artifact.host, {t.name for t in self.vision.spec.inputs}
+        per_image = getattr(host, "one_image_per_vision_call", False)  # the vision graph has no batch axis
+        if per_image and len(loaded) != len(groups):
+            raise ConfigError(f"images and prompts: got {len(loaded)} images and {len(groups)} prompts, expected one image per prompt")
+        calls = [([image], [group]) for image, group in zip(loaded, groups)] if per_image else [(loaded, groups)]
+        pixel_inputs, tokens, kept, elapsed = [], [], [], 0.0
+        for call_images, call_groups in calls:
+            inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ image info, e.g. image_grid_thw [1, 3])
+            text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
+            feeds = {name: value for name, value in inputs.items() if name in names}
+            start = time.perf_counter()
+            out = self.vision.infer({**feeds, "text_embeds": text_embeds, "text_mask": text_mask})
+            elapsed += time.perf_counter() - start
+            pixel_inputs.append(inputs)
+            tokens.append(out["visual_tokens"])  # [b, K, D]
+            kept.append(out["kept_indices"])  # [b, K]
+        self.timings.vision_s = elapsed
+        info = {name: np.concatenate([inputs[name] for inputs in pixel_inputs]) for name in pixel_inputs[0] if name not in names}
+        visual = tokens[0] if len(tokens) == 1 else np.concatenate(tokens)
+        indices = kept[0] if len(kept) == 1 else np.concatenate(kept)
+        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info)
 
-    def splice(self, sequences: list[list[int]], visual_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace each sequence's placeholder by its K visual tokens; left-pad the batch.
+    def splice(self, sequences: list[list[int]], vision: VisionResult | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Replace each sequence's placeholder by its K visual tokens; left-pad the batch. `vision`: the
+        VisionResult (its kept indices and image info go to the host's position ids), or just visual tokens
+        [B, K, D] for families whose positions need only the mask (LLaVA).
 
-        -> inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L]
+        -> inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L] (or the family's layout, [3, B, L])
         """
         table, text = self.artifact.embeddings, self.manifest.text
-        rows = []
+        visual_tokens = vision.visual_tokens if isinstance(vision, VisionResult) else vision
+        rows, spliced = [], []
         for ids, visual in zip(sequences, visual_tokens):
             at = ids.index(text.image_token_id)
             rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(np.float32))  # [L_i, D]
+            spliced.append(ids[:at] + [text.image_token_id] * len(visual) + ids[at + 1 :])  # one placeholder per kept token
         length = max(len(row) for row in rows)
         embeds = np.repeat(np.asarray(table[text.pad_token_id], np.float32)[None, None], len(rows), 0).repeat(length, 1)
         mask = np.zeros((len(rows), length), np.int64)
+        input_ids = np.full((len(rows), length), text.pad_token_id, np.int64)  # [B, L]
         for b, row in enumerate(rows):
             embeds[b, length - len(row) :] = row
             mask[b, length - len(row) :] = 1
-        positions = self.artifact.host.position_ids(mask, self.manifest.family_config)
+            input_ids[b, length - len(row) :] = spliced[b]
+        layout = SpliceLayout(input_ids, vision.kept_indices, vision.image_info) if isinstance(vision, VisionResult) else SpliceLayout(input_ids)
+        positions = self.artifact.host.position_ids(mask, self.manifest.family_config, layout)
         return embeds, mask, positions
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
@@ -159,7 +188,7 @@ class VLMPipeline:
         return out["logits"], [out[t.name] for t in self.decoder.spec.outputs[1:]]
 
     def prefill(self, sequences: list[list[int]], vision: VisionResult) -> Prefill:
-        embeds, mask, positions = self.splice(sequences, vision.visual_tokens)
+        embeds, mask, positions = self.splice(sequences, vision)
         session = self.decoder.decoder_session(self.manifest.decoder.num_layers)
         start = time.perf_counter()
         session.reset(len(sequences))
@@ -201,7 +230,8 @@ class VLMPipeline:
         out: list[list[int]] = [[] for _ in range(batch)]
         done = np.zeros(batch, bool)
         logits, session = state.logits[:, -1], state.session  # [B, V]
-        mask, positions = state.attention_mask, state.position_ids[:, -1:]  # [B, L], [B, 1]
+        mask = state.attention_mask  # [B, L]
+        positions = self.artifact.host.next_position_ids(state.position_ids, mask)  # [B, 1] (M-RoPE: [3, B, 1])
         start = time.perf_counter()
         for step in range(budget):
             chosen = next_tokens(logits, config, rng)  # [B]
@@ -215,9 +245,9 @@ class VLMPipeline:
             if done.all() or step == budget - 1:
                 break
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            positions = positions + 1
             embeds = np.asarray(table[chosen], np.float32)[:, None]  # [B, 1, D]
             logits = session.run(embeds, mask, positions)[:, -1]
+            positions = positions + 1
             self.timings.decode_steps += 1
         self.timings.decode_s = time.perf_counter() - start
         return out

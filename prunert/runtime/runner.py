@@ -35,7 +35,7 @@ class DecoderSession(ABC):
 
     reset(batch)      empty cache for a new batch
     run(embeds, mask, positions) -> logits [B, S, V]; appends the step's keys/values to the cache
-                      embeds [B, S, D], mask [B, past + S], positions [B, S] (or the family's layout)
+                      embeds [B, S, D], mask [B, past + S], positions [B, S] (or the family's layout, [3, B, S])
     present()         host copy of the cache: 2 x layers arrays [B, kv_heads, T, head_dim] (parity, tests)
     """
 
@@ -111,6 +111,10 @@ def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[s
                     f"{dim}={other_size} as in input '{other}'"
                 )
             bound.setdefault(dim, (size, tensor.name))
+            if dim in spec.dim_ranges and not spec.dim_ranges[dim][0] <= size <= spec.dim_ranges[dim][2]:
+                low, _, high = spec.dim_ranges[dim]
+                raise InputShapeError(f"input '{tensor.name}': got {tuple(value.shape)}, expected {tensor.describe()} with "
+                                      f"{dim} in {low}..{high} (the exported range)")
 
 
 class OnnxRuntimeRunner(Runner):

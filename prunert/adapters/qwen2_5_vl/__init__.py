@@ -1,8 +1,45 @@
 """Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`): windowed ViT with 2-D rotary, 2x2 patch merger,
 Qwen2 decoder with 3-D M-RoPE.
 
-`host` is the numpy half used by the runtime (preprocessing, vision-tower metadata, M-RoPE position
-ids), `synthetic` the seeded presets, `tokenizer_builder` their locally trained tokenizer.
+`export` is the torch half (imported lazily), `host` the numpy half used by the runtime (preprocessing,
+vision-graph inputs; `mrope` the M-RoPE position ids), `synthetic` the seeded presets,
+`tokenizer_builder` their locally trained tokenizer.
+
+Design (wired through the optional hooks of prunert.adapters.base)
+------------------------------------------------------------------
+* One image per vision-graph call. smart_resize gives every image its own patch count P = 4 N (N merged
+  tokens), so the vision graph has no batch axis: pixel_values [P, 1176] (window order), rotary_cos/_sin
+  [P, head_dim], window_segments [P], reverse_index [N], text_embeds [1, text, D], text_mask [1, text] ->
+  visual_tokens [1, K, D], kept_indices [1, K] (raster indices of the merged grid). The window index,
+  rotary tables and segment ids are computed on the host (`host.graph_vision_inputs`). The runtime calls
+  the graph once per image (`one_image_per_vision_call`) and keeps each image's grid_thw for positions.
+  Padding images to one P would need a validity mask through the selection; one call per image is how
+  Qwen's own runtimes batch too.
+* The budget. K must not exceed the fewest merged tokens an image can give. `fit_budget` raises the
+  preprocessor's min_pixels to K tokens' worth (K * 28^2 pixels), so an image that would give fewer tokens
+  is upscaled, exactly as HF upscales images below min_pixels; the artifact's preprocessor_config.json
+  carries the raised value and parity runs HF's processor with it. The max_pixels branch of smart_resize
+  (large images of extreme aspect ratio) floors both sides and can still give about max_pixels / 2 tokens:
+  K above that floor is refused (tiny preset: K <= 32; N = K..113 per image after raising). `--method none`
+  (one N for every image) is refused. Methods must accept a dynamic N: resprune and cdpruner do; uniform,
+  random and divprune compute their indices from N at trace time, which the exporter turns into a fixed
+  N, and export refuses the graph (prunert.export.validate.check_symbolic_dims); cls_attention and
+  visionzip need a [CLS] token Qwen's tower does not have.
+* Splice and positions. The user prompt carries IMAGE_PLACEHOLDER (<|vision_start|><|image_pad|><|vision_end|>)
+  once; the runtime replaces <|image_pad|> by the K kept tokens. Kept tokens keep their ORIGINAL (t, h, w)
+  M-RoPE positions and the text after the image continues where it would in the unpruned sequence
+  (mrope.rope_index with kept_indices); decode positions are max position + 1 + step (HF's rope_deltas).
+  Never renumber the kept tokens (deploy-facts.md): tests/parity/test_parity_qwen2_5_vl.py shows that a
+  dense-grid or 1-D renumbering moves the logits by far more than the parity bar.
+* Parity. Pixels compare the host's graph inputs with HF's Qwen2VLImageProcessorPil converted the same way;
+  the prefill and greedy references run HF's model with HF's own positions of the pruned prompt
+  (get_rope_index on the unpruned prompt, columns of the pruned tokens dropped: `hf_position_ids`), the
+  greedy one as a loop over HF's forward with its KV cache (generate recomputes M-RoPE from input ids).
+* TensorRT profiles: the manifest records (min, opt, max) of "merged" and "patches" (= 4 merged) in the
+  vision graph's dim_ranges; prunert.engines.profiles uses them in place of a batch range.
+
+Not covered: videos, several images in one prompt, `prunert visualize` (its overlay assumes LLaVA's
+centre crop), fp16/int8 variants (generic code, untested on this family).
 """
 
 # The special tokens of Qwen2.5-VL that prompts and the vision stitching use.

@@ -15,13 +15,19 @@ Batching is one call per image (no batch axis, no padding): images of a batch ha
 padding would need a validity mask through the selection graph. Output: tokens [1, N, D] in raster order.
 
 Decoder: QwenDecoderGraph, the flat-KV-cache wrapper of graphs.DecoderGraph with 3-D M-RoPE position ids
-[3, B, S] (host.rope_index / decode_position_ids). Nothing here is wired into generic code yet.
+[3, B, S] (host.rope_index / decode_position_ids).
+
+Generic export and parity use the optional adapter hooks (prunert.adapters.base): one_image_per_vision_call,
+fit_budget (min_pixels raised so every image gives >= K merged tokens), artifact_preprocessor_config,
+vision_dim_ranges ("patches" = merge^2 * "merged"), decoder_module, position_ids_leading_dims = (3,),
+hf_position_ids (HF's own get_rope_index on the unpruned prompt, restricted to the kept tokens).
 """
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -30,6 +36,7 @@ import torch
 from torch.export import Dim
 
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, QWEN_PROMPT_TEMPLATE, host
+from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
 from prunert.export.graphs import DecoderGraph, past_names, present_names
 
@@ -54,28 +61,15 @@ def visual_token_range(cfg: host.QwenPreprocessConfig) -> tuple[int, int]:
     return low, high
 
 
-def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Host output of ONE image (HF-order pixel rows, grid [1, 3]) -> the vision graph's inputs (numpy only:
-    belongs in host.py once wired)."""
-    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    if len(grid) != 1 or grid[0, 0] != 1:
-        raise ImageError(f"qwen2.5-vl vision graph: one still image per call, got grid_thw {grid.tolist()}")
-    merge = fc["spatial_merge_size"]
-    widx, cu_window = host.window_index(grid, merge, fc["window_size"], fc["patch_size"])
-    cos, sin = host.rotary_cos_sin(host.vision_position_ids(grid, merge), fc["vision_head_dim"], fc["vision_rope_theta"], widx, merge)
-    return {
-        "pixel_values": np.ascontiguousarray(np.asarray(pixel_values, np.float32)[host.patch_permutation(widx, merge)]),
-        "rotary_cos": cos,
-        "rotary_sin": sin,
-        "window_segments": host.segment_ids(cu_window).astype(np.int64),
-        "reverse_index": host.reverse_index(widx),
-    }
+graph_vision_inputs = host.graph_vision_inputs  # the host's (numpy) conversion, named here for the tests
 
 
 class QwenExportAdapter:
     family = "qwen2_5_vl"
     architecture = "Qwen2_5_VLForConditionalGeneration"
     vision_input_names = VISION_INPUT_NAMES
+    one_image_per_vision_call = True  # no batch axis in the vision graph: P differs between images
+    position_ids_leading_dims = (3,)  # M-RoPE: position_ids [3, B, S] (t, h, w)
 
     def __init__(self, model_dir: Path):
         from safetensors import SafetensorError
@@ -101,8 +95,39 @@ class QwenExportAdapter:
         self.preprocess = host.QwenPreprocessConfig.from_hf_dict(_read_json(model_dir / "preprocessor_config.json"))
         if (self.preprocess.patch_size, self.preprocess.merge_size) != (vision.patch_size, self.merge):
             raise ModelSourceError(f"--model '{model_dir}': preprocessor patch/merge size differ from the vision config")
+        self.checkpoint_preprocess = self.preprocess
         self.min_visual_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
         self.num_visual_tokens = self.max_visual_tokens  # N varies per image; this is the largest
+
+    # --- budget -------------------------------------------------------------------------------
+    def fit_budget(self, budget: BudgetConfig) -> None:
+        """N varies per image (smart_resize), so K must not exceed the fewest merged tokens any image gives.
+        min_pixels is raised to K merged tokens' worth (K * factor^2 pixels): an image that would give fewer
+        tokens is upscaled, as HF upscales every image below min_pixels. The artifact's preprocessor config
+        carries the raised value (artifact_preprocessor_config) and parity runs HF's processor with it.
+        smart_resize's max_pixels branch (large images of extreme aspect ratio) floors both sides and can still
+        give fewer tokens: a K above that floor is refused. Called at export and, with the manifest's budget,
+        at parity. The unpruned baseline (--method none) needs one N for every image and is refused."""
+        base = self.checkpoint_preprocess
+        low, high = visual_token_range(base)
+        if budget.method == "none":
+            raise ConfigError(f"--method none: keeps all N visual tokens, but Qwen2.5-VL's N varies per image "
+                              f"({low}..{high} here); choose a budget K with a selection method")
+        largest = visual_token_range(replace(base, min_pixels=base.max_pixels))[0]  # the floor of the max_pixels branch
+        if not 1 <= budget.budget <= largest:
+            raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget <= {largest} (the fewest merged visual tokens an "
+                              f"image can give with min_pixels raised to the budget; this checkpoint gives {low}..{high} per image)")
+        self.preprocess = replace(base, min_pixels=max(base.min_pixels, budget.budget * base.factor**2))
+        self.min_visual_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
+        self.num_visual_tokens = self.max_visual_tokens
+
+    def artifact_preprocessor_config(self, model_dir: Path) -> dict[str, Any]:
+        """The checkpoint's preprocessor_config.json with the pixel range of fit_budget (min_pixels >= K tokens)."""
+        config = _read_json(Path(model_dir) / "preprocessor_config.json")
+        config["min_pixels"], config["max_pixels"] = self.preprocess.min_pixels, self.preprocess.max_pixels
+        if isinstance(config.get("size"), dict) and {"shortest_edge", "longest_edge"} & set(config["size"]):
+            config["size"] = {**config["size"], "shortest_edge": self.preprocess.min_pixels, "longest_edge": self.preprocess.max_pixels}
+        return config
 
     # --- vision -------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor, rotary_cos: torch.Tensor, rotary_sin: torch.Tensor,
@@ -135,8 +160,18 @@ class QwenExportAdapter:
     def visual_tokens(self, *vision_inputs: torch.Tensor) -> torch.Tensor:
         return self.vision_features(*vision_inputs)["tokens"]
 
-    def example_vision_inputs(self, batch: int = 1, grid: Sequence[int] = EXAMPLE_GRID) -> tuple[torch.Tensor, ...]:
-        """Inputs of one random image of `grid` (t, h, w patches); `batch` is ignored: one image per call."""
+    def example_grid(self) -> tuple[int, int, int]:
+        """EXAMPLE_GRID, or (if its merged count is outside [min, max] visual tokens) a grid of at least min."""
+        count = EXAMPLE_GRID[1] * EXAMPLE_GRID[2] // self.merge**2
+        if self.min_visual_tokens <= count <= self.max_visual_tokens:
+            return EXAMPLE_GRID
+        rows = max(2, math.isqrt(self.min_visual_tokens))
+        return (1, rows * self.merge, -(-self.min_visual_tokens // rows) * self.merge)
+
+    def example_vision_inputs(self, batch: int = 1, grid: Sequence[int] | None = None) -> tuple[torch.Tensor, ...]:
+        """Inputs of one random image of `grid` (t, h, w patches; default example_grid()); `batch` is ignored:
+        one image per call."""
+        grid = self.example_grid() if grid is None else grid
         generator = torch.Generator().manual_seed(0)
         pixels = torch.randn(int(np.prod(grid)), self.patch_dim, generator=generator).numpy()
         inputs = graph_vision_inputs(pixels, [grid], self._family)
@@ -153,6 +188,16 @@ class QwenExportAdapter:
         return [("pixel_values", "float32", ("patches", self.patch_dim)), ("rotary_cos", "float32", ("patches", hd)),
                 ("rotary_sin", "float32", ("patches", hd)), ("window_segments", "int64", ("patches",)),
                 ("reverse_index", "int64", ("merged",))]
+
+    def vision_dim_ranges(self) -> dict[str, tuple[int, int, int]]:
+        """(min, opt, max) of the symbolic dims: merged tokens, and patches = merge^2 * merged (opt: an image at
+        max_pixels). Recorded in the manifest; TensorRT profiles use them."""
+        low, high, unit = self.min_visual_tokens, self.max_visual_tokens, self.merge**2
+        opt = min(high, max(low, self.preprocess.max_pixels // self.preprocess.factor**2))
+        return {"merged": (low, opt, high), "patches": (unit * low, unit * opt, unit * high)}
+
+    def decoder_module(self) -> torch.nn.Module:
+        return QwenDecoderGraph(self)
 
     # --- text ---------------------------------------------------------------------------------
     def text_backbone(self) -> torch.nn.Module:
@@ -192,7 +237,8 @@ class QwenExportAdapter:
         """HF's Qwen2VLImageProcessorPil: {"pixel_values" [sum P, C*T*p*p] (HF order), "image_grid_thw" [n, 3]}."""
         from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 
-        processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir)
+        pixels = {"min_pixels": self.preprocess.min_pixels, "max_pixels": self.preprocess.max_pixels}  # fit_budget's range
+        processor = Qwen2VLImageProcessorPil.from_pretrained(model_dir, **pixels)
         out = processor(images=images, return_tensors="pt")
         return {"pixel_values": out["pixel_values"], "image_grid_thw": out["image_grid_thw"]}
 
@@ -208,6 +254,23 @@ class QwenExportAdapter:
         from transformers import AutoTokenizer
 
         return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
+
+    def hf_position_ids(self, token_ids: list[int], images: list[Any], model_dir: Path,
+                        kept_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Parity: HF's own M-RoPE positions of the pruned prompt. HF's get_rope_index runs on the UNPRUNED
+        prompt (the placeholder expanded to the image's N tokens, HF's image_grid_thw), then the columns of
+        the pruned tokens are dropped: -> position_ids [3, 1, L] of text + kept tokens, and rope_deltas [1, 1]
+        such that decode at cache length c has position c + rope_deltas (HF's delta shifted by the N - K
+        dropped tokens: generation continues at the unpruned sequence's max position + 1)."""
+        grid = self.hf_image_inputs(images, model_dir)["image_grid_thw"]  # [1, 3]
+        image_id = int(self.model.config.image_token_id)
+        at, count = token_ids.index(image_id), int(grid[0].prod()) // self.merge**2
+        full = torch.tensor([token_ids[:at] + [image_id] * count + token_ids[at + 1 :]])  # [1, L + N - 1]
+        with torch.no_grad():
+            positions, deltas = self.model.model.get_rope_index(full, mm_token_type_ids=(full == image_id).int(), image_grid_thw=grid)
+        kept = kept_indices.reshape(-1).long()
+        columns = torch.cat([torch.arange(at), at + kept, torch.arange(at + count, full.shape[1])])
+        return positions[:, :, columns], deltas + (count - len(kept))  # [3, 1, L], [1, 1]
 
 
 class QwenVisionGraph(torch.nn.Module):
@@ -231,7 +294,7 @@ class QwenDecoderGraph(DecoderGraph):
         return super().forward(inputs_embeds, attention_mask, position_ids, past)
 
 
-# ---- export specs (what graphs.vision_export_spec / decoder_export_spec must become for Qwen) ----
+# ---- standalone specs of the bare graphs (the adapter tests export them; prunert export uses graphs.* + the hooks) ----
 def vision_features_export_spec(adapter: QwenExportAdapter):
     """(example args, dynamic_shapes, input specs, output specs) of QwenVisionGraph."""
     hidden = adapter.model.config.text_config.hidden_size

@@ -1,8 +1,9 @@
-"""Qwen2.5-VL host side (numpy + Pillow): preprocessing, vision-tower metadata and M-RoPE positions.
+"""Qwen2.5-VL host side (numpy + Pillow): preprocessing, vision-graph inputs and M-RoPE positions.
 
 Everything data-dependent stays here, outside the engines (deploy-facts: "How others stitch vision to
-the LLM"): the vision graph takes the window permutation, its inverse, the rotary cos/sin tables and
-the attention masks as inputs; the decoder takes 3-D M-RoPE position ids [3, B, L].
+the LLM"): the vision graph takes the window permutation of the patches, its inverse, the rotary cos/sin
+tables and the window segment ids as inputs (`graph_vision_inputs`); the decoder takes 3-D M-RoPE
+position ids [3, B, L] (prunert.adapters.qwen2_5_vl.mrope, re-exported here).
 
 Each function mirrors one piece of transformers 5.23 and is tested equal to it:
   vision_inputs / preprocess_image  Qwen2VLImageProcessorPil (smart_resize, Pillow resize, patchify)
@@ -15,23 +16,26 @@ Each function mirrors one piece of transformers 5.23 and is tested equal to it:
 positions and the text after an image continues exactly as in the unpruned sequence. Never renumber.
 
 Order conventions: `pixel_values` rows are in HF's merge-block order (for each merged token in raster
-order of the merged grid, its merge x merge patches). The vision graph permutes them into window order
-with `window_index` (merge units) and, after the merger, back with `reverse_index`, so merged token k
-is at (h, w) = divmod(k, grid_w // merge) of the merged grid: `kept_indices` use that raster index.
-Never imports torch or transformers.
+order of the merged grid, its merge x merge patches). The vision graph's inputs are permuted into window
+order with `window_index` (merge units); after the merger `reverse_index` brings the tokens back, so
+merged token k is at (h, w) = divmod(k, grid_w // merge) of the merged grid: `kept_indices` use that
+raster index. Never imports torch or transformers.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-from prunert.errors import ConfigError, ImageError, PromptError
+from prunert.adapters.qwen2_5_vl.mrope import (  # noqa: F401  (re-exported: host.rope_index, ...)
+    _grids, decode_position_ids, grid_positions, pruned_rope_index, rope_deltas, rope_index, sequence_positions,
+)
+from prunert.errors import ConfigError, ImageError
 from prunert.runtime.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_RESAMPLE_CODES, check_image
 
 DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor size["shortest_edge"]
@@ -157,11 +161,6 @@ def vision_inputs(images: Sequence[Image.Image], preprocessor_config: Mapping[st
 
 
 # ------------------------------------------------------------------------------ vision-tower metadata
-def _grids(grid_thw: Any) -> list[tuple[int, int, int]]:
-    grid = np.asarray(grid_thw, dtype=np.int64).reshape(-1, 3)
-    return [(int(t), int(h), int(w)) for t, h, w in grid]
-
-
 def vision_position_ids(grid_thw: Any, merge_size: int) -> np.ndarray:
     """(h, w) patch coordinates in pixel_values order (merge-block major): int64 [P, 2]."""
     out = []
@@ -285,116 +284,68 @@ def vision_metadata(grid_thw: Any, fc: Mapping[str, Any], masks: bool = True) ->
     return out
 
 
-# ---------------------------------------------------------------------------------------- M-RoPE
-def grid_positions(grid_thw: Sequence[int], merge_size: int, start: int) -> np.ndarray:
-    """(t, h, w) positions of an image's merged tokens in raster order, offset by `start`: int64 [3, n]."""
-    t, h, w = (int(v) for v in grid_thw)
-    tt, hh, ww = np.meshgrid(np.arange(t), np.arange(h // merge_size), np.arange(w // merge_size), indexing="ij")
-    return np.stack([tt, hh, ww]).reshape(3, -1).astype(np.int64) + start
-
-
-def _check_kept(kept: Any, count: int) -> np.ndarray:
-    kept = np.asarray(kept, dtype=np.int64).reshape(-1)
-    if kept.size and (kept[0] < 0 or kept[-1] >= count or np.any(np.diff(kept) <= 0)):
-        raise ConfigError(f"kept_indices: expected ascending unique indices in [0, {count}), got {kept.tolist()[:8]}...")
-    return kept
-
-
-def sequence_positions(segments: Sequence[Any], merge_size: int) -> tuple[np.ndarray, int]:
-    """M-RoPE positions of one unpadded sequence given as an explicit layout: each segment is an int
-    (that many text tokens) or (grid_thw, kept) with kept None (all merged tokens) or the ascending
-    raster indices of the kept ones. -> (positions int64 [3, L], next_position): text after an image
-    starts at the image's start + max(h, w) / merge whether or not tokens were pruned, and
-    next_position is where generation continues (HF: max position + 1)."""
-    pieces, current, top = [np.zeros((3, 0), np.int64)], 0, -1
-    for segment in segments:
-        if isinstance(segment, (int, np.integer)):
-            pieces.append(np.broadcast_to(np.arange(int(segment), dtype=np.int64) + current, (3, int(segment))))
-            current += int(segment)
-        else:
-            grid, kept = segment
-            full = grid_positions(grid, merge_size, current)
-            pieces.append(full if kept is None else full[:, _check_kept(kept, full.shape[1])])
-            top = max(top, int(full.max()))
-            current += max(int(grid[1]), int(grid[2])) // merge_size
-    positions = np.concatenate(pieces, axis=1)
-    return positions, max(top, int(positions.max(initial=-1))) + 1
-
-
-def rope_index(input_ids: Any, image_grid_thw: Any, *, image_token_id: int, spatial_merge_size: int = 2,
-               attention_mask: Any = None, kept_indices: Sequence[Any] | None = None,
-               mm_token_type_ids: Any = None) -> tuple[np.ndarray, np.ndarray]:
-    """HF get_rope_index for images: -> (position_ids int64 [3, B, S], rope_deltas int64 [B, 1]).
-
-    Runs of image tokens take the next grid of `image_grid_thw` (images in order over the batch, as
-    HF does); padded positions (attention_mask 0) get 0. With `kept_indices` (one ascending array
-    per image, raster indices into its merged grid) each run must hold len(kept) placeholders, which
-    get the kept tokens' original positions: the pruned sequence. Decode positions are
-    (index among valid tokens) + rope_delta on all three axes, i.e. the last prefill position + 1.
-    """
-    ids = np.asarray(input_ids, dtype=np.int64)
-    types = (ids == image_token_id).astype(np.int64) if mm_token_type_ids is None else np.asarray(mm_token_type_ids, np.int64)
-    if np.any((types != 0) & (types != 1)):
-        raise ConfigError("rope_index: only text (0) and image (1) tokens are supported (no video)")
-    mask = np.ones(ids.shape, bool) if attention_mask is None else np.asarray(attention_mask).astype(bool)
-    grids: Iterator[tuple[int, int, int]] = iter(_grids(image_grid_thw) if image_grid_thw is not None else [])
-    kept_iter = iter(kept_indices) if kept_indices is not None else None
-    position_ids = np.zeros((3, *ids.shape), dtype=np.int64)
-    deltas = []
-    for row in range(ids.shape[0]):
-        row_types = types[row][mask[row]]
-        if row_types.size == 0:  # a fully padded row
-            deltas.append(0)
-            continue
-        starts = np.concatenate([[0], np.flatnonzero(np.diff(row_types)) + 1])
-        ends = np.concatenate([starts[1:], [len(row_types)]])
-        segments: list[Any] = []
-        for start, end in zip(starts.tolist(), ends.tolist()):
-            if row_types[start] == 0:
-                segments.append(end - start)
-                continue
-            grid = next(grids, None)
-            if grid is None:
-                raise PromptError(f"rope_index: row {row} has more image-token runs than image_grid_thw has images")
-            kept = None if kept_iter is None else next(kept_iter)
-            expected = grid[0] * grid[1] * grid[2] // spatial_merge_size**2 if kept is None else len(np.asarray(kept).reshape(-1))
-            if end - start != expected:
-                raise PromptError(f"rope_index: row {row} holds {end - start} image tokens for an image of {expected}")
-            segments.append((grid, kept))
-        positions, next_position = sequence_positions(segments, spatial_merge_size)
-        position_ids[:, row, mask[row]] = positions
-        deltas.append(next_position - positions.shape[1])
-    return position_ids, np.asarray(deltas, dtype=np.int64).reshape(-1, 1)
-
-
-def pruned_rope_index(input_ids: Any, kept_indices: Sequence[Any], image_grid_thw: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
-    """rope_index of a sequence whose image runs hold only the kept tokens (K placeholders each)."""
-    return rope_index(input_ids, image_grid_thw, kept_indices=kept_indices, **kwargs)
-
-
-def decode_position_ids(rope_deltas: np.ndarray, num_valid: Any) -> np.ndarray:
-    """Positions of the next token of each row: int64 [3, B, 1] = num_valid tokens so far + delta."""
-    step = np.asarray(num_valid, np.int64).reshape(-1, 1) + np.asarray(rope_deltas, np.int64).reshape(-1, 1)
-    return np.broadcast_to(step[None], (3, *step.shape)).copy()
+# ------------------------------------------------------------------------------- vision-graph inputs
+def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """ONE image's HF-order patch rows [P, C*T*p*p] and grid [1, 3] -> the vision graph's inputs, window order:
+    pixel_values [P, C*T*p*p], rotary_cos/_sin [P, head_dim], window_segments [P] int64, reverse_index [N] int64."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    if len(grid) != 1 or grid[0, 0] != 1:
+        raise ImageError(f"qwen2.5-vl vision graph: one still image per call, got grid_thw {grid.tolist()}")
+    merge = fc["spatial_merge_size"]
+    widx, cu_window = window_index(grid, merge, fc["window_size"], fc["patch_size"])
+    cos, sin = rotary_cos_sin(vision_position_ids(grid, merge), fc["vision_head_dim"], fc["vision_rope_theta"], widx, merge)
+    return {
+        "pixel_values": np.ascontiguousarray(np.asarray(pixel_values, np.float32)[patch_permutation(widx, merge)]),
+        "rotary_cos": cos,
+        "rotary_sin": sin,
+        "window_segments": segment_ids(cu_window).astype(np.int64),
+        "reverse_index": reverse_index(widx),
+    }
 
 
 class QwenHostAdapter:
-    """HostAdapter of Qwen2.5-VL. vision_inputs adds the vision-graph metadata when given the
-    family_config; position_ids needs the token layout, not just the mask (M-RoPE)."""
+    """HostAdapter of Qwen2.5-VL, bound to the manifest's family_config (the vision settings the graph
+    inputs need). One image per vision-graph call: images of a batch have different patch counts."""
+
+    one_image_per_vision_call = True
+
+    def __init__(self, family_config: Mapping[str, Any] | None = None):
+        self.family_config = family_config
 
     def vision_inputs(self, images: Sequence[Any], preprocessor_config: Mapping[str, Any],
                       family_config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
-        out = vision_inputs(images, preprocessor_config)
-        if family_config is not None:
-            out.update(vision_metadata(out["image_grid_thw"], family_config))
-        return out
+        """ONE PIL image -> the vision graph's inputs (graph_vision_inputs) plus "image_grid_thw" int64 [1, 3]
+        (not a graph input: the M-RoPE positions of the spliced sequence need it)."""
+        fc = family_config if family_config is not None else self.family_config
+        if fc is None:
+            raise ConfigError("qwen2.5-vl vision_inputs: no family_config (the manifest's vision settings); "
+                              "use the artifact's host adapter or pass family_config=")
+        if len(images) != 1:
+            raise ImageError(f"qwen2.5-vl vision_inputs: one image per vision-graph call, got {len(images)}")
+        out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
+        return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], fc), "image_grid_thw": out["image_grid_thw"]}
 
-    def position_ids(self, attention_mask: Any, family_config: Mapping[str, Any], *, input_ids: Any,
-                     image_grid_thw: Any, kept_indices: Sequence[Any] | None = None) -> np.ndarray:
-        positions, _ = rope_index(input_ids, image_grid_thw, image_token_id=family_config["image_token_id"],
-                                  spatial_merge_size=family_config["spatial_merge_size"],
-                                  attention_mask=attention_mask, kept_indices=kept_indices)
+    def position_ids(self, attention_mask: Any, family_config: Mapping[str, Any], layout: Any = None) -> np.ndarray:
+        """M-RoPE positions [3, B, L] of the spliced, left-padded batch: layout (SpliceLayout) gives the spliced
+        input ids (K image tokens per image), image_grid_thw [B, 3] and kept_indices [B, K]; every kept token
+        keeps its original (t, h, w) position."""
+        info = getattr(layout, "image_info", None) or {}
+        if layout is None or "image_grid_thw" not in info or layout.kept_indices is None:
+            raise ConfigError("qwen2.5-vl position_ids: need the spliced layout (input ids, image_grid_thw, kept_indices) "
+                              "of the vision result; pass the VisionResult to splice()")
+        positions, _ = rope_index(layout.input_ids, info["image_grid_thw"], image_token_id=family_config["image_token_id"],
+                                  spatial_merge_size=family_config["spatial_merge_size"], attention_mask=attention_mask,
+                                  kept_indices=list(np.asarray(layout.kept_indices)))
         return positions  # [3, B, L]
+
+    def next_position_ids(self, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """First decode step: valid tokens so far + HF's rope_deltas = max prefill position + 1. [3, B, 1]"""
+        return decode_position_ids(rope_deltas(position_ids, attention_mask), np.asarray(attention_mask).sum(axis=1))
+
+
+def host_adapter(family_config: Mapping[str, Any]) -> QwenHostAdapter:
+    """The runtime's host adapter for an artifact: bound to its manifest's family_config."""
+    return QwenHostAdapter(family_config)
 
 
 HOST_ADAPTER = QwenHostAdapter()

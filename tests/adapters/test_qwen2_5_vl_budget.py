@@ -1,0 +1,101 @@
+"""The Qwen2.5-VL adapter's hooks for generic export and parity: fit_budget (min_pixels raised so every image
+gives at least K merged tokens), the artifact's preprocessor config, the vision dim ranges, HF's own
+positions of a pruned prompt (parity's reference), and the bound host adapter (graph inputs, positions)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from prunert.adapters.base import SpliceLayout  # noqa: E402
+from prunert.adapters.qwen2_5_vl import IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host  # noqa: E402
+from prunert.adapters.qwen2_5_vl.export import QwenExportAdapter  # noqa: E402
+from prunert.adapters.qwen2_5_vl.synthetic import synthetic_checkpoint  # noqa: E402
+from prunert.config import BudgetConfig  # noqa: E402
+from prunert.errors import ConfigError, ImageError  # noqa: E402
+
+UNIT = 28 * 28  # pixels of one merged token (factor^2)
+
+
+@pytest.fixture(scope="module")
+def model_dir() -> Path:
+    return synthetic_checkpoint("qwen2.5-vl-tiny")
+
+
+@pytest.fixture
+def adapter(model_dir: Path) -> QwenExportAdapter:
+    return QwenExportAdapter(model_dir)
+
+
+def _noise(height: int, width: int) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def test_fit_budget_raises_min_pixels_to_k_tokens(adapter: QwenExportAdapter, model_dir: Path) -> None:
+    assert (adapter.min_visual_tokens, adapter.max_visual_tokens) == (4, 113)
+    adapter.fit_budget(BudgetConfig(budget=16))
+    assert adapter.preprocess.min_pixels == 16 * UNIT and adapter.preprocess.max_pixels == 64 * UNIT
+    assert (adapter.min_visual_tokens, adapter.num_visual_tokens) == (16, 113)
+    assert adapter.family_config()["min_visual_tokens"] == 16
+    assert adapter.vision_dim_ranges() == {"merged": (16, 64, 113), "patches": (64, 256, 452)}
+    config = adapter.artifact_preprocessor_config(model_dir)
+    assert config["min_pixels"] == config["size"]["shortest_edge"] == 16 * UNIT
+    assert host.QwenPreprocessConfig.from_hf_dict(config) == adapter.preprocess
+    # HF's processor runs with the raised range too: a 20 x 20 image is upscaled to 4 x 4 merged tokens
+    assert adapter.hf_image_inputs([_noise(20, 20)], model_dir)["image_grid_thw"].tolist() == [[1, 8, 8]]
+
+
+def test_every_image_gives_at_least_k_tokens_and_larger_k_is_refused(adapter: QwenExportAdapter) -> None:
+    adapter.fit_budget(BudgetConfig(budget=32))  # the largest: the max_pixels branch floors 2 x 32 tokens
+    cfg = adapter.preprocess
+    sizes = [(20, 20), (20, 4000), (4000, 20), (57, 8000), (300, 451), (1, 150), (8000, 8000), (59, 3000), (27, 891)]
+    counts = [np.prod(host.smart_resize(h, w, cfg.factor, cfg.min_pixels, cfg.max_pixels)) // UNIT for h, w in sizes]
+    assert min(counts) == adapter.min_visual_tokens == 32  # 27 x 891: 1 x 32 merged tokens
+    assert adapter.example_grid() == (1, 10, 14) and adapter.example_vision_inputs()[4].shape == (35,)  # 5 x 7 >= K
+    with pytest.raises(ConfigError, match=r"budget: got 33, expected 1 <= budget <= 32"):
+        adapter.fit_budget(BudgetConfig(budget=33))
+    with pytest.raises(ConfigError, match="--method none.*varies per image"):
+        adapter.fit_budget(BudgetConfig(budget=16, method="none"))
+
+
+def test_hf_position_ids_are_hf_rope_index_restricted_to_kept(adapter: QwenExportAdapter, model_dir: Path) -> None:
+    image = Image.open(Path(__file__).resolve().parents[2] / "examples" / "images" / "chelsea.jpg").convert("RGB")
+    ids = adapter.hf_token_ids(QWEN_PROMPT_TEMPLATE.format(prompt=IMAGE_PLACEHOLDER + "Cat?"), model_dir)
+    image_id = adapter.model.config.image_token_id
+    grid = adapter.hf_image_inputs([image], model_dir)["image_grid_thw"].numpy()  # [[1, 12, 18]]: 54 merged tokens
+    kept = np.array([[0, 5, 8, 9, 30, 53]])
+    positions, deltas = adapter.hf_position_ids(ids, [image], model_dir, torch.from_numpy(kept))
+    at = ids.index(image_id)
+    pruned = np.array([ids[:at] + [image_id] * kept.shape[1] + ids[at + 1 :]])
+    ours, our_deltas = host.rope_index(pruned, grid, image_token_id=image_id, kept_indices=list(kept))
+    assert np.array_equal(positions.numpy(), ours) and np.array_equal(deltas.numpy(), our_deltas)
+    assert np.array_equal(host.rope_deltas(ours, np.ones_like(pruned)), our_deltas)
+
+
+def test_bound_host_adapter(model_dir: Path, adapter: QwenExportAdapter) -> None:
+    fc = adapter.family_config()
+    bound = host.host_adapter(fc)
+    assert bound.one_image_per_vision_call and host.HOST_ADAPTER.family_config is None
+    with pytest.raises(ConfigError, match="family_config"):
+        host.HOST_ADAPTER.vision_inputs([_noise(40, 40)], {})
+    with pytest.raises(ImageError, match="one image per vision-graph call, got 2"):
+        bound.vision_inputs([_noise(40, 40)] * 2, {})
+    out = bound.vision_inputs([_noise(56, 84)], {"min_pixels": 4 * UNIT, "max_pixels": 64 * UNIT})
+    assert sorted(out) == sorted([*adapter.vision_input_names, "image_grid_thw"]) and out["image_grid_thw"].tolist() == [[1, 4, 6]]
+    ids = np.array([[0, 0, 50, 6, 6, 6, 50, 50], [50, 50, 50, 6, 6, 6, 50, 50]])  # row 0 left-padded
+    mask = (np.arange(8) >= np.array([[2], [0]])).astype(np.int64)
+    layout = SpliceLayout(ids, np.array([[0, 2, 5], [1, 3, 4]]), {"image_grid_thw": np.array([[1, 4, 6], [1, 4, 6]])})
+    positions = bound.position_ids(mask, fc, layout)
+    expected, deltas = host.rope_index(ids, layout.image_info["image_grid_thw"], image_token_id=6, attention_mask=mask,
+                                       kept_indices=list(layout.kept_indices))
+    assert np.array_equal(positions, expected)
+    assert np.array_equal(bound.next_position_ids(positions, mask), host.decode_position_ids(deltas, mask.sum(1)))
+    assert bound.next_position_ids(positions, mask)[:, :, 0].tolist() == [[6, 8]] * 3  # image of 3 rows: text resumes at +3
+    with pytest.raises(ConfigError, match="spliced layout"):
+        bound.position_ids(mask, fc, SpliceLayout(ids))
