@@ -15,7 +15,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import prunert
 from prunert.adapters.llava.tokenizer_builder import (
@@ -257,6 +257,12 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     nothing at `out_dir`. An existing non-empty `out_dir` is an error unless `overwrite`.
     """
     preset = get_preset(preset_name)
+    return publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
+
+
+def publish_checkpoint(out_dir: Path, write_files: Callable[[Path], None], *, overwrite: bool = False) -> Path:
+    """Every family's write_checkpoint: write_files(tmp_dir) beside `out_dir`, then rename it into place.
+    A crash leaves nothing at `out_dir`; an existing non-empty `out_dir` is an error unless `overwrite`."""
     out_dir = Path(out_dir).expanduser().absolute()
     if _is_non_empty_dir(out_dir) and not overwrite:
         raise ConfigError(f"output directory {out_dir} already exists and is not empty (use overwrite)")
@@ -264,7 +270,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         tmp_dir.chmod(0o755)  # mkdtemp makes it 0700; the published directory is a normal one
-        _write_files(preset_name, preset, tmp_dir)
+        write_files(tmp_dir)
         _publish(tmp_dir, out_dir, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -307,14 +313,19 @@ def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Pat
     Location: `<cache_dir>/<name>-<hash>`; without `cache_dir`, `$PRUNERT_CACHE/synthetic/...` or
     `~/.cache/prunert/synthetic/...`; `<hash>` is `preset_hash(preset)`.
     """
-    preset = get_preset(preset_name)
+    return cached_checkpoint(preset_name, preset_hash(get_preset(preset_name)), cache_dir, write_checkpoint)
+
+
+def cached_checkpoint(preset_name: str, digest: str, cache_dir: Path | None, write: Callable[[str, Path], Path]) -> Path:
+    """Every family's synthetic_checkpoint: `<cache_dir>/<name>-<digest>`, written with write(name, dir)
+    on first use (cache_dir None: `$PRUNERT_CACHE/synthetic` or `~/.cache/prunert/synthetic`)."""
     if cache_dir is None:
         cache_dir = Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser() / "synthetic"
-    out_dir = Path(cache_dir).expanduser() / f"{preset_name}-{preset_hash(preset)}"
+    out_dir = Path(cache_dir).expanduser() / f"{preset_name}-{digest}"
     if (out_dir / MARKER_FILE).is_file():
         return out_dir
     try:
-        return write_checkpoint(preset_name, out_dir)
+        return write(preset_name, out_dir)
     except (ConfigError, OSError):
         if (out_dir / MARKER_FILE).is_file():  # another process won the race to write it
             return out_dir

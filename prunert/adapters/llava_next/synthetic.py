@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -24,16 +21,12 @@ from typing import TYPE_CHECKING, Any
 from prunert.adapters.llava import synthetic as llava_synthetic
 from prunert.adapters.llava.synthetic import (
     BICUBIC,
-    CACHE_ENV_VAR,
     CLIP_IMAGE_MEAN,
     CLIP_IMAGE_STD,
-    DEFAULT_CACHE_ROOT,
     IMAGE_TOKEN,
     MARKER_FILE,
     TOKEN_EMBED_STD,
     SyntheticPreset,
-    _is_non_empty_dir,
-    _publish,
     _special_tokens_map,
     _tokenizer_config,
     _write_json,
@@ -183,19 +176,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     An existing non-empty `out_dir` is an error unless `overwrite`.
     """
     preset = get_preset(preset_name)
-    out_dir = Path(out_dir).expanduser().absolute()
-    if _is_non_empty_dir(out_dir) and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already exists and is not empty (use overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)
-        _write_files(preset_name, preset, tmp_dir)
-        _publish(tmp_dir, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return llava_synthetic.publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
 def _write_files(preset_name: str, preset: LlavaNextPreset, directory: Path) -> None:
@@ -219,18 +200,7 @@ def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Pat
     Location: `<cache_dir>/<name>-<hash>`; without `cache_dir`, `$PRUNERT_CACHE/synthetic/...` or
     `~/.cache/prunert/synthetic/...` (the LLaVA-1.5 presets' cache).
     """
-    preset = get_preset(preset_name)
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser() / "synthetic"
-    out_dir = Path(cache_dir).expanduser() / f"{preset_name}-{preset_hash(preset)}"
-    if (out_dir / MARKER_FILE).is_file():
-        return out_dir
-    try:
-        return write_checkpoint(preset_name, out_dir)
-    except (ConfigError, OSError):
-        if (out_dir / MARKER_FILE).is_file():  # another process won the race to write it
-            return out_dir
-        raise
+    return llava_synthetic.cached_checkpoint(preset_name, preset_hash(get_preset(preset_name)), cache_dir, write_checkpoint)
 
 
 def preset_hash(preset: LlavaNextPreset) -> str:

@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,17 +17,13 @@ from typing import TYPE_CHECKING, Any
 import prunert
 from prunert.adapters.llava import synthetic as llava_synthetic
 from prunert.adapters.llava.synthetic import (
-    CACHE_ENV_VAR,
     CLIP_IMAGE_MEAN,
     CLIP_IMAGE_STD,
-    DEFAULT_CACHE_ROOT,
     FILLER_LM_HEAD_SCALE,
     LINEAR_GAIN,
     LM_HEAD_GAIN,
     MARKER_FILE,
     TOKEN_EMBED_STD,
-    _is_non_empty_dir,
-    _publish,
     _write_json,
 )
 from prunert.adapters.qwen2_5_vl import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_PROMPT_TEMPLATE, VISION_END, VISION_START  # noqa: F401
@@ -244,19 +237,7 @@ def _init_weights(model: torch.nn.Module, generator: torch.Generator, first_fill
 def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Write preset `preset_name` as a complete Hugging Face Qwen2.5-VL directory at `out_dir` (atomically)."""
     preset = get_preset(preset_name)
-    out_dir = Path(out_dir).expanduser().absolute()
-    if _is_non_empty_dir(out_dir) and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already exists and is not empty (use overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)
-        _write_files(preset_name, preset, tmp_dir)
-        _publish(tmp_dir, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return llava_synthetic.publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
 def _write_files(preset_name: str, preset: QwenSyntheticPreset, directory: Path) -> None:
@@ -275,18 +256,7 @@ def _write_files(preset_name: str, preset: QwenSyntheticPreset, directory: Path)
 
 def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Path:
     """Directory of preset `preset_name` (`<cache>/synthetic/<name>-<hash>`), written on first use."""
-    preset = get_preset(preset_name)
-    if cache_dir is None:
-        cache_dir = Path(os.environ.get(CACHE_ENV_VAR) or DEFAULT_CACHE_ROOT).expanduser() / "synthetic"
-    out_dir = Path(cache_dir).expanduser() / f"{preset_name}-{preset_hash(preset)}"
-    if (out_dir / MARKER_FILE).is_file():
-        return out_dir
-    try:
-        return write_checkpoint(preset_name, out_dir)
-    except (ConfigError, OSError):
-        if (out_dir / MARKER_FILE).is_file():  # another process won the race
-            return out_dir
-        raise
+    return llava_synthetic.cached_checkpoint(preset_name, preset_hash(get_preset(preset_name)), cache_dir, write_checkpoint)
 
 
 def preset_hash(preset: QwenSyntheticPreset) -> str:
