@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from prunert.adapters.hf_loading import load_hf_model
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
 from prunert.errors import ModelSourceError
 
@@ -18,19 +19,9 @@ class LlavaExportAdapter:
     vision_input_names = ("pixel_values",)
 
     def __init__(self, model_dir: Path):
-        from safetensors import SafetensorError
         from transformers import LlavaForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-
-        try:
-            model = LlavaForConditionalGeneration.from_pretrained(
-                model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ModelSourceError(f"--model '{model_dir}': cannot load as {self.architecture}: {exc}") from None
-        self.model = model.eval()
+        self.model = load_hf_model(LlavaForConditionalGeneration, model_dir, self.architecture)
         config = self.model.config
         if not isinstance(config.vision_feature_layer, int):
             raise ModelSourceError(f"--model '{model_dir}': vision_feature_layer must be one layer index")

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from prunert.adapters.hf_loading import load_hf_model
 from prunert.adapters.llava.export import LlavaExportAdapter
 from prunert.adapters.llava_next import LLAVA_NEXT_PROMPT_TEMPLATE
 from prunert.config import BudgetConfig, TileBudgetConfig
@@ -32,18 +33,9 @@ class LlavaNextExportAdapter(LlavaExportAdapter):
     vision_input_names = ("pixel_values", "tile_mask", "token_mask")
 
     def __init__(self, model_dir: Path, tile_budgets: TileBudgetConfig = TileBudgetConfig()):
-        from safetensors import SafetensorError
         from transformers import LlavaNextForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
-        try:
-            model = LlavaNextForConditionalGeneration.from_pretrained(
-                model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ModelSourceError(f"--model '{model_dir}': cannot load as {self.architecture}: {exc}") from None
-        self.model = model.eval()
+        self.model = load_hf_model(LlavaNextForConditionalGeneration, model_dir, self.architecture)
         config = self.model.config
         if not isinstance(config.vision_feature_layer, int):
             raise ModelSourceError(f"--model '{model_dir}': vision_feature_layer must be one layer index")

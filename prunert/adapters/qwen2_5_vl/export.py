@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
+from prunert.adapters.hf_loading import load_hf_model
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
@@ -72,19 +73,10 @@ class QwenExportAdapter:
     position_ids_leading_dims = (3,)  # M-RoPE: position_ids [3, B, S] (t, h, w)
 
     def __init__(self, model_dir: Path):
-        from safetensors import SafetensorError
         from transformers import Qwen2_5_VLForConditionalGeneration
-        from transformers.utils import logging as hf_logging
 
-        hf_logging.disable_progress_bar()
         model_dir = Path(model_dir)
-        try:
-            model = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32
-            )
-        except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ModelSourceError(f"--model '{model_dir}': cannot load as {self.architecture}: {exc}") from None
-        self.model = model.eval()
+        self.model = load_hf_model(Qwen2_5_VLForConditionalGeneration, model_dir, self.architecture)
         self.visual = self.model.model.visual
         vision = self.model.config.vision_config
         self.merge = vision.spatial_merge_size
