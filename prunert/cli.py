@@ -41,6 +41,16 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _kept_summary(manifest) -> str:
+    """`kept K/N visual tokens (method)`. Where N varies per image (the adapter records `max_visual_tokens` in
+    family_config: Qwen2.5-VL's dynamic resolution) the manifest's N is only the largest, and the line says so."""
+    budget = manifest.budget
+    largest = manifest.family_config.get("max_visual_tokens")
+    if largest is None:
+        return f"kept {budget.budget}/{budget.num_visual_tokens} visual tokens ({budget.method})"
+    return f"kept {budget.budget} of up to {largest} visual tokens, N varies per image ({budget.method})"
+
+
 def _run(args: argparse.Namespace) -> int:
     from prunert.config import GenerationConfig
     from prunert.errors import ConfigError
@@ -66,7 +76,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{image}] {result.text}" if len(images) > 1 else result.text)
     t = pipe.timings
     print(
-        f"kept {pipe.manifest.budget.budget}/{pipe.manifest.budget.num_visual_tokens} visual tokens ({pipe.manifest.budget.method}); "
+        f"{_kept_summary(pipe.manifest)}; "
         f"{args.backend} {args.precision}; "
         f"vision {t.vision_s * 1e3:.0f} ms, prefill {t.prefill_s * 1e3:.0f} ms, "
         f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",
@@ -100,12 +110,12 @@ def _sample_set(artifact: Path, images: Path | None, prompts: Path | None, max_s
     from prunert.errors import ConfigError
     from prunert.manifest import load_manifest
 
-    image_token = load_manifest(artifact, verify_hashes=False).text.image_token
+    placeholder = load_manifest(artifact, verify_hashes=False).text.placeholder  # --prompts lines must hold it once
     if images is None:
         images = EXAMPLE_CALIBRATION_DIR
         if not images.is_dir():
             raise ConfigError(f"--images: not given, and the bundled set {images} is not here (installed without examples/); pass --images DIR")
-    return load_calibration_set(images, prompts, max_samples, image_token=image_token)
+    return load_calibration_set(images, prompts, max_samples, placeholder=placeholder)
 
 
 def _sample_feeds(artifact: Path, images: Path | None, prompts: Path | None, max_samples: int):
@@ -313,7 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("calibrate", help="add int8/fp8 Q/DQ graphs (explicit quantization) calibrated on images and prompts")
     p.add_argument("artifact", type=Path)
     p.add_argument("--images", type=Path, help="folder of calibration images (default: the real set in examples/calibration)")
-    p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the image placeholder (default: built-in prompts)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the artifact's image placeholder once "
+                   "(<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) (default: built-in prompts)")
     p.add_argument("--precision", required=True, help=" | ".join(QUANTIZED_PRECISIONS))
     p.add_argument("--calibration-method", default=CalibrationConfig().method, help="activation ranges: minmax (default) | percentile | entropy")
     p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
@@ -354,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="draw the visual tokens each artifact keeps on a photo, as a PNG (no torch needed)")
     p.add_argument("artifact", type=Path, nargs="+", help="one or more artifact directories; one panel each, side by side")
     p.add_argument("--image", type=Path, required=True, help="image file")
-    p.add_argument("--prompt", required=True, help="prompt with one <image> placeholder (text-aware methods use it)")
+    p.add_argument("--prompt", required=True, help="prompt with the artifact's image placeholder once (<image>; text-aware methods use it)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write (its directory is created)")
     p.add_argument("--scale", type=int, help="integer zoom of each panel (default: enough for a panel >= 300 px)")
     p.set_defaults(func=_visualize)

@@ -13,7 +13,7 @@ def manifest_table(m: Manifest) -> str:
         f"budget        K={m.budget.budget} of N={m.budget.num_visual_tokens} visual tokens, method {m.budget.method} "
         + " ".join(f"{k}={v}" for k, v in sorted(m.budget.params.items())),
         f"decoder       {m.decoder.num_layers} layers, hidden {m.decoder.hidden_size}, kv heads {m.decoder.num_kv_heads} x {m.decoder.head_dim}, vocab {m.decoder.vocab_size}",
-        f"text          template {m.text.prompt_template!r}, image token {m.text.image_token!r}={m.text.image_token_id}, "
+        f"text          template {m.text.prompt_template!r}, prompt placeholder {m.text.placeholder!r}, image token {m.text.image_token!r}={m.text.image_token_id}, "
         f"max prompt {m.text.max_prompt_tokens}, max sequence {m.text.max_sequence}, max batch {m.text.max_batch}",
         "versions      " + ", ".join(f"{k} {v}" for k, v in sorted(m.versions.items())),
         "",

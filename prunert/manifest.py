@@ -65,16 +65,24 @@ class BudgetSpec:
 class TextSpec:
     embeddings: str  # .npy file: the LLM's input-embedding table [vocab, hidden]
     tokenizer: str  # tokenizer.json (the `tokenizers` library)
-    image_token: str
+    image_token: str  # the token the runtime replaces by the K visual tokens (Qwen2.5-VL: "<|image_pad|>")
     image_token_id: int
     bos_token_id: int | None
     eos_token_ids: tuple[int, ...]
     pad_token_id: int
-    prompt_template: str  # contains "{prompt}"; the user's prompt must contain image_token once
+    prompt_template: str  # contains "{prompt}"; the user's prompt must contain `placeholder` once
     max_prompt_tokens: int  # text tokens of one prompt, the placeholder counted once
     max_sequence: int  # prompt (with K visual tokens) + generated tokens
     max_text_tokens: int  # content-word rows the selection graph accepts
     max_batch: int  # largest batch the graphs declare (engine profiles are built up to it)
+    # What a user's prompt carries once, around image_token (Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>").
+    # Last and optional: manifests written before it load with "" (read `placeholder`, never this field directly).
+    image_placeholder: str = ""
+
+    @property
+    def placeholder(self) -> str:
+        """The image placeholder a prompt must contain once: image_placeholder, else (older manifests) image_token."""
+        return self.image_placeholder or self.image_token
 
 
 @dataclass(frozen=True)

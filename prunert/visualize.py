@@ -1,6 +1,10 @@
 """Draw which visual tokens an artifact keeps: the photo as the model sees it (resized + center-cropped,
 un-normalised), kept patches at full brightness with a thin outline, pruned patches dimmed to grey.
 
+Artifacts with a single fixed patch grid only (LLaVA-1.5 style: one [batch, 3, H, W] image, N = grid x grid
+tokens); tiled (LLaVA-NeXT) or dynamic-resolution (Qwen2.5-VL) artifacts are refused up front, by their
+vision graph's inputs, not by family name.
+
 Runtime path: Pillow + numpy only, never torch. Several artifacts (methods, budgets) -> one panel each,
 side by side, on the same photo and prompt.
 """
@@ -18,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from prunert.errors import ConfigError
+from prunert.manifest import Manifest, load_manifest
 from prunert.runtime.image import ImagePreprocessConfig, _resize_size_wh, center_crop, check_image, load_image
 
 PAD = 8  # px around and between panels
@@ -29,6 +34,7 @@ OUTLINE = (255, 210, 0)  # kept-patch outline (amber)
 BACKGROUND = (255, 255, 255)
 TEXT = (20, 20, 20)
 MIN_PANEL = 300  # auto scale: smallest integer zoom that makes a panel at least this wide
+TEXT_INPUTS = ("text_embeds", "text_mask")  # the vision graph's prompt inputs; every other input is the image's
 
 
 @dataclass(frozen=True)
@@ -51,6 +57,20 @@ def patch_grid(num_visual_tokens: int) -> int:
             f"(e.g. 576 = 24 x 24 for LLaVA-1.5 at 336 px)"
         )
     return side
+
+
+def single_patch_grid(manifest: Manifest, artifact: Path | str) -> int:
+    """Side of the artifact's one fixed patch grid. ConfigError, naming the artifact and its family, unless the
+    vision graph takes one image of static size [batch, C, H, W] (no tiles, no per-image patch count) whose
+    N visual tokens form a square grid (`patch_grid`)."""
+    images = [t for t in manifest.graphs["vision"].inputs if t.name not in TEXT_INPUTS]
+    if not (len(images) == 1 and len(images[0].shape) == 4 and all(isinstance(d, int) for d in images[0].shape[1:])):
+        inputs = ", ".join(f"{t.name} {t.describe()}" for t in images)
+        raise ConfigError(
+            f"visualize: artifact '{artifact}' ({manifest.source.family} family) has image inputs {inputs}; visualize supports "
+            f"a single fixed patch grid (LLaVA-1.5-style artifacts: one [batch, 3, H, W] image) only"
+        )
+    return patch_grid(manifest.budget.num_visual_tokens)
 
 
 def model_view(image: Image.Image, cfg: ImagePreprocessConfig) -> Image.Image:
@@ -195,7 +215,7 @@ def artifact_panel(artifact: Path | str, image: Image.Image, prompt: str) -> Pan
 
     pipe = VLMPipeline(artifact)
     budget = pipe.manifest.budget
-    grid = patch_grid(budget.num_visual_tokens)
+    grid = single_patch_grid(pipe.manifest, artifact)
     cfg = ImagePreprocessConfig.from_hf_dict(pipe.artifact.preprocessor_config)
     pipe.tokenize([prompt])  # PromptError for a prompt `run` would reject (placeholder count, length)
     kept = np.asarray(pipe.encode_images([image], [prompt]).kept_indices)[0]  # [K]
@@ -206,7 +226,8 @@ def artifact_panel(artifact: Path | str, image: Image.Image, prompt: str) -> Pan
 def visualize(artifacts: Sequence[Path | str], image: Path | str | Image.Image, prompt: str, out: Path | str, scale: int | None = None) -> Path:
     """Render the kept patches of each artifact on `image` side by side and write a PNG to `out` atomically.
 
-    Returns `out`. Errors (missing artifact, bad image, bad prompt, non-square N, unwritable out) are PrunertErrors.
+    Returns `out`. Errors (missing artifact, an artifact without a single fixed patch grid, bad image, bad prompt,
+    non-square N, unwritable out) are PrunertErrors; artifacts are checked before anything runs.
     """
     if not artifacts:
         raise ConfigError("visualize: got no artifacts, expected at least one")
@@ -215,6 +236,8 @@ def visualize(artifacts: Sequence[Path | str], image: Path | str | Image.Image, 
     out = Path(out)
     if out.is_dir():
         raise ConfigError(f"--out '{out}': is a directory, expected a .png file path")
+    for artifact in artifacts:  # refuse tiled / dynamic-resolution artifacts before running any graph
+        single_patch_grid(load_manifest(Path(artifact), verify_hashes=False), artifact)
     picture = load_image(image) if isinstance(image, (str, Path)) else check_image(image, "image")
     panels = [artifact_panel(a, picture, prompt) for a in artifacts]
     canvas = compose(panels, scale)
@@ -249,4 +272,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["patch_grid", "model_view", "patch_box", "render_kept_patches", "compose", "visualize"]
+__all__ = ["patch_grid", "single_patch_grid", "model_view", "patch_box", "render_kept_patches", "compose", "visualize"]

@@ -23,6 +23,7 @@ from prunert.visualize import (
     patch_box,
     patch_grid,
     render_kept_patches,
+    single_patch_grid,
     title_height,
     visualize,
 )
@@ -207,6 +208,48 @@ def test_non_square_token_count_is_a_config_error(artifact_copy: Path, tmp_path:
     code = cli.main(["visualize", str(artifact_copy), "--image", str(PHOTO), "--prompt", PROMPT, "--out", str(tmp_path / "o.png")])
     assert code == 2
     error_line(capsys.readouterr().err, "98 visual tokens is not a perfect square")
+
+
+def test_single_patch_grid_of_a_llava_artifact(tiny_artifact: Path) -> None:
+    from prunert.manifest import load_manifest
+
+    assert single_patch_grid(load_manifest(tiny_artifact), tiny_artifact) == GRID
+
+
+@pytest.mark.parametrize("shape", ["tiled", "dynamic"])
+def test_artifact_without_one_fixed_grid_is_refused_up_front(
+    shape: str, tiny_artifact: Path, artifact_copy: Path, tmp_path: Path, error_line, capsys
+) -> None:
+    """Tiles (LLaVA-NeXT-like inputs) or a per-image patch count (Qwen2.5-VL-like): refused from the manifest alone,
+    before any graph runs or the image is read; a real NeXT / Qwen artifact is refused in tests/parity."""
+    import json
+
+    from prunert.manifest import MANIFEST_NAME
+
+    path = artifact_copy / MANIFEST_NAME
+    manifest = json.loads(path.read_text())
+    text_inputs = manifest["graphs"]["vision"]["inputs"][1:]
+    if shape == "tiled":
+        manifest["source"]["family"] = "llava_next"
+        images = [{"name": "pixel_values", "dtype": "float32", "shape": ["batch", 5, 3, 56, 56]},
+                  {"name": "tile_mask", "dtype": "bool", "shape": ["batch", 5]}]
+    else:
+        manifest["source"]["family"] = "qwen2_5_vl"
+        images = [{"name": "pixel_values", "dtype": "float32", "shape": ["patches", 1176]}]
+    manifest["graphs"]["vision"]["inputs"] = images + text_inputs
+    path.write_text(json.dumps(manifest))
+    out = tmp_path / "o.png"
+    missing_image = tmp_path / "not-read.jpg"  # the artifact is refused first
+    code = cli.main(["visualize", str(artifact_copy), "--image", str(missing_image), "--prompt", PROMPT, "--out", str(out)])
+    assert code == 2
+    family = manifest["source"]["family"]
+    error_line(capsys.readouterr().err, f"artifact '{artifact_copy}' ({family} family)", "pixel_values",
+               "supports a single fixed patch grid (LLaVA-1.5-style artifacts", "only")
+    assert not out.exists()
+    code = cli.main(["visualize", str(tiny_artifact), str(artifact_copy), "--image", str(PHOTO), "--prompt", PROMPT, "--out", str(out)])
+    assert code == 2
+    error_line(capsys.readouterr().err, f"artifact '{artifact_copy}'", "single fixed patch grid")
+    assert not out.exists()
 
 
 # ---------------------------------------------------------------------------------------- no torch

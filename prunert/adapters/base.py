@@ -88,7 +88,8 @@ class SpliceLayout:
 
     input_ids:    [B, L] int64, the spliced token ids: each image placeholder repeated K times (one id per
                   kept visual token), left-padded with the pad id where attention_mask is 0.
-    kept_indices: [B, K] int64, the vision graph's kept indices (ascending), or None if not known.
+    kept_indices: per row, the kept indices (ascending) of the tokens spliced in ([B, K] int64, or a list of
+                  B arrays when rows keep different counts), or None if not known.
     image_info:   host outputs that are not vision-graph inputs, stacked over the batch's images
                   (Qwen2.5-VL: "image_grid_thw" [B, 3]); empty for LLaVA.
     """
@@ -109,3 +110,6 @@ class HostAdapter(Protocol):
 
     def next_position_ids(self, position_ids: Any, attention_mask: Any) -> Any:
         """Positions of the first decode step after a prefill ([B, 1] or [3, B, 1]); each later step adds 1."""
+
+    # optional: kept_valid(vision_inputs, kept_indices [B, K]) -> bool [B, K], the kept slots that hold a real
+    # token (a static layout with masked slots, LLaVA-NeXT's tiles); the splice drops the others.

@@ -1,9 +1,11 @@
 """Calibration set: images + prompts, paired deterministically, and the exact fp32 feeds each graph gets.
 
 `load_calibration_set` reads a folder of images (files without an image suffix, such as prompts.txt or
-SOURCES.md, are ignored) and an optional prompts file: one prompt per line, each with the image
-placeholder once, a literal backslash-n as a line break inside the prompt, blank lines and lines
-starting with '#' skipped. Without a prompts file the built-in prompts are used. Images are sorted by
+SOURCES.md, are ignored) and an optional prompts file: one prompt per line, each with the artifact's
+image placeholder once (`manifest.text.placeholder`: `<image>`, Qwen2.5-VL
+`<|vision_start|><|image_pad|><|vision_end|>`), a literal backslash-n as a line break inside the prompt,
+blank lines and lines starting with '#' skipped. Without a prompts file the built-in prompts are used;
+their `<image>` is swapped for the artifact's placeholder when the samples run. Images are sorted by
 file name and paired with prompts round-robin: sample i is (images[i % n_images], prompts[i % n_prompts])
 for i < min(max_samples, max(n_images, n_prompts)). Every image a sample uses is opened and checked.
 
@@ -24,7 +26,7 @@ import numpy as np
 from prunert.errors import ConfigError, ImageError, PromptError
 from prunert.runtime.image import load_image
 
-IMAGE_PLACEHOLDER = "<image>"  # the placeholder BUILTIN_PROMPTS use; swapped for manifest.text.image_token
+IMAGE_PLACEHOLDER = "<image>"  # the placeholder BUILTIN_PROMPTS use; swapped for manifest.text.placeholder
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DECODE_STEPS = 2  # decode-step feeds recorded per sample (after the prefill) ...
 DECODE_SAMPLES = 4  # ... for this many samples (each feed holds the whole KV cache)
@@ -71,20 +73,24 @@ class CalibrationSet:
             "samples": len(self.samples),
         }
 
-    def prompts_for(self, image_token: str) -> list[str]:
-        """Each sample's prompt with the built-in placeholder replaced by the artifact's image token."""
-        if not self.builtin_prompts or image_token == IMAGE_PLACEHOLDER:
+    def prompts_for(self, placeholder: str) -> list[str]:
+        """Each sample's prompt, built-in ones with `<image>` replaced by the artifact's full image placeholder
+        (`manifest.text.placeholder`; Qwen2.5-VL: `<|vision_start|><|image_pad|><|vision_end|>`)."""
+        if not self.builtin_prompts or placeholder == IMAGE_PLACEHOLDER:
             return [s.prompt for s in self.samples]
-        return [s.prompt.replace(IMAGE_PLACEHOLDER, image_token) for s in self.samples]
+        return [s.prompt.replace(IMAGE_PLACEHOLDER, placeholder) for s in self.samples]
 
 
 def load_calibration_set(
     images_dir: Path,
     prompts_file: Path | None = None,
     max_samples: int = 32,
-    image_token: str = IMAGE_PLACEHOLDER,
+    placeholder: str = IMAGE_PLACEHOLDER,
 ) -> CalibrationSet:
-    """Images of `images_dir` (sorted; every one a sample uses is checked readable) paired round-robin with prompts."""
+    """Images of `images_dir` (sorted; every one a sample uses is checked readable) paired round-robin with prompts.
+
+    `placeholder`: the artifact's image placeholder (`manifest.text.placeholder`), which every line of
+    `prompts_file` must contain exactly once."""
     images_dir = Path(images_dir)
     if max_samples < 1:
         raise ConfigError(f"max_samples: got {max_samples}, expected >= 1")
@@ -100,7 +106,7 @@ def load_calibration_set(
     if prompts_file is None:
         prompts, builtin = BUILTIN_PROMPTS, True
     else:
-        prompts, builtin = _read_prompts(Path(prompts_file), image_token), False
+        prompts, builtin = _read_prompts(Path(prompts_file), placeholder), False
     count = min(max_samples, max(len(images), len(prompts)))
     for path in images[:count]:
         load_image(path)  # ImageError naming the file: unreadable, grayscale, transparent, tiny
@@ -108,7 +114,7 @@ def load_calibration_set(
     return CalibrationSet(samples, images, tuple(prompts), builtin, str(images_dir))
 
 
-def _read_prompts(path: Path, image_token: str) -> tuple[str, ...]:
+def _read_prompts(path: Path, placeholder: str) -> tuple[str, ...]:
     if not path.is_file():
         raise ConfigError(f"calibration prompts '{path}': no such file, expected a text file with one prompt per line")
     try:
@@ -120,10 +126,10 @@ def _read_prompts(path: Path, image_token: str) -> tuple[str, ...]:
         text = line.strip().replace("\\n", "\n")  # a literal \n in the file is a line break in the prompt
         if not text or text.startswith("#"):
             continue
-        count = text.count(image_token)
+        count = text.count(placeholder)
         if count != 1:
             raise PromptError(
-                f"calibration prompts '{path}' line {number}: contains the image placeholder {image_token!r} "
+                f"calibration prompts '{path}' line {number}: contains the image placeholder {placeholder!r} "
                 f"{count} times, expected exactly once"
             )
         prompts.append(text)
@@ -214,7 +220,7 @@ def for_each_sample(
     Only the pipeline's stateless stages are used (tokenize, encode_images, splice, empty_past,
     run_decoder), so every decoder call goes through `pipe.decoder.infer`.
     """
-    prompts = calibration_set.prompts_for(pipe.manifest.text.image_token)
+    prompts = calibration_set.prompts_for(pipe.manifest.text.placeholder)
     for index, (sample, prompt) in enumerate(zip(calibration_set.samples, prompts)):
         image = load_image(sample.image)
         sequences = pipe.tokenize([prompt])

@@ -134,8 +134,15 @@ def present_names(num_layers: int) -> list[str]:
 
 
 # ---- dynamic axes: the one place they are declared -------------------------------------------
-def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int, hidden: int):
-    """(example args, dynamic_shapes, input names, output names, manifest specs)."""
+def kept_dim(adapter: Any, budget: BudgetConfig) -> int | str:
+    """The K dim of the vision graph's outputs: the budget, static; for the unpruned graph (method none) of a
+    family whose N varies per image, the adapter's symbolic N dim (`visual_token_dim`, e.g. "merged")."""
+    symbolic = getattr(adapter, "visual_token_dim", None)
+    return symbolic if budget.method == "none" and symbolic else budget.budget
+
+
+def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int | str, hidden: int):
+    """(example args, dynamic_shapes, input names, output names, manifest specs). budget: kept_dim()."""
     per_image = getattr(adapter, "one_image_per_vision_call", False)
     batch = None if per_image else Dim("batch", min=1, max=cfg.max_batch)
     text = Dim("text", min=1, max=cfg.max_text_tokens)

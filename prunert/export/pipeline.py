@@ -27,7 +27,7 @@ from prunert import pruning_ops
 from prunert.adapters import ModelSource, family_module, resolve_source
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
-from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, vision_export_spec
+from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
 from prunert.export.validate import check_symbolic_dims, validate_decoder, validate_vision
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
 
@@ -90,7 +90,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     count = f"{low}..{adapter.num_visual_tokens} per image" if low != adapter.num_visual_tokens else str(low)
     log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={count})")
     vision = VisionPruneGraph(adapter, budget).eval()
-    args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, budget.budget, dims["hidden_size"])
+    args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, kept_dim(adapter, budget), dims["hidden_size"])
     vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
     ranges = getattr(adapter, "vision_dim_ranges", dict)()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
     vision_spec = replace(vision_spec, dim_ranges={name: tuple(int(v) for v in triple) for name, triple in ranges.items()})
@@ -125,6 +125,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
             embeddings="embed_tokens.npy",
             tokenizer="tokenizer.json",
             image_token=text["image_token"],
+            image_placeholder=text.get("image_placeholder", text["image_token"]),
             image_token_id=text["image_token_id"],
             bos_token_id=text["bos_token_id"],
             eos_token_ids=tuple(text["eos_token_ids"]),

@@ -87,8 +87,12 @@ def run_parity(
     else:
         report.add(stage, "tokens compared", 0, ">= 1", False, "no kept index in common")
 
-    # 4. prefill logits over the whole spliced prompt
+    # 4. prefill logits over the whole spliced prompt (without masked slots: the unpruned tile layout's padding)
     state = pipe.prefill(ids, vision)
+    kept_valid = getattr(pipe.artifact.host, "kept_valid", None)
+    if kept_valid is not None:
+        real = kept_valid({name: value.numpy() for name, value in ref_pixels.items()}, kept.numpy())[0]  # [K] bool
+        ref_visual, kept = ref_visual[:, real], kept[:, real]
     ref_embeds = _reference_embeds(adapter, ref_ids, manifest.text.image_token_id, ref_visual)
     hook = getattr(adapter, "hf_position_ids", None)  # HF's own positions of the pruned prompt, where the family has them
     positions = None if hook is None else hook(ref_ids, [picture], source.path, kept)  # ([..., 1, L], rope_deltas)

@@ -41,14 +41,19 @@ from prunert.errors import ConfigError
 from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
 from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
 
-TILED_METHODS = ("resprune",)  # methods with a prefix-consistent pick order (see step 3)
+TILED_METHODS = ("resprune", "none")  # resprune: a prefix-consistent pick order (step 3); none: keep every token
 MAX_TOPK = 3840  # TensorRT's TopK limit (pruning_ops.common.MAX_TOPK; that module imports torch)
 
 
 def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
-    """ConfigError unless `budget.method` supports per-tile budgets and 1 <= K < T * N, K <= 3840."""
+    """ConfigError unless `budget.method` supports per-tile budgets and 1 <= K < T * N, K <= 3840
+    (method none: K = T * N, every slot of the static layout; the host drops the masked ones)."""
     if budget.method not in TILED_METHODS:
         raise ConfigError(f"--method {budget.method}: method {budget.method!r} does not support per-tile budgets; expected one of {list(TILED_METHODS)}")
+    if budget.method == "none":
+        if budget.budget != tiles * n:
+            raise ConfigError(f"budget: got {budget.budget} with --method none, expected {tiles * n} ({tiles} tiles x {n} tokens, all of them)")
+        return
     if not 0 < budget.budget < tiles * n:
         raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget < {tiles * n} ({tiles} tiles x {n} tokens)")
     if budget.budget > MAX_TOPK:
@@ -157,9 +162,11 @@ def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudget
     from prunert.pruning_ops.common import gather_tokens, kept_to_indices
 
     tokens = inputs["tokens"]  # [B, T, N, D]
-    _, t, n, d = tokens.shape
+    batch, t, n, d = tokens.shape
     k, cfg = budget.budget, budget.params
     check_tiled_budget(budget, t, n)
+    if budget.method == "none":  # the unpruned baseline: every slot, in (tile, index) order
+        return tokens.reshape(-1, t * n, d), torch.arange(t * n, device=tokens.device).expand(batch, t * n)  # [B, T*N, D], [B, T*N]
     valid = (inputs["token_mask"] != 0) & (inputs["tile_mask"] != 0)[:, :, None]  # [B, T, N]
     flat = tokens.reshape(-1, t * n, d)  # [B, T*N, D]
     r = masked_relevance(flat, valid.reshape(-1, t * n), inputs["text"], inputs["text_mask"], cfg)  # [B, T*N]
@@ -234,13 +241,15 @@ def tiled_budgets_reference(inputs: dict[str, np.ndarray], budget: int, cfg: Res
 
 
 def tiled_reference(
-    inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig, tiles: TileBudgetConfig, budgets: np.ndarray | None = None
+    inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig | None, tiles: TileBudgetConfig, budgets: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sample {"tokens" [T, N, D], "tile_cls" [T, Dv], "tile_mask" [T], "token_mask" [T, N], "text" [M, D],
-    "text_mask" [M]} -> (kept flat indices [K] ascending, kept tokens [K, D]). `budgets` [T] overrides
+    "text_mask" [M]} -> (kept flat indices [K] ascending, kept tokens [K, D]). cfg None: method none (all T * N). `budgets` [T] overrides
     steps 1-2 (tests pass the op's own where fp32 and fp64 round a floor(share * K) apart)."""
     tokens = np.asarray(inputs["tokens"])
     t, n, d = tokens.shape
+    if cfg is None:  # method none: every slot
+        return np.arange(t * n), tokens.reshape(t * n, d)
     valid, r = _relevance_reference(inputs, cfg)
     if budgets is None:
         budgets = tiled_budgets_reference(inputs, budget, cfg, tiles)

@@ -37,6 +37,15 @@ class VisionResult:
     visual_tokens: np.ndarray  # [B, K, D]
     kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
     image_info: dict[str, np.ndarray] = field(default_factory=dict)  # host outputs that are not graph inputs, over images
+    kept_valid: np.ndarray | None = None  # [B, K] bool: slots holding a real token; None = all of them
+
+    def kept(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `row`'s real kept tokens [k, D] and their indices [k] (k = K unless some slots are masked:
+        the unpruned graph of a static tile layout, or per-image calls of different lengths, padded)."""
+        if self.kept_valid is None:
+            return self.visual_tokens[row], self.kept_indices[row]
+        valid = self.kept_valid[row]
+        return self.visual_tokens[row][valid], self.kept_indices[row][valid]
 
 
 @dataclass
@@ -111,10 +120,10 @@ class VLMPipeline:
         text = self.manifest.text
         sequences = []
         for prompt in prompts:
-            count = prompt.count(text.image_token)
+            count = prompt.count(text.placeholder)  # Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>
             if count != 1:
                 raise PromptError(
-                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.image_token!r} {count} times, expected exactly once"
+                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.placeholder!r} {count} times, expected exactly once"
                 )
             ids = self.artifact.tokenizer.encode(text.prompt_template.format(prompt=prompt)).ids
             if ids.count(text.image_token_id) != 1:
@@ -134,7 +143,8 @@ class VLMPipeline:
         if per_image and len(loaded) != len(groups):
             raise ConfigError(f"images and prompts: got {len(loaded)} images and {len(groups)} prompts, expected one image per prompt")
         calls = [([image], [group]) for image, group in zip(loaded, groups)] if per_image else [(loaded, groups)]
-        pixel_inputs, tokens, kept, elapsed = [], [], [], 0.0
+        pixel_inputs, tokens, kept, valid, elapsed = [], [], [], [], 0.0
+        kept_valid = getattr(host, "kept_valid", None)  # static layouts with masked slots (tiles)
         for call_images, call_groups in calls:
             inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ image info, e.g. image_grid_thw [1, 3])
             text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
@@ -145,23 +155,25 @@ class VLMPipeline:
             pixel_inputs.append(inputs)
             tokens.append(out["visual_tokens"])  # [b, K, D]
             kept.append(out["kept_indices"])  # [b, K]
+            valid.append(np.ones(kept[-1].shape, bool) if kept_valid is None else kept_valid(inputs, kept[-1]))  # [b, K]
         self.timings.vision_s = elapsed
         info = {name: np.concatenate([inputs[name] for inputs in pixel_inputs]) for name in pixel_inputs[0] if name not in names}
-        visual = tokens[0] if len(tokens) == 1 else np.concatenate(tokens)
-        indices = kept[0] if len(kept) == 1 else np.concatenate(kept)
-        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info)
+        visual, indices, valid = _stack_calls(tokens, kept, valid)
+        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info, None if valid.all() else valid)
 
     def splice(self, sequences: list[list[int]], vision: VisionResult | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Replace each sequence's placeholder by its K visual tokens; left-pad the batch. `vision`: the
-        VisionResult (its kept indices and image info go to the host's position ids), or just visual tokens
-        [B, K, D] for families whose positions need only the mask (LLaVA).
+        VisionResult (its kept indices and image info go to the host's position ids; masked slots are left
+        out, so a row may have fewer than K), or just visual tokens [B, K, D] for families whose positions
+        need only the mask (LLaVA).
 
         -> inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L] (or the family's layout, [3, B, L])
         """
         table, text = self.artifact.embeddings, self.manifest.text
-        visual_tokens = vision.visual_tokens if isinstance(vision, VisionResult) else vision
-        rows, spliced = [], []
-        for ids, visual in zip(sequences, visual_tokens):
+        rows, spliced, kept = [], [], []
+        for b, ids in enumerate(sequences):
+            visual, indices = vision.kept(b) if isinstance(vision, VisionResult) else (vision[b], None)  # [k, D], [k]
+            kept.append(indices)
             at = ids.index(text.image_token_id)
             rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(np.float32))  # [L_i, D]
             spliced.append(ids[:at] + [text.image_token_id] * len(visual) + ids[at + 1 :])  # one placeholder per kept token
@@ -173,7 +185,7 @@ class VLMPipeline:
             embeds[b, length - len(row) :] = row
             mask[b, length - len(row) :] = 1
             input_ids[b, length - len(row) :] = spliced[b]
-        layout = SpliceLayout(input_ids, vision.kept_indices, vision.image_info) if isinstance(vision, VisionResult) else SpliceLayout(input_ids)
+        layout = SpliceLayout(input_ids, kept, vision.image_info) if isinstance(vision, VisionResult) else SpliceLayout(input_ids)
         positions = self.artifact.host.position_ids(mask, self.manifest.family_config, layout)
         return embeds, mask, positions
 
@@ -218,7 +230,7 @@ class VLMPipeline:
         for row, ids in enumerate(tokens):
             finish = "eos" if ids and ids[-1] in eos else "length"
             text = self.artifact.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-            results.append(Generation(text, ids, finish, vision.kept_indices[row]))
+            results.append(Generation(text, ids, finish, vision.kept(row)[1]))
         return results
 
     def _decode(self, state: Prefill, config: GenerationConfig, on_token: TokenCallback | None) -> list[list[int]]:
@@ -259,3 +271,19 @@ class VLMPipeline:
         before = decode(ids[:-1], skip_special_tokens=True).rstrip("\ufffd")
         now = decode(ids, skip_special_tokens=True)
         return (now if last else now.rstrip("\ufffd"))[len(before) :]
+
+
+def _stack_calls(tokens: list[np.ndarray], kept: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The vision calls' outputs ([b, K_i, D], [b, K_i], [b, K_i] bool) as one batch [B, K, D], [B, K], [B, K]
+    with K = max K_i: shorter calls (per-image graphs whose K is the image's own N, e.g. unpruned) are padded
+    with masked slots (index -1, zero token)."""
+    if len(tokens) == 1:
+        return tokens[0], kept[0], valid[0]
+    width = max(t.shape[1] for t in tokens)
+
+    def pad(array: np.ndarray, value: Any) -> np.ndarray:
+        widths = [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
+        return np.pad(array, widths, constant_values=value)
+
+    return (np.concatenate([pad(t, 0.0) for t in tokens]), np.concatenate([pad(k, -1) for k in kept]),
+            np.concatenate([pad(v, False) for v in valid]))

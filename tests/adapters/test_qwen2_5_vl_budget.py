@@ -60,8 +60,17 @@ def test_every_image_gives_at_least_k_tokens_and_larger_k_is_refused(adapter: Qw
     assert adapter.example_grid() == (1, 10, 14) and adapter.example_vision_inputs()[4].shape == (35,)  # 5 x 7 >= K
     with pytest.raises(ConfigError, match=r"budget: got 33, expected 1 <= budget <= 32"):
         adapter.fit_budget(BudgetConfig(budget=33))
-    with pytest.raises(ConfigError, match="--method none.*varies per image"):
+    with pytest.raises(ConfigError, match=r"budget: got 16 with --method none, expected 113 .*4\.\.113"):
         adapter.fit_budget(BudgetConfig(budget=16, method="none"))
+
+
+def test_unpruned_keeps_the_pixel_range_and_declares_a_symbolic_k(adapter: QwenExportAdapter) -> None:
+    from prunert.export.graphs import kept_dim
+
+    adapter.fit_budget(BudgetConfig(budget=113, method="none"))  # the largest N: every image keeps all of its own
+    assert adapter.preprocess == adapter.checkpoint_preprocess and (adapter.min_visual_tokens, adapter.max_visual_tokens) == (4, 113)
+    assert kept_dim(adapter, BudgetConfig(budget=113, method="none")) == "merged"
+    assert kept_dim(adapter, BudgetConfig(budget=16)) == 16
 
 
 def test_hf_position_ids_are_hf_rope_index_restricted_to_kept(adapter: QwenExportAdapter, model_dir: Path) -> None:

@@ -21,6 +21,7 @@ from prunert.runtime.runner import check_inputs
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples" / "calibration"
+QWEN_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"  # manifest.text.placeholder of a Qwen2.5-VL artifact
 
 
 def _photo(path: Path, size=(64, 48), color=(200, 30, 40)) -> Path:
@@ -98,13 +99,34 @@ def test_prompt_errors_name_file_and_line(tmp_path: Path):
     with pytest.raises(ConfigError, match="missing.txt"):
         load_calibration_set(images, tmp_path / "missing.txt", 4)
     prompts.write_text("<img> custom token\n")
-    assert load_calibration_set(images, prompts, 4, image_token="<img>").prompts == ("<img> custom token",)
+    assert load_calibration_set(images, prompts, 4, placeholder="<img>").prompts == ("<img> custom token",)
 
 
-def test_builtin_placeholder_follows_the_artifact_token():
+def test_builtin_placeholder_follows_the_artifact_placeholder():
     calibration = load_calibration_set(EXAMPLES, None, max_samples=2)
     assert calibration.prompts_for("<image>") == [s.prompt for s in calibration.samples]
     assert all(p.count("<IMG>") == 1 and "<image>" not in p for p in calibration.prompts_for("<IMG>"))
+    qwen = calibration.prompts_for(QWEN_PLACEHOLDER)  # the full placeholder, not just the <|image_pad|> token
+    assert qwen == [s.prompt.replace("<image>", QWEN_PLACEHOLDER) for s in calibration.samples]
+    assert all(p.startswith(QWEN_PLACEHOLDER + "\n") and p.count("<|image_pad|>") == 1 for p in qwen)
+
+
+def test_prompt_files_need_the_full_placeholder(tmp_path: Path):
+    """A Qwen2.5-VL artifact's prompts carry <|vision_start|><|image_pad|><|vision_end|>: `<image>` or the bare
+    image token is refused, naming the file, the line and the placeholder expected."""
+    images = tmp_path / "images"
+    images.mkdir()
+    _photo(images / "a.png")
+    prompts = tmp_path / "qwen_prompts.txt"
+    for bad in ("<image>\nWhat is it?", "<|image_pad|>What is it?"):
+        prompts.write_text(f"{QWEN_PLACEHOLDER}Fine.\n{bad}\n")
+        with pytest.raises(PromptError, match="qwen_prompts.txt' line 2") as info:
+            load_calibration_set(images, prompts, 4, placeholder=QWEN_PLACEHOLDER)
+        assert repr(QWEN_PLACEHOLDER) in str(info.value) and "0 times, expected exactly once" in str(info.value)
+    prompts.write_text(f"{QWEN_PLACEHOLDER}What is it?\\nAnswer briefly.\n")
+    calibration = load_calibration_set(images, prompts, 4, placeholder=QWEN_PLACEHOLDER)
+    assert calibration.prompts == (f"{QWEN_PLACEHOLDER}What is it?\nAnswer briefly.",)
+    assert calibration.prompts_for(QWEN_PLACEHOLDER) == [calibration.prompts[0]]  # user prompts are used as written
 
 
 def test_collect_feeds_match_the_manifest_specs(tiny_pipeline):

@@ -81,6 +81,14 @@ def test_check_trt_is_clean(capsys, artifact: Path) -> None:
     assert capsys.readouterr().out.count("OK ") == 2
 
 
+def test_visualize_refuses_the_tiled_artifact(error_line, capsys, artifact: Path, tmp_path: Path) -> None:
+    out = tmp_path / "v.png"
+    code = cli.main(["visualize", str(artifact), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(out)])
+    assert code == 2
+    error_line(capsys.readouterr().err, f"artifact '{artifact}' (llava_next family)", "single fixed patch grid (LLaVA-1.5-style")
+    assert not out.exists()
+
+
 def test_batch_rows_equal_single_runs(pipe: VLMPipeline) -> None:
     images = [_photo("chelsea"), _noise(60, 200)]  # 4 real tiles and 2 real tiles
     prompts = [PROMPT, "<image>\nDescribe the noise in detail."]
@@ -101,3 +109,22 @@ def test_real_tiles_without_valid_tokens_keep_nothing(pipe: VLMPipeline) -> None
     assert (vision.kept_indices[0] < N).all()  # budget 0 for the real tiles: all K in the thumbnail
     result = pipe.generate([image], [PROMPT])[0]
     assert result.token_ids
+
+
+def test_unpruned_artifact_splices_only_real_tokens_and_passes_parity(tmp_path: Path, capsys) -> None:
+    """--method none (K = T x N, every slot): the splice leaves out padding tiles and unpadded-away tokens,
+    so a 3:2 photo gets exactly HF's visual tokens minus its image_newline rows; parity PASS."""
+    out = tmp_path / "tiny-none"
+    assert cli.main(["export", "--model", MODEL, "--method", "none", "--budget", str(T * N), "--out", str(out),
+                     "--max-prompt-tokens", "48", "--max-new-tokens", "16"]) == 0
+    pipe = VLMPipeline(out)
+    images, prompts = [_photo("chelsea"), _noise(60, 200)], [PROMPT, PROMPT]
+    vision = pipe.encode_images(images, prompts)
+    assert vision.kept_indices.shape == (2, T * N)
+    real = (vision.pixel_inputs["token_mask"] * vision.pixel_inputs["tile_mask"][:, :, None]).sum(axis=(1, 2))  # [B]
+    assert [len(vision.kept(b)[1]) for b in range(2)] == real.tolist() and real.max() < T * N
+    ids = pipe.tokenize(prompts)
+    _, mask, _ = pipe.splice(ids, vision)
+    assert mask.sum(axis=1).tolist() == [len(row) - 1 + count for row, count in zip(ids, real)]
+    assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"

@@ -89,7 +89,7 @@ def test_manifest_and_profiles_describe_the_one_image_graph(artifact: Path) -> N
 def test_cli_run_and_parity_pass(capsys, artifact: Path, tmp_path: Path, photo: str) -> None:
     image = IMAGES / f"{photo}.jpg"
     assert cli.main(["run", str(artifact), "--image", str(image), "--prompt", PROMPT, "--max-new-tokens", "4", "--no-stream"]) == 0
-    assert f"kept {BUDGET}/{N_MAX} visual tokens" in capsys.readouterr().err
+    assert f"kept {BUDGET} of up to {N_MAX} visual tokens, N varies per image (resprune)" in capsys.readouterr().err
     report = tmp_path / "parity.json"
     code = cli.main(["parity", str(artifact), "--image", str(image), "--prompt", PROMPT, "--out", str(report)])
     out = capsys.readouterr().out
@@ -98,6 +98,25 @@ def test_cli_run_and_parity_pass(capsys, artifact: Path, tmp_path: Path, photo: 
     written = json.loads(report.read_text())
     assert {check["stage"] for check in written["checks"]} == STAGES
     assert all(check["status"] == PASS for check in written["checks"]), out
+
+
+def test_placeholder_in_manifest_calibration_and_cli(error_line, capsys, artifact: Path, pipe: VLMPipeline, tmp_path: Path) -> None:
+    """The manifest carries the full placeholder (image_token stays the token the runtime replaces): the built-in
+    calibration prompts get it, `run` names it, and `visualize` (one fixed patch grid only) refuses the artifact."""
+    from prunert.calibration.dataset import load_calibration_set
+
+    text = load_manifest(artifact).text
+    assert text.placeholder == text.image_placeholder == IMAGE_PLACEHOLDER and text.image_token == "<|image_pad|>"
+    prompts = load_calibration_set(REPO / "examples" / "calibration", None, 2).prompts_for(text.placeholder)
+    assert all(p.startswith(IMAGE_PLACEHOLDER + "\n") for p in prompts)
+    assert [ids.count(text.image_token_id) for ids in pipe.tokenize(prompts)] == [1, 1]
+    image = str(IMAGES / "chelsea.jpg")
+    assert cli.main(["run", str(artifact), "--image", image, "--prompt", "<image>\nWhat is it?"]) == 2
+    error_line(capsys.readouterr().err, f"image placeholder {IMAGE_PLACEHOLDER!r} 0 times")
+    out = tmp_path / "v.png"
+    assert cli.main(["visualize", str(artifact), "--image", image, "--prompt", PROMPT, "--out", str(out)]) == 2
+    error_line(capsys.readouterr().err, f"artifact '{artifact}' (qwen2_5_vl family)", "single fixed patch grid (LLaVA-1.5-style")
+    assert not out.exists()
 
 
 def test_dim_ranges_are_checked(artifact: Path, pipe: VLMPipeline, tmp_path: Path) -> None:
@@ -186,3 +205,25 @@ def test_reference_greedy_loop_is_hf_generate(adapter) -> None:
     tokens, _ = _reference_greedy_positions(adapter, embeds, positions, deltas, types.SimpleNamespace(eos_token_ids=()), 6)
     assert tokens == out[0, full.shape[1] :].tolist()
 
+
+
+def test_unpruned_artifact_keeps_each_images_own_n(tmp_path: Path, capsys) -> None:
+    """--method none (K = the largest N): outputs [1, merged, D]; a batch of images with different N is padded
+    with masked slots, each row splices its own N tokens and decodes as it does alone; parity PASS."""
+    out = tmp_path / "tiny-none"
+    assert cli.main(["export", "--model", MODEL, "--method", "none", "--budget", str(N_MAX), "--out", str(out),
+                     "--max-prompt-tokens", "64", "--max-new-tokens", "16"]) == 0
+    manifest = load_manifest(out)
+    assert [t.shape for t in manifest.graphs["vision"].outputs] == [(1, "merged", 64), (1, "merged")]
+    assert manifest.family_config["min_visual_tokens"] == 4  # the pixel range is the checkpoint's own
+    pipe = VLMPipeline(out)
+    images, prompts = [_photo("chelsea"), _noise(20, 20)], [PROMPT, PROMPT]
+    vision = pipe.encode_images(images, prompts)
+    assert vision.kept_indices.shape == (2, 54) and vision.kept_valid.sum(axis=1).tolist() == [54, 4]
+    assert vision.kept(1)[1].tolist() == [0, 1, 2, 3]
+    config = GenerationConfig(max_new_tokens=5)
+    for row, result in enumerate(pipe.generate(images, prompts, config)):
+        alone = pipe.generate([images[row]], [prompts[row]], config)[0]
+        assert result.kept_indices.tolist() == alone.kept_indices.tolist() and result.token_ids == alone.token_ids
+    assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"

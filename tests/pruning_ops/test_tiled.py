@@ -166,6 +166,20 @@ def test_fewer_valid_tokens_than_budget_fills_with_masked_tokens_in_tile_order()
     assert kept[0][16:].tolist() == list(range(N, N + 8))  # valid 16..18 first, then masked 19.. by index
 
 
+def test_none_keeps_every_slot_in_tile_order_as_the_reference() -> None:
+    rng = np.random.default_rng(9)
+    images = [_image(rng) for _ in range(3)]
+    budget = BudgetConfig(budget=T * N, method="none")
+    kept_tokens, kept = _torch_select(_batch(images), budget)
+    assert kept.shape == (3, T * N) and (kept == np.arange(T * N)).all()  # masked slots too: the host drops them
+    for b, image in enumerate(images):
+        ref_kept, ref_tokens = tiled.tiled_reference(image, T * N, None, TILES)
+        assert set(ref_kept.tolist()) == set(kept[b].tolist())
+        np.testing.assert_array_equal(kept_tokens[b], ref_tokens)
+    with pytest.raises(ConfigError, match=r"got 12 with --method none, expected 80 \(5 tiles x 16 tokens"):
+        TiledSelection(BudgetConfig(budget=12, method="none"), TILES, T, N)
+
+
 def test_config_errors() -> None:
     with pytest.raises(ConfigError, match="method 'uniform' does not support per-tile budgets"):
         TiledSelection(BudgetConfig(budget=8, method="uniform"), TILES, T, N)

@@ -232,3 +232,18 @@ def test_batch_larger_than_exported_maximum(tiny_pipeline) -> None:
     limit = tiny_pipeline.manifest.text.max_batch
     with pytest.raises(ConfigError, match=f"at most {limit}"):
         tiny_pipeline.generate([PHOTO] * (limit + 1), [PROMPT] * (limit + 1), GenerationConfig(max_new_tokens=1))
+
+
+def test_calls_of_different_lengths_stack_with_masked_slots() -> None:
+    """Per-image vision calls whose K is the image's own N (unpruned, dynamic N) -> one padded batch; kept(row)
+    gives back each call's own tokens and indices."""
+    tokens = [np.full((1, 3, 2), 1.0, np.float32), np.full((1, 5, 2), 2.0, np.float32)]
+    kept = [np.array([[0, 1, 2]]), np.array([[0, 1, 2, 3, 4]])]
+    valid = [np.ones((1, 3), bool), np.array([[True, True, False, True, True]])]
+    visual, indices, mask = runtime_pipeline._stack_calls(tokens, kept, valid)
+    assert visual.shape == (2, 5, 2) and indices[0].tolist() == [0, 1, 2, -1, -1]
+    assert mask.tolist() == [[True] * 3 + [False] * 2, [True, True, False, True, True]]
+    result = runtime_pipeline.VisionResult({}, visual, indices, {}, mask)
+    assert result.kept(0)[1].tolist() == [0, 1, 2] and (result.kept(0)[0] == 1.0).all()
+    assert result.kept(1)[1].tolist() == [0, 1, 3, 4] and result.kept(1)[0].shape == (4, 2)
+    assert runtime_pipeline.VisionResult({}, visual, indices).kept(0)[1].tolist() == [0, 1, 2, -1, -1]  # no mask: all slots

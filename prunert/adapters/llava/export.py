@@ -96,6 +96,7 @@ class LlavaExportAdapter:
         pad = config.pad_token_id if getattr(config, "pad_token_id", None) is not None else text.pad_token_id
         return {
             "image_token": image_token,
+            "image_placeholder": image_token,  # what a user's prompt carries: the image token itself
             "image_token_id": int(config.image_token_index),
             "bos_token_id": text.bos_token_id,
             "eos_token_ids": eos_ids,

@@ -53,11 +53,16 @@ text_embeds [batch, text, D], text_mask [batch, text] -> visual_tokens [batch, K
   (token_mask), so padding tiles and real tiles that unpadding emptied (extreme aspect ratios) get 0.
   That holds whenever the image has at least K valid tokens, i.e. always for K <= N (the thumbnail
   has N). For K > N an image can have fewer valid tokens than K: all of them are kept and the K - V
-  slots the static output still has are filled with masked tokens, tile by tile.
+  slots the static output still has are filled with masked tokens, tile by tile; the runtime leaves
+  those out of the prompt (host `kept_valid`), so such an image gets its V real tokens.
 * Within a tile: ResPrune with the tile's own budget k_t. Greedy picks are prefix-consistent, so
   ResPrune runs min(K, N) steps on all tiles as one batch and each tile keeps its first k_t picks;
   masked tokens are never picked while a valid one is left (prunert.pruning_ops.tiled). Other
-  methods are refused at export ("method X does not support per-tile budgets").
+  methods are refused at export ("method X does not support per-tile budgets"), except `none`.
+* Unpruned baseline (`--method none --budget T*N`): the graph outputs every slot of the [T, N] layout;
+  the host's `kept_valid` (token_mask & tile_mask at the kept indices) tells the splice which slots are
+  real, so the prompt gets exactly HF's visual tokens minus the image_newline rows (parity compares
+  against HF's features with the same slots left out).
 * Output: kept tokens in (tile, raster index in the tile) order; kept_indices = tile * N + index,
   positions in the [T, N] layout. The runtime's splice replaces the one `<image>` placeholder by the
   K tokens (no image_newline, see below); decoder graph and decoding are LLaVA-1.5's (Llama).

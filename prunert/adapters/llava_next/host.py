@@ -249,5 +249,12 @@ class LlavaNextHostAdapter(LlavaHostAdapter):
             tokens[b] = token_mask((image.height, image.width), cfg)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "token_mask": tokens}
 
+    def kept_valid(self, vision_inputs: dict[str, np.ndarray], kept_indices: np.ndarray) -> np.ndarray:
+        """Which kept slots hold a real token: kept_indices [B, K] (tile * N + index) -> bool [B, K]. Only the
+        unpruned graph (every slot) or a budget above an image's valid tokens (K > N) ever keeps masked ones:
+        padding tiles and tokens that HF's unpadding drops. The splice leaves those out, as HF has no such tokens."""
+        valid = (vision_inputs["token_mask"] != 0) & (vision_inputs["tile_mask"] != 0)[:, :, None]  # [B, T, N]
+        return np.take_along_axis(valid.reshape(len(valid), -1), np.asarray(kept_indices, np.int64), axis=1)  # [B, K]
+
 
 HOST_ADAPTER = LlavaNextHostAdapter()

@@ -21,7 +21,9 @@ Design (wired through the optional hooks of prunert.adapters.base)
   carries the raised value and parity runs HF's processor with it. The max_pixels branch of smart_resize
   (large images of extreme aspect ratio) floors both sides and can still give about max_pixels / 2 tokens:
   K above that floor is refused (tiny preset: K <= 32; N = K..113 per image after raising). `--method none`
-  (one N for every image) is refused. Methods must accept a dynamic N: resprune and cdpruner do; uniform,
+  (the unpruned baseline, budget = the largest N) leaves the pixel range alone and outputs every merged token,
+  [1, merged, D]: each image keeps its own N (a batch pads the shorter rows with masked slots, which the
+  splice leaves out). Methods must accept a dynamic N: resprune and cdpruner do; uniform,
   random and divprune compute their indices from N at trace time, which the exporter turns into a fixed
   N, and export refuses the graph (prunert.export.validate.check_symbolic_dims); cls_attention and
   visionzip need a [CLS] token Qwen's tower does not have.

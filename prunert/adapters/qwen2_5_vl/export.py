@@ -36,7 +36,7 @@ import torch
 from torch.export import Dim
 
 from prunert.adapters.hf_loading import load_hf_model
-from prunert.adapters.qwen2_5_vl import IMAGE_PAD, QWEN_PROMPT_TEMPLATE, host
+from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
 from prunert.export.graphs import DecoderGraph, past_names, present_names
@@ -70,6 +70,7 @@ class QwenExportAdapter:
     architecture = "Qwen2_5_VLForConditionalGeneration"
     vision_input_names = VISION_INPUT_NAMES
     one_image_per_vision_call = True  # no batch axis in the vision graph: P differs between images
+    visual_token_dim = "merged"  # N's symbolic dim: the unpruned graph's K (graphs.kept_dim)
     position_ids_leading_dims = (3,)  # M-RoPE: position_ids [3, B, S] (t, h, w)
 
     def __init__(self, model_dir: Path):
@@ -99,12 +100,15 @@ class QwenExportAdapter:
         carries the raised value (artifact_preprocessor_config) and parity runs HF's processor with it.
         smart_resize's max_pixels branch (large images of extreme aspect ratio) floors both sides and can still
         give fewer tokens: a K above that floor is refused. Called at export and, with the manifest's budget,
-        at parity. The unpruned baseline (--method none) needs one N for every image and is refused."""
+        at parity. The unpruned baseline (--method none, K = the largest N) keeps every image's own N tokens
+        (outputs [1, merged, D]) and leaves the pixel range as it is."""
         base = self.checkpoint_preprocess
         low, high = visual_token_range(base)
-        if budget.method == "none":
-            raise ConfigError(f"--method none: keeps all N visual tokens, but Qwen2.5-VL's N varies per image "
-                              f"({low}..{high} here); choose a budget K with a selection method")
+        if budget.method == "none":  # every image keeps its own N: the K dim of the outputs is "merged"
+            if budget.budget != high:
+                raise ConfigError(f"budget: got {budget.budget} with --method none, expected {high} (the most merged visual tokens "
+                                  f"an image gives; each image keeps all of its own {low}..{high})")
+            return
         largest = visual_token_range(replace(base, min_pixels=base.max_pixels))[0]  # the floor of the max_pixels branch
         if not 1 <= budget.budget <= largest:
             raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget <= {largest} (the fewest merged visual tokens an "
@@ -214,6 +218,7 @@ class QwenExportAdapter:
         bos = tokenizer_config.get("bos_token")  # Qwen's tokenizer adds no BOS: null there (the config's id is unused)
         return {
             "image_token": IMAGE_PAD,
+            "image_placeholder": IMAGE_PLACEHOLDER,  # what a user's prompt carries (the chat template's image part)
             "image_token_id": int(config.image_token_id),
             "bos_token_id": text.bos_token_id if bos is not None else None,
             "eos_token_ids": tuple(eos),

@@ -327,7 +327,7 @@ class QwenHostAdapter:
 
     def position_ids(self, attention_mask: Any, family_config: Mapping[str, Any], layout: Any = None) -> np.ndarray:
         """M-RoPE positions [3, B, L] of the spliced, left-padded batch: layout (SpliceLayout) gives the spliced
-        input ids (K image tokens per image), image_grid_thw [B, 3] and kept_indices [B, K]; every kept token
+        input ids (K image tokens per image), image_grid_thw [B, 3] and kept_indices (per row); every kept token
         keeps its original (t, h, w) position."""
         info = getattr(layout, "image_info", None) or {}
         if layout is None or "image_grid_thw" not in info or layout.kept_indices is None:
@@ -335,7 +335,7 @@ class QwenHostAdapter:
                               "of the vision result; pass the VisionResult to splice()")
         positions, _ = rope_index(layout.input_ids, info["image_grid_thw"], image_token_id=family_config["image_token_id"],
                                   spatial_merge_size=family_config["spatial_merge_size"], attention_mask=attention_mask,
-                                  kept_indices=list(np.asarray(layout.kept_indices)))
+                                  kept_indices=list(layout.kept_indices))
         return positions  # [3, B, L]
 
     def next_position_ids(self, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
