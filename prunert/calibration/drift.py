@@ -162,7 +162,8 @@ def compare(fp32: Any, quantized: Any, calibration_set: CalibrationSet, precisio
         def visit(index, vision, state, tokens, results=results):
             last = state.logits[0, -1].astype(np.float64)
             spliced = (state.inputs_embeds, state.attention_mask, state.position_ids)  # not the KV cache: large
-            results.append((vision.kept_indices[0], vision.visual_tokens[0], last, tokens, spliced))
+            kept_tokens, kept_indices = vision.kept(0)  # [k, D], [k]: the real slots
+            results.append((kept_indices, kept_tokens, last, tokens, spliced))
 
         for_each_sample(pipe, calibration_set, visit, greedy_tokens)
         runs.append(results)
@@ -171,11 +172,12 @@ def compare(fp32: Any, quantized: Any, calibration_set: CalibrationSet, precisio
         logits, _ = quantized.run_decoder(*ref[4], quantized.empty_past(1))
         decoder_kl.append(_num(max(_kl(ref[2], logits[0, -1].astype(np.float64)), 0.0)))
     samples = []
-    for sample, ref, got, dec_kl in zip(calibration_set.samples, *runs, decoder_kl):
+    prompts = calibration_set.prompts_for(fp32.manifest.text.placeholder)  # as run: the artifact's placeholder
+    for sample, prompt, ref, got, dec_kl in zip(calibration_set.samples, prompts, *runs, decoder_kl):
         samples.append(
             SampleDrift(
                 image=sample.image.name,
-                prompt=sample.prompt,
+                prompt=prompt,
                 kept_overlap=_num(len(np.intersect1d(ref[0], got[0])) / len(ref[0])),
                 token_cosine=_matched_cosine(ref[0], ref[1], got[0], got[1]),
                 logits_kl=_num(max(_kl(ref[2], got[2]), 0.0)),

@@ -227,3 +227,21 @@ def test_unpruned_artifact_keeps_each_images_own_n(tmp_path: Path, capsys) -> No
         assert result.kept_indices.tolist() == alone.kept_indices.tolist() and result.token_ids == alone.token_ids
     assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"
+
+
+def test_fp16_and_int8_variants_pass_their_bars(artifact: Path, tmp_path: Path, capsys) -> None:
+    """The generic precision path on this family: convert fp16 (selection kept fp32) and calibrate int8 (Q/DQ
+    around the tower's and decoder's MatMuls, with the built-in prompts carrying the full placeholder), then
+    parity at each precision's bars against HF in fp32."""
+    import shutil
+
+    copy = tmp_path / "artifact"
+    shutil.copytree(artifact, copy)
+    assert cli.main(["convert", str(copy), "--precision", "fp16"]) == 0
+    assert cli.main(["calibrate", str(copy), "--precision", "int8", "--max-samples", "4"]) == 0
+    assert "'<|vision_start|><|image_pad|><|vision_end|> What" in capsys.readouterr().out  # the prompts as run
+    assert set(load_manifest(copy).variants) == {"fp16", "int8"}
+    for precision in ("fp16", "int8"):
+        code = cli.main(["parity", str(copy), "--precision", precision, "--image", str(IMAGES / "chelsea.jpg"),
+                         "--prompt", PROMPT, "--out", str(tmp_path / f"{precision}.json")])
+        assert code == 0 and capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS", precision

@@ -40,8 +40,10 @@ Design (wired through the optional hooks of prunert.adapters.base)
 * TensorRT profiles: the manifest records (min, opt, max) of "merged" and "patches" (= 4 merged) in the
   vision graph's dim_ranges; prunert.engines.profiles uses them in place of a batch range.
 
-Not covered: videos, several images in one prompt, `prunert visualize` (its overlay assumes LLaVA's
-centre crop), fp16/int8 variants (generic code, untested on this family).
+Precisions: fp16 (`convert`) and int8 (`calibrate`) variants pass parity at their bars on the tiny preset
+(tests/parity/test_parity_qwen2_5_vl.py); TensorRT engines over the P profiles are untested on a GPU.
+Not covered: videos, several images in one prompt, `prunert visualize` (it refuses: its overlay needs one
+fixed patch grid).
 """
 
 # The special tokens of Qwen2.5-VL that prompts and the vision stitching use.
