@@ -1,5 +1,6 @@
-"""Per-tile selection for any-resolution tiles (LLaVA-NeXT): HERO-style tile budgets, then ResPrune
-inside every tile with that tile's own budget, as ONE static graph; plus the NumPy reference.
+"""Per-tile selection for any-resolution tiles (LLaVA-NeXT): HERO-style tile budgets, then ResPrune (or
+uniform / random / none, see the end) inside every tile with that tile's own budget, as ONE static graph;
+plus the NumPy reference.
 
 Inputs (batched; T tiles of N tokens, tile 0 = the global thumbnail):
   tokens [B, T, N, D] projector outputs   tile_cls [B, T, Dv] each tile's [CLS] at the feature layer
@@ -24,6 +25,15 @@ Steps:
     exactly sum_t k_t = K per image, in a graph with one Loop and no data-dependent shapes.
  4. kept_indices: TopK (sorted, K <= 3840) over the [B, T * N] kept mask, as every op.
 
+Other methods inside the tiles (same budgets; the text term of HERO's budgets then uses ResPrune's default
+relevance settings): `uniform` keeps, of a tile's V valid tokens, those of valid-rank ((2i + 1) V) // (2 k_t),
+the flat op's rule on the valid tokens (`uniform_keep`); `random` keeps the k_t valid tokens whose raster
+index comes first in the flat op's seeded key order (`random_priority`, a [N] constant; `priority_order`
+ranks by pairwise counts, no sort). Both fill a deficit with masked tokens by index, as ResPrune does.
+`none` keeps every slot (K = T * N); the runtime drops the masked ones. Methods that need more than the
+tokens inside a tile (cls_attention, visionzip: the tower's attention; divprune, cdpruner: no per-tile
+budget rule yet) are refused.
+
 Per tile the numerics are ResPrune's (tau rule, TIE_RTOL ties to the lowest index, fp32 range guard
 per tile). The NumPy reference runs, per tile, a plain k_t-step greedy: the test that the two agree
 is also the test of prefix consistency. torch is imported only inside the torch functions.
@@ -36,12 +46,12 @@ from typing import Any
 
 import numpy as np
 
-from prunert.config import BudgetConfig, ResPruneConfig, TileBudgetConfig
+from prunert.config import BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
 from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
 
-TILED_METHODS = ("resprune", "none")  # resprune: a prefix-consistent pick order (step 3); none: keep every token
+TILED_METHODS = ("resprune", "uniform", "random", "none")  # per-tile rules: step 3 and "Other methods" above
 MAX_TOPK = 3840  # TensorRT's TopK limit (pruning_ops.common.MAX_TOPK; that module imports torch)
 
 
@@ -141,6 +151,51 @@ def resprune_order(tokens, weight, valid, steps: int, cfg: ResPruneConfig):
     return order
 
 
+def relevance_config(cfg: Any) -> ResPruneConfig:
+    """The settings of the text relevance in the tile budgets: ResPrune's own, else its defaults (uniform and
+    random ignore the text inside a tile, but HERO's tile budgets still weigh it)."""
+    return cfg if isinstance(cfg, ResPruneConfig) else ResPruneConfig()
+
+
+def random_priority(seed: int, n: int) -> np.ndarray:
+    """Raster index -> its place in the random op's key order (largest key first, ties to the lower index):
+    int64 [N], a permutation of 0..N-1. A tile keeps its k_t valid tokens of smallest priority."""
+    from prunert.pruning_ops.random import random_keys
+
+    order = np.lexsort((np.arange(n), -random_keys(seed, n)))  # raster indices, best first
+    priority = np.empty(n, np.int64)
+    priority[order] = np.arange(n)
+    return priority
+
+
+def priority_order(priority, valid):
+    """priority [R, N] int64 (distinct per row, in [0, N)), valid [R, N] bool -> order [R, N] int64: a token's
+    place when valid tokens come first by priority, then masked ones by index (pairwise count, no sort)."""
+    import torch
+
+    n = priority.shape[-1]
+    key = torch.where(valid, priority, n + torch.arange(n, device=priority.device))  # [R, N], distinct
+    return (key[:, None, :] < key[:, :, None]).to(torch.int64).sum(dim=-1)  # [R, N]: how many come before
+
+
+def uniform_keep(valid, budgets):
+    """valid [R, N] bool, budgets [R, 1] int64 -> keep [R, N] bool: the uniform op's rule on the tile's V valid
+    tokens, i.e. the valid tokens of valid-rank ((2i + 1) V) // (2 k) for i < k; for k > V (deficit) every
+    valid token plus the first k - V masked ones by index."""
+    import torch
+
+    n = valid.shape[-1]
+    count = valid.to(torch.int64).sum(dim=-1, keepdim=True)  # [R, 1] V
+    k = torch.minimum(budgets, count)  # [R, 1]
+    slot = torch.arange(n, device=valid.device)[None, :]  # [1, N] i
+    target = torch.where(slot < k, ((2 * slot + 1) * count) // (2 * k).clamp_min(1), -1)  # [R, N] valid ranks kept
+    # ranks by a float CumSum (TensorRT's CumSum is float-only; exact up to 2^24 tokens)
+    rank = valid.to(torch.float32).cumsum(dim=-1).to(torch.int64) - 1  # [R, N] rank among the valid tokens
+    hit = (target[:, None, :] == rank[:, :, None]).to(torch.int64).amax(dim=-1) > 0  # [R, N]
+    masked_rank = (~valid).to(torch.float32).cumsum(dim=-1).to(torch.int64) - 1
+    return (valid & hit) | (~valid & (masked_rank < budgets - count))
+
+
 def fill_deficit(budgets, n: int):
     """budgets [B, T] int64 from tile_budgets -> the same, with a thumbnail share above N (an image with
     fewer valid tokens than K) moved into tiles 1, 2, ... up to N each, in tile order."""
@@ -169,15 +224,22 @@ def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudget
         return tokens.reshape(-1, t * n, d), torch.arange(t * n, device=tokens.device).expand(batch, t * n)  # [B, T*N, D], [B, T*N]
     valid = (inputs["token_mask"] != 0) & (inputs["tile_mask"] != 0)[:, :, None]  # [B, T, N]
     flat = tokens.reshape(-1, t * n, d)  # [B, T*N, D]
-    r = masked_relevance(flat, valid.reshape(-1, t * n), inputs["text"], inputs["text_mask"], cfg)  # [B, T*N]
+    rel_cfg = relevance_config(cfg)
+    r = masked_relevance(flat, valid.reshape(-1, t * n), inputs["text"], inputs["text_mask"], rel_cfg)  # [B, T*N]
     r = r.reshape(-1, t, n)  # [B, T, N]
     count = valid.to(torch.int64).sum(dim=-1)  # [B, T]
     rel = torch.where(valid, r, 0.0).sum(dim=-1) / count.clamp_min(1).to(r.dtype)  # [B, T] mean over valid
-    budgets = fill_deficit(tile_budgets(inputs["tile_cls"], rel, count, k, tiles), n)  # [B, T]
-    weight = torch.ones_like(r) if cfg.alpha == 0 else (r if cfg.alpha == 1 else r.pow(cfg.alpha))
-    steps = min(k, n)
-    order = resprune_order(tokens.reshape(-1, n, d), weight.reshape(-1, n), valid.reshape(-1, n), steps, cfg)  # [B*T, N]
-    keep = order.reshape(-1, t, n) < budgets[:, :, None]  # [B, T, N]: the first k_t picks of each tile
+    budgets = fill_deficit(tile_budgets(inputs["tile_cls"], rel, count, k, tiles), n).reshape(-1, 1)  # [B*T, 1]
+    rows = valid.reshape(-1, n)  # [B*T, N]
+    if budget.method == "resprune":
+        weight = torch.ones_like(r) if cfg.alpha == 0 else (r if cfg.alpha == 1 else r.pow(cfg.alpha))
+        order = resprune_order(tokens.reshape(-1, n, d), weight.reshape(-1, n), rows, min(k, n), cfg)  # [B*T, N]
+        keep = order < budgets  # the first k_t picks of each tile
+    elif budget.method == "random":
+        priority = torch.tensor(random_priority(cfg.seed, n), device=tokens.device)  # [N] graph constant
+        keep = priority_order(priority.expand(rows.shape[0], n), rows) < budgets
+    else:  # uniform
+        keep = uniform_keep(rows, budgets)
     kept = kept_to_indices(keep.reshape(-1, t * n), k)  # [B, K] ascending flat positions
     return gather_tokens(flat, kept), kept  # [B, K, D], [B, K]
 
@@ -223,8 +285,9 @@ def fill_deficit_reference(budgets: np.ndarray, n: int) -> np.ndarray:
     return budgets
 
 
-def _relevance_reference(inputs: dict[str, np.ndarray], cfg: ResPruneConfig) -> tuple[np.ndarray, np.ndarray]:
+def _relevance_reference(inputs: dict[str, np.ndarray], cfg: Any) -> tuple[np.ndarray, np.ndarray]:
     """-> valid [T, N] bool, r [T, N] (min-max over the valid tokens; 1 where masked)."""
+    cfg = relevance_config(cfg)
     tokens = np.asarray(inputs["tokens"], np.float64)
     valid = (np.asarray(inputs["token_mask"]) != 0) & (np.asarray(inputs["tile_mask"]) != 0)[:, None]
     r = np.ones(valid.shape)
@@ -232,7 +295,7 @@ def _relevance_reference(inputs: dict[str, np.ndarray], cfg: ResPruneConfig) -> 
     return valid, r
 
 
-def tiled_budgets_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig, tiles: TileBudgetConfig) -> np.ndarray:
+def tiled_budgets_reference(inputs: dict[str, np.ndarray], budget: int, cfg: Any, tiles: TileBudgetConfig) -> np.ndarray:
     """One sample -> per-tile budgets [T] int64 (steps 1-2)."""
     valid, r = _relevance_reference(inputs, cfg)
     count = valid.sum(axis=1)
@@ -241,10 +304,11 @@ def tiled_budgets_reference(inputs: dict[str, np.ndarray], budget: int, cfg: Res
 
 
 def tiled_reference(
-    inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig | None, tiles: TileBudgetConfig, budgets: np.ndarray | None = None
+    inputs: dict[str, np.ndarray], budget: int, cfg: Any, tiles: TileBudgetConfig, budgets: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """One sample {"tokens" [T, N, D], "tile_cls" [T, Dv], "tile_mask" [T], "token_mask" [T, N], "text" [M, D],
-    "text_mask" [M]} -> (kept flat indices [K] ascending, kept tokens [K, D]). cfg None: method none (all T * N). `budgets` [T] overrides
+    "text_mask" [M]} -> (kept flat indices [K] ascending, kept tokens [K, D]). cfg: the method's config
+    (ResPruneConfig, UniformConfig, RandomConfig), None for method none (all T * N). `budgets` [T] overrides
     steps 1-2 (tests pass the op's own where fp32 and fp64 round a floor(share * K) apart)."""
     tokens = np.asarray(inputs["tokens"])
     t, n, d = tokens.shape
@@ -255,8 +319,27 @@ def tiled_reference(
         budgets = tiled_budgets_reference(inputs, budget, cfg, tiles)
     kept = []
     for tile in range(t):
-        if budgets[tile] > 0:  # a plain k_t-step run on this tile alone
-            picks = resprune_order_reference(tokens[tile], r[tile] ** cfg.alpha, valid[tile], int(budgets[tile]), cfg)
+        if budgets[tile] > 0:  # the method on this tile alone, with its budget
+            if isinstance(cfg, ResPruneConfig):  # a plain k_t-step greedy run
+                picks = resprune_order_reference(tokens[tile], r[tile] ** cfg.alpha, valid[tile], int(budgets[tile]), cfg)
+            else:
+                picks = _plain_tile_reference(cfg, valid[tile], int(budgets[tile]))
             kept += [tile * n + j for j in picks]
     kept = np.array(sorted(kept), np.int64)
     return kept, tokens.reshape(t * n, d)[kept]
+
+
+def _plain_tile_reference(cfg: UniformConfig | RandomConfig, valid: np.ndarray, budget: int) -> list[int]:
+    """uniform / random on one tile: the flat op's own reference on the tile's V valid tokens (k <= V), else all
+    valid ones and the first k - V masked ones by index."""
+    from prunert.pruning_ops.random import random_keys
+    from prunert.pruning_ops.uniform import uniform_reference
+
+    positions, masked = np.flatnonzero(valid), np.flatnonzero(~valid)
+    if budget > len(positions):
+        return [*positions.tolist(), *masked[: budget - len(positions)].tolist()]
+    if isinstance(cfg, UniformConfig):
+        chosen, _ = uniform_reference({"tokens": np.zeros((len(positions), 1))}, budget, cfg)
+        return positions[chosen].tolist()
+    keys = random_keys(cfg.seed, len(valid))[positions]  # the raster keys of the valid tokens
+    return positions[np.lexsort((positions, -keys))[:budget]].tolist()

@@ -128,3 +128,13 @@ def test_unpruned_artifact_splices_only_real_tokens_and_passes_parity(tmp_path: 
     assert mask.sum(axis=1).tolist() == [len(row) - 1 + count for row, count in zip(ids, real)]
     assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"
+
+
+def test_uniform_per_tile_artifact_passes_parity(tmp_path: Path, capsys) -> None:
+    """--method uniform: the same HERO budgets, the flat op's evenly spaced rule inside each tile's valid tokens."""
+    out = tmp_path / "tiny-uniform"
+    assert cli.main(["export", "--model", MODEL, "--method", "uniform", "--budget", str(BUDGET), "--out", str(out),
+                     "--max-prompt-tokens", "48", "--max-new-tokens", "16"]) == 0
+    assert cli.main(["check-trt", str(out)]) == 0
+    assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"

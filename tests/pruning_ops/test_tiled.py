@@ -19,12 +19,14 @@ import op_graph as og
 torch = og.torch
 ort = og.ort
 
-from prunert.config import BudgetConfig, ResPruneConfig, TileBudgetConfig  # noqa: E402
+from prunert.config import BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig  # noqa: E402
 from prunert.errors import ConfigError  # noqa: E402
 from prunert.export.graphs import TiledSelection  # noqa: E402
 from prunert.export.trt_check import TrtCheckConfig, check_trt  # noqa: E402
 from prunert.pruning_ops import tiled  # noqa: E402
+from prunert.pruning_ops.random import random_indices  # noqa: E402
 from prunert.pruning_ops.resprune import resprune_select, text_relevance  # noqa: E402
+from prunert.pruning_ops.uniform import uniform_indices  # noqa: E402
 
 T, N, D, DV = 5, 16, 8, 6  # llava-next-tiny's layout: thumbnail + 4 tiles of 4 x 4 tokens
 TILES = TileBudgetConfig()
@@ -122,6 +124,39 @@ def test_torch_matches_reference(name: str, kind: str) -> None:
     assert budgets_equal >= total - 2, (budgets_equal, total)  # fp32 vs fp64 may floor a share apart, rarely
 
 
+PLAIN = {"uniform": UniformConfig(), "random": RandomConfig(), "random_seed3": RandomConfig(seed=3)}
+
+
+@pytest.mark.parametrize("name", sorted(PLAIN))
+def test_uniform_and_random_per_tile_match_reference(name: str) -> None:
+    """Inside each tile the flat op's own rule on the tile's valid tokens; budgets as for ResPrune (HERO with
+    ResPrune's default text relevance); a tile with fewer valid tokens than k_t fills with masked ones by index."""
+    rng = np.random.default_rng(len(name))
+    method = name.split("_")[0]
+    budgets_equal = total = 0
+    for k in (3, 12, 16, 24, 40):
+        budget = BudgetConfig(budget=k, method=method, params=PLAIN[name])
+        images = [_image(rng, kind) for kind in ("gaussian", "duplicates", "no_text", "gaussian")]
+        kept_tokens, kept = _torch_select(_batch(images), budget)
+        for b, image in enumerate(images):
+            counts = _check_selection(image, kept[b], kept_tokens[b], k)
+            ref, ref_tokens = tiled.tiled_reference(image, k, budget.params, TILES, budgets=counts)
+            assert kept[b].tolist() == ref.tolist(), f"{name} K={k}"  # integer rules: identical, not only as sets
+            np.testing.assert_array_equal(kept_tokens[b], ref_tokens)
+            total += 1
+            budgets_equal += counts.tolist() == tiled.tiled_budgets_reference(image, k, budget.params, TILES).tolist()
+    assert budgets_equal >= total - 2, (budgets_equal, total)  # the text term of HERO's budgets: ResPrune's defaults
+
+
+def test_uniform_and_random_on_a_full_tile_are_the_flat_ops() -> None:
+    valid = torch.ones(1, N, dtype=torch.bool)
+    for k in (1, 5, 16):
+        keep = tiled.uniform_keep(valid, torch.tensor([[k]]))
+        assert torch.nonzero(keep[0]).flatten().tolist() == uniform_indices(N, k)
+        order = tiled.priority_order(torch.from_numpy(tiled.random_priority(3, N))[None], valid)
+        assert torch.nonzero(order[0] < k).flatten().tolist() == random_indices(3, N, k)
+
+
 def test_pick_order_is_prefix_consistent_and_matches_resprune() -> None:
     """The first k picks of an S-step run are the k-step run, and on fully valid tiles the first K
     picks are the registered ResPrune op's set (same weights)."""
@@ -181,8 +216,8 @@ def test_none_keeps_every_slot_in_tile_order_as_the_reference() -> None:
 
 
 def test_config_errors() -> None:
-    with pytest.raises(ConfigError, match="method 'uniform' does not support per-tile budgets"):
-        TiledSelection(BudgetConfig(budget=8, method="uniform"), TILES, T, N)
+    with pytest.raises(ConfigError, match="method 'divprune' does not support per-tile budgets"):
+        TiledSelection(BudgetConfig(budget=8, method="divprune"), TILES, T, N)
     with pytest.raises(ConfigError, match=r"expected 1 <= budget < 80"):
         TiledSelection(BudgetConfig(budget=80), TILES, T, N)
     with pytest.raises(ConfigError, match="TensorRT's TopK limit"):
@@ -191,9 +226,10 @@ def test_config_errors() -> None:
         TileBudgetConfig(thumbnail_share=1.5)
 
 
-def test_exported_graph_matches_torch_in_onnxruntime(tmp_path) -> None:
-    """Batch symbolic (example batch 2), one Loop, TensorRT-clean; ORT keeps torch's sets on random images."""
-    budget = BudgetConfig(budget=12)
+@pytest.mark.parametrize("method", ["resprune", "uniform", "random"])
+def test_exported_graph_matches_torch_in_onnxruntime(tmp_path, method: str) -> None:
+    """Batch symbolic (example batch 2), one Loop (ResPrune), TensorRT-clean; ORT keeps torch's sets on random images."""
+    budget = BudgetConfig(budget=12, method=method)
     module = TiledSelection(budget, TILES, T, N).eval()
 
     class Graph(torch.nn.Module):
@@ -213,7 +249,7 @@ def test_exported_graph_matches_torch_in_onnxruntime(tmp_path) -> None:
         )
     program.save(str(path))
     assert not check_trt(path, TrtCheckConfig())
-    assert og.op_counts(og.onnx.load(str(path)))["Loop"] == 1
+    assert og.op_counts(og.onnx.load(str(path))).get("Loop", 0) == (method == "resprune")
     session = og.session(path)
     for size in (1, 3, 5):
         images = [_image(rng, kind) for kind in ("gaussian", "duplicates", "zero_rows", "low_rank", "gaussian")[:size]]

@@ -57,8 +57,9 @@ text_embeds [batch, text, D], text_mask [batch, text] -> visual_tokens [batch, K
   those out of the prompt (host `kept_valid`), so such an image gets its V real tokens.
 * Within a tile: ResPrune with the tile's own budget k_t. Greedy picks are prefix-consistent, so
   ResPrune runs min(K, N) steps on all tiles as one batch and each tile keeps its first k_t picks;
-  masked tokens are never picked while a valid one is left (prunert.pruning_ops.tiled). Other
-  methods are refused at export ("method X does not support per-tile budgets"), except `none`.
+  masked tokens are never picked while a valid one is left (prunert.pruning_ops.tiled). `uniform` and
+  `random` work per tile too (the flat op's rule on the tile's valid tokens); cls_attention, visionzip,
+  divprune and cdpruner are refused at export ("method X does not support per-tile budgets").
 * Unpruned baseline (`--method none --budget T*N`): the graph outputs every slot of the [T, N] layout;
   the host's `kept_valid` (token_mask & tile_mask at the kept indices) tells the splice which slots are
   real, so the prompt gets exactly HF's visual tokens minus the image_newline rows (parity compares
