@@ -42,10 +42,42 @@ def random_op(inputs: dict[str, torch.Tensor], budget: int, cfg: RandomConfig) -
     """Registry entry: inputs {"tokens" [B, N, D], ...} -> kept tokens [B, K, D], kept indices [B, K] ascending."""
     from prunert.pruning_ops.common import check_budget, select_fixed
 
-    tokens = inputs["tokens"]  # [B, N, D]; N is static in every exported graph
-    n = int(tokens.shape[1])
-    check_budget(budget, n, "random", topk=False)
-    return select_fixed(tokens, random_indices(cfg.seed, n, budget))  # [B, K, D], [B, K] int64: graph constants, no data-dependent op
+    tokens = inputs["tokens"]  # [B, N, D]
+    n = tokens.shape[1]
+    if isinstance(n, int):  # N static: the K indices are graph constants
+        check_budget(budget, n, "random", topk=False)
+        return select_fixed(tokens, random_indices(cfg.seed, n, budget))  # [B, K, D], [B, K] int64: no data-dependent op
+    return _symbolic_random(tokens, n, budget, cfg.seed)
+
+
+SYMBOLIC_MAX_TOKENS = 1 << 15  # longest N a graph with a symbolic N may see (Qwen2.5-VL's default max: 16384)
+
+
+def random_priority(seed: int, n: int) -> np.ndarray:
+    """Raster index -> its place in the key order (largest key first, ties to the lower index): int64 [N], a
+    permutation of 0..N-1. The keys of N tokens are the first N of any longer run (one generator stream), so
+    the priorities of a longer run order every prefix exactly as that prefix's own keys do."""
+    order = np.lexsort((np.arange(n), -random_keys(seed, n)))  # raster indices, best first
+    priority = np.empty(n, np.int64)
+    priority[order] = np.arange(n)
+    return priority
+
+
+def _symbolic_random(tokens: torch.Tensor, n, budget: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """N a symbolic dim (one graph over a range of N, Qwen2.5-VL): the priorities of SYMBOLIC_MAX_TOKENS keys
+    as a constant (exact in float32, < 2^24), the first N of them, TopK of the K smallest (K <= 3840), sorted
+    ascending. The same set as random_indices(seed, N, K) for every N; export fails if N's range exceeds it."""
+    import torch
+
+    from prunert.pruning_ops.common import check_budget
+
+    check_budget(budget, SYMBOLIC_MAX_TOKENS, "random")  # K <= 3840 for the TopKs
+    torch._check(n <= SYMBOLIC_MAX_TOKENS)
+    priority = torch.tensor(random_priority(seed, SYMBOLIC_MAX_TOKENS), dtype=torch.float32, device=tokens.device)
+    first = torch.topk(-priority[:n], budget).indices  # [K] the K smallest priorities among N (TensorRT: sorted)
+    row = torch.topk(first.to(torch.float32), budget, largest=False, sorted=True).indices  # positions, ascending
+    row = first.index_select(0, row)  # [K] int64 ascending
+    return tokens.index_select(1, row), row.expand(tokens.shape[0], budget)  # [B, K, D], [B, K]
 
 
 def random_reference(inputs: dict[str, np.ndarray], budget: int, cfg: RandomConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -48,6 +48,7 @@ import numpy as np
 
 from prunert.config import BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig
 from prunert.errors import ConfigError
+from prunert.pruning_ops.random import random_priority
 from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
 from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
 
@@ -157,17 +158,6 @@ def relevance_config(cfg: Any) -> ResPruneConfig:
     return cfg if isinstance(cfg, ResPruneConfig) else ResPruneConfig()
 
 
-def random_priority(seed: int, n: int) -> np.ndarray:
-    """Raster index -> its place in the random op's key order (largest key first, ties to the lower index):
-    int64 [N], a permutation of 0..N-1. A tile keeps its k_t valid tokens of smallest priority."""
-    from prunert.pruning_ops.random import random_keys
-
-    order = np.lexsort((np.arange(n), -random_keys(seed, n)))  # raster indices, best first
-    priority = np.empty(n, np.int64)
-    priority[order] = np.arange(n)
-    return priority
-
-
 def priority_order(priority, valid):
     """priority [R, N] int64 (distinct per row, in [0, N)), valid [R, N] bool -> order [R, N] int64: a token's
     place when valid tokens come first by priority, then masked ones by index (pairwise count, no sort)."""
@@ -236,7 +226,7 @@ def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudget
         order = resprune_order(tokens.reshape(-1, n, d), weight.reshape(-1, n), rows, min(k, n), cfg)  # [B*T, N]
         keep = order < budgets  # the first k_t picks of each tile
     elif budget.method == "random":
-        priority = torch.tensor(random_priority(cfg.seed, n), device=tokens.device)  # [N] graph constant
+        priority = torch.tensor(random_priority(cfg.seed, n), device=tokens.device)  # [N] graph constant (the flat op's order)
         keep = priority_order(priority.expand(rows.shape[0], n), rows) < budgets
     else:  # uniform
         keep = uniform_keep(rows, budgets)

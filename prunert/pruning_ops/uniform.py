@@ -10,7 +10,8 @@ For K <= N the indices are strictly ascending (consecutive ones differ by N/K >=
 the middle one (N // 2). The indices ignore the token values, so degenerate inputs change nothing.
 
 The exported graph holds the K indices as one constant, expanded to the batch, plus the token gather
-(GatherElements): no TopK, no loop, no data-dependent shape; 6 nodes, 0.08 ms in ONNX Runtime (1 thread,
+(GatherElements): no TopK, no loop, no data-dependent shape (where N is a symbolic dim, Qwen2.5-VL's
+one graph over a range of N, the same integer formula is computed from the shape at run time); 6 nodes, 0.08 ms in ONNX Runtime (1 thread,
 N=576, D=1024, K=64: the gather itself). The module imports torch only inside the op, so the NumPy
 reference loads without torch.
 """
@@ -38,10 +39,23 @@ def uniform_op(inputs: dict[str, torch.Tensor], budget: int, cfg: UniformConfig)
     """Registry entry: inputs {"tokens" [B, N, D], ...} -> kept tokens [B, K, D], kept indices [B, K] ascending."""
     from prunert.pruning_ops.common import check_budget, select_fixed
 
-    tokens = inputs["tokens"]  # [B, N, D]; N is static in every exported graph
-    n = int(tokens.shape[1])
-    check_budget(budget, n, "uniform", topk=False)
-    return select_fixed(tokens, uniform_indices(n, budget))  # [B, K, D], [B, K] int64: graph constants, no data-dependent op
+    tokens = inputs["tokens"]  # [B, N, D]
+    n = tokens.shape[1]
+    if isinstance(n, int):  # N static: the K indices are graph constants
+        check_budget(budget, n, "uniform", topk=False)
+        return select_fixed(tokens, uniform_indices(n, budget))  # [B, K, D], [B, K] int64: no data-dependent op
+    return _symbolic_uniform(tokens, n, budget)
+
+
+def _symbolic_uniform(tokens: torch.Tensor, n, budget: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The same formula when N is a symbolic dim (one graph over a range of N, Qwen2.5-VL): ((2i + 1) N) // (2K)
+    from the shape at run time (Shape, Mul, Div on int64; non-negative, so truncation = floor). The exporting
+    adapter guarantees K <= N over the range (its fit_budget)."""
+    import torch
+
+    slots = torch.arange(budget, device=tokens.device)  # [K]
+    row = ((2 * slots + 1) * n) // (2 * budget)  # [K] int64
+    return tokens.index_select(1, row), row.expand(tokens.shape[0], budget)  # [B, K, D], [B, K]
 
 
 def uniform_reference(inputs: dict[str, np.ndarray], budget: int, cfg: UniformConfig) -> tuple[np.ndarray, np.ndarray]:

@@ -245,3 +245,22 @@ def test_fp16_and_int8_variants_pass_their_bars(artifact: Path, tmp_path: Path, 
         code = cli.main(["parity", str(copy), "--precision", precision, "--image", str(IMAGES / "chelsea.jpg"),
                          "--prompt", PROMPT, "--out", str(tmp_path / f"{precision}.json")])
         assert code == 0 and capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS", precision
+
+
+@pytest.mark.parametrize("method", ["uniform", "random"])
+def test_uniform_and_random_follow_each_images_n(tmp_path: Path, capsys, method: str) -> None:
+    """One graph over a range of N: the indices come from each image's own N at run time (54 and 64 here),
+    equal to the flat op on that N; parity PASS."""
+    from prunert import pruning_ops
+
+    out = tmp_path / method
+    assert cli.main(["export", "--model", MODEL, "--method", method, "--budget", str(BUDGET), "--out", str(out),
+                     "--max-prompt-tokens", "64", "--max-new-tokens", "16"]) == 0
+    pipe, manifest = VLMPipeline(out), load_manifest(out)
+    budget = pruning_ops.config_from_params(method, manifest.budget.params, BUDGET)
+    for name, n in (("chelsea", 54), ("astronaut", 64)):
+        vision = pipe.encode_images([_photo(name)], [PROMPT])
+        want, _ = pruning_ops.select_reference({"tokens": np.zeros((n, 1))}, budget)
+        assert vision.kept_indices[0].tolist() == want.tolist(), name
+    assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"

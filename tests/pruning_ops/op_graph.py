@@ -101,12 +101,15 @@ def session(path) -> ort.InferenceSession:
 
 
 def export_selection(
-    path, op: Callable, budgets: int | tuple[int, ...], cfg: Any, names: tuple[str, ...] = ("tokens",), *, n: int, d: int, dv: int | None = None
+    path, op: Callable, budgets: int | tuple[int, ...], cfg: Any, names: tuple[str, ...] = ("tokens",), *, n: int, d: int,
+    dv: int | None = None, n_range: tuple[int, int] | None = None,
 ) -> Exported:
-    """Export `op` at each budget into one graph (example batch 2, M=5; batch and M symbolic) and load it in ORT."""
+    """Export `op` at each budget into one graph (example batch 2, M=5; batch and M symbolic; N symbolic too over
+    n_range = (min, max) if given, as in Qwen2.5-VL's one graph over a range of N) and load it in ORT."""
     budgets = (budgets,) if isinstance(budgets, int) else tuple(budgets)
     batch, m = torch.export.Dim("batch"), torch.export.Dim("m")
-    dynamic = [{0: batch, 1: m} if name in ("text", "text_mask") else {0: batch} for name in names]
+    tokens = {0: batch} if n_range is None else {0: batch, 1: torch.export.Dim("n", min=n_range[0], max=n_range[1])}
+    dynamic = [{0: batch, 1: m} if name in ("text", "text_mask") else tokens for name in names]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(

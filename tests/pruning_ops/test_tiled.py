@@ -24,7 +24,7 @@ from prunert.errors import ConfigError  # noqa: E402
 from prunert.export.graphs import TiledSelection  # noqa: E402
 from prunert.export.trt_check import TrtCheckConfig, check_trt  # noqa: E402
 from prunert.pruning_ops import tiled  # noqa: E402
-from prunert.pruning_ops.random import random_indices  # noqa: E402
+from prunert.pruning_ops.random import random_indices, random_priority  # noqa: E402
 from prunert.pruning_ops.resprune import resprune_select, text_relevance  # noqa: E402
 from prunert.pruning_ops.uniform import uniform_indices  # noqa: E402
 
@@ -153,7 +153,7 @@ def test_uniform_and_random_on_a_full_tile_are_the_flat_ops() -> None:
     for k in (1, 5, 16):
         keep = tiled.uniform_keep(valid, torch.tensor([[k]]))
         assert torch.nonzero(keep[0]).flatten().tolist() == uniform_indices(N, k)
-        order = tiled.priority_order(torch.from_numpy(tiled.random_priority(3, N))[None], valid)
+        order = tiled.priority_order(torch.from_numpy(random_priority(3, N))[None], valid)
         assert torch.nonzero(order[0] < k).flatten().tolist() == random_indices(3, N, k)
 
 

@@ -23,10 +23,12 @@ Design (wired through the optional hooks of prunert.adapters.base)
   K above that floor is refused (tiny preset: K <= 32; N = K..113 per image after raising). `--method none`
   (the unpruned baseline, budget = the largest N) leaves the pixel range alone and outputs every merged token,
   [1, merged, D]: each image keeps its own N (a batch pads the shorter rows with masked slots, which the
-  splice leaves out). Methods must accept a dynamic N: resprune and cdpruner do; uniform,
-  random and divprune compute their indices from N at trace time, which the exporter turns into a fixed
-  N, and export refuses the graph (prunert.export.validate.check_symbolic_dims); cls_attention and
-  visionzip need a [CLS] token Qwen's tower does not have.
+  splice leaves out). Methods must accept a dynamic N: resprune and cdpruner do; uniform and random
+  compute their indices from N's value at run time when N is symbolic (uniform: the same integer formula;
+  random: the first N of 32768 seeded key priorities, TopK K); divprune computes from N at trace time,
+  which the exporter turns into a fixed N, and export refuses the graph
+  (prunert.export.validate.check_symbolic_dims); cls_attention and visionzip need a [CLS] token Qwen's
+  tower does not have.
 * Splice and positions. The user prompt carries IMAGE_PLACEHOLDER (<|vision_start|><|image_pad|><|vision_end|>)
   once; the runtime replaces <|image_pad|> by the K kept tokens. Kept tokens keep their ORIGINAL (t, h, w)
   M-RoPE positions and the text after the image continues where it would in the unpruned sequence
