@@ -121,7 +121,7 @@ def test_selection_follows_family_config_and_refuses_other_methods(adapter: Llav
 
 def test_cli_export_with_untiled_method_is_one_error_line(capsys, error_line, tmp_path: Path) -> None:
     out = tmp_path / "art"
-    code = cli.main(["export", "--model", "synthetic:llava-next-tiny", "--budget", "8", "--method", "uniform", "--out", str(out)])
+    code = cli.main(["export", "--model", "synthetic:llava-next-tiny", "--budget", "8", "--method", "cls_attention", "--out", str(out)])
     assert code == 2
-    error_line(capsys.readouterr().err, "uniform", "does not support per-tile budgets")
+    error_line(capsys.readouterr().err, "cls_attention", "does not support per-tile budgets")
     assert not out.exists() and not any(tmp_path.iterdir())

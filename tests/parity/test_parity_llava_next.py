@@ -138,3 +138,25 @@ def test_uniform_per_tile_artifact_passes_parity(tmp_path: Path, capsys) -> None
     assert cli.main(["check-trt", str(out)]) == 0
     assert cli.main(["parity", str(out), "--image", str(IMAGES / "chelsea.jpg"), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"
+
+
+def test_budget_above_an_images_valid_tokens_splices_only_those(tmp_path: Path, capsys) -> None:
+    """K = 24 > N = 16: a 60:1 image has only its thumbnail's 16 valid tokens; the graph still outputs 24 (8
+    masked fill slots), the prompt gets the 16 real ones, and parity (which leaves the same slots out) passes."""
+    out = tmp_path / "tiny-k24"
+    assert cli.main(["export", "--model", MODEL, "--budget", "24", "--out", str(out), "--max-prompt-tokens", "48", "--max-new-tokens", "16"]) == 0
+    pipe = VLMPipeline(out)
+    image = tmp_path / "wide.png"
+    _noise(1200, 20).save(image)
+    vision = pipe.encode_images([_photo_from(image)], [PROMPT])
+    assert vision.kept_indices.shape == (1, 24) and vision.kept_valid[0].sum() == N
+    assert vision.kept(0)[1].tolist() == list(range(N))  # the thumbnail's tokens only
+    ids = pipe.tokenize([PROMPT])
+    assert pipe.splice(ids, vision)[1].sum() == len(ids[0]) - 1 + N
+    assert cli.main(["parity", str(out), "--image", str(image), "--prompt", PROMPT, "--out", str(tmp_path / "p.json")]) == 0
+    assert capsys.readouterr().out.rstrip().splitlines()[-1] == "parity: PASS"
+
+
+def _photo_from(path: Path) -> Image.Image:
+    with Image.open(path) as opened:
+        return opened.convert("RGB")
