@@ -14,7 +14,11 @@ Design (wired through the optional hooks of prunert.adapters.base)
   rotary tables and segment ids are computed on the host (`host.graph_vision_inputs`). The runtime calls
   the graph once per image (`one_image_per_vision_call`) and keeps each image's grid_thw for positions.
   Padding images to one P would need a validity mask through the selection; one call per image is how
-  Qwen's own runtimes batch too.
+  Qwen's own runtimes batch too. Window attention is full [P, P] attention with an additive mask built
+  in the graph from window_segments: O(P) input but O(P^2) work and memory per window layer (HF's
+  eager path attends window by window). Fine up to a few thousand patches (the shaped preset's 2304:
+  [heads, P, P] fp32 scores ~340 MB); checkpoints at Qwen's default max_pixels (16384 patches) would
+  want a padded per-window layout instead (not done).
 * The budget. K must not exceed the fewest merged tokens an image can give. `fit_budget` raises the
   preprocessor's min_pixels to K tokens' worth (K * 28^2 pixels), so an image that would give fewer tokens
   is upscaled, exactly as HF upscales images below min_pixels; the artifact's preprocessor_config.json
