@@ -41,14 +41,11 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _kept_summary(manifest) -> str:
-    """`kept K/N visual tokens (method)`. Where N varies per image (the adapter records `max_visual_tokens` in
-    family_config: Qwen2.5-VL's dynamic resolution) the manifest's N is only the largest, and the line says so."""
-    budget = manifest.budget
-    largest = manifest.family_config.get("max_visual_tokens")
-    if largest is None:
-        return f"kept {budget.budget}/{budget.num_visual_tokens} visual tokens ({budget.method})"
-    return f"kept {budget.budget} of up to {largest} visual tokens, N varies per image ({budget.method})"
+def _kept_summary(manifest, results) -> str:
+    """`kept k/N visual tokens (method)` with each image's own N (Qwen2.5-VL's dynamic resolution, LLaVA-NeXT's
+    valid tile tokens) and k its real kept tokens; one k/N per image of a batch."""
+    kept = ", ".join(f"{len(r.kept_indices)}/{r.num_visual_tokens}" for r in results)
+    return f"kept {kept} visual tokens ({manifest.budget.method})"
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -76,7 +73,7 @@ def _run(args: argparse.Namespace) -> int:
             print(f"[{image}] {result.text}" if len(images) > 1 else result.text)
     t = pipe.timings
     print(
-        f"{_kept_summary(pipe.manifest)}; "
+        f"{_kept_summary(pipe.manifest, results)}; "
         f"{args.backend} {args.precision}; "
         f"vision {t.vision_s * 1e3:.0f} ms, prefill {t.prefill_s * 1e3:.0f} ms, "
         f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",

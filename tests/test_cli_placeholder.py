@@ -1,14 +1,16 @@
 """The CLI reads the image placeholder from the manifest (`run --prompt`, `calibrate --prompts`), and
-`run`'s summary line says "up to N" where N varies per image (family_config max_visual_tokens).
+`run`'s summary line names each image's own N (k/N per image).
 
-The tiny LLaVA artifact is reshaped through its manifest (a placeholder around the image token, a
-per-image N range) so no other family is exported here; tests/parity runs the real Qwen2.5-VL one."""
+The tiny LLaVA artifact is reshaped through its manifest (a placeholder around the image token) so no
+other family is exported here; tests/parity runs the real Qwen2.5-VL and LLaVA-NeXT ones."""
 
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+import types
 from pathlib import Path
+
+import numpy as np
 
 from prunert import cli
 from prunert.manifest import MANIFEST_NAME, load_manifest
@@ -32,19 +34,14 @@ def _main(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def test_kept_summary_fixed_and_varying_n(tiny_artifact: Path) -> None:
-    manifest = load_manifest(tiny_artifact)
-    assert cli._kept_summary(manifest) == "kept 16/100 visual tokens (resprune)"
-    varying = replace(manifest, family_config={**manifest.family_config, "min_visual_tokens": 16, "max_visual_tokens": 113})
-    assert cli._kept_summary(varying) == "kept 16 of up to 113 visual tokens, N varies per image (resprune)"
-
-
-def test_run_summary_when_n_varies_per_image(capsys, artifact_copy: Path) -> None:
-    _edit_manifest(artifact_copy, lambda data: data["family_config"].update(min_visual_tokens=16, max_visual_tokens=100))
+def test_kept_summary_names_each_images_own_n(capsys, artifact_copy: Path) -> None:
+    manifest = load_manifest(artifact_copy)
+    results = [types.SimpleNamespace(kept_indices=np.arange(16), num_visual_tokens=100),
+               types.SimpleNamespace(kept_indices=np.arange(12), num_visual_tokens=54)]  # e.g. masked slots left out
+    assert cli._kept_summary(manifest, results) == "kept 16/100, 12/54 visual tokens (resprune)"
     code, _, err = _main(capsys, "run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?", "--max-new-tokens", "2")
     assert code == 0, err
-    assert "kept 16 of up to 100 visual tokens, N varies per image (resprune); onnxruntime fp32" in err
-    assert "16/100" not in err
+    assert "kept 16/100 visual tokens (resprune); onnxruntime fp32" in err
 
 
 def test_run_prompt_needs_the_manifest_placeholder(error_line, capsys, artifact_copy: Path) -> None:

@@ -113,3 +113,5 @@ class HostAdapter(Protocol):
 
     # optional: kept_valid(vision_inputs, kept_indices [B, K]) -> bool [B, K], the kept slots that hold a real
     # token (a static layout with masked slots, LLaVA-NeXT's tiles); the splice drops the others.
+    # optional: visual_token_counts(vision_inputs) -> int64 [B], each image's own N where it varies per image
+    # (default: the manifest's budget.num_visual_tokens).

@@ -38,6 +38,7 @@ class VisionResult:
     kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
     image_info: dict[str, np.ndarray] = field(default_factory=dict)  # host outputs that are not graph inputs, over images
     kept_valid: np.ndarray | None = None  # [B, K] bool: slots holding a real token; None = all of them
+    visual_token_counts: np.ndarray | None = None  # [B] each image's own N (unpruned tokens); None = the manifest's
 
     def kept(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `row`'s real kept tokens [k, D] and their indices [k] (k = K unless some slots are masked:
@@ -67,7 +68,8 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos" or "length"
-    kept_indices: np.ndarray  # [K]
+    kept_indices: np.ndarray  # [k] the real kept tokens' original positions (k = K unless slots were masked)
+    num_visual_tokens: int  # the image's own N, of which k were kept
 
 
 @dataclass
@@ -143,8 +145,9 @@ class VLMPipeline:
         if per_image and len(loaded) != len(groups):
             raise ConfigError(f"images and prompts: got {len(loaded)} images and {len(groups)} prompts, expected one image per prompt")
         calls = [([image], [group]) for image, group in zip(loaded, groups)] if per_image else [(loaded, groups)]
-        pixel_inputs, tokens, kept, valid, elapsed = [], [], [], [], 0.0
+        pixel_inputs, tokens, kept, valid, counts, elapsed = [], [], [], [], [], 0.0
         kept_valid = getattr(host, "kept_valid", None)  # static layouts with masked slots (tiles)
+        count = getattr(host, "visual_token_counts", None)  # each image's own N, where it varies per image
         for call_images, call_groups in calls:
             inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ image info, e.g. image_grid_thw [1, 3])
             text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
@@ -156,10 +159,12 @@ class VLMPipeline:
             tokens.append(out["visual_tokens"])  # [b, K, D]
             kept.append(out["kept_indices"])  # [b, K]
             valid.append(np.ones(kept[-1].shape, bool) if kept_valid is None else kept_valid(inputs, kept[-1]))  # [b, K]
+            counts.append(np.full(len(call_images), self.manifest.budget.num_visual_tokens) if count is None else count(inputs))  # [b]
         self.timings.vision_s = elapsed
         info = {name: np.concatenate([inputs[name] for inputs in pixel_inputs]) for name in pixel_inputs[0] if name not in names}
         visual, indices, valid = _stack_calls(tokens, kept, valid)
-        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info, None if valid.all() else valid)
+        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info, None if valid.all() else valid,
+                            np.concatenate(counts))
 
     def splice(self, sequences: list[list[int]], vision: VisionResult | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Replace each sequence's placeholder by its K visual tokens; left-pad the batch. `vision`: the
@@ -230,7 +235,8 @@ class VLMPipeline:
         for row, ids in enumerate(tokens):
             finish = "eos" if ids and ids[-1] in eos else "length"
             text = self.artifact.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-            results.append(Generation(text, ids, finish, vision.kept(row)[1]))
+            n = self.manifest.budget.num_visual_tokens if vision.visual_token_counts is None else int(vision.visual_token_counts[row])
+            results.append(Generation(text, ids, finish, vision.kept(row)[1], n))
         return results
 
     def _decode(self, state: Prefill, config: GenerationConfig, on_token: TokenCallback | None) -> list[list[int]]:

@@ -249,6 +249,10 @@ class LlavaNextHostAdapter(LlavaHostAdapter):
             tokens[b] = token_mask((image.height, image.width), cfg)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "token_mask": tokens}
 
+    def visual_token_counts(self, vision_inputs: dict[str, np.ndarray]) -> np.ndarray:
+        """Each image's own N: its valid tokens (thumbnail + real tiles after unpadding), int64 [B]."""
+        return ((vision_inputs["token_mask"] != 0) & (vision_inputs["tile_mask"] != 0)[:, :, None]).sum(axis=(1, 2))
+
     def kept_valid(self, vision_inputs: dict[str, np.ndarray], kept_indices: np.ndarray) -> np.ndarray:
         """Which kept slots hold a real token: kept_indices [B, K] (tile * N + index) -> bool [B, K]. Only the
         unpruned graph (every slot) or a budget above an image's valid tokens (K > N) ever keeps masked ones:

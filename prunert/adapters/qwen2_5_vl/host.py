@@ -325,6 +325,10 @@ class QwenHostAdapter:
         out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
         return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], fc), "image_grid_thw": out["image_grid_thw"]}
 
+    def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+        """The image's own N (merged tokens), int64 [1]."""
+        return np.array([len(vision_inputs["reverse_index"])], np.int64)
+
     def position_ids(self, attention_mask: Any, family_config: Mapping[str, Any], layout: Any = None) -> np.ndarray:
         """M-RoPE positions [3, B, L] of the spliced, left-padded batch: layout (SpliceLayout) gives the spliced
         input ids (K image tokens per image), image_grid_thw [B, 3] and kept_indices (per row); every kept token
