@@ -198,22 +198,32 @@ def build_config(preset: SyntheticPreset, tokenizer: Tokenizer) -> LlavaConfig:
 
 def build_model(preset: SyntheticPreset, tokenizer: Tokenizer | None = None) -> LlavaForConditionalGeneration:
     """A float32 LlavaForConditionalGeneration in eval mode with seeded weights (bit-reproducible)."""
-    import torch
     from transformers import LlavaForConditionalGeneration
 
     tokenizer = tokenizer or build_tokenizer(preset.vocab_size)
-    config = build_config(preset, tokenizer)
-    with torch.random.fork_rng(devices=[]):  # HF's own init must not touch the caller's RNG
-        torch.manual_seed(preset.seed)
-        model = LlavaForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(preset.seed)
-    with torch.no_grad():
-        _init_weights(model, generator, first_filler_id=num_trained_tokens(tokenizer))
+    model, _ = seeded_model(LlavaForConditionalGeneration, build_config(preset, tokenizer), preset.seed, num_trained_tokens(tokenizer))
     return model.eval()
 
 
+def seeded_model(model_class: Any, config: Any, seed: int, first_filler_id: int, init_view: Any = None) -> tuple[Any, Any]:
+    """`model_class(config)` in float32 with every parameter drawn by `_init_weights` from a generator seeded with
+    `seed` (bit-reproducible; the caller's RNG untouched) -> (model, that generator, for parameters the caller
+    initialises itself). init_view(model): what `_init_weights` walks (default: the model), for a family with
+    a parameter outside any module (LLaVA-NeXT's image_newline). Shared by every family's synthetic presets."""
+    import torch
+
+    with torch.random.fork_rng(devices=[]):  # HF's own init must not touch the caller's RNG
+        torch.manual_seed(seed)
+        model = model_class(config)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        _init_weights(model if init_view is None else init_view(model), generator, first_filler_id)
+    return model, generator
+
+
 def _init_weights(model: torch.nn.Module, generator: torch.Generator, first_filler_id: int) -> None:
-    """Overwrite every parameter with the scales documented at the top of this module."""
+    """Overwrite every parameter with the scales documented at the top of this module (Conv3d: Qwen2.5-VL's
+    patch embedding; tied embeddings end with the LM-head scale, lm_head coming last)."""
     import torch
 
     initialised: set[int] = set()
@@ -234,7 +244,7 @@ def _init_weights(model: torch.nn.Module, generator: torch.Generator, first_fill
         elif isinstance(module, torch.nn.Linear):
             normal(module.weight, LINEAR_GAIN / module.in_features ** 0.5)
             fill(module.bias, 0.0)
-        elif isinstance(module, torch.nn.Conv2d):  # CLIP patch embedding [hidden, 3, patch, patch]
+        elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):  # patch embedding [hidden, 3, (T,) patch, patch]
             normal(module.weight, LINEAR_GAIN / module.weight[0].numel() ** 0.5)
             fill(module.bias, 0.0)
         elif isinstance(module, torch.nn.Embedding):

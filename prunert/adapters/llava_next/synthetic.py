@@ -159,12 +159,9 @@ def build_model(preset: LlavaNextPreset, tokenizer: Tokenizer | None = None) -> 
 
     tokenizer = tokenizer or build_tokenizer(preset.vocab_size)
     config = build_config(preset, tokenizer)
-    with torch.random.fork_rng(devices=[]):  # HF's own init must not touch the caller's RNG
-        torch.manual_seed(preset.seed)
-        model = LlavaNextForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(preset.seed)
+    model, generator = llava_synthetic.seeded_model(LlavaNextForConditionalGeneration, config, preset.seed,
+                                                    num_trained_tokens(tokenizer), init_view=_WithoutNewline)
     with torch.no_grad():
-        llava_synthetic._init_weights(_WithoutNewline(model), generator, first_filler_id=num_trained_tokens(tokenizer))
         model.model.image_newline.normal_(0.0, IMAGE_NEWLINE_STD, generator=generator)
     return model.eval()
 

@@ -31,7 +31,6 @@ from prunert.adapters.qwen2_5_vl.tokenizer_builder import VIDEO_PAD, build_token
 from prunert.errors import ConfigError, ModelSourceError
 
 if TYPE_CHECKING:
-    import torch
     from tokenizers import Tokenizer
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
@@ -170,17 +169,11 @@ def build_config(preset: QwenSyntheticPreset, tokenizer: Tokenizer) -> Qwen2_5_V
 
 def build_model(preset: QwenSyntheticPreset, tokenizer: Tokenizer | None = None) -> Qwen2_5_VLForConditionalGeneration:
     """A float32 Qwen2_5_VLForConditionalGeneration in eval mode with seeded weights."""
-    import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     tokenizer = tokenizer or build_tokenizer(preset.vocab_size)
     config = build_config(preset, tokenizer)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(preset.seed)
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    generator = torch.Generator().manual_seed(preset.seed)
-    with torch.no_grad():
-        _init_weights(model, generator, first_filler_id=num_trained_tokens(tokenizer))
+    model, _ = llava_synthetic.seeded_model(Qwen2_5_VLForConditionalGeneration, config, preset.seed, num_trained_tokens(tokenizer))
     return model.eval()
 
 
@@ -196,42 +189,6 @@ def parameter_counts(preset: QwenSyntheticPreset) -> dict[str, int]:
     vision = sum(n for name, n in unique.values() if ".visual." in f".{name}")
     total = sum(n for _, n in unique.values())
     return {"vision": vision, "decoder": total - vision, "total": total}
-
-
-def _init_weights(model: torch.nn.Module, generator: torch.Generator, first_filler_id: int) -> None:
-    """The LLaVA presets' scales (see prunert.adapters.llava.synthetic), plus the Conv3d patch
-    embedding; with tied embeddings the shared matrix ends with the LM-head scale."""
-    import torch
-
-    initialised: set[int] = set()
-
-    def normal(param: torch.Tensor, std: float) -> None:
-        param.normal_(0.0, std, generator=generator)
-        initialised.add(id(param))
-
-    def fill(param: torch.Tensor | None, value: float) -> None:
-        if param is not None:
-            param.fill_(value)
-            initialised.add(id(param))
-
-    for name, module in model.named_modules():
-        if name == "lm_head":
-            normal(module.weight, LM_HEAD_GAIN / module.in_features**0.5)  # [vocab, text_hidden]
-            module.weight[first_filler_id:] *= FILLER_LM_HEAD_SCALE
-        elif isinstance(module, torch.nn.Linear):
-            normal(module.weight, LINEAR_GAIN / module.in_features**0.5)
-            fill(module.bias, 0.0)
-        elif isinstance(module, (torch.nn.Conv2d, torch.nn.Conv3d)):  # patch embedding [hidden, 3, T, p, p]
-            normal(module.weight, LINEAR_GAIN / module.weight[0].numel() ** 0.5)
-            fill(module.bias, 0.0)
-        elif isinstance(module, torch.nn.Embedding):
-            normal(module.weight, TOKEN_EMBED_STD)
-        elif isinstance(module, torch.nn.LayerNorm) or type(module).__name__.endswith("RMSNorm"):
-            fill(module.weight, 1.0)
-            fill(getattr(module, "bias", None), 0.0)
-    missed = [name for name, param in model.named_parameters() if id(param) not in initialised]
-    if missed:
-        raise RuntimeError(f"synthetic init does not cover parameters: {missed[:5]}")
 
 
 def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False) -> Path:
