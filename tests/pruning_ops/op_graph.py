@@ -131,6 +131,22 @@ def export_each(out_dir: Path, op: Callable, graphs: dict[str, tuple], names: tu
     return {name: export_selection(out_dir / f"{name}.onnx", op, budgets, cfg, names, **dims) for name, (budgets, cfg) in graphs.items()}
 
 
+def check_symbolic_n(tmp_path: Path, op: Callable, reference: Callable, cfg: Any, budget: int = 7) -> None:
+    """One graph over a range of N (Qwen2.5-VL's symbolic N): TensorRT-clean, N stays symbolic, and for every N in
+    the range both rows keep exactly the reference's indices of that N, tokens gathered bit for bit."""
+    from prunert.export.trt_check import TrtCheckConfig, check_trt
+
+    graph = export_selection(tmp_path / "symbolic.onnx", op, budget, cfg, n=40, d=4, n_range=(budget, 300))
+    assert not check_trt(tmp_path / "symbolic.onnx", TrtCheckConfig())
+    assert dims(graph.model.graph.input[0])[1] == "n"
+    for n in (budget, budget + 1, 40, 113, 300):
+        tokens = np.random.default_rng(n).standard_normal((2, n, 4)).astype(np.float32)
+        kept, kept_tokens = graph.run(tokens)
+        want, _ = reference({"tokens": tokens[0]}, budget, cfg)
+        assert (kept == want).all(), n
+        np.testing.assert_array_equal(kept_tokens[1], tokens[1][want])
+
+
 # ----------------------------------------------------------------------------------------- graph
 
 

@@ -172,20 +172,11 @@ def test_reference_loads_without_torch() -> None:
     og.check_reference_without_torch("random", "random_reference", "RandomConfig", "{'tokens': x, 'cls_attention': x[:, 0]}")
 
 
+
 def test_symbolic_n_graph_matches_reference(tmp_path) -> None:
     """One graph over a range of N (Qwen2.5-VL): the indices come from N at run time, equal to the reference's
     for every N in the range; TensorRT-clean (static K, sorted TopK)."""
     from prunert.config import RandomConfig
-    from prunert.export.trt_check import TrtCheckConfig, check_trt
     from prunert.pruning_ops.random import random_op, random_reference
 
-    cfg = RandomConfig(seed=3)
-    graph = og.export_selection(tmp_path / "symbolic.onnx", random_op, 7, cfg, n=40, d=4, n_range=(7, 300))
-    assert not check_trt(tmp_path / "symbolic.onnx", TrtCheckConfig())
-    assert og.dims(graph.model.graph.input[0])[1] == "n"
-    for n in (7, 8, 40, 113, 300):
-        tokens = np.random.default_rng(n).standard_normal((2, n, 4)).astype(np.float32)
-        kept, kept_tokens = graph.run(tokens)
-        want, want_tokens = random_reference({"tokens": tokens[0]}, 7, cfg)
-        assert (kept == want).all(), n  # both rows, exactly
-        np.testing.assert_array_equal(kept_tokens[1], tokens[1][want])
+    og.check_symbolic_n(tmp_path, random_op, random_reference, RandomConfig(seed=3))

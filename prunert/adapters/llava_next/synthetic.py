@@ -23,7 +23,6 @@ from prunert.adapters.llava.synthetic import (
     BICUBIC,
     CLIP_IMAGE_MEAN,
     CLIP_IMAGE_STD,
-    IMAGE_TOKEN,
     MARKER_FILE,
     TOKEN_EMBED_STD,
     SyntheticPreset,
@@ -231,14 +230,8 @@ def preprocessor_config(preset: LlavaNextPreset) -> dict[str, Any]:
 
 
 def _processor_config(preset: LlavaNextPreset) -> dict[str, Any]:
-    """LlavaNextProcessor settings, so that `AutoProcessor` expands `<image>` to HF's feature count."""
-    return {
-        "processor_class": "LlavaNextProcessor",
-        "image_token": IMAGE_TOKEN,
-        "patch_size": preset.patch_size,
-        "num_additional_image_tokens": 1,  # the CLS token, dropped by the "default" strategy
-        "vision_feature_select_strategy": "default",
-    }
+    """LlavaNextProcessor settings (LLaVA-1.5's, another class), so that `AutoProcessor` expands `<image>` to HF's feature count."""
+    return {**llava_synthetic._processor_config(preset), "processor_class": "LlavaNextProcessor"}
 
 
 def _marker(preset_name: str, preset: LlavaNextPreset) -> dict[str, Any]:
