@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 IMAGE = ROOT / "examples/images/astronaut.jpg"
-PROMPT = "<image>\nWhat is the astronaut holding?"
+QUESTION = "\nWhat is the astronaut holding?"  # after the artifact's image placeholder (manifest.text.placeholder)
 CALIBRATION = ROOT / "examples/calibration"
 STATEMENT = "synthetic checkpoint (seeded random weights): speed and agreement only, never task accuracy"
 
@@ -106,7 +106,7 @@ def prepare_precision(artifact: Path, precision: str, log) -> dict:
 def parity(artifact: Path, precision: str) -> dict:
     from prunert.parity.reference import run_parity
 
-    report = run_parity(artifact, IMAGE, PROMPT, backend="trt", precision=precision)
+    report = run_parity(artifact, IMAGE, prompt_for(artifact), backend="trt", precision=precision)
     print(report.table())
     return {"verdict": report.verdict, "tolerances": report.tolerances,
             "checks": [{"stage": c.stage, "metric": c.metric, "value": c.value, "status": c.status} for c in report.checks]}
@@ -125,18 +125,26 @@ def timings(artifact: Path, precision: str, repeats: int, new_tokens: int) -> di
     return out
 
 
+def prompt_for(artifact: Path) -> str:
+    from prunert.manifest import load_manifest
+
+    return load_manifest(artifact, verify_hashes=False).text.placeholder + QUESTION
+
+
 def _request(pipe, new_tokens: int) -> dict:
+    prompt = pipe.manifest.text.placeholder + QUESTION
     start = time.perf_counter()
-    sequences = pipe.tokenize([PROMPT])
-    vision = pipe.encode_images([IMAGE], [PROMPT])
+    sequences = pipe.tokenize([prompt])
+    vision = pipe.encode_images([IMAGE], [prompt])
     state = pipe.prefill(sequences, vision)
     ttft = time.perf_counter() - start
     table, session = pipe.artifact.embeddings, state.session
-    logits, mask, positions = state.logits[:, -1], state.attention_mask, state.position_ids[:, -1:]
+    logits, mask = state.logits[:, -1], state.attention_mask
+    positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)  # [1, 1] (M-RoPE: [3, 1, 1]), as VLMPipeline decodes
     start = time.perf_counter()
-    for _ in range(new_tokens):
-        mask, positions = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1), positions + 1
-        logits = session.run(np.asarray(table[logits.argmax(-1)], np.float32)[:, None], mask, positions)[:, -1]
+    for step in range(new_tokens):
+        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
+        logits = session.run(np.asarray(table[logits.argmax(-1)], np.float32)[:, None], mask, positions + step)[:, -1]
     decode = time.perf_counter() - start
     return {"vision_s": pipe.timings.vision_s, "prefill_s": pipe.timings.prefill_s, "ttft_s": ttft,
             "decode_s": decode, "decode_tok_per_s": new_tokens / decode}
@@ -145,7 +153,7 @@ def _request(pipe, new_tokens: int) -> dict:
 def main(argv=None) -> int:
     args = parse_args(argv)
     log = lambda message: print(message, flush=True)  # noqa: E731
-    report: dict = {"environment": environment(), "preset": args.preset, "budget": args.budget, "prompt": PROMPT,
+    report: dict = {"environment": environment(), "preset": args.preset, "budget": args.budget, "question": QUESTION,
                     "image": str(IMAGE.relative_to(ROOT)), "artifacts": {}}
     cc = float(report["environment"]["compute_capability"])
     precisions = [p for p in args.precisions.split(",") if p and not (p == "fp8" and cc < 8.9)]

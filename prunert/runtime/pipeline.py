@@ -235,8 +235,7 @@ class VLMPipeline:
         for row, ids in enumerate(tokens):
             finish = "eos" if ids and ids[-1] in eos else "length"
             text = self.artifact.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-            n = self.manifest.budget.num_visual_tokens if vision.visual_token_counts is None else int(vision.visual_token_counts[row])
-            results.append(Generation(text, ids, finish, vision.kept(row)[1], n))
+            results.append(Generation(text, ids, finish, vision.kept(row)[1], int(vision.visual_token_counts[row])))
         return results
 
     def _decode(self, state: Prefill, config: GenerationConfig, on_token: TokenCallback | None) -> list[list[int]]:

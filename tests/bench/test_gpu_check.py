@@ -41,3 +41,23 @@ def test_gpu_check_runs_the_whole_path_on_the_fake_gpu(fake_trt, tmp_path: Path,
     verdicts = [row["parity"]["verdict"] for rows in report["artifacts"].values() for row in rows["precisions"].values()]
     assert code == (0 if all(v == "PASS" for v in verdicts) else 1)
     assert "report:" in printed and "Fake Orin" in printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("preset", "budget"), [("qwen2.5-vl-tiny", 16)])  # llava-next-tiny 12 passes too (+40 s)
+def test_gpu_check_on_the_other_backbones(fake_trt, tmp_path: Path, preset: str, budget: int) -> None:
+    """The same path for Qwen2.5-VL (engine profiles over the patch count P, per-image N, M-RoPE decode positions
+    [3, 1, 1]), fp32 and fp16: both artifacts build, pass parity through `--backend trt`, decode."""
+    spec = importlib.util.spec_from_file_location("prunert_bench_gpu_check", REPO / "bench" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    out = tmp_path / "report.json"
+    code = gpu_check.main(["--preset", preset, "--budget", str(budget), "--precisions", "fp32,fp16", "--repeats", "1",
+                           "--new-tokens", "4", "--work", str(tmp_path / "work"), "--out", str(out)])
+    report = json.loads(out.read_text())
+    for label in ("pruned", "unpruned"):
+        for precision, row in report["artifacts"][label]["precisions"].items():
+            assert "error" not in row, (label, precision, row.get("error"))
+            assert row["parity"]["verdict"] == "PASS", (label, precision)
+            assert row["timings"]["decode_tok_per_s"]["best"] > 0
+    assert code == 0
