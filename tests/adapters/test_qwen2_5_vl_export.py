@@ -24,7 +24,8 @@ from prunert.adapters.qwen2_5_vl import export as qwen_export  # noqa: E402
 from prunert.adapters.qwen2_5_vl.export import QwenDecoderGraph, QwenExportAdapter, QwenVisionGraph  # noqa: E402
 from prunert.adapters.qwen2_5_vl.synthetic import synthetic_checkpoint  # noqa: E402
 from prunert.errors import ConfigError, ImageError  # noqa: E402
-from prunert.export.graphs import decoder_dims  # noqa: E402
+from prunert.config import ExportConfig  # noqa: E402
+from prunert.export.graphs import decoder_dims, decoder_export_spec  # noqa: E402
 from prunert.export.trt_check import TrtCheckConfig, check_trt, op_histogram  # noqa: E402
 
 IMAGES = Path(__file__).resolve().parents[2] / "examples" / "images"
@@ -242,7 +243,7 @@ def onnx_graphs(adapter: QwenExportAdapter, tmp_path_factory: pytest.TempPathFac
     out = tmp_path_factory.mktemp("qwen-onnx")
     vision = _export(QwenVisionGraph(adapter).eval(), *qwen_export.vision_features_export_spec(adapter), out / "vision.onnx")
     dims = decoder_dims(adapter)
-    decoder_spec = qwen_export.decoder_export_spec(dims, max_batch=8, max_sequence=512)
+    decoder_spec = decoder_export_spec(dims, ExportConfig(max_batch=8), budget=1, position_leading=(3,))  # max sequence 512
     decoder = _export(QwenDecoderGraph(adapter).eval(), *decoder_spec, out / "decoder.onnx")
     return {"vision": vision, "decoder": decoder}
 

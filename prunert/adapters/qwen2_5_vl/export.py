@@ -39,7 +39,7 @@ from prunert.adapters.hf_loading import load_hf_model
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
-from prunert.export.graphs import DecoderGraph, past_names, present_names
+from prunert.export.graphs import DecoderGraph
 
 VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")
 EXAMPLE_GRID = (1, 8, 12)  # export example: 4 x 6 merged tokens, windows cut at the grid edge
@@ -291,43 +291,12 @@ class QwenDecoderGraph(DecoderGraph):
         return super().forward(inputs_embeds, attention_mask, position_ids, past)
 
 
-# ---- standalone specs of the bare graphs (the adapter tests export them; prunert export uses graphs.* + the hooks) ----
+# ---- standalone spec of the bare vision graph (the adapter tests export it; prunert export uses graphs.* + the hooks) ----
 def vision_features_export_spec(adapter: QwenExportAdapter):
     """(example args, dynamic_shapes, input specs, output specs) of QwenVisionGraph."""
     hidden = adapter.model.config.text_config.hidden_size
     return (adapter.example_vision_inputs(), adapter.vision_dynamic_shapes(), adapter.vision_input_specs(),
             [("visual_tokens", "float32", (1, "merged", hidden))])
-
-
-def decoder_export_spec(dims: dict[str, int], max_batch: int, max_sequence: int, export_batch: int = 2):
-    """graphs.decoder_export_spec with position_ids [3, batch, sequence]."""
-    batch = Dim("batch", min=1, max=max_batch)
-    seq = Dim("sequence", min=1, max=max_sequence)
-    past = Dim("past", min=0, max=max_sequence)
-    total = Dim("total", min=1, max=max_sequence)
-    b, s, p = export_batch, 5, 3
-    layers, heads, head_dim, hidden = dims["num_layers"], dims["num_kv_heads"], dims["head_dim"], dims["hidden_size"]
-    generator = torch.Generator().manual_seed(2)
-    past_example = tuple(torch.randn(b, heads, p, head_dim, generator=generator) for _ in range(2 * layers))
-    args = (
-        torch.randn(b, s, hidden, generator=generator),
-        torch.ones(b, p + s, dtype=torch.int64),
-        torch.arange(p, p + s).repeat(3, b, 1),
-        past_example,
-    )
-    dynamic = ({0: batch, 1: seq}, {0: batch, 1: total}, {1: batch, 2: seq}, tuple({0: batch, 2: past} for _ in past_example))
-    kv_shape = ("batch", heads, "past", head_dim)
-    inputs = [
-        ("inputs_embeds", "float32", ("batch", "sequence", hidden)),
-        ("attention_mask", "int64", ("batch", "total")),
-        ("position_ids", "int64", (3, "batch", "sequence")),
-        *[(name, "float32", kv_shape) for name in past_names(layers)],
-    ]
-    outputs = [
-        ("logits", "float32", ("batch", "sequence", dims["vocab_size"])),
-        *[(name, "float32", ("batch", heads, "total", head_dim)) for name in present_names(layers)],
-    ]
-    return args, dynamic, inputs, outputs
 
 
 def _read_json(path: Path) -> dict[str, Any]:
