@@ -43,7 +43,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"tokenizer vocab_size: got {vocab_size}, expected >= {MIN_VOCAB_SIZE}")
-    tokenizer = _train_bpe(vocab_size)
+    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS, UNK_TOKEN)
     tokenizer = _pad_with_fillers(tokenizer, vocab_size)
     tokenizer.add_special_tokens([_special(token) for token in SPECIAL_TOKENS])
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -55,16 +55,17 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def _train_bpe(vocab_size: int) -> Tokenizer:
-    """Byte-level BPE trained on the built-in corpus; specials get ids 0..len(SPECIAL_TOKENS)-1."""
-    tokenizer = Tokenizer(models.BPE(unk_token=UNK_TOKEN))
+def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], unk_token: str | None = None) -> Tokenizer:
+    """Byte-level BPE trained on the built-in corpus; specials get ids 0..len(special_tokens)-1. Every
+    family's synthetic tokenizer (Qwen2.5-VL's: its own specials, no unk token)."""
+    tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
     # No prefix space: the decoder then gives back exactly the encoded text.
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
         min_frequency=0,
-        special_tokens=list(SPECIAL_TOKENS),
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )

@@ -1,21 +1,21 @@
 """A small byte-level BPE tokenizer with Qwen2.5-VL's special tokens, trained locally.
 
 Same recipe and corpus as the LLaVA builder (`prunert.adapters.llava.tokenizer_builder`, whose
-corpus loader and filler padding are reused), with Qwen's conventions: no BOS is prepended,
+BPE training and filler padding are reused), with Qwen's conventions: no BOS is prepended,
 `<|endoftext|>` pads, `<|im_end|>` ends a turn, and the vision tokens are added special tokens.
 Ids are fixed: the special tokens first, in SPECIAL_TOKENS order, then bytes, merges and fillers.
 """
 
 from __future__ import annotations
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer
 
 from prunert.adapters.llava.tokenizer_builder import (
     FILLER_TEMPLATE,
     _pad_with_fillers,
     _special,
-    load_corpus,
     num_trained_tokens,
+    train_bpe,
 )
 from prunert.adapters.qwen2_5_vl import ENDOFTEXT, IM_END, IM_START, IMAGE_PAD, VISION_END, VISION_START
 from prunert.errors import ConfigError
@@ -32,17 +32,7 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     """A deterministic byte-level BPE tokenizer with exactly `vocab_size` ids and Qwen's special tokens."""
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"tokenizer vocab_size: got {vocab_size}, expected >= {MIN_VOCAB_SIZE}")
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        min_frequency=0,
-        special_tokens=list(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tokenizer.train_from_iterator(load_corpus(), trainer=trainer)
+    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS)
     tokenizer = _pad_with_fillers(tokenizer, vocab_size)
     tokenizer.add_special_tokens([_special(token) for token in SPECIAL_TOKENS])
     for expected_id, token in enumerate(SPECIAL_TOKENS):
