@@ -8,12 +8,12 @@ from typing import Any
 
 import torch
 
-from prunert.adapters.hf_loading import load_hf_model
+from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
 from prunert.errors import ModelSourceError
 
 
-class LlavaExportAdapter:
+class LlavaExportAdapter(HFTextParts):
     family = "llava"
     architecture = "LlavaForConditionalGeneration"
     vision_input_names = ("pixel_values",)
@@ -77,15 +77,6 @@ class LlavaExportAdapter:
         return [("pixel_values", "float32", ("batch", 3, self.image_size, self.image_size))]
 
     # --- text ---------------------------------------------------------------------------------
-    def text_backbone(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
-
-    def embedding_table(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight  # [V, D]
-
     def text_info(self, model_dir: Path) -> dict[str, Any]:
         config = self.model.config
         text = config.text_config

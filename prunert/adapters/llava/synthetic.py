@@ -129,10 +129,15 @@ PRESETS: dict[str, SyntheticPreset] = {
 
 def get_preset(name: str) -> SyntheticPreset:
     """The preset called `name`, or ModelSourceError listing the available ones."""
+    return preset_named(PRESETS, name)
+
+
+def preset_named(presets: dict[str, Any], name: str) -> Any:
+    """presets[name], or ModelSourceError listing the available ones (every family's get_preset)."""
     try:
-        return PRESETS[name]
+        return presets[name]
     except KeyError:
-        raise ModelSourceError(f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
+        raise ModelSourceError(f"unknown synthetic preset {name!r}; available: {', '.join(sorted(presets))}") from None
 
 
 def parameter_counts(preset: SyntheticPreset) -> dict[str, int]:

@@ -33,7 +33,7 @@ from prunert.adapters.llava.synthetic import (
     num_trained_tokens,
 )
 from prunert.adapters.llava_next import LLAVA_NEXT_PROMPT_TEMPLATE  # noqa: F401  (re-exported)
-from prunert.errors import ConfigError, ModelSourceError
+from prunert.errors import ConfigError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -104,10 +104,7 @@ PRESETS: dict[str, LlavaNextPreset] = {
 
 def get_preset(name: str) -> LlavaNextPreset:
     """The preset called `name`, or ModelSourceError listing the available ones."""
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ModelSourceError(f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
+    return llava_synthetic.preset_named(PRESETS, name)
 
 
 def parameter_counts(preset: LlavaNextPreset) -> dict[str, int]:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch.export import Dim
 
-from prunert.adapters.hf_loading import load_hf_model
+from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
@@ -65,7 +65,7 @@ def visual_token_range(cfg: host.QwenPreprocessConfig) -> tuple[int, int]:
 graph_vision_inputs = host.graph_vision_inputs  # the host's (numpy) conversion, named here for the tests
 
 
-class QwenExportAdapter:
+class QwenExportAdapter(HFTextParts):
     family = "qwen2_5_vl"
     architecture = "Qwen2_5_VLForConditionalGeneration"
     vision_input_names = VISION_INPUT_NAMES
@@ -196,15 +196,6 @@ class QwenExportAdapter:
         return QwenDecoderGraph(self)
 
     # --- text ---------------------------------------------------------------------------------
-    def text_backbone(self) -> torch.nn.Module:
-        return self.model.model.language_model
-
-    def lm_head(self) -> torch.nn.Module:
-        return self.model.lm_head
-
-    def embedding_table(self) -> torch.Tensor:
-        return self.model.get_input_embeddings().weight  # [V, D]
-
     def text_info(self, model_dir: Path) -> dict[str, Any]:
         config, text = self.model.config, self.model.config.text_config
         tokenizer_config = _read_json(Path(model_dir) / "tokenizer_config.json")

@@ -28,7 +28,7 @@ from prunert.adapters.llava.synthetic import (
 )
 from prunert.adapters.qwen2_5_vl import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_PROMPT_TEMPLATE, VISION_END, VISION_START  # noqa: F401
 from prunert.adapters.qwen2_5_vl.tokenizer_builder import VIDEO_PAD, build_tokenizer, num_trained_tokens
-from prunert.errors import ConfigError, ModelSourceError
+from prunert.errors import ConfigError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -132,10 +132,8 @@ PRESETS: dict[str, QwenSyntheticPreset] = {
 
 
 def get_preset(name: str) -> QwenSyntheticPreset:
-    try:
-        return PRESETS[name]
-    except KeyError:
-        raise ModelSourceError(f"unknown synthetic preset {name!r}; available: {', '.join(sorted(PRESETS))}") from None
+    """The preset called `name`, or ModelSourceError listing the available ones."""
+    return llava_synthetic.preset_named(PRESETS, name)
 
 
 def build_config(preset: QwenSyntheticPreset, tokenizer: Tokenizer) -> Qwen2_5_VLConfig:
