@@ -259,7 +259,7 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     from prunert import pruning_ops
-    from prunert.config import (FLOAT_PRECISIONS, GRAPH_NAMES, PRECISIONS, QUANTIZED_PRECISIONS, BudgetConfig, CalibrationConfig,
+    from prunert.config import (FLOAT_PRECISIONS, GRAPH_NAMES, PRECISIONS, QUANTIZED_PRECISIONS, TRT_MAX_TOPK, BudgetConfig, CalibrationConfig,
                                 EngineBuildConfig, ExportConfig, GenerationConfig, ParityTolerances, PrecisionConfig)
 
     parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
@@ -352,7 +352,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser would reject in a graph (CPU only, no TensorRT needed)")
     p.add_argument("path", type=Path, help="an .onnx file, or an artifact directory (checks every graph in its manifest)")
     p.add_argument("--max-opset", type=int, help=f"highest default-domain opset allowed (default: {ex.opset})")
-    p.add_argument("--max-topk", type=int, help="largest TopK K allowed (default: TensorRT's limit, 3840)")
+    p.add_argument("--max-topk", type=int, help=f"largest TopK K allowed (default: TensorRT's limit, {TRT_MAX_TOPK})")
     p.add_argument("--trt-version", help="oldest TensorRT the engines must build with; gates version-dependent rules (default: 10.3)")
     p.add_argument("--allow-dynamic-topk-k", action="store_true", help="accept a TopK K computed at run time")
     p.add_argument("--assume-constant-folding", action="store_true",

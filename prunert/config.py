@@ -8,6 +8,8 @@ from typing import Any
 from prunert.errors import ConfigError
 
 DEFAULT_OPSET = 20
+# TensorRT's ONNX parser takes TopK only with K <= 3840 (deploy-facts.md); trt_supported_ops.json records the same.
+TRT_MAX_TOPK = 3840
 SCHEMA_VERSION = 3  # 2: text.max_batch, source.revision; 3: variants (fp16/bf16/int8/fp8 graphs), engines
 READABLE_SCHEMA_VERSIONS = (2, 3)  # a schema-2 manifest reads as one with no variants and no engines
 

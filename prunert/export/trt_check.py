@@ -39,7 +39,7 @@ from typing import Any, Union
 import onnx
 from onnx import TensorProto
 
-from prunert.config import DEFAULT_OPSET
+from prunert.config import DEFAULT_OPSET, TRT_MAX_TOPK
 from prunert.errors import ArtifactError, ConfigError
 
 DATA_FILE = "trt_supported_ops.json"
@@ -81,7 +81,7 @@ class TrtCheckConfig:
 
     max_opset: int = DEFAULT_OPSET
     min_opset: int = 9
-    max_topk: int = 3840
+    max_topk: int = TRT_MAX_TOPK
     trt_version: str = "10.3"
     allow_dynamic_topk_k: bool = False
     assume_constant_folding: bool = False

@@ -44,12 +44,10 @@ from typing import Any
 
 import numpy as np
 
-from prunert.config import CDPrunerConfig, ResPruneConfig
+from prunert.config import TRT_MAX_TOPK, CDPrunerConfig, ResPruneConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops import reference
 from prunert.pruning_ops.reference import TIE_RTOL, pick_first_best
-
-_MAX_TOPK = 3840  # TensorRT's TopK limit (deploy-facts.md): kept_to_indices runs TopK with k = K
 
 
 def _check(budget: int, n: int, cfg: CDPrunerConfig) -> None:
@@ -61,8 +59,8 @@ def _check(budget: int, n: int, cfg: CDPrunerConfig) -> None:
         raise ConfigError(f"cdpruner tau: got {cfg.tau}, expected 0 <= tau < 1")
     if not 0 < budget <= n:
         raise ConfigError(f"cdpruner budget: got {budget}, expected 1 <= budget <= {n} (the number of tokens)")
-    if budget > _MAX_TOPK:
-        raise ConfigError(f"cdpruner budget: got {budget}, expected <= {_MAX_TOPK} (TensorRT's TopK limit)")
+    if budget > TRT_MAX_TOPK:  # kept_to_indices runs TopK with k = K
+        raise ConfigError(f"cdpruner budget: got {budget}, expected <= {TRT_MAX_TOPK} (TensorRT's TopK limit)")
 
 
 def relevance_config(cfg: CDPrunerConfig) -> ResPruneConfig:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from prunert.config import TRT_MAX_TOPK
+
 
 def kept_to_indices(kept: torch.Tensor, budget: int) -> torch.Tensor:
     """kept mask [B, N] with exactly `budget` True per row -> indices [B, K] ascending (TopK, sorted)."""
@@ -18,8 +20,8 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices[:, :, None].expand(-1, -1, tokens.shape[-1]))
 
 
-# TensorRT's ONNX parser accepts TopK only with k <= 3840 (deploy-facts.md); ops that TopK over K check this.
-MAX_TOPK = 3840
+# TensorRT's TopK limit (prunert.config.TRT_MAX_TOPK); ops that TopK over K check it.
+MAX_TOPK = TRT_MAX_TOPK
 
 
 def check_budget(budget: int, n: int, method: str, topk: bool = True) -> None:

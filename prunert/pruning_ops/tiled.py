@@ -46,14 +46,13 @@ from typing import Any
 
 import numpy as np
 
-from prunert.config import BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig
+from prunert.config import TRT_MAX_TOPK, BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops.random import random_priority
 from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
 from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
 
 TILED_METHODS = ("resprune", "uniform", "random", "none")  # per-tile rules: step 3 and "Other methods" above
-MAX_TOPK = 3840  # TensorRT's TopK limit (pruning_ops.common.MAX_TOPK; that module imports torch)
 
 
 def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
@@ -67,8 +66,8 @@ def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
         return
     if not 0 < budget.budget < tiles * n:
         raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget < {tiles * n} ({tiles} tiles x {n} tokens)")
-    if budget.budget > MAX_TOPK:
-        raise ConfigError(f"budget: got {budget.budget}, expected at most {MAX_TOPK} (TensorRT's TopK limit)")
+    if budget.budget > TRT_MAX_TOPK:
+        raise ConfigError(f"budget: got {budget.budget}, expected at most {TRT_MAX_TOPK} (TensorRT's TopK limit)")
 
 
 # ================================================================================ torch (exported)

@@ -53,7 +53,7 @@ from typing import Any
 
 import numpy as np
 
-from prunert.config import VisionZipConfig
+from prunert.config import TRT_MAX_TOPK, VisionZipConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops.reference import TIE_RTOL
 
@@ -61,8 +61,6 @@ from prunert.pruning_ops.reference import TIE_RTOL
 # target slot. Cosines live in [-1, 1], where fp32 rounding (~1e-6 at Dv = 1024) is absolute, not relative;
 # the value is ResPrune's TIE_RTOL, with the same reasoning (margin over fp32 noise, invisible to quality).
 VISIONZIP_TIE_ATOL = TIE_RTOL
-
-_MAX_TOPK = 3840  # TensorRT's TopK limit (deploy-facts.md): kept_to_indices runs TopK with k = K
 
 
 def split_budget(budget: int, cfg: VisionZipConfig) -> tuple[int, int]:
@@ -78,8 +76,8 @@ def _check(budget: int, n: int, dv: int, cfg: VisionZipConfig) -> None:
         raise ConfigError(f"visionzip key_heads: got {cfg.key_heads}, expected >= 1 and dividing the key width {dv}")
     if not 0 < budget <= n:
         raise ConfigError(f"visionzip budget: got {budget}, expected 1 <= budget <= {n} (the number of tokens)")
-    if budget > _MAX_TOPK:
-        raise ConfigError(f"visionzip budget: got {budget}, expected <= {_MAX_TOPK} (TensorRT's TopK limit)")
+    if budget > TRT_MAX_TOPK:  # kept_to_indices runs TopK with k = K
+        raise ConfigError(f"visionzip budget: got {budget}, expected <= {TRT_MAX_TOPK} (TensorRT's TopK limit)")
 
 
 # ----------------------------------------------------------------------------------------- torch op
