@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Union
 
 from prunert.config import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from prunert.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
+MAX_JSON_DEPTH = 64  # real manifests nest about 10 deep
 Dim = Union[int, str]  # a static size, or a symbolic dim name such as "batch"
 
 
@@ -255,6 +256,10 @@ def _graph(data: Any, where: str) -> GraphSpec:
         tuple(_build(TensorSpec, spec, f"{where}.{kind}") for spec in getattr(graph, kind))
         for kind in ("inputs", "outputs")
     )
+    for tensor in (*inputs, *outputs):
+        if not all((isinstance(d, int) and not isinstance(d, bool) and d >= 0) or (isinstance(d, str) and d) for d in tensor.shape):
+            raise ArtifactError(f"{MANIFEST_NAME}: '{where}' tensor {tensor.name!r} has shape {json.dumps(list(tensor.shape))}, "
+                                f"expected sizes >= 0 or symbolic dim names")
     ranges = {}
     for dim, triple in graph.dim_ranges.items():
         ok = isinstance(triple, list) and len(triple) == 3 and all(isinstance(v, int) and not isinstance(v, bool) for v in triple)
@@ -296,8 +301,11 @@ def hash_directory(directory: Path) -> dict[str, str]:
 
 
 def load_manifest(directory: Path, verify_hashes: bool = True) -> Manifest:
-    """Read and check an artifact directory's manifest; verify every listed file's sha256."""
+    """Read and check an artifact directory's manifest: every path it names inside the directory and listed in
+    `files`, every listed file present; verify_hashes: and its sha256 as listed (False skips only the hashing)."""
     directory = Path(directory)
+    from prunert.artifact_publish import recover_swap  # here, not at the top: artifact_publish reads manifests
+    recover_swap(directory)  # an interrupted `export --overwrite` swap is undone first, with a note (one lstat if none)
     if not directory.is_dir():
         raise ArtifactError(f"artifact '{directory}': not a directory")
     path = directory / MANIFEST_NAME
@@ -305,22 +313,85 @@ def load_manifest(directory: Path, verify_hashes: bool = True) -> Manifest:
         raise ArtifactError(f"artifact '{directory}': no {MANIFEST_NAME} (not a prunert artifact, or an interrupted export)")
     try:
         data = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except RecursionError:
+        raise ArtifactError(f"artifact '{directory}': {MANIFEST_NAME} is nested too deeply (expected at most {MAX_JSON_DEPTH} levels)") from None
+    except (UnicodeDecodeError, ValueError, OSError) as exc:  # ValueError: JSONDecodeError, an int of over 4300 digits
         raise ArtifactError(f"artifact '{directory}': {MANIFEST_NAME} is not valid JSON ({exc})") from None
     try:
+        if json_depth(data) > MAX_JSON_DEPTH:
+            raise ArtifactError(f"{MANIFEST_NAME} is nested too deeply (expected at most {MAX_JSON_DEPTH} levels)")
         manifest = Manifest.from_dict(data)
+        check_contained(directory, manifest)
     except ArtifactError as exc:  # name the artifact directory, as every other artifact error does
         raise ArtifactError(f"artifact '{directory}': {exc}") from None
-    if verify_hashes:
-        verify_files(directory, manifest)
+    verify_files(directory, manifest, hashes=verify_hashes)
     return manifest
 
 
-def verify_files(directory: Path, manifest: Manifest) -> None:
+def json_depth(data: Any) -> int:
+    """Nesting depth of parsed JSON (a scalar is 0), without recursion."""
+    deepest, stack = 0, [(data, 0)]
+    while stack:
+        value, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if isinstance(value, (dict, list)):
+            stack.extend((item, depth + 1) for item in (value.values() if isinstance(value, dict) else value))
+    return deepest
+
+
+def referenced_files(manifest: Manifest) -> list[tuple[str, str]]:
+    """(manifest key, file name) of every file the manifest points the runtime and the tools at."""
+    refs = [("text.tokenizer", manifest.text.tokenizer), ("text.embeddings", manifest.text.embeddings),
+            ("image_preprocessor", manifest.image_preprocessor)]
+    graphs = [(f"graphs.{name}", spec) for name, spec in manifest.graphs.items()]
+    graphs += [(f"variants.{p}.graphs.{name}", spec) for p, variant in manifest.variants.items() for name, spec in variant.graphs.items()]
+    for where, spec in graphs:
+        refs.append((f"{where}.file", spec.file))
+        if spec.external_data is not None:
+            refs.append((f"{where}.external_data", spec.external_data))
+    return refs + [(f"engines[{i}].file", engine.file) for i, engine in enumerate(manifest.engines)]
+
+
+def check_contained(directory: Path, manifest: Manifest) -> None:
+    """Every name in `files` resolves inside the directory (no absolute path, no '..', no symlink out), and every
+    file the manifest points at is one of them, so it is hashed. ArtifactError names the key and the path."""
+    root = directory.resolve()
+    for where, name in [(f"files[{name!r}]", name) for name in manifest.files] + referenced_files(manifest):
+        problem = _outside(root, name)
+        if problem:
+            raise ArtifactError(f"{MANIFEST_NAME} '{where}' is {json.dumps(name)}: {problem}; expected a file inside the artifact directory")
+    for where, name in referenced_files(manifest):
+        if name not in manifest.files:
+            raise ArtifactError(f"{MANIFEST_NAME} '{where}' names {name!r}, which 'files' does not list with a sha256; re-export the artifact")
+    for name, digest in manifest.files.items():
+        if not isinstance(digest, str) or len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+            raise ArtifactError(f"{MANIFEST_NAME} 'files[{name!r}]' is {json.dumps(digest)}, expected a sha256 (64 hex digits)")
+
+
+def _outside(root: Path, name: str) -> str:
+    """Why `name` is not a path inside root ("" when it is)."""
+    if not name or "\0" in name:
+        return "empty or with a NUL byte"
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).is_absolute() or PureWindowsPath(name).drive:
+        return "an absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "climbs out with '..'"
+    if name == MANIFEST_NAME:
+        return "the manifest itself"
+    resolved = (root / name).resolve()
+    if resolved == root or not resolved.is_relative_to(root):
+        return f"resolves to '{resolved}' (a symbolic link out of the directory)"
+    return ""
+
+
+def verify_files(directory: Path, manifest: Manifest, hashes: bool = True) -> None:
+    """Every listed file is present (always) and, with hashes, has the listed sha256."""
     for name, expected in sorted(manifest.files.items()):
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact '{directory}': file '{name}' listed in {MANIFEST_NAME} is missing")
+        if not hashes:
+            continue
         actual = sha256_file(path)
         if actual != expected:
             raise ArtifactError(

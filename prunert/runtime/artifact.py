@@ -1,9 +1,9 @@
-"""An artifact directory opened for running: manifest (hashes verified), tokenizer, embedding table,
-preprocessor config and the family's host adapter. Reads nothing but what the manifest lists."""
+"""An artifact directory opened for running: manifest (paths contained, hashes verified), tokenizer, embedding
+table, preprocessor config and the family's host adapter. Reads nothing but what the manifest lists in `files`,
+and checks at load that the manifest agrees with its graphs, tokenizer and preprocessor config (manifest_checks)."""
 
 from __future__ import annotations
 
-import importlib
 import json
 from functools import cached_property
 from pathlib import Path
@@ -13,37 +13,80 @@ import numpy as np
 
 from prunert.errors import ArtifactError
 from prunert.manifest import Manifest, load_manifest
+from prunert.runtime.host import HostAdapter
+from prunert.runtime import manifest_checks
 
 
 class Artifact:
     def __init__(self, directory: Path | str, verify_hashes: bool = True):
+        """verify_hashes=False (`--no-verify`) skips only the sha256s: paths, listing and every check still apply."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory, verify_hashes=verify_hashes)
+        try:
+            manifest_checks.check_manifest(self.manifest)
+        except ArtifactError as exc:
+            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        self.tokenizer, self.embeddings, self.preprocessor_config  # noqa: B018 - a bad file fails here, not mid-run
 
     def path(self, name: str) -> Path:
+        """A file of the artifact; only one the manifest lists (load_manifest checked it is inside the directory)."""
+        if name not in self.manifest.files:
+            raise ArtifactError(f"artifact '{self.directory}': '{name}' is not listed in the manifest's files; it is not loaded")
         return self.directory / name
+
+    def _cannot_read(self, name: str, exc: BaseException) -> ArtifactError:
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return ArtifactError(f"artifact '{self.directory}': cannot read {name}: {reason}")
 
     @cached_property
     def tokenizer(self) -> Any:
         from tokenizers import Tokenizer
 
+        name = self.manifest.text.tokenizer
         try:
-            return Tokenizer.from_file(str(self.path(self.manifest.text.tokenizer)))
+            tokenizer = Tokenizer.from_file(str(self.path(name)))
+        except ArtifactError:
+            raise
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
-            raise ArtifactError(f"artifact '{self.directory}': cannot read {self.manifest.text.tokenizer}: {exc}") from None
+            raise self._cannot_read(name, exc) from None
+        try:
+            manifest_checks.check_tokenizer(self.manifest, tokenizer)
+        except ArtifactError as exc:
+            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        return tokenizer
 
     @cached_property
     def embeddings(self) -> np.ndarray:
         """The LLM's input-embedding table [V, D], memory-mapped."""
-        table = np.load(self.path(self.manifest.text.embeddings), mmap_mode="r", allow_pickle=False)
+        name = self.manifest.text.embeddings
+        try:
+            table = np.load(self.path(name), mmap_mode="r", allow_pickle=False)
+        except ArtifactError:
+            raise
+        except Exception as exc:  # not an .npy (ValueError), truncated (EOFError, OSError), pickled objects, ...
+            raise self._cannot_read(name, exc) from None
         expected = (self.manifest.decoder.vocab_size, self.manifest.decoder.hidden_size)
-        if table.shape != expected:
-            raise ArtifactError(f"artifact '{self.directory}': embeddings shape {table.shape}, expected {expected}")
+        if not isinstance(table, np.ndarray) or table.shape != expected or table.dtype.kind != "f":
+            shape = getattr(table, "shape", type(table).__name__)
+            raise ArtifactError(f"artifact '{self.directory}': {name}: shape {shape} {getattr(table, 'dtype', '')}, expected float {expected}")
         return table
 
     @cached_property
     def preprocessor_config(self) -> dict[str, Any]:
-        return json.loads(self.path(self.manifest.image_preprocessor).read_text())
+        name = self.manifest.image_preprocessor
+        try:
+            config = json.loads(self.path(name).read_text())
+        except ArtifactError:
+            raise
+        except RecursionError:
+            raise ArtifactError(f"artifact '{self.directory}': cannot read {name}: nested too deeply") from None
+        except (UnicodeDecodeError, ValueError, OSError) as exc:
+            raise self._cannot_read(name, exc) from None
+        try:
+            manifest_checks.check_preprocessor_config(name, config)
+        except ArtifactError as exc:
+            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        return config
 
     @cached_property
     def special_ids(self) -> set[int]:
@@ -56,9 +99,9 @@ class Artifact:
         return ids
 
     @cached_property
-    def host(self) -> Any:
-        from prunert.adapters import family_module
+    def host(self) -> HostAdapter:
+        """The family's host adapter, bound to this manifest's family_config and N (the registry's one lookup)."""
+        from prunert.adapters import host_adapter_class
 
-        module = importlib.import_module(family_module(self.manifest.source.family).__name__ + ".host")
-        factory = getattr(module, "host_adapter", None)  # a host bound to the manifest's family_config
-        return module.HOST_ADAPTER if factory is None else factory(self.manifest.family_config)
+        host_class = host_adapter_class(self.manifest.source.family)
+        return host_class(self.manifest.family_config, self.manifest.budget.num_visual_tokens)

@@ -9,7 +9,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from prunert.errors import BackendUnavailableError, InputShapeError
+from prunert.errors import ArtifactError, BackendUnavailableError, InputShapeError
 from prunert.manifest import GraphSpec
 
 
@@ -140,7 +140,7 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = threads
         for key, value in (session_config or {}).items():
             options.add_session_config_entry(key, str(value))
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=list(providers))
+        self.session = _open_session(ort, Path(path), options, list(providers))
         self.output_names = [o.name for o in spec.outputs]
         self.device = "cuda" if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 
@@ -155,6 +155,18 @@ class OnnxRuntimeRunner(Runner):
         if self.device == "cuda":
             return OrtBoundKVSession(self, num_layers)
         return HostKVSession(self, num_layers)
+
+
+def _open_session(ort: Any, path: Path, options: Any, providers: list[Any]) -> Any:
+    """An InferenceSession over the graph file; one that ONNX Runtime cannot load (corrupt or truncated, e.g. under
+    --no-verify, or its external data) is an ArtifactError naming it, not ONNX Runtime's traceback."""
+    if not path.is_file():
+        raise ArtifactError(f"graph '{path}': file not found")
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=providers)
+    except Exception as exc:  # onnxruntime's own exception types (InvalidProtobuf, Fail, ...) from its C++ core
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ArtifactError(f"graph '{path}': ONNX Runtime cannot load it ({reason}); without --no-verify its sha256 is checked") from None
 
 
 HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
