@@ -159,10 +159,17 @@ class BudgetConfig:
 
             object.__setattr__(self, "params", method_spec(self.method).config_type())
 
+    @property
+    def keeps_all(self) -> bool:
+        """The method is the unpruned baseline (the registry's MethodSpec.keeps_all): K = N, every token kept."""
+        from prunert.pruning_ops import method_spec
+
+        return method_spec(self.method).keeps_all
+
     def validate_against(self, num_visual_tokens: int) -> None:
-        if self.method == "none":  # the unpruned baseline keeps every token
+        if self.keeps_all:
             if self.budget != num_visual_tokens:
-                raise ConfigError(f"budget: got {self.budget} with --method none, expected {num_visual_tokens} (all visual tokens)")
+                raise ConfigError(f"budget: got {self.budget} with --method {self.method}, expected {num_visual_tokens} (all visual tokens)")
             return
         if not 0 < self.budget < num_visual_tokens:
             raise ConfigError(

@@ -138,7 +138,7 @@ def kept_dim(adapter: Any, budget: BudgetConfig) -> int | str:
     """The K dim of the vision graph's outputs: the budget, static; for the unpruned graph (method none) of a
     family whose N varies per image, the adapter's symbolic N dim (`visual_token_dim`, e.g. "merged")."""
     symbolic = getattr(adapter, "visual_token_dim", None)
-    return symbolic if budget.method == "none" and symbolic else budget.budget
+    return symbolic if budget.keeps_all and symbolic else budget.budget
 
 
 def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int | str, hidden: int):

@@ -39,6 +39,7 @@ class MethodSpec:
     reference: str  # "module:function" of the NumPy reference
     needs: tuple[str, ...] = ()  # extra vision-tower outputs: "cls_attention", "patch_keys"
     description: str = ""
+    keeps_all: bool = False  # the unpruned baseline: K must equal N and every token is kept, in order
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -54,7 +55,7 @@ register(MethodSpec(
 ))
 register(MethodSpec(
     "none", NoPruningConfig, "prunert.pruning_ops.none:keep_all_op", "prunert.pruning_ops.none:keep_all_reference",
-    description="unpruned baseline: keeps all N tokens (budget must equal N)",
+    description="unpruned baseline: keeps all N tokens (budget must equal N)", keeps_all=True,
 ))
 
 for _name, _config, _needs, _description in (

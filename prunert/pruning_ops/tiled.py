@@ -60,9 +60,9 @@ def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
     (method none: K = T * N, every slot of the static layout; the host drops the masked ones)."""
     if budget.method not in TILED_METHODS:
         raise ConfigError(f"--method {budget.method}: method {budget.method!r} does not support per-tile budgets; expected one of {list(TILED_METHODS)}")
-    if budget.method == "none":
+    if budget.keeps_all:
         if budget.budget != tiles * n:
-            raise ConfigError(f"budget: got {budget.budget} with --method none, expected {tiles * n} ({tiles} tiles x {n} tokens, all of them)")
+            raise ConfigError(f"budget: got {budget.budget} with --method {budget.method}, expected {tiles * n} ({tiles} tiles x {n} tokens, all of them)")
         return
     if not 0 < budget.budget < tiles * n:
         raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget < {tiles * n} ({tiles} tiles x {n} tokens)")
@@ -209,7 +209,7 @@ def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudget
     batch, t, n, d = tokens.shape
     k, cfg = budget.budget, budget.params
     check_tiled_budget(budget, t, n)
-    if budget.method == "none":  # the unpruned baseline: every slot, in (tile, index) order
+    if budget.keeps_all:  # the unpruned baseline: every slot, in (tile, index) order
         return tokens.reshape(-1, t * n, d), torch.arange(t * n, device=tokens.device).expand(batch, t * n)  # [B, T*N, D], [B, T*N]
     valid = (inputs["token_mask"] != 0) & (inputs["tile_mask"] != 0)[:, :, None]  # [B, T, N]
     flat = tokens.reshape(-1, t * n, d)  # [B, T*N, D]

@@ -104,9 +104,9 @@ class QwenExportAdapter(HFTextParts):
         (outputs [1, merged, D]) and leaves the pixel range as it is."""
         base = self.checkpoint_preprocess
         low, high = visual_token_range(base)
-        if budget.method == "none":  # every image keeps its own N: the K dim of the outputs is "merged"
+        if budget.keeps_all:  # every image keeps its own N: the K dim of the outputs is "merged"
             if budget.budget != high:
-                raise ConfigError(f"budget: got {budget.budget} with --method none, expected {high} (the most merged visual tokens "
+                raise ConfigError(f"budget: got {budget.budget} with --method {budget.method}, expected {high} (the most merged visual tokens "
                                   f"an image gives; each image keeps all of its own {low}..{high})")
             return
         largest = visual_token_range(replace(base, min_pixels=base.max_pixels))[0]  # the floor of the max_pixels branch
