@@ -6,6 +6,10 @@ New files are written under `ARTIFACT/.staging/<name>-<random>/`, then the folde
 that lists them and their sha256. Until that replace the old manifest stands and names only old files;
 an interrupted update leaves at most an unlisted folder, which the next update or `prunert inspect`
 ignores. Folders a committed update drops are deleted after the manifest no longer names them.
+Each staging folder is a `prunert.artifact_publish.Staging` root (owner pid and start time beside the
+payload): the next update removes the ones whose owner is gone, `prunert inspect` reports the rest.
+A commit holds the artifact's lock (`.NAME.lock` beside it, where the parent is writable), so two
+concurrent updates both land and an `export --overwrite` swap never runs under one.
 
 Standard library only: `prunert build` runs on the target, where torch is absent.
 """
@@ -13,17 +17,15 @@ Standard library only: `prunert build` runs on the target, where torch is absent
 from __future__ import annotations
 
 import os
-import secrets
 import shutil
 import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
+from prunert.artifact_publish import STAGING_DIR, Staging, clean_stale, normal_file_mode, rename_noreplace, target_lock
 from prunert.errors import ArtifactError
 from prunert.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
-
-STAGING_DIR = ".staging"
 
 
 class ArtifactUpdate:
@@ -35,9 +37,11 @@ class ArtifactUpdate:
     def __init__(self, directory: Path | str, name: str):
         self.directory = Path(directory)
         load_manifest(self.directory, verify_hashes=False)  # a clear error before anything is written
-        self.folder = f"{name}-{secrets.token_hex(4)}"
-        self.staging = self.directory / STAGING_DIR / self.folder
-        self.staging.mkdir(parents=True)
+        clean_stale(self.directory)  # staging folders of updates that were killed
+        (self.directory / STAGING_DIR).mkdir(exist_ok=True)
+        self._root = Staging.create(self.directory / STAGING_DIR, f"{name}-")  # its payload/ becomes ARTIFACT/<folder>
+        self.folder = self._root.root.name
+        self.staging = self._root.payload
         self.committed: Manifest | None = None
 
     def file(self, name: str) -> str:
@@ -46,11 +50,18 @@ class ArtifactUpdate:
 
     def commit(self, update: Callable[[Manifest], Manifest], drop: Iterable[str] = ()) -> Manifest:
         """Install the staged folder and the manifest update(old) lists; drop whole folders the old one listed."""
+        with target_lock(self.directory, optional=True):  # where the parent is read-only, unlocked
+            new = self._install(update, drop)
+        self.abort()  # the emptied staging root
+        self.committed = new
+        return new
+
+    def _install(self, update: Callable[[Manifest], Manifest], drop: Iterable[str]) -> Manifest:
         old = load_manifest(self.directory, verify_hashes=False)
         new = update(old)
         drop = [folder.rstrip("/") for folder in drop if folder]
         final = self.directory / self.folder
-        os.rename(self.staging, final)
+        rename_noreplace(self.staging, final)
         try:
             files = {name: digest for name, digest in old.files.items() if not any(name.startswith(d + "/") for d in drop)}
             for path in sorted(final.rglob("*")):
@@ -65,12 +76,10 @@ class ArtifactUpdate:
         for folder in drop:
             if (self.directory / folder).resolve().parent == self.directory.resolve():
                 shutil.rmtree(self.directory / folder, ignore_errors=True)
-        _remove_if_empty(self.directory / STAGING_DIR)
-        self.committed = new
         return new
 
     def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        self._root.remove()
         _remove_if_empty(self.directory / STAGING_DIR)
 
     def __enter__(self) -> "ArtifactUpdate":
@@ -89,7 +98,7 @@ def write_manifest(directory: Path, manifest: Manifest) -> None:
             out.write(manifest.to_json())
             out.flush()
             os.fsync(out.fileno())
-        os.chmod(temp, 0o644)  # mkstemp makes it 0600; the manifest is as readable as the rest
+        os.chmod(temp, normal_file_mode())  # mkstemp makes it 0600; the manifest is as readable as the rest
         os.replace(temp, directory / MANIFEST_NAME)
     except BaseException:
         Path(temp).unlink(missing_ok=True)

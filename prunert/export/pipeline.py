@@ -2,7 +2,8 @@
 tokenizer, preprocessor config and manifest.json. Validated with ONNX Runtime after export.
 
 The directory is built under a temporary name beside the target and renamed into place only after
-validation, so a crash or Ctrl-C leaves nothing that `prunert run` would accept.
+validation, so a crash or Ctrl-C leaves nothing that `prunert run` would accept. prunert.artifact_publish
+does the rename: exclusive for a new --out, a journaled swap for --overwrite (which replaces only an artifact).
 """
 
 from __future__ import annotations
@@ -12,8 +13,8 @@ import importlib.metadata
 import io
 import json
 import logging
+import os
 import shutil
-import tempfile
 import warnings
 from dataclasses import replace
 from pathlib import Path
@@ -25,6 +26,7 @@ import torch
 import prunert
 from prunert import pruning_ops
 from prunert.adapters import ModelSource, family_module, resolve_source
+from prunert.artifact_publish import PARTIAL, Staging, clean_stale, publish, recover_swap, refuse_unless_artifact
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
 from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
@@ -58,8 +60,11 @@ def export_artifact(
     log: Callable[[str], None] = print,
 ) -> Manifest:
     out_dir = Path(out_dir)
-    if out_dir.exists() and not overwrite:
-        raise ArtifactError(f"--out '{out_dir}': already exists; choose another directory or pass --overwrite")
+    recover_swap(out_dir)  # a swap a kill cut short: the previous artifact is put back first
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise ArtifactError(f"--out '{out_dir}': already exists; choose another directory or pass --overwrite")
+        refuse_unless_artifact(out_dir, "--out")  # --overwrite replaces only a prunert artifact
     source = resolve_source(model)
     log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else ""))
     adapter = load_export_adapter(source)
@@ -71,12 +76,14 @@ def export_artifact(
 
     created_parent = not out_dir.parent.exists()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    for leftover in clean_stale(out_dir):
+        log(f"removed {leftover} (left by a prunert process that is gone)")
+    staging = Staging.create(out_dir.parent, f".{out_dir.name}.{PARTIAL}-")  # owner record + payload/, umask's mode
     try:
-        manifest = _write_artifact(staging, source, adapter, budget, cfg, log)
-        _move_into_place(staging, out_dir)
+        manifest = _write_artifact(staging.payload, source, adapter, budget, cfg, log)
+        publish(staging, out_dir, overwrite)  # exclusive rename, or the journaled swap of an artifact
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        staging.remove()
         if created_parent and not out_dir.exists():
             with contextlib.suppress(OSError):
                 out_dir.parent.rmdir()  # created only for this export and still empty: leave no trace
@@ -214,18 +221,6 @@ def _quiet_exporter():
     finally:
         for logger, level in zip(loggers, levels):
             logger.setLevel(level)
-
-
-def _move_into_place(staging: Path, out_dir: Path) -> None:
-    """Rename the finished directory into place; an existing one is swapped out, then removed."""
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        old.rmdir()
-        out_dir.rename(old)
-        staging.rename(out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        staging.rename(out_dir)
 
 
 def _version(package: str) -> str:

@@ -350,7 +350,7 @@ def test_cli_interrupted_export_exits_130_and_leaves_nothing(capsys, tmp_path: P
 def test_overwrite_replaces_existing_dir_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     _fast_fake_export(monkeypatch)
     out = tmp_path / "out"
-    out.mkdir()
+    export_pipeline.export_artifact(TINY, out, BudgetConfig(budget=4), log=lambda m: None)  # --overwrite replaces only an artifact
     (out / "old.txt").write_text("old")
     manifest = export_pipeline.export_artifact(TINY, out, BudgetConfig(budget=8), overwrite=True, log=lambda m: None)
     assert _listing(tmp_path) == ["out"]  # no .partial- or .old- dirs left
