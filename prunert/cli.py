@@ -8,6 +8,7 @@ Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sys
 from pathlib import Path
@@ -85,13 +86,16 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _parity(args: argparse.Namespace) -> int:
+    from prunert.artifact_publish import refuse_unless_replaceable_file, replace_file
     from prunert.config import ParityTolerances
     from prunert.parity.reference import run_parity
 
+    out = args.out or Path(args.artifact) / "parity.json"
+    report_file = ("--out", frozenset({"artifact", "checks", "verdict"}), "a parity report")  # what --out may replace
+    refuse_unless_replaceable_file(out, *report_file)  # before the long run: a directory, link or other file stays
     tolerances = ParityTolerances.for_precision(args.precision, greedy_tokens=args.greedy_tokens)
     report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision)
-    out = args.out or Path(args.artifact) / "parity.json"
-    report.write_json(out)
+    replace_file(out, report.write_json, *report_file)
     print(f"{args.backend}, {args.precision} graphs; the {args.precision} bars (ParityTolerances.for_precision, docs/deploy.md)")
     print(report.table())
     if report.synthetic:
@@ -158,7 +162,7 @@ def _build(args: argparse.Namespace) -> int:
     from prunert.manifest import load_manifest
 
     config = EngineBuildConfig(precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
-                               workspace_bytes=int(args.workspace_gb * (1 << 30)), optimization_level=args.opt_level,
+                               workspace_bytes=EngineBuildConfig.workspace_from_gib(args.workspace_gb), optimization_level=args.opt_level,
                                graphs=tuple(args.graph) if args.graph else EngineBuildConfig().graphs)
     import_tensorrt()  # before anything is converted: no tensorrt, no change to the artifact
     manifest = load_manifest(args.artifact)
@@ -185,11 +189,18 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _inspect(args: argparse.Namespace) -> int:
+    from prunert.artifact_publish import leftovers
     from prunert.manifest import load_manifest
     from prunert.inspect import manifest_table
 
     manifest = load_manifest(Path(args.artifact), verify_hashes=not args.no_verify)
-    print(manifest.to_json() if args.json else manifest_table(manifest))
+    found = leftovers(Path(args.artifact))  # staging folders and swap journals beside and inside it
+    if args.json:  # stdout stays the raw manifest; leftovers go to stderr
+        print(manifest.to_json())
+        for leftover in found:
+            print(f"prunert: note: {leftover.line()}", file=sys.stderr)
+    else:
+        print(manifest_table(manifest, found))
     return 0
 
 
@@ -369,9 +380,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of the machine, not of prunert: a full disk, a read-only or foreign directory. Any other OSError
+# (ENOENT of a file prunert should have checked, EBADF, ...) stays a traceback: it is a bug.
+ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+
+
+def _environment_error(exc: OSError, args: argparse.Namespace | None) -> str:
+    """One line for an OSError of ENVIRONMENT_ERRNOS, naming the path: the error's own, else (a failed
+    write() carries none) the output or artifact the command was writing."""
+    target = exc.filename or getattr(args, "out", None) or getattr(args, "artifact", None) or "prunert"
+    reason = exc.strerror or os.strerror(exc.errno)
+    return f"'{target}': {reason} ({errno.errorcode[exc.errno]})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """The console script and `python -m prunert`: parsing is inside the try, so Ctrl-C while the parser's
+    imports load (method registry, configs) is exit 130 too."""
+    args = None
     try:
+        args = build_parser().parse_args(argv)
         return args.func(args)
     except PrunertError as exc:
         print(f"prunert: error: {exc}", file=sys.stderr)
@@ -382,6 +409,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader closed early (`prunert inspect A | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+    except OSError as exc:
+        if exc.errno not in ENVIRONMENT_ERRNOS:
+            raise
+        print(f"prunert: error: {_environment_error(exc, args)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

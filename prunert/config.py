@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, fields
 from typing import Any
 
 from prunert.errors import ConfigError
 
 DEFAULT_OPSET = 20
+# ONNX default-domain opsets an export may target: torch.onnx's dynamo exporter builds at 18 (TORCHLIB_OPSET)
+# and converts up to 23 (its ONNX_MAX_OPSET).
+MIN_OPSET, MAX_OPSET = 18, 23
 # TensorRT's ONNX parser takes TopK only with K <= 3840 (deploy-facts.md); trt_supported_ops.json records the same.
 TRT_MAX_TOPK = 3840
 SCHEMA_VERSION = 3  # 2: text.max_batch, source.revision; 3: variants (fp16/bf16/int8/fp8 graphs), engines
@@ -77,6 +81,9 @@ class VisionZipConfig:
     """VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.
 
     contextual_fraction: share of K given to contextual (merged) tokens; 10/64 gives the published
+    def __post_init__(self) -> None:
+        check_seed("random seed", self.seed)
+
     splits 54+10 (K=64), 108+20 (K=128), 162+30 (K=192).
     key_heads:           average patch_keys over this many equal head slices before the cosine; 1 = the
                          full key vector, 16 = VisionZip's code on CLIP ViT-L/14 (keys averaged over heads).
@@ -97,6 +104,7 @@ class DivPruneConfig:
     """DivPrune: max-min diversity on projector outputs with distance 1 - cosine; no parameters."""
 
 
+        check_finite(self, "visionzip ")
 @dataclass(frozen=True)
 class CDPrunerConfig:
     """CDPruner: greedy DPP MAP with kernel diag(r) G diag(r), G the cosine Gram of projector outputs,
@@ -123,6 +131,7 @@ class NoPruningConfig:
 @dataclass(frozen=True)
 class TileBudgetConfig:
     """HERO-style split of K over any-resolution tiles (prunert.pruning_ops.tile_budgets, used by
+        check_finite(self, "cdpruner ")
     per-tile selection, prunert.pruning_ops.tiled).
 
     thumbnail_share: fraction of K the global thumbnail keeps; text_weight: blend of text relevance
@@ -145,6 +154,7 @@ class TileBudgetConfig:
 @dataclass(frozen=True)
 class BudgetConfig:
     """How many visual tokens survive, which method picks them, and that method's parameters.
+        check_finite(self)
 
     params: the method's own frozen config (ResPruneConfig for "resprune", ...); None = its defaults.
     """
@@ -169,6 +179,9 @@ class BudgetConfig:
     def validate_against(self, num_visual_tokens: int) -> None:
         if self.keeps_all:
             if self.budget != num_visual_tokens:
+        if self.budget < 1:
+            raise ConfigError(f"budget: got {self.budget}, expected >= 1")
+        check_finite(self.params, f"{self.method} ")  # a method config without its own __post_init__ too
                 raise ConfigError(f"budget: got {self.budget} with --method {self.method}, expected {num_visual_tokens} (all visual tokens)")
             return
         if not 0 < self.budget < num_visual_tokens:
@@ -201,6 +214,17 @@ class GenerationConfig:
 
     max_new_tokens: int = 32
     temperature: float = 0.0
+    def __post_init__(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ConfigError(f"--opset: got {self.opset}, expected {MIN_OPSET}..{MAX_OPSET} (the ONNX opsets torch.onnx exports)")
+        for name in ("max_text_tokens", "max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')}: got {getattr(self, name)}, expected >= 1")
+        if self.export_batch < 2:
+            raise ConfigError(f"export_batch: got {self.export_batch}, expected >= 2 (a traced batch of 1 is baked in)")
+        if self.max_batch < self.export_batch:
+            raise ConfigError(f"--max-batch: got {self.max_batch}, expected >= {self.export_batch} (the batch the graphs are traced with)")
+
     top_p: float = 1.0
     seed: int = 0
 
@@ -216,6 +240,8 @@ class GenerationConfig:
 def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
     if precision not in allowed:
         raise ConfigError(f"{flag}: got {precision!r}, expected one of {list(allowed)}")
+        check_finite(self)
+        check_seed("seed", self.seed)
     return precision
 
 
@@ -224,6 +250,21 @@ class PrecisionConfig:
     """fp16/bf16 conversion of an artifact's fp32 graphs into strongly typed graphs (prunert.export.precision).
 
     fp32_op_types:      op types that stay fp32 islands (LayerNorm after attention overflows in fp16).
+def check_finite(config: Any, prefix: str = "") -> None:
+    """Every float field of the dataclass `config` is finite: NaN slips through every range check (all
+    comparisons are False) and inf through one-sided ones. Used by each config's __post_init__."""
+    for f in fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{prefix}{f.name}: got {value}, expected a finite number")
+
+
+def check_seed(where: str, seed: int) -> None:
+    """A seed for np.random.default_rng: a non-negative integer."""
+    if seed < 0:
+        raise ConfigError(f"{where}: got {seed}, expected an integer >= 0")
+
+
     fp32_node_patterns: fnmatch patterns on node names or name scopes kept in fp32, e.g.
                         "*encoder.layers.23.mlp.fc2*" for a late MLP down-projection.
     keep_selection_fp32: the selection op (SELECTION_SCOPE) stays fp32; its argmax decisions are precision-sensitive.
@@ -250,6 +291,7 @@ class CalibrationConfig:
 
     The quantizer is ONNX Runtime's static QDQ quantizer (it ships with the runtime's onnxruntime; ModelOpt's
     ONNX path would need onnxruntime-gpu, which cannot live beside it), recorded as the variant's tool.
+        check_finite(self)
     Symmetric int8 with per-channel weights and per-tensor activations, or FP8 E4M3. Only op_types are
     quantized (quantizing every op wrecks the [CLS] ranking); the selection op always stays fp32.
     """
@@ -304,10 +346,21 @@ class ParityTolerances:
 
     A check with a None bound is not applied at that precision (elementwise max-abs is meaningless
     for fp16/int8 logits; cosine and set overlap carry the comparison there).
+        if not 1 <= self.opt_batch <= (self.max_batch or self.opt_batch):
+            raise ConfigError(f"--opt-batch: got {self.opt_batch}, expected 1 <= opt_batch <= max_batch ({self.max_batch})")
+        if self.workspace_bytes < 1:
+            raise ConfigError(f"workspace_bytes: got {self.workspace_bytes}, expected >= 1")
     """
 
     pixels_max_abs: float = 1e-4
     kept_min_overlap: float = 1.0  # |ours ∩ reference| / K
+    @staticmethod
+    def workspace_from_gib(gib: float) -> int:
+        """--workspace-gb as the workspace_bytes field: a finite number of GiB > 0."""
+        if not (math.isfinite(gib) and gib > 0):
+            raise ConfigError(f"--workspace-gb: got {gib}, expected a finite number > 0")
+        return int(gib * (1 << 30))
+
     tokens_max_abs: float | None = 1e-3
     tokens_min_cosine: float = 0.99999
     logits_max_abs: float | None = 1e-3
@@ -326,6 +379,11 @@ class ParityTolerances:
 PRECISION_TOLERANCES: dict[str, dict[str, Any]] = {
     "fp32": {},
     "fp16": {"kept_min_overlap": 0.98, "tokens_max_abs": None, "tokens_min_cosine": 0.999,
+    def __post_init__(self) -> None:
+        check_finite(self)
+        if self.greedy_tokens < 1:
+            raise ConfigError(f"--greedy-tokens: got {self.greedy_tokens}, expected >= 1")
+
              "logits_max_abs": None, "logits_min_cosine": 0.999, "tie_margin": 0.05},
     "bf16": {"kept_min_overlap": 0.95, "tokens_max_abs": None, "tokens_min_cosine": 0.995,
              "logits_max_abs": None, "logits_min_cosine": 0.995, "tie_margin": 0.25},
