@@ -17,7 +17,10 @@ Definition (one image; tokens x_i [N, D], budget K, 1 <= K <= N):
   * numerics (the ResPrune rules, methods.md "Numerics"): a gain below tau * L_ii (its own initial gain) counts
              as exactly 0 (rank exhausted: duplicates, zero tokens, low rank), gains within TIE_RTOL
              (relative) of the best tie and go to the lowest index, so once every gain is 0 the remaining picks
-             are the lowest unpicked indices. Picked tokens are masked explicitly.
+             are the lowest unpicked indices. Picked tokens are masked explicitly. The loop is ResPrune's
+             (common.greedy_order; reference.greedy_order) with the kernel as Gram matrix and no weight.
+  * bad numbers: ResPrune's rule (reference module docstring): a token with a NaN or +-inf entry is a zero
+             token, a text row with one is not a content word.
   * output:  kept_indices ascending, kept_tokens = tokens[kept_indices] bit for bit.
 
 With these definitions CDPruner's picks equal ResPrune's with normalize=True, alpha=2 (same epsilon, relevance,
@@ -47,7 +50,6 @@ import numpy as np
 from prunert.config import TRT_MAX_TOPK, CDPrunerConfig, ResPruneConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops import reference
-from prunert.pruning_ops.reference import TIE_RTOL, pick_first_best
 
 
 def _check(budget: int, n: int, cfg: CDPrunerConfig) -> None:
@@ -74,14 +76,12 @@ def relevance_config(cfg: CDPrunerConfig) -> ResPruneConfig:
 def cdpruner_select(tokens: Any, text: Any, text_mask: Any, budget: int, cfg: CDPrunerConfig) -> Any:
     """tokens [B, N, D] (any float), text [B, M, D], text_mask [B, M] -> kept indices [B, K] ascending, int64."""
     import torch
-    from torch._higher_order_ops import while_loop
 
-    from prunert.pruning_ops.common import kept_to_indices
-    from prunert.pruning_ops.resprune import text_relevance
+    from prunert.pruning_ops.common import greedy_order, kept_to_indices
+    from prunert.pruning_ops.resprune import finite_tokens, text_relevance
 
-    x = tokens.float()
-    batch, n, _ = x.shape
-    _check(budget, n, cfg)
+    x = finite_tokens(tokens)  # [B, N, D] fp32; a token with a NaN / inf entry is a zero token
+    _check(budget, x.shape[1], cfg)
     tiny = torch.finfo(torch.float32).tiny
     # Each row divided by its max |entry| (cosines unchanged): norms lie in [1, sqrt(D)], no fp32 overflow or
     # underflow at any token scale. Zero rows stay zero.
@@ -91,33 +91,8 @@ def cdpruner_select(tokens: Any, text: Any, text_mask: Any, budget: int, cfg: CD
     r = text_relevance(x, text.float(), text_mask, relevance_config(cfg))  # [B, N] in [epsilon, 1]
     kernel = r[:, :, None] * (unit @ unit.transpose(1, 2)) * r[:, None, :]  # [B, N, N]  L = diag(r) G^ diag(r)
     gain = r * r * (norm[..., 0] > 0).to(r.dtype)  # [B, N]  L_ii with G^_ii exactly 1 (0 for zero tokens)
-    floor = cfg.tau * gain  # [B, N]
-    positions = torch.arange(n, device=x.device)  # [N]
-    steps = torch.arange(budget, device=x.device)  # [K]
-
-    def keep_going(step, gain, kept, chol):
-        return step < budget
-
-    def greedy_step(step, gain, kept, chol):
-        effective = torch.where(gain < floor, 0.0, gain)  # [B, N]
-        score = torch.where(kept > 0, float("-inf"), effective)
-        best = score.amax(dim=-1, keepdim=True)  # [B, 1]
-        tied = (score >= best * (1.0 - TIE_RTOL)).to(gain.dtype)  # [B, N]; ties -> first 1 = lowest index
-        pick = tied.argmax(dim=-1, keepdim=True)  # [B, 1]
-        onehot = (positions[None, :] == pick).to(gain.dtype)  # [B, N]
-        pick_gain = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
-        kernel_row = onehot[:, None, :] @ kernel  # [B, 1, N]  L[j, :]
-        pick_chol = onehot[:, None, :] @ chol  # [B, 1, K]  c[j]
-        inner = kernel_row.transpose(1, 2) - chol @ pick_chol.transpose(1, 2)  # [B, N, 1]
-        scale = torch.where(pick_gain > 0, pick_gain.clamp_min(tiny).rsqrt(), 0.0)  # [B, 1]
-        column = inner * scale[:, :, None]  # [B, N, 1]  e; zero once the rank is exhausted
-        chol = torch.where((steps == step)[None, None, :], column, chol)  # [B, N, K]
-        gain = (gain - column[..., 0] ** 2).clamp_min(0.0)
-        return step + 1, gain, kept + onehot, chol
-
-    state = (torch.zeros((), dtype=torch.int64), gain, torch.zeros_like(gain), x.new_zeros(batch, n, budget))
-    _, _, kept, _ = while_loop(keep_going, greedy_step, state)
-    return kept_to_indices(kept > 0, budget)  # [B, K]
+    order = greedy_order(kernel, gain, budget, cfg.tau)  # [B, N]: ResPrune's loop, score = the gain itself
+    return kept_to_indices(order < budget, budget)  # [B, K]
 
 
 def cdpruner_op(inputs: dict[str, Any], budget: int, cfg: CDPrunerConfig) -> tuple[Any, Any]:
@@ -133,7 +108,7 @@ def cdpruner_op(inputs: dict[str, Any], budget: int, cfg: CDPrunerConfig) -> tup
 
 def dpp_kernel(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, cfg: CDPrunerConfig) -> np.ndarray:
     """L = diag(r) G^ diag(r) [N, N] in float64, with G^_ii exactly 1 (0 for zero tokens)."""
-    x = np.asarray(tokens, np.float64)
+    x = reference.finite_tokens(tokens)  # float64; a token with a NaN / inf entry is a zero token
     r = reference.text_relevance(x, text, text_mask, relevance_config(cfg))  # [N]
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     unit = x / np.where(norm > 0, norm, 1.0)
@@ -146,21 +121,7 @@ def cdpruner(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
     """Kept indices (ascending) of one image's tokens [N, D]: Chen et al.'s fast greedy MAP, float64."""
     _check(budget, len(tokens), cfg)
     kernel = dpp_kernel(tokens, text, text_mask, cfg)
-    n = len(kernel)
-    gain = np.diag(kernel).copy()  # d2_i = L_ii
-    floor = cfg.tau * gain
-    chol = np.zeros((budget, n))  # chol[k, i] = c_i[k]
-    kept = np.zeros(n, bool)
-    for k in range(budget):
-        effective = np.where(gain < floor, 0.0, gain)
-        j = pick_first_best(np.where(kept, -np.inf, effective))  # within TIE_RTOL -> lowest index
-        kept[j] = True
-        if effective[j] <= 0:
-            continue  # rank exhausted: later picks by index order only
-        e = (kernel[j] - chol[:k].T @ chol[:k, j]) / np.sqrt(effective[j])
-        chol[k] = e
-        gain = np.maximum(gain - e * e, 0.0)
-    return np.flatnonzero(kept)
+    return np.sort(reference.greedy_order(kernel, np.diag(kernel).copy(), budget, cfg.tau))  # d2_i = L_ii; ResPrune's loop
 
 
 def cdpruner_reference(inputs: dict[str, np.ndarray], budget: int, cfg: CDPrunerConfig) -> tuple[np.ndarray, np.ndarray]:

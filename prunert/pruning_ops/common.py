@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import torch
+from torch._higher_order_ops import while_loop
 
 from prunert.config import TRT_MAX_TOPK
+from prunert.pruning_ops.reference import TIE_RTOL
+
+TINY = float(torch.finfo(torch.float32).tiny)  # smallest normal fp32
 
 
 def kept_to_indices(kept: torch.Tensor, budget: int) -> torch.Tensor:
@@ -47,3 +51,73 @@ def fixed_indices(tokens: torch.Tensor, indices: list[int]) -> torch.Tensor:
     Exports as one constant [K] and an Expand to the (dynamic) batch: no data-dependent op at all."""
     row = torch.tensor(indices, dtype=torch.int64, device=tokens.device)  # [K]
     return row[None, :].expand(tokens.shape[0], len(indices))  # [B, K]
+
+
+# ----------------------------------------------------------------------------------------- greedy selection
+
+
+def finite_rows(v: torch.Tensor) -> torch.Tensor:
+    """v [B, N, D] -> [B, N] bool: the rows whose entries are all finite. |v| < inf is False for NaN and +-inf
+    alike (Abs, Less, ReduceMin: ops every backend has, no IsNaN / IsInf)."""
+    return (v.abs() < float("inf")).to(v.dtype).amin(dim=-1) > 0
+
+
+def greedy_order(
+    gram: torch.Tensor,
+    energy: torch.Tensor,
+    steps: int,
+    tau: float,
+    weight: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The greedy pivoted Cholesky that ResPrune, CDPruner and the tiled op share, `steps` steps in one ONNX Loop
+    with constant carried shapes and no scan outputs.
+
+    gram [B, N, N] (ResPrune: X X^T; CDPruner: the DPP kernel L), energy [B, N] its diagonal as the method defines
+    it (exactly 1 for unit tokens), weight [B, N] or None (score = weight * residual energy, or the energy alone),
+    candidates [B, N] bool or None (every token) -> order [B, N] int64: the step at which each token was picked,
+    `steps` if never. The rules (reference.greedy_order is the same loop in float64):
+      * a residual energy below tau * its initial value counts as 0 (spanned: duplicates, zeros, low rank);
+      * scores within TIE_RTOL (relative) of the best tie, and the lowest index wins;
+      * when no candidate is left, the lowest unpicked token: K distinct picks always.
+    Step k stores coeffs[:, :, k] = <x_n, q_k>, every token's coordinate on the k-th orthonormal basis vector, so
+    the residual energy drops by coeffs[n, k]^2 without carrying residual vectors [B, N, D]. Picks go through
+    one-hot mat-muls instead of gathers (cheap at N <= a few thousand, loop-friendly).
+    """
+    n = energy.shape[-1]
+    floor = tau * energy  # below its own floor a token counts as spanned (rounding noise)
+    positions = torch.arange(n, device=energy.device)  # [N]
+    step_ids = torch.arange(steps, device=energy.device)  # [S]
+
+    def keep_going(step, energy, order, coeffs):
+        return step < steps
+
+    def greedy_step(step, energy, order, coeffs):
+        free = order >= steps  # [B, N] not picked yet
+        pool = free if candidates is None else free & candidates
+        effective = torch.where(energy < floor, 0.0, energy)  # [B, N]
+        score = torch.where(pool, effective if weight is None else weight * effective, float("-inf"))
+        # Scores within TIE_RTOL of the best are tied (rounding differs between backends); ties go to the
+        # lowest index: argmax of a 0/1 mask returns its first 1 on every backend.
+        best = score.amax(dim=-1, keepdim=True)  # [B, 1]
+        tied = score >= best * (1.0 - TIE_RTOL)  # [B, N]; without candidates every score is finite (>= 0 or -inf)
+        if candidates is not None:  # none left (all -inf ties everything): the lowest free token
+            tied = tied & pool
+            tied = torch.where(tied.any(dim=-1, keepdim=True), tied, free)
+        pick = tied.to(energy.dtype).argmax(dim=-1, keepdim=True)  # [B, 1]
+        onehot = (positions[None, :] == pick).to(energy.dtype)  # [B, N]
+        pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
+        gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>
+        pick_coeffs = onehot[:, None, :] @ coeffs  # [B, 1, S]
+        inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [B, N, 1]  <x_n, r_j>
+        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(TINY).rsqrt(), 0.0)  # [B, 1]
+        column = inner * scale[:, :, None]  # [B, N, 1]  <x_n, q_k>; zero once nothing is left to span
+        coeffs = torch.where((step_ids == step)[None, None, :], column, coeffs)  # [B, N, S]
+        energy = (energy - column[..., 0] ** 2).clamp_min(0.0)
+        order = torch.where(onehot > 0, step, order)  # [B, N]
+        return step + 1, energy, order, coeffs
+
+    order = torch.full_like(energy, steps, dtype=torch.int64)  # [B, N]
+    state = (torch.zeros((), dtype=torch.int64), energy, order, energy.new_zeros(*energy.shape, steps))
+    _, _, order, _ = while_loop(keep_going, greedy_step, state)
+    return order

@@ -2,6 +2,11 @@
 
 These define what the exported graphs must compute; tests compare kept-index *sets* against them.
 NumPy only: the runtime may import this module.
+
+Inputs beyond the fp32 range (methods.md, ResPrune "Bad numbers"), the same rule in every implementation:
+  * a visual token with any NaN or +-inf entry is a zero token: energy 0, cosine 0 to every text row, so it is
+    never picked while any other token has energy left, and is kept only as index-order filler;
+  * a text row with any NaN or +-inf entry is not a content word (as if its mask were 0).
 """
 
 from __future__ import annotations
@@ -37,13 +42,30 @@ def _safe_norm(v: np.ndarray) -> np.ndarray:
     return np.where(norm > 0, norm, 1.0)
 
 
+def finite_tokens(tokens: np.ndarray) -> np.ndarray:
+    """tokens [N, D] -> float64 [N, D], every row holding a NaN or +-inf entry replaced by zeros."""
+    x = np.asarray(tokens, np.float64)
+    return np.where(np.isfinite(x).all(axis=-1, keepdims=True), x, 0.0)
+
+
+def min_max(r: np.ndarray, cfg: ResPruneConfig) -> np.ndarray:
+    """Raw relevance r [N] -> r in [epsilon, 1]: min-max, with epsilon as cfg.epsilon_floor says ("affine":
+    epsilon + (1 - epsilon) * minmax; "clip": max(minmax, epsilon)). A spread within RELEVANCE_SPAN_ATOL: r = 1."""
+    span = r.max() - r.min()
+    if span <= RELEVANCE_SPAN_ATOL:  # flat (or flat up to rounding): no relevance signal
+        return np.ones(len(r))
+    unit = (r - r.min()) / span
+    return cfg.epsilon + (1.0 - cfg.epsilon) * unit if cfg.epsilon_floor == "affine" else np.maximum(unit, cfg.epsilon)
+
+
 def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, cfg: ResPruneConfig) -> np.ndarray:
     """Relevance weight w = r^alpha of each token, r = min-max normalised cosine to the text.
 
-    tokens [N, D], text [M, D], text_mask [M] (nonzero = content word) -> w [N]
+    tokens [N, D], text [M, D], text_mask [M] (nonzero = content word; a non-finite row is none) -> w [N]
     """
-    tokens = np.asarray(tokens, np.float64)
-    text = np.asarray(text, np.float64)[np.asarray(text_mask) != 0]
+    tokens = finite_tokens(tokens)
+    text = np.asarray(text, np.float64)
+    text = text[(np.asarray(text_mask) != 0) & np.isfinite(text).all(axis=-1)]
     n = tokens.shape[0]
     if text.shape[0] == 0:
         return np.ones(n)
@@ -51,39 +73,52 @@ def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, 
     txt_unit = text / _safe_norm(text)
     cos = tok_unit @ txt_unit.T  # [N, M]
     r = cos.max(axis=1) if cfg.relevance == "max" else cos.mean(axis=1)
-    span = r.max() - r.min()
-    if span <= RELEVANCE_SPAN_ATOL:  # flat (or flat up to rounding): no relevance signal
-        r = np.ones(n)
-    else:
-        r = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r.min()) / span
-    return r**cfg.alpha
+    return min_max(r, cfg) ** cfg.alpha
+
+
+def greedy_order(
+    gram: np.ndarray, energy: np.ndarray, steps: int, tau: float, weight: np.ndarray | None = None, candidates: np.ndarray | None = None
+) -> list[int]:
+    """The greedy pivoted Cholesky of ResPrune, CDPruner and the tiled op (common.greedy_order in float64).
+
+    gram [N, N] (X X^T, or the DPP kernel), energy [N] its diagonal as the method defines it, weight [N] or None,
+    candidates [N] bool or None (all) -> the first `steps` picks, in pick order. A residual energy below
+    tau * its initial value counts as 0; scores within TIE_RTOL tie, the lowest index wins; no candidate left:
+    the lowest unpicked token.
+    """
+    n = len(energy)
+    energy = np.array(energy, np.float64)
+    floor = tau * energy  # per-token: energy below its own floor counts as spanned
+    coeffs = np.zeros((n, steps))  # coeffs[i, k] = <x_i, q_k>
+    kept = np.zeros(n, bool)
+    pool = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
+    picks = []
+    for k in range(steps):
+        effective = np.where(energy < floor, 0.0, energy)
+        open_ = ~kept & pool
+        score = effective if weight is None else weight * effective
+        j = pick_first_best(np.where(open_, score, -np.inf)) if open_.any() else int(np.argmax(~kept))
+        kept[j] = True
+        picks.append(j)
+        if effective[j] <= 0:
+            continue  # nothing left to span: later picks are by index order only
+        column = (gram[:, j] - coeffs[:, :k] @ coeffs[j, :k]) / np.sqrt(effective[j])
+        coeffs[:, k] = column
+        energy = np.maximum(energy - column * column, 0.0)
+    return picks
 
 
 def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget: int, cfg: ResPruneConfig) -> np.ndarray:
     """Kept indices (ascending) of one image's tokens [N, D]."""
-    x = np.asarray(tokens, np.float64)
+    x = finite_tokens(tokens)
     n = x.shape[0]
     if not 0 < budget <= n:
         raise ValueError(f"budget {budget} not in [1, {n}]")
     weight = text_relevance(x, text, text_mask, cfg)
     if cfg.normalize:
         x = x / _safe_norm(x)
-    residual = x.copy()
-    energy = (residual * residual).sum(axis=1)
-    floor = cfg.tau * energy  # per-token: energy below its own floor counts as spanned
-    kept = np.zeros(n, bool)
-    for _ in range(budget):
-        effective = np.where(energy < floor, 0.0, energy)
-        score = np.where(kept, -np.inf, weight * effective)
-        j = pick_first_best(score)  # ties (within TIE_RTOL) go to the lower index
-        kept[j] = True
-        if effective[j] <= 0:
-            continue  # nothing left to span: later picks are by index order only
-        q = residual[j] / np.sqrt(effective[j])
-        c = residual @ q
-        residual -= np.outer(c, q)
-        energy = np.maximum(energy - c * c, 0.0)
-    return np.flatnonzero(kept)
+    energy = (x * x).sum(axis=1)
+    return np.sort(greedy_order(x @ x.T, energy, budget, cfg.tau, weight))
 
 
 def resprune_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig) -> tuple[np.ndarray, np.ndarray]:
