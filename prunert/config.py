@@ -27,6 +27,9 @@ QUANTIZED_PRECISIONS = ("int8", "fp8")  # prunert.calibration: explicit Q/DQ fro
 GRAPH_NAMES = ("vision", "decoder")
 
 
+EPSILON_FLOORS = ("affine", "clip")  # ResPruneConfig.epsilon_floor
+
+
 @dataclass(frozen=True)
 class ResPruneConfig:
     """ResPrune: greedy residual-energy selection weighted by text relevance r^alpha.
@@ -36,6 +39,10 @@ class ResPruneConfig:
     epsilon:    floor of the min-max normalised relevance, so r in [epsilon, 1].
     tau:        a token's residual energy counts as 0 once below tau * its initial energy.
     normalize:  L2-normalise tokens before selection (alpha=2 then equals greedy DPP MAP).
+    epsilon_floor: how epsilon bounds r (docs/methods.md, ResPrune): "affine" (default; what every artifact
+                exported before this option computes, so manifests without it keep their meaning) maps min-max
+                onto [epsilon, 1] as epsilon + (1 - epsilon) * minmax; "clip" is max(minmax, epsilon), plain
+                min-max wherever it is >= epsilon.
     """
 
     alpha: float = 1.0
@@ -43,10 +50,14 @@ class ResPruneConfig:
     epsilon: float = 1e-3
     tau: float = 1e-4
     normalize: bool = False
+    epsilon_floor: str = "affine"
 
     def __post_init__(self) -> None:
+        check_finite(self, "resprune ")
         if self.alpha < 0:
             raise ConfigError(f"resprune alpha: got {self.alpha}, expected >= 0")
+        if self.epsilon_floor not in EPSILON_FLOORS:
+            raise ConfigError(f"resprune epsilon_floor: got {self.epsilon_floor!r}, expected one of {list(EPSILON_FLOORS)}")
         _check_relevance_params("resprune", self.relevance, self.epsilon, self.tau)
 
 
@@ -70,6 +81,9 @@ class RandomConfig:
 
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_seed("random seed", self.seed)
+
 
 @dataclass(frozen=True)
 class ClsAttentionConfig:
@@ -81,9 +95,6 @@ class VisionZipConfig:
     """VisionZip: dominant tokens by [CLS] attention plus contextual tokens merged by key similarity.
 
     contextual_fraction: share of K given to contextual (merged) tokens; 10/64 gives the published
-    def __post_init__(self) -> None:
-        check_seed("random seed", self.seed)
-
     splits 54+10 (K=64), 108+20 (K=128), 162+30 (K=192).
     key_heads:           average patch_keys over this many equal head slices before the cosine; 1 = the
                          full key vector, 16 = VisionZip's code on CLIP ViT-L/14 (keys averaged over heads).
@@ -93,6 +104,7 @@ class VisionZipConfig:
     key_heads: int = 1
 
     def __post_init__(self) -> None:
+        check_finite(self, "visionzip ")
         if not 0 <= self.contextual_fraction <= 1:
             raise ConfigError(f"visionzip contextual_fraction: got {self.contextual_fraction}, expected 0 <= fraction <= 1")
         if self.key_heads < 1:
@@ -104,7 +116,6 @@ class DivPruneConfig:
     """DivPrune: max-min diversity on projector outputs with distance 1 - cosine; no parameters."""
 
 
-        check_finite(self, "visionzip ")
 @dataclass(frozen=True)
 class CDPrunerConfig:
     """CDPruner: greedy DPP MAP with kernel diag(r) G diag(r), G the cosine Gram of projector outputs,
@@ -120,6 +131,7 @@ class CDPrunerConfig:
     tau: float = 1e-4
 
     def __post_init__(self) -> None:
+        check_finite(self, "cdpruner ")
         _check_relevance_params("cdpruner", self.relevance, self.epsilon, self.tau)
 
 
@@ -131,7 +143,6 @@ class NoPruningConfig:
 @dataclass(frozen=True)
 class TileBudgetConfig:
     """HERO-style split of K over any-resolution tiles (prunert.pruning_ops.tile_budgets, used by
-        check_finite(self, "cdpruner ")
     per-tile selection, prunert.pruning_ops.tiled).
 
     thumbnail_share: fraction of K the global thumbnail keeps; text_weight: blend of text relevance
@@ -143,6 +154,7 @@ class TileBudgetConfig:
     temperature: float = 0.1
 
     def __post_init__(self) -> None:
+        check_finite(self)
         if not 0 <= self.thumbnail_share <= 1:
             raise ConfigError(f"thumbnail_share: got {self.thumbnail_share}, expected 0..1")
         if not 0 <= self.text_weight <= 1:
@@ -154,7 +166,6 @@ class TileBudgetConfig:
 @dataclass(frozen=True)
 class BudgetConfig:
     """How many visual tokens survive, which method picks them, and that method's parameters.
-        check_finite(self)
 
     params: the method's own frozen config (ResPruneConfig for "resprune", ...); None = its defaults.
     """
@@ -168,6 +179,9 @@ class BudgetConfig:
             from prunert.pruning_ops import method_spec
 
             object.__setattr__(self, "params", method_spec(self.method).config_type())
+        if self.budget < 1:
+            raise ConfigError(f"budget: got {self.budget}, expected >= 1")
+        check_finite(self.params, f"{self.method} ")  # a method config without its own __post_init__ too
 
     @property
     def keeps_all(self) -> bool:
@@ -179,9 +193,6 @@ class BudgetConfig:
     def validate_against(self, num_visual_tokens: int) -> None:
         if self.keeps_all:
             if self.budget != num_visual_tokens:
-        if self.budget < 1:
-            raise ConfigError(f"budget: got {self.budget}, expected >= 1")
-        check_finite(self.params, f"{self.method} ")  # a method config without its own __post_init__ too
                 raise ConfigError(f"budget: got {self.budget} with --method {self.method}, expected {num_visual_tokens} (all visual tokens)")
             return
         if not 0 < self.budget < num_visual_tokens:
@@ -203,17 +214,6 @@ class ExportConfig:
     export_batch: int = 2  # example batch used for tracing: never 1
     external_data_threshold_bytes: int = 1 << 30  # larger graphs store weights beside the .onnx
 
-    def max_sequence(self, budget: int) -> int:
-        """Longest decoder sequence: a full prompt whose placeholder became K visual tokens, plus generation."""
-        return self.max_prompt_tokens - 1 + budget + self.max_new_tokens
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """Decoding settings for the runtime pipeline. temperature == 0 means greedy."""
-
-    max_new_tokens: int = 32
-    temperature: float = 0.0
     def __post_init__(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset: got {self.opset}, expected {MIN_OPSET}..{MAX_OPSET} (the ONNX opsets torch.onnx exports)")
@@ -225,10 +225,23 @@ class GenerationConfig:
         if self.max_batch < self.export_batch:
             raise ConfigError(f"--max-batch: got {self.max_batch}, expected >= {self.export_batch} (the batch the graphs are traced with)")
 
+    def max_sequence(self, budget: int) -> int:
+        """Longest decoder sequence: a full prompt whose placeholder became K visual tokens, plus generation."""
+        return self.max_prompt_tokens - 1 + budget + self.max_new_tokens
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    """Decoding settings for the runtime pipeline. temperature == 0 means greedy."""
+
+    max_new_tokens: int = 32
+    temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        check_seed("seed", self.seed)
         if self.max_new_tokens < 1:
             raise ConfigError(f"max_new_tokens: got {self.max_new_tokens}, expected >= 1")
         if self.temperature < 0:
@@ -237,19 +250,6 @@ class GenerationConfig:
             raise ConfigError(f"top_p: got {self.top_p}, expected 0 < top_p <= 1")
 
 
-def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
-    if precision not in allowed:
-        raise ConfigError(f"{flag}: got {precision!r}, expected one of {list(allowed)}")
-        check_finite(self)
-        check_seed("seed", self.seed)
-    return precision
-
-
-@dataclass(frozen=True)
-class PrecisionConfig:
-    """fp16/bf16 conversion of an artifact's fp32 graphs into strongly typed graphs (prunert.export.precision).
-
-    fp32_op_types:      op types that stay fp32 islands (LayerNorm after attention overflows in fp16).
 def check_finite(config: Any, prefix: str = "") -> None:
     """Every float field of the dataclass `config` is finite: NaN slips through every range check (all
     comparisons are False) and inf through one-sided ones. Used by each config's __post_init__."""
@@ -265,6 +265,17 @@ def check_seed(where: str, seed: int) -> None:
         raise ConfigError(f"{where}: got {seed}, expected an integer >= 0")
 
 
+def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
+    if precision not in allowed:
+        raise ConfigError(f"{flag}: got {precision!r}, expected one of {list(allowed)}")
+    return precision
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    """fp16/bf16 conversion of an artifact's fp32 graphs into strongly typed graphs (prunert.export.precision).
+
+    fp32_op_types:      op types that stay fp32 islands (LayerNorm after attention overflows in fp16).
     fp32_node_patterns: fnmatch patterns on node names or name scopes kept in fp32, e.g.
                         "*encoder.layers.23.mlp.fc2*" for a late MLP down-projection.
     keep_selection_fp32: the selection op (SELECTION_SCOPE) stays fp32; its argmax decisions are precision-sensitive.
@@ -280,6 +291,7 @@ def check_seed(where: str, seed: int) -> None:
     overflow_fraction: float = 0.25
 
     def __post_init__(self) -> None:
+        check_finite(self)
         check_precision(self.precision, FLOAT_PRECISIONS)
         if not 0 < self.overflow_fraction <= 1:
             raise ConfigError(f"overflow_fraction: got {self.overflow_fraction}, expected 0 < fraction <= 1")
@@ -291,7 +303,6 @@ class CalibrationConfig:
 
     The quantizer is ONNX Runtime's static QDQ quantizer (it ships with the runtime's onnxruntime; ModelOpt's
     ONNX path would need onnxruntime-gpu, which cannot live beside it), recorded as the variant's tool.
-        check_finite(self)
     Symmetric int8 with per-channel weights and per-tensor activations, or FP8 E4M3. Only op_types are
     quantized (quantizing every op wrecks the [CLS] ranking); the selection op always stays fp32.
     """
@@ -335,9 +346,20 @@ class EngineBuildConfig:
                 raise ConfigError(f"{name}: got {value}, expected >= 1")
         if not 0 <= self.optimization_level <= 5:
             raise ConfigError(f"optimization_level: got {self.optimization_level}, expected 0..5")
+        if not 1 <= self.opt_batch <= (self.max_batch or self.opt_batch):
+            raise ConfigError(f"--opt-batch: got {self.opt_batch}, expected 1 <= opt_batch <= max_batch ({self.max_batch})")
+        if self.workspace_bytes < 1:
+            raise ConfigError(f"workspace_bytes: got {self.workspace_bytes}, expected >= 1")
         unknown = sorted(set(self.graphs) - set(GRAPH_NAMES))
         if unknown or not self.graphs:
             raise ConfigError(f"graphs: got {list(self.graphs)}, expected a non-empty subset of {list(GRAPH_NAMES)}")
+
+    @staticmethod
+    def workspace_from_gib(gib: float) -> int:
+        """--workspace-gb as the workspace_bytes field: a finite number of GiB > 0."""
+        if not (math.isfinite(gib) and gib > 0):
+            raise ConfigError(f"--workspace-gb: got {gib}, expected a finite number > 0")
+        return int(gib * (1 << 30))
 
 
 @dataclass(frozen=True)
@@ -346,27 +368,21 @@ class ParityTolerances:
 
     A check with a None bound is not applied at that precision (elementwise max-abs is meaningless
     for fp16/int8 logits; cosine and set overlap carry the comparison there).
-        if not 1 <= self.opt_batch <= (self.max_batch or self.opt_batch):
-            raise ConfigError(f"--opt-batch: got {self.opt_batch}, expected 1 <= opt_batch <= max_batch ({self.max_batch})")
-        if self.workspace_bytes < 1:
-            raise ConfigError(f"workspace_bytes: got {self.workspace_bytes}, expected >= 1")
     """
 
     pixels_max_abs: float = 1e-4
     kept_min_overlap: float = 1.0  # |ours ∩ reference| / K
-    @staticmethod
-    def workspace_from_gib(gib: float) -> int:
-        """--workspace-gb as the workspace_bytes field: a finite number of GiB > 0."""
-        if not (math.isfinite(gib) and gib > 0):
-            raise ConfigError(f"--workspace-gb: got {gib}, expected a finite number > 0")
-        return int(gib * (1 << 30))
-
     tokens_max_abs: float | None = 1e-3
     tokens_min_cosine: float = 0.99999
     logits_max_abs: float | None = 1e-3
     logits_min_cosine: float = 0.99999
     tie_margin: float = 1e-3  # a greedy divergence after a top-2 margin at most this is a TIE, not a FAIL
     greedy_tokens: int = 8
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        if self.greedy_tokens < 1:
+            raise ConfigError(f"--greedy-tokens: got {self.greedy_tokens}, expected >= 1")
 
     @classmethod
     def for_precision(cls, precision: str, greedy_tokens: int = 8) -> "ParityTolerances":
@@ -379,11 +395,6 @@ class ParityTolerances:
 PRECISION_TOLERANCES: dict[str, dict[str, Any]] = {
     "fp32": {},
     "fp16": {"kept_min_overlap": 0.98, "tokens_max_abs": None, "tokens_min_cosine": 0.999,
-    def __post_init__(self) -> None:
-        check_finite(self)
-        if self.greedy_tokens < 1:
-            raise ConfigError(f"--greedy-tokens: got {self.greedy_tokens}, expected >= 1")
-
              "logits_max_abs": None, "logits_min_cosine": 0.999, "tie_margin": 0.05},
     "bf16": {"kept_min_overlap": 0.95, "tokens_max_abs": None, "tokens_min_cosine": 0.995,
              "logits_max_abs": None, "logits_min_cosine": 0.995, "tie_margin": 0.25},
