@@ -269,7 +269,9 @@ def ort_round(row: dict, new_tokens: int, selection_inputs: bool) -> dict:
     run, vision = ort_request(pipe, prompt, new_tokens)
     run.update(load_s=load_s, probe_ms=probe, probe_after_ms=speed_probe(), peak_rss_mb=peak_rss_mb())
     if "visual_tokens" not in row:  # what the decoder sees for this image (unpruned: the image's own N, not the static max)
-        row.update(visual_tokens=run["visual_tokens"], image_info={k: np.asarray(v).tolist() for k, v in vision.image_info.items()},
+        graph_inputs = {t.name for t in pipe.vision.spec.inputs}  # image_info: the host's own outputs (Qwen2.5-VL: image_grid_thw)
+        image_info = {k: np.asarray(v).tolist() for out in vision.host_outputs for k, v in out.items() if k not in graph_inputs}
+        row.update(visual_tokens=run["visual_tokens"], image_info=image_info,
                    prompt=prompt, _ids=pipe.tokenize([prompt])[0])
         if row["method"] == "none":
             row["label"] = f"unpruned (N={run['visual_tokens']})"

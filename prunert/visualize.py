@@ -1,5 +1,5 @@
-"""Draw which visual tokens an artifact keeps: the photo as the model sees it (resized + center-cropped,
-un-normalised), kept patches at full brightness with a thin outline, pruned patches dimmed to grey.
+"""Draw which visual tokens an artifact keeps: the photo as the model sees it (the host adapter's model_view:
+resized + center-cropped, un-normalised), kept patches at full brightness with a thin outline, pruned patches dimmed to grey.
 
 Artifacts with a single fixed patch grid only (LLaVA-1.5 style: one [batch, 3, H, W] image, N = grid x grid
 tokens); tiled (LLaVA-NeXT) or dynamic-resolution (Qwen2.5-VL) artifacts are refused up front, by their
@@ -23,7 +23,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from prunert.errors import ConfigError
 from prunert.manifest import Manifest, load_manifest
-from prunert.runtime.image import ImagePreprocessConfig, _resize_size_wh, center_crop, check_image, load_image
+from prunert.runtime.image import check_image, load_image
 
 PAD = 8  # px around and between panels
 TITLE_PAD = 6  # px above and below the title text
@@ -71,17 +71,6 @@ def single_patch_grid(manifest: Manifest, artifact: Path | str) -> int:
             f"a single fixed patch grid (LLaVA-1.5-style artifacts: one [batch, 3, H, W] image) only"
         )
     return patch_grid(manifest.budget.num_visual_tokens)
-
-
-def model_view(image: Image.Image, cfg: ImagePreprocessConfig) -> Image.Image:
-    """The RGB pixels the model sees: the same resize and center crop as `preprocess`, without rescale/normalize."""
-    image = check_image(image, "image", cfg)
-    if cfg.do_resize:
-        image = image.resize(_resize_size_wh(image.size, cfg), resample=cfg.resample)
-    pixels = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
-    if cfg.do_center_crop:
-        pixels = center_crop(pixels, cfg.crop_height, cfg.crop_width)  # [crop_h, crop_w, 3]
-    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
 
 
 def patch_box(index: int, grid: int, width: int, height: int) -> tuple[int, int, int, int]:
@@ -216,11 +205,11 @@ def artifact_panel(artifact: Path | str, image: Image.Image, prompt: str) -> Pan
     pipe = VLMPipeline(artifact)
     budget = pipe.manifest.budget
     grid = single_patch_grid(pipe.manifest, artifact)
-    cfg = ImagePreprocessConfig.from_hf_dict(pipe.artifact.preprocessor_config)
     pipe.tokenize([prompt])  # PromptError for a prompt `run` would reject (placeholder count, length)
     kept = np.asarray(pipe.encode_images([image], [prompt]).kept_indices)[0]  # [K]
     title = panel_title(budget.method, budget.budget, budget.num_visual_tokens, prompt, pipe.manifest.source.synthetic)
-    return Panel(model_view(image, cfg), kept, grid, title)
+    view = pipe.artifact.host.model_view(image, pipe.artifact.preprocessor_config)  # the family's resize + crop, not normalised
+    return Panel(view, kept, grid, title)
 
 
 def visualize(artifacts: Sequence[Path | str], image: Path | str | Image.Image, prompt: str, out: Path | str, scale: int | None = None) -> Path:
@@ -272,4 +261,4 @@ def _umask() -> int:
     return mask
 
 
-__all__ = ["patch_grid", "single_patch_grid", "model_view", "patch_box", "render_kept_patches", "compose", "visualize"]
+__all__ = ["patch_grid", "single_patch_grid", "patch_box", "render_kept_patches", "compose", "visualize"]

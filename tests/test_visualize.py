@@ -13,12 +13,11 @@ from PIL import Image
 from prunert import cli
 from prunert.errors import ConfigError
 from prunert.runtime import VLMPipeline
-from prunert.runtime.image import ImagePreprocessConfig, preprocess_one
+from prunert.adapters.llava.host import ImagePreprocessConfig, LlavaHostAdapter, preprocess_one
 from prunert.visualize import (
     PAD,
     _font,
     auto_scale,
-    model_view,
     panel_title,
     patch_box,
     patch_grid,
@@ -69,7 +68,7 @@ def test_model_view_is_the_unnormalised_preprocess_crop() -> None:
     """Same resize + center crop as the model's input: normalising the view gives pixel_values."""
     image = Image.open(PHOTO).convert("RGB").crop((0, 40, 512, 400))  # not square: exercises the crop
     cfg = ImagePreprocessConfig.clip_defaults(140)
-    view = model_view(image, cfg)
+    view = LlavaHostAdapter({}, 100).model_view(image, cfg.to_hf_dict())
     assert view.size == (140, 140) and view.mode == "RGB"
     expected = preprocess_one(image, cfg)  # [3, H, W]
     ours = (np.asarray(view, np.float32) / 255 - np.asarray(cfg.image_mean, np.float32)) / np.asarray(cfg.image_std, np.float32)

@@ -1,7 +1,9 @@
 """Model-family adapters: every model-family quirk lives in one adapter package per family.
 
 Generic code finds an adapter by the checkpoint's `model_type` (export side, torch) or by the
-manifest's `family` (runtime side, numpy only) and never branches on a model name.
+manifest's `family` (runtime side, numpy only) and never branches on a model name. A family package has
+`host.HOST_ADAPTER` (a prunert.runtime.host.HostAdapter subclass) and `export.EXPORT_ADAPTER` (a
+prunert.export.adapter.ExportAdapter subclass); a fourth family adds one line to FAMILIES and MODEL_TYPES.
 This module imports neither torch nor numpy.
 """
 
@@ -61,6 +63,17 @@ def family_module(family: str) -> Any:
     if family not in FAMILIES:
         raise ModelSourceError(f"model family {family!r}: not supported; expected one of {sorted(FAMILIES)}")
     return importlib.import_module(FAMILIES[family])
+
+
+def host_adapter_class(family: str) -> type:
+    """The family's prunert.runtime.host.HostAdapter subclass (numpy only): `HOST_ADAPTER` of its `host` module.
+    The runtime's one way to an adapter package."""
+    return importlib.import_module(family_module(family).__name__ + ".host").HOST_ADAPTER
+
+
+def export_adapter_class(family: str) -> type:
+    """The family's prunert.export.adapter.ExportAdapter subclass (torch): `EXPORT_ADAPTER` of its `export` module."""
+    return importlib.import_module(family_module(family).__name__ + ".export").EXPORT_ADAPTER
 
 
 def synthetic_presets() -> dict[str, str]:

@@ -11,13 +11,16 @@ decoder: inputs_embeds, attention_mask, position_ids, past_key_values.{i}.key/va
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.export import Dim
 
 from prunert import pruning_ops
 from prunert.config import SELECTION_SCOPE, BudgetConfig, ExportConfig, TileBudgetConfig
+
+if TYPE_CHECKING:
+    from prunert.export.adapter import ExportAdapter
 
 
 class Selection(torch.nn.Module):
@@ -50,38 +53,35 @@ class TiledSelection(torch.nn.Module):
         return tiled.tiled_select(inputs, self.budget, self.tiles)  # [B, K, D], [B, K]
 
 
-def selection_module(adapter: Any, budget: BudgetConfig, family_config: dict[str, Any] | None = None) -> torch.nn.Module:
-    """The selection the vision graph (and parity's reference) runs on the adapter's features: the
-    adapter's `selection_module(budget, family_config)` hook if it has one, else the plain Selection.
-    family_config: the manifest's (parity), or the adapter's own at export."""
-    hook = getattr(adapter, "selection_module", None)
-    if hook is None:
-        return Selection(budget)
-    return hook(budget, adapter.family_config() if family_config is None else family_config)
+def selection_module(adapter: ExportAdapter, budget: BudgetConfig, family_config: dict[str, Any] | None = None) -> torch.nn.Module:
+    """The selection the vision graph (and parity's reference) runs on the adapter's features: the adapter's
+    `selection_module(budget, family_config)` (default: the plain Selection). family_config: the manifest's
+    (parity), or the adapter's own at export."""
+    return adapter.selection_module(budget, adapter.family_config() if family_config is None else family_config)
 
 
 class VisionPruneGraph(torch.nn.Module):
     """Vision tower + projector + static-budget selection."""
 
-    def __init__(self, adapter: Any, budget: BudgetConfig):
+    def __init__(self, adapter: ExportAdapter, budget: BudgetConfig):
         super().__init__()
         self.adapter = adapter
         self.budget = budget
         self.tower = adapter.model  # registered so export sees the parameters
-        setattr(self, SELECTION_SCOPE, selection_module(adapter, budget))
+        self.add_module(SELECTION_SCOPE, selection_module(adapter, budget))  # the submodule's name is the nodes' name scope
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
         needs = pruning_ops.method_spec(self.budget.method).needs
         features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] (or [B, T, N, D]) + extras
-        select = getattr(self, SELECTION_SCOPE)
+        select = self.get_submodule(SELECTION_SCOPE)
         return select({**features, "text": text_embeds, "text_mask": text_mask})  # [B, K, D], [B, K]
 
 
 class DecoderGraph(torch.nn.Module):
     """Decoder + LM head with a flat KV cache: past_key_values.{i}.key/value [B, kv_heads, past, head_dim]."""
 
-    def __init__(self, adapter: Any):
+    def __init__(self, adapter: ExportAdapter):
         super().__init__()
         self.backbone = adapter.text_backbone()
         self.head = adapter.lm_head()
@@ -107,13 +107,12 @@ class DecoderGraph(torch.nn.Module):
         return (logits, *present)
 
 
-def decoder_module(adapter: Any) -> torch.nn.Module:
-    """The adapter's `decoder_module()` if it has one (Qwen2.5-VL: QwenDecoderGraph), else DecoderGraph."""
-    hook = getattr(adapter, "decoder_module", None)
-    return DecoderGraph(adapter) if hook is None else hook()
+def decoder_module(adapter: ExportAdapter) -> torch.nn.Module:
+    """The adapter's `decoder_module()`: DecoderGraph by default (Qwen2.5-VL: QwenDecoderGraph)."""
+    return adapter.decoder_module()
 
 
-def decoder_dims(adapter: Any) -> dict[str, int]:
+def decoder_dims(adapter: ExportAdapter) -> dict[str, int]:
     config = adapter.text_backbone().config
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     return {
@@ -134,16 +133,16 @@ def present_names(num_layers: int) -> list[str]:
 
 
 # ---- dynamic axes: the one place they are declared -------------------------------------------
-def kept_dim(adapter: Any, budget: BudgetConfig) -> int | str:
+def kept_dim(adapter: ExportAdapter, budget: BudgetConfig) -> int | str:
     """The K dim of the vision graph's outputs: the budget, static; for the unpruned graph (method none) of a
     family whose N varies per image, the adapter's symbolic N dim (`visual_token_dim`, e.g. "merged")."""
-    symbolic = getattr(adapter, "visual_token_dim", None)
+    symbolic = adapter.visual_token_dim
     return symbolic if budget.keeps_all and symbolic else budget.budget
 
 
-def vision_export_spec(adapter: Any, cfg: ExportConfig, budget: int | str, hidden: int):
+def vision_export_spec(adapter: ExportAdapter, cfg: ExportConfig, budget: int | str, hidden: int):
     """(example args, dynamic_shapes, input names, output names, manifest specs). budget: kept_dim()."""
-    per_image = getattr(adapter, "one_image_per_vision_call", False)
+    per_image = adapter.one_image_per_vision_call
     batch = None if per_image else Dim("batch", min=1, max=cfg.max_batch)
     text = Dim("text", min=1, max=cfg.max_text_tokens)
     b, m = (1 if per_image else cfg.export_batch), 5

@@ -25,10 +25,11 @@ import torch
 
 import prunert
 from prunert import pruning_ops
-from prunert.adapters import ModelSource, family_module, resolve_source
+from prunert.adapters import ModelSource, export_adapter_class, resolve_source
 from prunert.artifact_publish import PARTIAL, Staging, clean_stale, publish, recover_swap, refuse_unless_artifact
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
+from prunert.export.adapter import PREPROCESSOR_CONFIG, ExportAdapter
 from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
 from prunert.export.validate import check_symbolic_dims, validate_decoder, validate_vision
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
@@ -36,19 +37,14 @@ from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, So
 VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers")
 
 
-def load_export_adapter(source: ModelSource) -> Any:
-    module = importlib.import_module(family_module(source.family).__name__ + ".export")
-    return module.ADAPTER(source.path)
+def load_export_adapter(source: ModelSource) -> ExportAdapter:
+    return export_adapter_class(source.family)(source.path)
 
 
-def fit_budget(adapter: Any, budget: BudgetConfig) -> None:
-    """The adapter's `fit_budget(budget)` hook (N varies per image: the adapter adapts its preprocessing to K),
-    else K is checked against the adapter's fixed N. Export and parity both call it."""
-    hook = getattr(adapter, "fit_budget", None)
-    if hook is None:
-        budget.validate_against(adapter.num_visual_tokens)
-    else:
-        hook(budget)
+def fit_budget(adapter: ExportAdapter, budget: BudgetConfig) -> None:
+    """The adapter's `fit_budget(budget)`: K checked against N (default), or the adapter adapts its preprocessing
+    to K where N varies per image. Export and parity both call it."""
+    adapter.fit_budget(budget)
 
 
 def export_artifact(
@@ -91,22 +87,22 @@ def export_artifact(
     return manifest
 
 
-def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: BudgetConfig, cfg: ExportConfig, log) -> Manifest:
+def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, budget: BudgetConfig, cfg: ExportConfig, log) -> Manifest:
     dims = decoder_dims(adapter)
-    low = getattr(adapter, "min_visual_tokens", adapter.num_visual_tokens)  # N varies per image for some families
+    low = adapter.min_visual_tokens  # N varies per image for some families
     count = f"{low}..{adapter.num_visual_tokens} per image" if low != adapter.num_visual_tokens else str(low)
     log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={count})")
     vision = VisionPruneGraph(adapter, budget).eval()
     args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, kept_dim(adapter, budget), dims["hidden_size"])
     vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
-    ranges = getattr(adapter, "vision_dim_ranges", dict)()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
+    ranges = adapter.vision_dim_ranges()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
     vision_spec = replace(vision_spec, dim_ranges={name: tuple(int(v) for v in triple) for name, triple in ranges.items()})
     validate_vision(vision, args, staging / "vision.onnx", vision_spec)
     _check_tensorrt(staging / "vision.onnx", cfg)
 
     log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
     decoder = decoder_module(adapter).eval()
-    leading = tuple(getattr(adapter, "position_ids_leading_dims", ()))
+    leading = tuple(adapter.position_ids_leading_dims)
     args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget, leading)
     decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
     validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
@@ -152,14 +148,15 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: Any, budget: Bu
     return manifest
 
 
-def _write_preprocessor_config(adapter: Any, model_dir: Path, path: Path) -> None:
-    """The checkpoint's preprocessor_config.json, or what the adapter's optional
-    `artifact_preprocessor_config(model_dir)` hook makes of it (keys its host adapter needs)."""
-    hook = getattr(adapter, "artifact_preprocessor_config", None)
-    if hook is None:
-        shutil.copyfile(model_dir / "preprocessor_config.json", path)
+def _write_preprocessor_config(adapter: ExportAdapter, model_dir: Path, path: Path) -> None:
+    """What the adapter's `artifact_preprocessor_config(model_dir)` makes of the checkpoint's preprocessor_config.json
+    (keys its host adapter needs, the pixel range fit_budget chose); the checkpoint's own bytes where it changes nothing."""
+    original = model_dir / PREPROCESSOR_CONFIG
+    config = adapter.artifact_preprocessor_config(model_dir)
+    if config == json.loads(original.read_text()):
+        shutil.copyfile(original, path)
     else:
-        path.write_text(json.dumps(hook(model_dir), indent=2) + "\n")
+        path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _check_tensorrt(path: Path, cfg: ExportConfig) -> None:

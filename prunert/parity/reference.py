@@ -89,13 +89,10 @@ def run_parity(
 
     # 4. prefill logits over the whole spliced prompt (without masked slots: the unpruned tile layout's padding)
     state = pipe.prefill(ids, vision)
-    kept_valid = getattr(pipe.artifact.host, "kept_valid", None)
-    if kept_valid is not None:
-        real = kept_valid({name: value.numpy() for name, value in ref_pixels.items()}, kept.numpy())[0]  # [K] bool
-        ref_visual, kept = ref_visual[:, real], kept[:, real]
+    real = pipe.artifact.host.kept_valid({name: value.numpy() for name, value in ref_pixels.items()}, kept.numpy())[0]  # [K] bool
+    ref_visual, kept = ref_visual[:, real], kept[:, real]  # all slots, except where a static layout has masked ones
     ref_embeds = _reference_embeds(adapter, ref_ids, manifest.text.image_token_id, ref_visual)
-    hook = getattr(adapter, "hf_position_ids", None)  # HF's own positions of the pruned prompt, where the family has them
-    positions = None if hook is None else hook(ref_ids, [picture], source.path, kept)  # ([..., 1, L], rope_deltas)
+    positions = adapter.hf_position_ids(ref_ids, [picture], source.path, kept)  # ([..., 1, L], rope_deltas), or None: HF's default
     with torch.no_grad():
         extra = {} if positions is None else {"position_ids": positions[0]}
         ref_logits = adapter.model(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long), **extra).logits

@@ -1,10 +1,10 @@
 """The runtime pipeline: preprocess -> tokenize -> content-word embeddings -> vision graph (pruned) ->
 splice K visual tokens at the placeholder -> prefill -> decode with the KV cache.
 
-Family quirks come from the artifact's host adapter (prunert.adapters.base.HostAdapter): a host with
-`one_image_per_vision_call` (Qwen2.5-VL) gets one vision-graph call per image; host outputs that are not
-vision-graph inputs (image_grid_thw) travel with the VisionResult to the host's position ids, which get
-the spliced layout (token ids, kept indices); decode positions start at the host's next_position_ids.
+Family quirks come from the artifact's host adapter (prunert.runtime.host.HostAdapter): a host with
+`one_image_per_vision_call` (Qwen2.5-VL) gets one vision-graph call per image; the host's own outputs go
+back to it unread (kept_valid, visual_token_counts, and with the spliced layout to its position ids);
+decode positions start at the host's next_position_ids.
 
 numpy + tokenizers + one runner per graph; no torch, no transformers.
 """
@@ -18,10 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from prunert.adapters.base import SpliceLayout
 from prunert.config import GenerationConfig, check_precision
 from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
+from prunert.runtime.host import SpliceLayout
 from prunert.runtime.image import load_image
 from prunert.runtime.runner import DecoderSession, OnnxRuntimeRunner, Runner
 from prunert.runtime.sampling import next_tokens
@@ -36,9 +36,13 @@ class VisionResult:
     pixel_inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]]  # host outputs: batched, or one dict per image (per-image calls)
     visual_tokens: np.ndarray  # [B, K, D]
     kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
-    image_info: dict[str, np.ndarray] = field(default_factory=dict)  # host outputs that are not graph inputs, over images
     kept_valid: np.ndarray | None = None  # [B, K] bool: slots holding a real token; None = all of them
     visual_token_counts: np.ndarray | None = None  # [B] each image's own N (unpruned tokens); None = the manifest's
+
+    @property
+    def host_outputs(self) -> tuple[dict[str, np.ndarray], ...]:
+        """The host's vision_inputs results, one per vision-graph call (SpliceLayout.host_outputs)."""
+        return tuple(self.pixel_inputs) if isinstance(self.pixel_inputs, list) else (self.pixel_inputs,)
 
     def kept(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `row`'s real kept tokens [k, D] and their indices [k] (k = K unless some slots are masked:
@@ -141,15 +145,13 @@ class VLMPipeline:
         loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in images]
         groups = [content_word_groups(self.artifact.tokenizer, p, self.artifact.special_ids) for p in prompts]
         host, names = self.artifact.host, {t.name for t in self.vision.spec.inputs}
-        per_image = getattr(host, "one_image_per_vision_call", False)  # the vision graph has no batch axis
+        per_image = host.one_image_per_vision_call  # the vision graph has no batch axis
         if per_image and len(loaded) != len(groups):
             raise ConfigError(f"images and prompts: got {len(loaded)} images and {len(groups)} prompts, expected one image per prompt")
         calls = [([image], [group]) for image, group in zip(loaded, groups)] if per_image else [(loaded, groups)]
         pixel_inputs, tokens, kept, valid, counts, elapsed = [], [], [], [], [], 0.0
-        kept_valid = getattr(host, "kept_valid", None)  # static layouts with masked slots (tiles)
-        count = getattr(host, "visual_token_counts", None)  # each image's own N, where it varies per image
         for call_images, call_groups in calls:
-            inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ image info, e.g. image_grid_thw [1, 3])
+            inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ the host's own data)
             text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
             feeds = {name: value for name, value in inputs.items() if name in names}
             start = time.perf_counter()
@@ -158,17 +160,16 @@ class VLMPipeline:
             pixel_inputs.append(inputs)
             tokens.append(out["visual_tokens"])  # [b, K, D]
             kept.append(out["kept_indices"])  # [b, K]
-            valid.append(np.ones(kept[-1].shape, bool) if kept_valid is None else kept_valid(inputs, kept[-1]))  # [b, K]
-            counts.append(np.full(len(call_images), self.manifest.budget.num_visual_tokens) if count is None else count(inputs))  # [b]
+            valid.append(host.kept_valid(inputs, kept[-1]))  # [b, K]: slots holding a real token (tiles: not padding)
+            counts.append(host.visual_token_counts(inputs, len(call_images)))  # [b]: each image's own N
         self.timings.vision_s = elapsed
-        info = {name: np.concatenate([inputs[name] for inputs in pixel_inputs]) for name in pixel_inputs[0] if name not in names}
         visual, indices, valid = _stack_calls(tokens, kept, valid)
-        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, info, None if valid.all() else valid,
+        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, None if valid.all() else valid,
                             np.concatenate(counts))
 
     def splice(self, sequences: list[list[int]], vision: VisionResult | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Replace each sequence's placeholder by its K visual tokens; left-pad the batch. `vision`: the
-        VisionResult (its kept indices and image info go to the host's position ids; masked slots are left
+        VisionResult (its kept indices and the host's own outputs go to the host's position ids; masked slots are left
         out, so a row may have fewer than K), or just visual tokens [B, K, D] for families whose positions
         need only the mask (LLaVA).
 
@@ -190,8 +191,8 @@ class VLMPipeline:
             embeds[b, length - len(row) :] = row
             mask[b, length - len(row) :] = 1
             input_ids[b, length - len(row) :] = spliced[b]
-        layout = SpliceLayout(input_ids, kept, vision.image_info) if isinstance(vision, VisionResult) else SpliceLayout(input_ids)
-        positions = self.artifact.host.position_ids(mask, self.manifest.family_config, layout)
+        layout = SpliceLayout(input_ids, kept, vision.host_outputs) if isinstance(vision, VisionResult) else SpliceLayout(input_ids)
+        positions = self.artifact.host.position_ids(mask, layout)
         return embeds, mask, positions
 
     def empty_past(self, batch: int) -> list[np.ndarray]:

@@ -18,7 +18,7 @@ pytest.importorskip("transformers")
 from prunert import cli  # noqa: E402
 from prunert.adapters import resolve_source  # noqa: E402
 from prunert.adapters.llava_next.export import LlavaNextExportAdapter  # noqa: E402
-from prunert.adapters.llava_next.host import HOST_ADAPTER, AnyresConfig, hf_packed_positions  # noqa: E402
+from prunert.adapters.llava_next.host import AnyresConfig, LlavaNextHostAdapter, hf_packed_positions  # noqa: E402
 from prunert.adapters.llava_next.synthetic import synthetic_checkpoint  # noqa: E402
 from prunert.config import BudgetConfig  # noqa: E402
 from prunert.errors import ConfigError  # noqa: E402
@@ -91,7 +91,7 @@ def _hf_processor(checkpoint: Path):
 def test_hf_vision_inputs_equal_the_host(adapter: LlavaNextExportAdapter, checkpoint: Path) -> None:
     images = _images()
     reference = adapter.hf_vision_inputs(images, checkpoint)
-    ours = HOST_ADAPTER.vision_inputs(images, adapter.artifact_preprocessor_config(checkpoint))
+    ours = LlavaNextHostAdapter({}, 0).vision_inputs(images, adapter.artifact_preprocessor_config(checkpoint))
     assert list(reference) == list(adapter.vision_input_names)
     for name in adapter.vision_input_names:
         np.testing.assert_array_equal(reference[name].numpy(), ours[name], err_msg=name)

@@ -12,14 +12,17 @@ import pytest
 from PIL import Image
 
 from prunert.adapters.llava_next.host import (
-    HOST_ADAPTER,
     AnyresConfig,
+    LlavaNextHostAdapter,
     anyres_grid_shape,
     hf_packed_positions,
     select_best_resolution,
     token_mask,
 )
 from prunert.errors import ConfigError, ImageError
+from prunert.runtime.host import SpliceLayout
+
+HOST = LlavaNextHostAdapter({}, 0)  # preprocessing and positions only: no manifest settings needed
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -71,7 +74,7 @@ def test_pixels_and_tile_order_match_hf_bit_exact(settings: dict) -> None:
     cfg = AnyresConfig.from_hf_dict(config)
     for name, image in _all_images():
         reference = hf(images=[image], return_tensors="np")["pixel_values"][0]  # [tiles, 3, S, S], HF order
-        ours = HOST_ADAPTER.vision_inputs([image], config)
+        ours = HOST.vision_inputs([image], config)
         tiles = int(ours["tile_mask"][0].sum())
         assert ours["pixel_values"].shape == (1, cfg.max_tiles, 3, cfg.tile_size, cfg.tile_size)
         assert ours["pixel_values"].dtype == np.float32
@@ -88,7 +91,7 @@ def test_tiles_are_in_raster_order() -> None:
     pixels = np.zeros((112, 112, 3), np.uint8)
     for k, colour in enumerate(colours):
         pixels[56 * (k // 2) : 56 * (k // 2 + 1), 56 * (k % 2) : 56 * (k % 2 + 1)] = colour
-    out = HOST_ADAPTER.vision_inputs([Image.fromarray(pixels)], _hf_config(TINY))["pixel_values"][0]
+    out = HOST.vision_inputs([Image.fromarray(pixels)], _hf_config(TINY))["pixel_values"][0]
     cfg = AnyresConfig.from_hf_dict(_hf_config(TINY))
     mean, std = np.asarray(cfg.base.image_mean, np.float32), np.asarray(cfg.base.image_std, np.float32)
     for k, colour in enumerate(colours):
@@ -136,7 +139,7 @@ def test_extreme_aspect_keeps_no_high_res_tokens_like_hf() -> None:
     cfg = AnyresConfig.from_hf_dict(_hf_config(V16))
     mask = token_mask((16, 4000), cfg)
     assert _hf_unpadded_count((16, 4000), V16) == 0 and mask[0].all() and not mask[1:].any()
-    out = HOST_ADAPTER.vision_inputs([_noise(4000, 16)], _hf_config(V16))
+    out = HOST.vision_inputs([_noise(4000, 16)], _hf_config(V16))
     assert out["tile_mask"][0].tolist() == [1, 1, 1, 1, 0] and out["token_mask"][0].sum() == 576
 
 
@@ -172,12 +175,12 @@ def test_packed_positions_match_pack_image_features(settings: dict) -> None:
 def test_batch_of_different_aspects_pads_tiles() -> None:
     config = _hf_config(V16)
     images = [_noise(300, 20), _noise(90, 700), _photo("astronaut"), _noise(17, 17)]
-    batch = HOST_ADAPTER.vision_inputs(images, config)
+    batch = HOST.vision_inputs(images, config)
     assert batch["pixel_values"].shape == (4, 5, 3, 336, 336)
     assert batch["tile_mask"].shape == (4, 5) and batch["token_mask"].shape == (4, 5, 576)
     assert batch["tile_mask"].sum(1).tolist() == [3, 4, 5, 3]
     for b, image in enumerate(images):  # each row equals that image processed alone
-        alone = HOST_ADAPTER.vision_inputs([image], config)
+        alone = HOST.vision_inputs([image], config)
         for key in batch:
             np.testing.assert_array_equal(batch[key][b], alone[key][0], err_msg=key)
     # token masks live only on real tiles
@@ -189,7 +192,7 @@ def test_batch_of_different_aspects_pads_tiles() -> None:
 
 def test_position_ids_are_cumulative_over_left_padding() -> None:
     mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)
-    assert HOST_ADAPTER.position_ids(mask, {}).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+    assert HOST.position_ids(mask, SpliceLayout(np.zeros_like(mask))).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
 
 
 @pytest.mark.parametrize(
@@ -204,20 +207,20 @@ def test_position_ids_are_cumulative_over_left_padding() -> None:
 )
 def test_bad_images_are_image_errors(image, needle: str) -> None:
     with pytest.raises(ImageError, match=needle) as info:
-        HOST_ADAPTER.vision_inputs([Image.new("RGB", (64, 64)), image], _hf_config(TINY))
+        HOST.vision_inputs([Image.new("RGB", (64, 64)), image], _hf_config(TINY))
     assert "images[1]" in str(info.value)
 
 
 def test_no_images_is_an_image_error() -> None:
     with pytest.raises(ImageError, match="no images"):
-        HOST_ADAPTER.vision_inputs([], _hf_config(TINY))
+        HOST.vision_inputs([], _hf_config(TINY))
 
 
 def test_palette_image_is_converted_like_hf() -> None:
     image = _noise(120, 50).convert("P")
     config = _hf_config(TINY)
     reference = LlavaNextImageProcessorPil(**TINY)(images=[image], return_tensors="np")["pixel_values"][0]
-    ours = HOST_ADAPTER.vision_inputs([image], config)["pixel_values"][0, : len(reference)]
+    ours = HOST.vision_inputs([image], config)["pixel_values"][0, : len(reference)]
     np.testing.assert_array_equal(ours, reference)
 
 
@@ -236,7 +239,7 @@ def test_bad_configs_are_config_errors(change: dict, needle: str) -> None:
     config = {**_hf_config(TINY), **change}
     config = {k: v for k, v in config.items() if v is not None}
     with pytest.raises(ConfigError, match=needle):
-        HOST_ADAPTER.vision_inputs([Image.new("RGB", (64, 64))], config)
+        HOST.vision_inputs([Image.new("RGB", (64, 64))], config)
 
 
 def test_missing_pinpoints_take_hf_default() -> None:
@@ -247,7 +250,7 @@ def test_missing_pinpoints_take_hf_default() -> None:
 
 def test_explicit_patch_size_overrides_config() -> None:
     config = {k: v for k, v in _hf_config(TINY).items() if k != "patch_size"}
-    out = HOST_ADAPTER.vision_inputs([Image.new("RGB", (64, 64))], config, patch_size=28)
+    out = HOST.vision_inputs([Image.new("RGB", (64, 64))], config, patch_size=28)
     assert out["token_mask"].shape == (1, 5, 4)
 
 
@@ -256,9 +259,9 @@ def test_host_needs_no_torch_or_transformers(python_without, tmp_path: Path) -> 
     import json, sys
     import numpy as np
     from PIL import Image
-    from prunert.adapters.llava_next.host import HOST_ADAPTER
+    from prunert.adapters.llava_next.host import LlavaNextHostAdapter
     config = json.loads(open(sys.argv[1]).read())
-    out = HOST_ADAPTER.vision_inputs([Image.new("RGB", (90, 40), (10, 200, 30))], config)
+    out = LlavaNextHostAdapter({}, 0).vision_inputs([Image.new("RGB", (90, 40), (10, 200, 30))], config)
     assert out["pixel_values"].shape == (1, 5, 3, 56, 56), out["pixel_values"].shape
     assert_no_heavy_modules()
     print("ok")

@@ -20,7 +20,7 @@ from transformers.models.llava_next import modeling_llava_next as hf_modeling  #
 from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil  # noqa: E402
 
 from prunert.adapters.llava.synthetic import MARKER_FILE  # noqa: E402
-from prunert.adapters.llava_next.host import HOST_ADAPTER, AnyresConfig, hf_packed_positions  # noqa: E402
+from prunert.adapters.llava_next.host import AnyresConfig, LlavaNextHostAdapter, hf_packed_positions  # noqa: E402
 from prunert.adapters.llava_next.synthetic import (  # noqa: E402
     LLAVA_NEXT_PROMPT_TEMPLATE,
     PRESETS,
@@ -117,7 +117,7 @@ def test_host_matches_hf_pixels_on_checkpoint_config(tiny_dir: Path) -> None:
     config = json.loads((tiny_dir / "preprocessor_config.json").read_text())
     images = _images()
     reference = LlavaNextImageProcessorPil.from_pretrained(tiny_dir)(images=images, return_tensors="np")
-    ours = HOST_ADAPTER.vision_inputs(images, config)
+    ours = LlavaNextHostAdapter({}, 0).vision_inputs(images, config)
     hf_tiles = reference["pixel_values"].shape[1]  # HF pads only up to the batch's largest tile count
     np.testing.assert_array_equal(ours["pixel_values"][:, :hf_tiles], reference["pixel_values"])
     assert not ours["pixel_values"][:, hf_tiles:].any()
@@ -131,7 +131,7 @@ def test_host_tokens_land_where_hf_packs_them(tiny_dir: Path, tiny_model, proces
     images = _images()
     config = json.loads((tiny_dir / "preprocessor_config.json").read_text())
     cfg = AnyresConfig.from_hf_dict(config)
-    ours = HOST_ADAPTER.vision_inputs(images, config)
+    ours = LlavaNextHostAdapter({}, 0).vision_inputs(images, config)
     hf = processor(images=images, text=[_prompt("Hi")] * 3, padding=True, return_tensors="pt")
     inner = tiny_model.model
     with torch.no_grad():

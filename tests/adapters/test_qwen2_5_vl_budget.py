@@ -13,7 +13,7 @@ from PIL import Image
 torch = pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from prunert.adapters.base import SpliceLayout  # noqa: E402
+from prunert.runtime.host import SpliceLayout  # noqa: E402
 from prunert.adapters.qwen2_5_vl import IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host  # noqa: E402
 from prunert.adapters.qwen2_5_vl.export import QwenExportAdapter  # noqa: E402
 from prunert.adapters.qwen2_5_vl.synthetic import synthetic_checkpoint  # noqa: E402
@@ -89,22 +89,20 @@ def test_hf_position_ids_are_hf_rope_index_restricted_to_kept(adapter: QwenExpor
 
 def test_bound_host_adapter(model_dir: Path, adapter: QwenExportAdapter) -> None:
     fc = adapter.family_config()
-    bound = host.host_adapter(fc)
-    assert bound.one_image_per_vision_call and host.HOST_ADAPTER.family_config is None
-    with pytest.raises(ConfigError, match="family_config"):
-        host.HOST_ADAPTER.vision_inputs([_noise(40, 40)], {})
+    bound = host.QwenHostAdapter(fc, adapter.num_visual_tokens)  # as the runtime binds it: the manifest's family_config
+    assert bound.one_image_per_vision_call and host.HOST_ADAPTER is host.QwenHostAdapter and bound.family_config == fc
     with pytest.raises(ImageError, match="one image per vision-graph call, got 2"):
         bound.vision_inputs([_noise(40, 40)] * 2, {})
     out = bound.vision_inputs([_noise(56, 84)], {"min_pixels": 4 * UNIT, "max_pixels": 64 * UNIT})
     assert sorted(out) == sorted([*adapter.vision_input_names, "image_grid_thw"]) and out["image_grid_thw"].tolist() == [[1, 4, 6]]
     ids = np.array([[0, 0, 50, 6, 6, 6, 50, 50], [50, 50, 50, 6, 6, 6, 50, 50]])  # row 0 left-padded
     mask = (np.arange(8) >= np.array([[2], [0]])).astype(np.int64)
-    layout = SpliceLayout(ids, np.array([[0, 2, 5], [1, 3, 4]]), {"image_grid_thw": np.array([[1, 4, 6], [1, 4, 6]])})
-    positions = bound.position_ids(mask, fc, layout)
-    expected, deltas = host.rope_index(ids, layout.image_info["image_grid_thw"], image_token_id=6, attention_mask=mask,
+    layout = SpliceLayout(ids, np.array([[0, 2, 5], [1, 3, 4]]), ({"image_grid_thw": np.array([[1, 4, 6]])},) * 2)  # one per image
+    positions = bound.position_ids(mask, layout)
+    expected, deltas = host.rope_index(ids, np.array([[1, 4, 6], [1, 4, 6]]), image_token_id=6, attention_mask=mask,
                                        kept_indices=list(layout.kept_indices))
     assert np.array_equal(positions, expected)
     assert np.array_equal(bound.next_position_ids(positions, mask), host.decode_position_ids(deltas, mask.sum(1)))
     assert bound.next_position_ids(positions, mask)[:, :, 0].tolist() == [[6, 8]] * 3  # image of 3 rows: text resumes at +3
     with pytest.raises(ConfigError, match="spliced layout"):
-        bound.position_ids(mask, fc, SpliceLayout(ids))
+        bound.position_ids(mask, SpliceLayout(ids))

@@ -257,18 +257,18 @@ def test_host_runs_without_torch(python_without) -> None:
         """
         import numpy as np
         from PIL import Image
-        from prunert.adapters.base import SpliceLayout
-        from prunert.adapters.qwen2_5_vl.host import host_adapter
+        from prunert.runtime.host import SpliceLayout
+        from prunert.adapters.qwen2_5_vl.host import QwenHostAdapter
         fc = {"spatial_merge_size": 2, "window_size": 56, "patch_size": 14, "vision_head_dim": 16,
               "vision_rope_theta": 1e4, "image_token_id": 6, "fullatt_block_indexes": [1, 3]}
-        bound = host_adapter(fc)
+        bound = QwenHostAdapter(fc, 0)
         image = Image.fromarray(np.zeros((120, 200, 3), np.uint8))
         out = bound.vision_inputs([image], {"min_pixels": 3136, "max_pixels": 50176})
         count = int(out["image_grid_thw"].prod() // 4)
         assert out["pixel_values"].shape == (4 * count, 1176) and out["reverse_index"].shape == (count,)
         ids = np.array([[50] * 3 + [6] * 5 + [50] * 2])  # 5 kept tokens
-        layout = SpliceLayout(ids, np.array([[0, 1, 2, 7, count - 1]]), {"image_grid_thw": out["image_grid_thw"]})
-        positions = bound.position_ids(np.ones_like(ids), fc, layout)
+        layout = SpliceLayout(ids, np.array([[0, 1, 2, 7, count - 1]]), (out,))
+        positions = bound.position_ids(np.ones_like(ids), layout)
         assert positions.shape == (3, 1, ids.shape[1]), positions.shape
         assert bound.next_position_ids(positions, np.ones_like(ids)).shape == (3, 1, 1)
         assert_no_heavy_modules()

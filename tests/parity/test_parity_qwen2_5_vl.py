@@ -150,7 +150,8 @@ def test_batch_in_one_run_equals_single_runs(capsys, artifact: Path, pipe: VLMPi
     prompts += [PROMPT, PROMPT]
     batch = pipe.encode_images(images, prompts)
     assert [inputs["reverse_index"].shape[0] for inputs in batch.pixel_inputs] == [54, 64, N_MIN, N_MAX]
-    assert batch.image_info["image_grid_thw"].tolist() == [[1, 12, 18], [1, 16, 16], [1, 8, 8], [1, 2, 226]]
+    grids = [out["image_grid_thw"][0].tolist() for out in batch.host_outputs]  # the host's own data, back to it for positions
+    assert grids == [[1, 12, 18], [1, 16, 16], [1, 8, 8], [1, 2, 226]]
     assert batch.kept_indices[2].tolist() == list(range(N_MIN))  # K = N: all kept
     config = GenerationConfig(max_new_tokens=6)
     results = pipe.generate(images[:2], prompts[:2], config)

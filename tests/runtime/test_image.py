@@ -13,14 +13,8 @@ import pytest
 from PIL import Image
 
 from prunert.errors import ConfigError, ImageError
-from prunert.runtime.image import (
-    ImagePreprocessConfig,
-    center_crop,
-    check_image,
-    load_image,
-    preprocess,
-    resize_output_size,
-)
+from prunert.adapters.llava.host import ImagePreprocessConfig, center_crop, preprocess, resize_output_size
+from prunert.runtime.image import check_image, load_image
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = sorted((REPO / "examples" / "images").glob("*.jpg"))
@@ -283,7 +277,8 @@ def test_import_without_torch_or_transformers():
                 return None
 
         sys.meta_path.insert(0, Block())
-        from prunert.runtime.image import ImagePreprocessConfig, load_image, preprocess
+        from prunert.adapters.llava.host import ImagePreprocessConfig, preprocess
+        from prunert.runtime.image import load_image
 
         photo = sys.argv[1]
         pixels = preprocess([load_image(photo)], ImagePreprocessConfig.clip_defaults(140))

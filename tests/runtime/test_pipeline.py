@@ -243,7 +243,7 @@ def test_calls_of_different_lengths_stack_with_masked_slots() -> None:
     visual, indices, mask = runtime_pipeline._stack_calls(tokens, kept, valid)
     assert visual.shape == (2, 5, 2) and indices[0].tolist() == [0, 1, 2, -1, -1]
     assert mask.tolist() == [[True] * 3 + [False] * 2, [True, True, False, True, True]]
-    result = runtime_pipeline.VisionResult({}, visual, indices, {}, mask)
+    result = runtime_pipeline.VisionResult({}, visual, indices, mask)
     assert result.kept(0)[1].tolist() == [0, 1, 2] and (result.kept(0)[0] == 1.0).all()
     assert result.kept(1)[1].tolist() == [0, 1, 3, 4] and result.kept(1)[0].shape == (4, 2)
     assert runtime_pipeline.VisionResult({}, visual, indices).kept(0)[1].tolist() == [0, 1, 2, -1, -1]  # no mask: all slots

@@ -10,10 +10,11 @@ import torch
 
 from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
+from prunert.export.adapter import ExportAdapter
 from prunert.errors import ModelSourceError
 
 
-class LlavaExportAdapter(HFTextParts):
+class LlavaExportAdapter(HFTextParts, ExportAdapter):
     family = "llava"
     architecture = "LlavaForConditionalGeneration"
     vision_input_names = ("pixel_values",)
@@ -113,4 +114,4 @@ class LlavaExportAdapter(HFTextParts):
 
 def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
-ADAPTER = LlavaExportAdapter
+EXPORT_ADAPTER = LlavaExportAdapter  # the registry's entry (prunert.adapters.export_adapter_class)

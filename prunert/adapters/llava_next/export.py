@@ -164,4 +164,4 @@ def _hf_unpad_mask(hf: Any, size: list[int], pinpoints: list, tile: int, patch: 
     return full.reshape(rows, g, cols, g).permute(0, 2, 1, 3).reshape(rows * cols, g * g).numpy()
 
 
-ADAPTER = LlavaNextExportAdapter
+EXPORT_ADAPTER = LlavaNextExportAdapter  # the registry's entry (prunert.adapters.export_adapter_class)

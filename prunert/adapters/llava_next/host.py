@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from prunert.adapters.llava.host import LlavaHostAdapter
+from prunert.adapters.llava.host import ImagePreprocessConfig, LlavaHostAdapter, center_crop, resize_output_size
 from prunert.errors import ConfigError, ImageError
-from prunert.runtime.image import ImagePreprocessConfig, center_crop, check_image, resize_output_size
+from prunert.runtime.image import check_image
 
 # Where the vision patch size is read from when `vision_inputs` is not given one. Not an HF
 # image-processor key (HF keeps it in processor_config.json); LlavaNextImageProcessor ignores it.
@@ -230,14 +230,14 @@ class LlavaNextHostAdapter(LlavaHostAdapter):
     """`vision_inputs` for the static-tile vision graph; `position_ids` is LLaVA-1.5's (cumulative)."""
 
     def vision_inputs(
-        self, images: Sequence[Any], preprocessor_config: dict[str, Any], patch_size: int | None = None
+        self, images: Sequence[Any], preprocessor_config: Mapping[str, Any], patch_size: int | None = None
     ) -> dict[str, np.ndarray]:
         """PIL images -> pixel_values float32 [B, T, 3, S, S], tile_mask int64 [B, T], token_mask
         int64 [B, T, N]. `patch_size` defaults to the preprocessor config's "patch_size"."""
         cfg = AnyresConfig.from_hf_dict(preprocessor_config, patch_size)
         if len(images) == 0:
             raise ImageError("vision_inputs: got no images, expected at least one")
-        checked = [check_image(image, f"images[{i}]", cfg.base) for i, image in enumerate(images)]
+        checked = [check_image(image, f"images[{i}]", cfg.base.min_side) for i, image in enumerate(images)]
         t, s = cfg.max_tiles, cfg.tile_size
         pixel_values = np.zeros((len(checked), t, 3, s, s), np.float32)
         tile_mask = np.zeros((len(checked), t), np.int64)
@@ -249,11 +249,11 @@ class LlavaNextHostAdapter(LlavaHostAdapter):
             tokens[b] = token_mask((image.height, image.width), cfg)
         return {"pixel_values": pixel_values, "tile_mask": tile_mask, "token_mask": tokens}
 
-    def visual_token_counts(self, vision_inputs: dict[str, np.ndarray]) -> np.ndarray:
+    def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray], num_images: int) -> np.ndarray:
         """Each image's own N: its valid tokens (thumbnail + real tiles after unpadding), int64 [B]."""
         return ((vision_inputs["token_mask"] != 0) & (vision_inputs["tile_mask"] != 0)[:, :, None]).sum(axis=(1, 2))
 
-    def kept_valid(self, vision_inputs: dict[str, np.ndarray], kept_indices: np.ndarray) -> np.ndarray:
+    def kept_valid(self, vision_inputs: Mapping[str, np.ndarray], kept_indices: np.ndarray) -> np.ndarray:
         """Which kept slots hold a real token: kept_indices [B, K] (tile * N + index) -> bool [B, K]. Only the
         unpruned graph (every slot) or a budget above an image's valid tokens (K > N) ever keeps masked ones:
         padding tiles and tokens that HF's unpadding drops. The splice leaves those out, as HF has no such tokens."""
@@ -261,4 +261,8 @@ class LlavaNextHostAdapter(LlavaHostAdapter):
         return np.take_along_axis(valid.reshape(len(valid), -1), np.asarray(kept_indices, np.int64), axis=1)  # [B, K]
 
 
-HOST_ADAPTER = LlavaNextHostAdapter()
+    def model_view(self, image: Any, preprocessor_config: Mapping[str, Any]) -> Any:
+        raise ConfigError("visualize: LLaVA-NeXT sees an image as several tiles, not one view")
+
+
+HOST_ADAPTER = LlavaNextHostAdapter  # the registry's entry (prunert.adapters.host_adapter_class)

@@ -5,8 +5,8 @@ Qwen2 decoder with 3-D M-RoPE.
 vision-graph inputs; `mrope` the M-RoPE position ids), `synthetic` the seeded presets,
 `tokenizer_builder` their locally trained tokenizer.
 
-Design (wired through the optional hooks of prunert.adapters.base)
-------------------------------------------------------------------
+Design (the hooks its ExportAdapter and HostAdapter subclasses override)
+------------------------------------------------------------------------
 * One image per vision-graph call. smart_resize gives every image its own patch count P = 4 N (N merged
   tokens), so the vision graph has no batch axis: pixel_values [P, 1176] (window order), rotary_cos/_sin
   [P, head_dim], window_segments [P], reverse_index [N], text_embeds [1, text, D], text_mask [1, text] ->

@@ -17,7 +17,7 @@ padding would need a validity mask through the selection graph. Output: tokens [
 Decoder: QwenDecoderGraph, the flat-KV-cache wrapper of graphs.DecoderGraph with 3-D M-RoPE position ids
 [3, B, S] (host.rope_index / decode_position_ids).
 
-Generic export and parity use the optional adapter hooks (prunert.adapters.base): one_image_per_vision_call,
+Generic export and parity call the hooks this class overrides (prunert.export.adapter.ExportAdapter): one_image_per_vision_call,
 fit_budget (min_pixels raised so every image gives >= K merged tokens), artifact_preprocessor_config,
 vision_dim_ranges ("patches" = merge^2 * "merged"), decoder_module, position_ids_leading_dims = (3,),
 hf_position_ids (HF's own get_rope_index on the unpruned prompt, restricted to the kept tokens).
@@ -39,6 +39,7 @@ from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
+from prunert.export.adapter import ExportAdapter
 from prunert.export.graphs import DecoderGraph
 
 VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")
@@ -65,7 +66,7 @@ def visual_token_range(cfg: host.QwenPreprocessConfig) -> tuple[int, int]:
 graph_vision_inputs = host.graph_vision_inputs  # the host's (numpy) conversion, named here for the tests
 
 
-class QwenExportAdapter(HFTextParts):
+class QwenExportAdapter(HFTextParts, ExportAdapter):
     family = "qwen2_5_vl"
     architecture = "Qwen2_5_VLForConditionalGeneration"
     vision_input_names = VISION_INPUT_NAMES
@@ -89,8 +90,13 @@ class QwenExportAdapter(HFTextParts):
         if (self.preprocess.patch_size, self.preprocess.merge_size) != (vision.patch_size, self.merge):
             raise ModelSourceError(f"--model '{model_dir}': preprocessor patch/merge size differ from the vision config")
         self.checkpoint_preprocess = self.preprocess
-        self.min_visual_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
+        self._min_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
         self.num_visual_tokens = self.max_visual_tokens  # N varies per image; this is the largest
+
+    @property
+    def min_visual_tokens(self) -> int:
+        """The fewest merged tokens an image gives with the current pixel range (fit_budget raises it)."""
+        return self._min_tokens
 
     # --- budget -------------------------------------------------------------------------------
     def fit_budget(self, budget: BudgetConfig) -> None:
@@ -114,7 +120,7 @@ class QwenExportAdapter(HFTextParts):
             raise ConfigError(f"budget: got {budget.budget}, expected 1 <= budget <= {largest} (the fewest merged visual tokens an "
                               f"image can give with min_pixels raised to the budget; this checkpoint gives {low}..{high} per image)")
         self.preprocess = replace(base, min_pixels=max(base.min_pixels, budget.budget * base.factor**2))
-        self.min_visual_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
+        self._min_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
         self.num_visual_tokens = self.max_visual_tokens
 
     def artifact_preprocessor_config(self, model_dir: Path) -> dict[str, Any]:
@@ -294,4 +300,4 @@ def _read_json(path: Path) -> dict[str, Any]:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-ADAPTER = QwenExportAdapter
+EXPORT_ADAPTER = QwenExportAdapter  # the registry's entry (prunert.adapters.export_adapter_class)

@@ -35,8 +35,10 @@ from PIL import Image
 from prunert.adapters.qwen2_5_vl.mrope import (  # noqa: F401  (re-exported: host.rope_index, ...)
     _grids, decode_position_ids, grid_positions, pruned_rope_index, rope_deltas, rope_index, sequence_positions,
 )
+from prunert.adapters.llava.host import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_RESAMPLE_CODES
 from prunert.errors import ConfigError, ImageError
-from prunert.runtime.image import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_RESAMPLE_CODES, check_image
+from prunert.runtime.host import HostAdapter, SpliceLayout
+from prunert.runtime.image import check_image
 
 DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor size["shortest_edge"]
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # size["longest_edge"]
@@ -303,42 +305,35 @@ def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: Mapping[str
     }
 
 
-class QwenHostAdapter:
+class QwenHostAdapter(HostAdapter):
     """HostAdapter of Qwen2.5-VL, bound to the manifest's family_config (the vision settings the graph
     inputs need). One image per vision-graph call: images of a batch have different patch counts."""
 
     one_image_per_vision_call = True
 
-    def __init__(self, family_config: Mapping[str, Any] | None = None):
-        self.family_config = family_config
-
-    def vision_inputs(self, images: Sequence[Any], preprocessor_config: Mapping[str, Any],
-                      family_config: Mapping[str, Any] | None = None) -> dict[str, np.ndarray]:
+    def vision_inputs(self, images: Sequence[Any], preprocessor_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """ONE PIL image -> the vision graph's inputs (graph_vision_inputs) plus "image_grid_thw" int64 [1, 3]
-        (not a graph input: the M-RoPE positions of the spliced sequence need it)."""
-        fc = family_config if family_config is not None else self.family_config
-        if fc is None:
-            raise ConfigError("qwen2.5-vl vision_inputs: no family_config (the manifest's vision settings); "
-                              "use the artifact's host adapter or pass family_config=")
+        (not a graph input: the host's own, for the M-RoPE positions of the spliced sequence)."""
         if len(images) != 1:
             raise ImageError(f"qwen2.5-vl vision_inputs: one image per vision-graph call, got {len(images)}")
         out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
-        return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], fc), "image_grid_thw": out["image_grid_thw"]}
+        return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], self.family_config),
+                "image_grid_thw": out["image_grid_thw"]}
 
-    def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray]) -> np.ndarray:
+    def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray], num_images: int) -> np.ndarray:
         """The image's own N (merged tokens), int64 [1]."""
         return np.array([len(vision_inputs["reverse_index"])], np.int64)
 
-    def position_ids(self, attention_mask: Any, family_config: Mapping[str, Any], layout: Any = None) -> np.ndarray:
-        """M-RoPE positions [3, B, L] of the spliced, left-padded batch: layout (SpliceLayout) gives the spliced
-        input ids (K image tokens per image), image_grid_thw [B, 3] and kept_indices (per row); every kept token
-        keeps its original (t, h, w) position."""
-        info = getattr(layout, "image_info", None) or {}
-        if layout is None or "image_grid_thw" not in info or layout.kept_indices is None:
-            raise ConfigError("qwen2.5-vl position_ids: need the spliced layout (input ids, image_grid_thw, kept_indices) "
+    def position_ids(self, attention_mask: Any, layout: SpliceLayout) -> np.ndarray:
+        """M-RoPE positions [3, B, L] of the spliced, left-padded batch: layout gives the spliced input ids (K image
+        tokens per image), kept_indices (per row) and this host's outputs (one per image: image_grid_thw [1, 3]);
+        every kept token keeps its original (t, h, w) position."""
+        if not layout.host_outputs or layout.kept_indices is None:
+            raise ConfigError("qwen2.5-vl position_ids: need the spliced layout (input ids, kept_indices, the host's image_grid_thw) "
                               "of the vision result; pass the VisionResult to splice()")
-        positions, _ = rope_index(layout.input_ids, info["image_grid_thw"], image_token_id=family_config["image_token_id"],
-                                  spatial_merge_size=family_config["spatial_merge_size"], attention_mask=attention_mask,
+        grid = np.concatenate([out["image_grid_thw"] for out in layout.host_outputs])  # [B, 3]
+        positions, _ = rope_index(layout.input_ids, grid, image_token_id=self.family_config["image_token_id"],
+                                  spatial_merge_size=self.family_config["spatial_merge_size"], attention_mask=attention_mask,
                                   kept_indices=list(layout.kept_indices))
         return positions  # [3, B, L]
 
@@ -347,9 +342,4 @@ class QwenHostAdapter:
         return decode_position_ids(rope_deltas(position_ids, attention_mask), np.asarray(attention_mask).sum(axis=1))
 
 
-def host_adapter(family_config: Mapping[str, Any]) -> QwenHostAdapter:
-    """The runtime's host adapter for an artifact: bound to its manifest's family_config."""
-    return QwenHostAdapter(family_config)
-
-
-HOST_ADAPTER = QwenHostAdapter()
+HOST_ADAPTER = QwenHostAdapter  # the registry's entry (prunert.adapters.host_adapter_class)
