@@ -195,7 +195,7 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfi
             if isinstance(cause, PrunertError):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
-        raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+        raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {_exporter_message(exc)}") from exc
     data_file = path.name + ".data"
     budget = getattr(module, "budget", None)  # the vision graph's selection: the usual cause of a fixed token count
     check_symbolic_dims(path, inputs, "" if budget is None else f" (--method {budget.method} may need a fixed number of visual tokens)")
@@ -205,6 +205,19 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfi
         outputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in outputs),
         external_data=data_file if (path.parent / data_file).exists() else None,
     )
+
+
+def _exporter_message(exc: Exception) -> str:
+    """One clean line of an exporter error: ANSI colour codes stripped, and the line under torch.export's
+    "## Exception summary" (the actual error, e.g. a shape mismatch) rather than its generic first line."""
+    import re
+
+    lines = [line.strip() for line in re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", str(exc)).splitlines()]
+    lines = [line for line in lines if line]
+    if "## Exception summary" in lines[:-1]:
+        summary = lines[lines.index("## Exception summary") + 1]
+        return re.sub(r"^<class '(?:[\w.]+\.)?(\w+)'>:", r"\1:", summary)  # "<class 'RuntimeError'>: ..." -> "RuntimeError: ..."
+    return lines[0] if lines else "(no message)"
 
 
 @contextlib.contextmanager

@@ -1,5 +1,6 @@
 """Validation after export (as Optimum does): run each ONNX graph in ONNX Runtime on the batch-2
-export examples and compare with the torch module. Raises ExportError on any mismatch."""
+export examples, check every output's shape against what the manifest declares, and compare with the
+torch module. Raises ExportError on any mismatch."""
 
 from __future__ import annotations
 
@@ -16,9 +17,30 @@ MAX_ABS = 1e-3  # fp32 graph vs fp32 eager on random inputs
 
 
 def _run(path: Path, spec: GraphSpec, args: tuple) -> dict[str, np.ndarray]:
+    """ONNX Runtime on the export example; every output's shape checked against the spec (check_output_shapes)."""
     flat = [a for arg in args for a in (arg if isinstance(arg, tuple) else (arg,))]
     feeds = {t.name: value.numpy() for t, value in zip(spec.inputs, flat)}
-    return OnnxRuntimeRunner(path, spec).infer(feeds)
+    got = OnnxRuntimeRunner(path, spec).infer(feeds)
+    check_output_shapes(path, spec, {name: value.shape for name, value in feeds.items()}, {name: value.shape for name, value in got.items()})
+    return got
+
+
+def check_output_shapes(path: Path, spec: GraphSpec, fed: dict[str, tuple], got: dict[str, tuple]) -> None:
+    """Every output of `spec` has the shape the manifest declares for it: each static dim equal, each symbolic
+    dim the size it has wherever else it appears (bound by the inputs first: "batch" is the example's batch).
+    An exporter or selection op that yields another token count than the declared N or K is caught here."""
+    sizes: dict[str, int] = {}
+    for tensor in spec.inputs:
+        for want, size in zip(tensor.shape, fed.get(tensor.name, ())):
+            if isinstance(want, str):
+                sizes.setdefault(want, int(size))
+    for tensor in spec.outputs:
+        actual = tuple(int(size) for size in got[tensor.name])
+        expected = tuple(want if isinstance(want, int) else sizes.setdefault(want, size) for want, size in zip(tensor.shape, actual))
+        if len(actual) != len(tensor.shape) or actual != expected:
+            declared = "[" + ", ".join(map(str, tensor.shape)) + "]"
+            raise ExportError(f"{path.name}: output '{tensor.name}' has shape {list(actual)} in ONNX Runtime, expected {declared} "
+                              f"as the manifest declares" + (f" (= {list(expected)})" if len(actual) == len(tensor.shape) else ""))
 
 
 def check_symbolic_dims(path: Path, inputs: list[tuple[str, str, tuple]], hint: str = "") -> None:

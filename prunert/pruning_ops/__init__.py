@@ -40,6 +40,9 @@ class MethodSpec:
     needs: tuple[str, ...] = ()  # extra vision-tower outputs: "cls_attention", "patch_keys"
     description: str = ""
     keeps_all: bool = False  # the unpruned baseline: K must equal N and every token is kept, in order
+    # scores tokens by the vision tower's [CLS] query (its "cls_attention" row): no such token, no such method
+    # (SigLIP, Qwen2.5-VL); the export adapter's `has_cls_token` says whether the tower has one (check_applies)
+    needs_cls: bool = False
 
 
 _REGISTRY: dict[str, MethodSpec] = {}
@@ -68,12 +71,21 @@ for _name, _config, _needs, _description in (
 ):
     register(MethodSpec(
         _name, _config, f"prunert.pruning_ops.{_name}:{_name}_op", f"prunert.pruning_ops.{_name}:{_name}_reference",
-        _needs, _description,
+        _needs, _description, needs_cls="cls_attention" in _needs,
     ))
 
 
 def methods() -> list[str]:
     return sorted(_REGISTRY)
+
+
+def check_applies(method: str, has_cls_token: bool) -> None:
+    """ConfigError (one line) unless `method` applies to a vision tower with (or without) a [CLS] token."""
+    spec = method_spec(method)
+    if spec.needs_cls and not has_cls_token:
+        usable = [name for name in methods() if not _REGISTRY[name].needs_cls]
+        raise ConfigError(f"--method {method}: needs the vision tower's [CLS] token, and this checkpoint's tower has none; "
+                          f"expected one of {usable}")
 
 
 def method_spec(name: str) -> MethodSpec:

@@ -10,11 +10,10 @@ import torch
 
 from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
-from prunert.export.adapter import ExportAdapter
-from prunert.errors import ModelSourceError
+from prunert.errors import ConfigError, ModelSourceError
 
 
-class LlavaExportAdapter(HFTextParts, ExportAdapter):
+class LlavaExportAdapter(HFTextParts):
     family = "llava"
     architecture = "LlavaForConditionalGeneration"
     vision_input_names = ("pixel_values",)
@@ -28,9 +27,19 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
             raise ModelSourceError(f"--model '{model_dir}': vision_feature_layer must be one layer index")
         vision = config.vision_config
         self.image_size = vision.image_size
-        self.num_visual_tokens = (vision.image_size // vision.patch_size) ** 2
         self.feature_layer = config.vision_feature_layer
-        self.drop_cls = config.vision_feature_select_strategy == "default"
+        self.drop_cls = config.vision_feature_select_strategy == "default"  # HF drops the tower's first token ([CLS] on CLIP)
+        # N: the tower's tokens (patches, + [CLS] where it has one), less the first with "default" ("full" keeps them all)
+        self.num_visual_tokens = (vision.image_size // vision.patch_size) ** 2 + int(self.has_cls_token) - int(self.drop_cls)
+
+    @property
+    def has_cls_token(self) -> bool:
+        """The tower puts a [CLS] token first (CLIP); SigLIP has none, so methods that need one do not apply."""
+        return hasattr(self._vision_model().embeddings, "class_embedding")
+
+    def _vision_model(self) -> Any:
+        tower = self.model.model.vision_tower  # CLIPVisionModel / SiglipVisionModel; the transformer is .vision_model
+        return getattr(tower, "vision_model", tower)
 
     # --- vision -------------------------------------------------------------------------------
     def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -38,28 +47,37 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
         return tower(pixel_values, output_hidden_states=True).hidden_states  # L+1 x [B, 1+N, Dv]
 
     def vision_features(self, pixel_values: torch.Tensor, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
-        """One tower pass -> {"tokens" [B, N, D]} plus requested extras of the feature layer:
-        "cls_attention" [B, N] (head-averaged softmax(q_cls k^T / sqrt(d)), CLS column dropped) and
-        "patch_keys" [B, N, Dv] (that layer's attention keys of the patches)."""
+        """One tower pass -> {"tokens" [B, N, D]} plus requested extras of the feature layer, over the SAME N tokens
+        (tower row first + i for token i: the [CLS] row is token 0 with "full", dropped with "default"):
+        "cls_attention" [B, N] (head-averaged softmax(q_cls k^T / sqrt(d)) of the layer producing the feature layer)
+        and "patch_keys" [B, N, Dv] (that layer's attention keys)."""
         states = self._hidden_states(pixel_values)
-        features = states[self.feature_layer]  # [B, 1+N, Dv]
-        out = {"tokens": self.model.model.multi_modal_projector(features[:, 1:] if self.drop_cls else features)}
+        first = int(self.drop_cls)  # tower row of token 0
+        features = states[self.feature_layer]  # [B, T, Dv], T = N + first tower tokens
+        out = {"tokens": self.model.model.multi_modal_projector(features[:, first:])}  # [B, N, D]
         if extras:
-            layer_index = self.feature_layer % len(states)  # hidden_states[i] is the output of layer i-1
-            tower = self.model.model.vision_tower  # CLIPVisionModel; older transformers wrap it in .vision_model
-            layer = getattr(tower, "vision_model", tower).encoder.layers[layer_index - 1]
+            layer = self._feature_attention_layer(len(states))
             attn = layer.self_attn
-            hidden = layer.layer_norm1(states[layer_index - 1])  # [B, 1+N, Dv]
+            hidden = layer.layer_norm1(states[self.feature_layer % len(states) - 1])  # [B, T, Dv], that layer's input
             batch, length, _ = hidden.shape
-            keys = attn.k_proj(hidden)  # [B, 1+N, Dv]
+            keys = attn.k_proj(hidden)  # [B, T, Dv]
             if "cls_attention" in extras:
+                self._check_cls("cls_attention")
                 query = attn.q_proj(hidden[:, :1]).view(batch, 1, attn.num_heads, attn.head_dim).transpose(1, 2)
-                heads = keys.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, 1+N, hd]
-                probs = torch.softmax((query @ heads.transpose(2, 3)) * attn.scale, dim=-1)  # [B, H, 1, 1+N]
-                out["cls_attention"] = probs.mean(dim=1)[:, 0, 1:]  # [B, N]
+                heads = keys.view(batch, length, attn.num_heads, attn.head_dim).transpose(1, 2)  # [B, H, T, hd]
+                probs = torch.softmax((query @ heads.transpose(2, 3)) * attn.scale, dim=-1)  # [B, H, 1, T]
+                out["cls_attention"] = probs.mean(dim=1)[:, 0, first:]  # [B, N]
             if "patch_keys" in extras:
-                out["patch_keys"] = keys[:, 1:]  # [B, N, Dv]
+                out["patch_keys"] = keys[:, first:]  # [B, N, Dv]
         return out
+
+    def _feature_attention_layer(self, num_states: int) -> Any:
+        """The encoder layer whose output is the feature layer (hidden_states[i] is the output of layer i - 1)."""
+        return self._vision_model().encoder.layers[self.feature_layer % num_states - 1]
+
+    def _check_cls(self, extra: str) -> None:
+        if not self.has_cls_token:
+            raise ConfigError(f"vision extra {extra!r}: this {self.model.config.vision_config.model_type} tower has no [CLS] token")
 
     def visual_tokens(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.vision_features(pixel_values)["tokens"]  # [B, N, D]
@@ -102,6 +120,33 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
 
         processor = AutoImageProcessor.from_pretrained(model_dir)
         return {"pixel_values": processor(images=images, return_tensors="pt")["pixel_values"]}
+
+    def hf_vision_features(self, images: list[Any], model_dir: Path, extras: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parity's reference features, independent of vision_features: HF's processor, then HF's own
+        `get_image_features` (the checkpoint's vision_feature_layer and select strategy, as HF's forward uses them)
+        -> ({"tokens" [B, N, D]} + extras, valid [B, N] bool: all True). Extras come from the same HF tower run:
+        "cls_attention" from its output_attentions of the layer producing the feature layer (the [CLS] query's row,
+        head-averaged) and "patch_keys" from that layer's k_proj output (captured by a forward hook), both over the
+        tokens HF gives the LLM (the [CLS] column too with "full")."""
+        pixel_values = self.hf_vision_inputs(images, model_dir)["pixel_values"]  # [B, 3, S, S]
+        captured: dict[str, torch.Tensor] = {}
+        layer = self._feature_attention_layer(len(self._vision_model().encoder.layers) + 1)
+        hook = layer.self_attn.k_proj.register_forward_hook(lambda module, args, output: captured.update(keys=output))
+        try:
+            with torch.no_grad():
+                out = self.model.model.get_image_features(pixel_values, output_attentions="cls_attention" in extras)
+        finally:
+            hook.remove()
+        tokens = torch.stack(list(out.pooler_output))  # [B, N, D]
+        first = captured["keys"].shape[1] - tokens.shape[1]  # tower rows HF dropped (1 with "default")
+        features = {"tokens": tokens}
+        if "cls_attention" in extras:
+            self._check_cls("cls_attention")
+            probs = out.attentions[self.feature_layer % len(out.hidden_states) - 1]  # [B, H, T, T]
+            features["cls_attention"] = probs.mean(dim=1)[:, 0, first:]  # [B, N]
+        if "patch_keys" in extras:
+            features["patch_keys"] = captured["keys"][:, first:]  # [B, N, Dv]
+        return features, torch.ones(tokens.shape[:2], dtype=torch.bool)
 
     def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
         from transformers import AutoTokenizer

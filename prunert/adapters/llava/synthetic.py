@@ -94,6 +94,11 @@ class SyntheticPreset:
     max_position_embeddings: int
     seed: int = 0
     description: str = ""
+    # How LLaVA reads the tower (LlavaConfig): "clip" (a [CLS] token first) or "siglip" (patches only); the
+    # feature layer; "default" drops the tower's first token (CLIP's [CLS]), "full" keeps every token.
+    vision_tower: str = "clip"
+    vision_feature_layer: int = -2
+    vision_feature_select_strategy: str = "default"
 
     def __post_init__(self) -> None:
         if self.image_size % self.patch_size:
@@ -102,11 +107,30 @@ class SyntheticPreset:
             raise ConfigError(f"preset vision_layers: got {self.vision_layers}, expected >= 3 (LLaVA reads layer -2)")
         if self.text_heads % self.text_kv_heads:
             raise ConfigError(f"preset text_heads {self.text_heads} is not a multiple of kv heads {self.text_kv_heads}")
+        if self.vision_tower not in VISION_TOWERS:
+            raise ConfigError(f"preset vision_tower: got {self.vision_tower!r}, expected one of {sorted(VISION_TOWERS)}")
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ConfigError(f"preset vision_feature_select_strategy: got {self.vision_feature_select_strategy!r}, "
+                              "expected 'default' or 'full'")
 
     @property
     def num_patches(self) -> int:
-        """Visual tokens per image: the CLS token is dropped ("default" feature select strategy)."""
+        """Patches per image, (image_size / patch_size)^2: the visual tokens of the "default" strategy on CLIP."""
         return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_cls_token(self) -> bool:
+        return self.vision_tower == "clip"
+
+    @property
+    def num_visual_tokens(self) -> int:
+        """Visual tokens per image: the tower's tokens (patches, + [CLS] on CLIP), less the first one with "default"."""
+        return self.num_patches + int(self.has_cls_token) - int(self.vision_feature_select_strategy == "default")
+
+
+VISION_TOWERS = ("clip", "siglip")
+# Fields added after the first presets: left out of preset_hash at these values, so older presets keep their hash.
+_HASH_NEUTRAL = {"vision_tower": "clip", "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
 
 
 PRESETS: dict[str, SyntheticPreset] = {
@@ -123,6 +147,24 @@ PRESETS: dict[str, SyntheticPreset] = {
         text_hidden=1024, text_layers=24, text_heads=16, text_kv_heads=16, text_head_dim=64,
         text_intermediate=4096, vocab_size=32064, max_position_embeddings=4096,
         seed=0, description="CLIP ViT-L/14-336 tower (576 visual tokens) + 0.47B Llama decoder",
+    ),
+    # The two tower layouts LLaVA-1.5's default hides: every token of a CLIP 224/14 tower kept (the [CLS]
+    # row first: N = 1 + 256), and a SigLIP tower, which has no [CLS] (N = 256); both read the last layer.
+    "llava-tiny-full": SyntheticPreset(
+        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
+        image_size=224, patch_size=14,
+        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
+        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
+        seed=0, description="tiny LLaVA for tests: CLIP 224/14, strategy 'full', layer -1: 257 visual tokens ([CLS] kept)",
+        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    ),
+    "llava-tiny-siglip": SyntheticPreset(
+        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
+        image_size=224, patch_size=14,
+        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
+        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
+        seed=0, description="tiny LLaVA for tests: SigLIP 224/14 tower (no [CLS]), strategy 'full', layer -1: 256 visual tokens",
+        vision_tower="siglip", vision_feature_layer=-1, vision_feature_select_strategy="full",
     ),
 }
 
@@ -144,11 +186,12 @@ def parameter_counts(preset: SyntheticPreset) -> dict[str, int]:
     """Parameter counts per part, computed from the shapes alone (nothing is built)."""
     v, t = preset.vision_hidden, preset.text_hidden
     vision_layer = 4 * (v * v + v) + 2 * v * preset.vision_intermediate + preset.vision_intermediate + v + 4 * v
+    cls = int(preset.has_cls_token)  # CLIP: class embedding, a position for it, pre-layernorm, bias-free conv
     vision = (
-        v  # class embedding
-        + 3 * preset.patch_size**2 * v  # patch conv, no bias
-        + (preset.num_patches + 1) * v  # position embedding
-        + 2 * 2 * v  # pre and post layernorm
+        cls * v  # class embedding
+        + 3 * preset.patch_size**2 * v + (1 - cls) * v  # patch conv (SigLIP's has a bias)
+        + (preset.num_patches + cls) * v  # position embedding
+        + (1 + cls) * 2 * v  # (pre and) post layernorm
         + preset.vision_layers * vision_layer
     )
     projector = v * t + t + t * t + t
@@ -161,18 +204,15 @@ def parameter_counts(preset: SyntheticPreset) -> dict[str, int]:
 
 def build_config(preset: SyntheticPreset, tokenizer: Tokenizer) -> LlavaConfig:
     """The LlavaConfig of `preset`; special-token ids are read from `tokenizer`."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, SiglipVisionConfig
 
     pad_id = tokenizer.token_to_id(PAD_TOKEN)
-    vision = CLIPVisionConfig(
-        hidden_size=preset.vision_hidden,
-        num_hidden_layers=preset.vision_layers,
-        num_attention_heads=preset.vision_heads,
-        intermediate_size=preset.vision_intermediate,
-        image_size=preset.image_size,
-        patch_size=preset.patch_size,
-        projection_dim=preset.vision_hidden,
-    )
+    shapes = {"hidden_size": preset.vision_hidden, "num_hidden_layers": preset.vision_layers, "num_attention_heads": preset.vision_heads,
+              "intermediate_size": preset.vision_intermediate, "image_size": preset.image_size, "patch_size": preset.patch_size}
+    if preset.has_cls_token:
+        vision = CLIPVisionConfig(**shapes, projection_dim=preset.vision_hidden)
+    else:  # SigLIP without its pooling head (LLaVA reads hidden states only)
+        vision = SiglipVisionConfig(**shapes, vision_use_head=False)
     text = LlamaConfig(
         hidden_size=preset.text_hidden,
         num_hidden_layers=preset.text_layers,
@@ -192,10 +232,10 @@ def build_config(preset: SyntheticPreset, tokenizer: Tokenizer) -> LlavaConfig:
         vision_config=vision,
         text_config=text,
         image_token_index=tokenizer.token_to_id(IMAGE_TOKEN),
-        image_seq_length=preset.num_patches,
+        image_seq_length=preset.num_visual_tokens,
         projector_hidden_act="gelu",
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
+        vision_feature_layer=preset.vision_feature_layer,
+        vision_feature_select_strategy=preset.vision_feature_select_strategy,
         pad_token_id=pad_id,
         tie_word_embeddings=False,
     )
@@ -349,7 +389,7 @@ def cached_checkpoint(preset_name: str, digest: str, cache_dir: Path | None, wri
 
 def preset_hash(preset: SyntheticPreset) -> str:
     """Short hash of the preset's shapes, the init scales, prunert's version and the format version."""
-    shapes = {k: v for k, v in asdict(preset).items() if k != "description"}
+    shapes = {k: v for k, v in asdict(preset).items() if k != "description" and _HASH_NEUTRAL.get(k, ()) != v}
     scales = [LINEAR_GAIN, TOKEN_EMBED_STD, LM_HEAD_GAIN, FILLER_LM_HEAD_SCALE, VISION_POSITION_STD, VISION_CLASS_STD]
     key = {"preset": shapes, "scales": scales, "prunert": prunert.__version__, "format": SYNTHETIC_FORMAT_VERSION}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:12]
@@ -401,13 +441,13 @@ def _preprocessor_config(preset: SyntheticPreset) -> dict[str, Any]:
 
 
 def _processor_config(preset: SyntheticPreset) -> dict[str, Any]:
-    """LlavaProcessor settings, so that `AutoProcessor` expands `<image>` to num_patches tokens."""
+    """LlavaProcessor settings, so that `AutoProcessor` expands `<image>` to num_visual_tokens tokens."""
     return {
         "processor_class": "LlavaProcessor",
         "image_token": IMAGE_TOKEN,
         "patch_size": preset.patch_size,
-        "num_additional_image_tokens": 1,  # the CLS token, dropped by the "default" strategy
-        "vision_feature_select_strategy": "default",
+        "num_additional_image_tokens": int(preset.has_cls_token),  # the CLS token ("default" drops the first token)
+        "vision_feature_select_strategy": preset.vision_feature_select_strategy,
     }
 
 
