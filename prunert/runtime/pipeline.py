@@ -23,7 +23,8 @@ from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
 from prunert.runtime.host import SpliceLayout
 from prunert.runtime.image import load_image
-from prunert.runtime.runner import DecoderSession, OnnxRuntimeRunner, Runner
+from prunert.runtime.decode import decode_steps, table_embedder
+from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names
 from prunert.runtime.sampling import next_tokens
 from prunert.runtime.text import content_word_groups, text_relevance_inputs
 
@@ -200,10 +201,11 @@ class VLMPipeline:
         return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.float32) for _ in range(2 * dec.num_layers)]
 
     def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
-        """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers)."""
-        names = [t.name for t in self.decoder.spec.inputs[3:]]
-        out = self.decoder.infer({"inputs_embeds": embeds, "attention_mask": mask, "position_ids": positions, **dict(zip(names, past))})
-        return out["logits"], [out[t.name] for t in self.decoder.spec.outputs[1:]]
+        """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers, in the
+        order of the graph's past_key_values.* inputs; the cache tensors are found by name, runner.cache_names)."""
+        names = cache_names(self.decoder.spec)
+        out = self.decoder.infer({**dict(zip(HOST_INPUTS, (embeds, mask, positions))), **dict(zip(names.past, past))})
+        return out[LOGITS], [out[name] for name in names.present]
 
     def prefill(self, sequences: list[list[int]], vision: VisionResult) -> Prefill:
         embeds, mask, positions = self.splice(sequences, vision)
@@ -230,7 +232,7 @@ class VLMPipeline:
         sequences = self.tokenize(prompts)
         vision = self.encode_images(images, prompts)
         state = self.prefill(sequences, vision)
-        tokens = self._decode(state, config, on_token)
+        tokens = self.decode(state, config, on_token)
         results = []
         eos = set(self.manifest.text.eos_token_ids)
         for row, ids in enumerate(tokens):
@@ -239,34 +241,24 @@ class VLMPipeline:
             results.append(Generation(text, ids, finish, vision.kept(row)[1], int(vision.visual_token_counts[row])))
         return results
 
-    def _decode(self, state: Prefill, config: GenerationConfig, on_token: TokenCallback | None) -> list[list[int]]:
-        text, table = self.manifest.text, self.artifact.embeddings
-        batch, length = state.attention_mask.shape
-        budget = min(config.max_new_tokens, text.max_sequence - length)
+    def decode(self, state: Prefill, config: GenerationConfig = GenerationConfig(), on_token: TokenCallback | None = None) -> list[list[int]]:
+        """Each row's token ids after a prefill (its EOS id last where one ended it), through the one decode loop
+        (prunert.runtime.decode.decode_steps): at most config.max_new_tokens, capped by the artifact's max_sequence."""
+        text = self.manifest.text
         rng = np.random.default_rng(config.seed)
-        eos = set(text.eos_token_ids)
-        out: list[list[int]] = [[] for _ in range(batch)]
-        done = np.zeros(batch, bool)
-        logits, session = state.logits[:, -1], state.session  # [B, V]
-        mask = state.attention_mask  # [B, L]
-        positions = self.artifact.host.next_position_ids(state.position_ids, mask)  # [B, 1] (M-RoPE: [3, B, 1])
-        start = time.perf_counter()
-        for step in range(budget):
-            chosen = next_tokens(logits, config, rng)  # [B]
-            chosen = np.where(done, text.pad_token_id, chosen)
-            for row in np.flatnonzero(~done):
-                out[row].append(int(chosen[row]))
-                done[row] = chosen[row] in eos
-                if on_token is not None:
-                    last = bool(done[row]) or step == budget - 1  # the row's final token: flush held-back text
-                    on_token(int(row), int(chosen[row]), self._new_text(out[row], last))
-            if done.all() or step == budget - 1:
-                break
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            embeds = np.asarray(table[chosen], np.float32)[:, None]  # [B, 1, D]
-            logits = session.run(embeds, mask, positions)[:, -1]
-            positions = positions + 1
-            self.timings.decode_steps += 1
+        out: list[list[int]] = [[] for _ in range(state.attention_mask.shape[0])]
+        positions = self.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [B, 1] (M-RoPE: [3, B, 1])
+        steps = decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(self.artifact.embeddings),
+                             lambda logits: next_tokens(logits, config, rng), min(config.max_new_tokens, text.max_sequence - state.attention_mask.shape[1]),
+                             text.eos_token_ids, text.pad_token_id)
+        start, calls = time.perf_counter(), 0
+        for step in steps:
+            for row in np.flatnonzero(step.active):
+                out[row].append(int(step.tokens[row]))
+                if on_token is not None:  # the row's final token flushes held-back text
+                    on_token(int(row), int(step.tokens[row]), self._new_text(out[row], bool(step.last[row])))
+            calls = step.index  # decoder calls so far
+        self.timings.decode_steps += calls
         self.timings.decode_s = time.perf_counter() - start
         return out
 

@@ -4,6 +4,7 @@ the manifest's tensor specs before anything runs. Backends are imported lazily."
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -11,6 +12,36 @@ import numpy as np
 
 from prunert.errors import ArtifactError, BackendUnavailableError, InputShapeError
 from prunert.manifest import GraphSpec
+
+# The decoder graph's declared tensor names (prunert.export.graphs writes them; Optimum / onnxruntime-genai use the same)
+HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # what the host feeds every step
+LOGITS = "logits"
+PAST_PREFIX, PRESENT_PREFIX = "past_key_values.", "present."  # past_key_values.{i}.key -> present.{i}.key
+
+
+@dataclass(frozen=True)
+class CacheNames:
+    """The decoder's KV-cache tensors by their declared names: past[j] is fed what present[j] returned."""
+
+    past: tuple[str, ...]  # inputs past_key_values.{i}.key/value, in the graph's input order
+    present: tuple[str, ...]  # outputs present.{i}.key/value, the same layer and kind as past[j]
+
+
+def cache_names(spec: GraphSpec, num_layers: int | None = None) -> CacheNames:
+    """The KV-cache names of a decoder GraphSpec, found by name (never by position): every past_key_values.X input
+    pairs with the output present.X, no present.* output is left unpaired, and (num_layers given) there are 2 per layer."""
+    past = tuple(t.name for t in spec.inputs if t.name.startswith(PAST_PREFIX))
+    present = tuple(PRESENT_PREFIX + name[len(PAST_PREFIX) :] for name in past)
+    outputs = [t.name for t in spec.outputs]
+    missing = [name for name in present if name not in outputs]
+    unpaired = [name for name in outputs if name.startswith(PRESENT_PREFIX) and name not in present]
+    if missing or unpaired or LOGITS not in outputs:
+        raise ArtifactError(f"{spec.file}: decoder outputs {outputs} do not match its past inputs {list(past)}: expected "
+                            f"'{LOGITS}' and one {PRESENT_PREFIX}X per {PAST_PREFIX}X (missing {missing}, unpaired {unpaired})")
+    if num_layers is not None and len(past) != 2 * num_layers:
+        raise ArtifactError(f"{spec.file}: {len(past)} {PAST_PREFIX}* inputs, expected {2 * num_layers} (key and value "
+                            f"for each of the manifest's {num_layers} layers)")
+    return CacheNames(past, present)
 
 
 class Runner(ABC):
@@ -42,11 +73,8 @@ class DecoderSession(ABC):
     def __init__(self, runner: Runner, num_layers: int):
         self.runner = runner
         self.num_layers = num_layers
-        names = [t.name for t in runner.spec.inputs]
-        self.past_names = names[3:]  # after inputs_embeds, attention_mask, position_ids
-        self.present_names = [t.name for t in runner.spec.outputs[1:]]  # after logits
-        if len(self.past_names) != 2 * num_layers or len(self.present_names) != 2 * num_layers:
-            raise InputShapeError(f"{runner.spec.file}: expected {2 * num_layers} past and present tensors")
+        names = cache_names(runner.spec, num_layers)
+        self.past_names, self.present_names = list(names.past), list(names.present)
 
     @abstractmethod
     def reset(self, batch: int) -> None: ...
@@ -70,10 +98,10 @@ class HostKVSession(DecoderSession):
         self.cache = self.empty_past(batch)
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
         out = self.runner.infer({**feeds, **dict(zip(self.past_names, self.cache))})
         self.cache = [out[name] for name in self.present_names]
-        return out["logits"]
+        return out[LOGITS]
 
     def present(self) -> list[np.ndarray]:
         return list(self.cache)
@@ -169,9 +197,6 @@ def _open_session(ort: Any, path: Path, options: Any, providers: list[Any]) -> A
         raise ArtifactError(f"graph '{path}': ONNX Runtime cannot load it ({reason}); without --no-verify its sha256 is checked") from None
 
 
-HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")
-
-
 class OrtBoundKVSession(DecoderSession):
     """ONNX Runtime IOBinding: the present tensors of one step are bound, as OrtValues on the session's
     device, as the past of the next; only embeds/mask/positions go in and logits come out each step."""
@@ -184,7 +209,7 @@ class OrtBoundKVSession(DecoderSession):
         self.cache = [ort.OrtValue.ortvalue_from_numpy(past, self.runner.device, 0) for past in self.empty_past(batch)]
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
         check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
         past_len, batch = self.cache[0].shape()[2], self.cache[0].shape()[0]
         if attention_mask.shape != (batch, past_len + inputs_embeds.shape[1]):
@@ -197,13 +222,13 @@ class OrtBoundKVSession(DecoderSession):
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name, value in zip(self.past_names, self.cache):
             binding.bind_ortvalue_input(name, value)
-        binding.bind_output("logits")  # host
+        binding.bind_output(LOGITS)  # host
         for name in self.present_names:
             binding.bind_output(name, self.runner.device)
         self.runner.session.run_with_iobinding(binding)
-        outputs = binding.get_outputs()
-        self.cache = list(outputs[1:])
-        return outputs[0].numpy()
+        outputs = dict(zip([LOGITS, *self.present_names], binding.get_outputs()))  # in the order bound
+        self.cache = [outputs[name] for name in self.present_names]
+        return outputs[LOGITS].numpy()
 
     def present(self) -> list[np.ndarray]:
         return [value.numpy() for value in self.cache]

@@ -26,7 +26,7 @@ from prunert.engines.profiles import Profile, select_profile
 from prunert.errors import ArtifactError, InputShapeError, PrunertError
 from prunert.manifest import MANIFEST_NAME, EngineSpec, GraphSpec
 from prunert.runtime import cuda as cuda_rt
-from prunert.runtime.runner import DecoderSession, Runner, check_inputs
+from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, Runner, check_inputs
 
 _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
                 "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
@@ -221,7 +221,7 @@ class TensorRTDecoderSession(DecoderSession):
             raise ArtifactError(f"{spec.file}: past tensors need static heads and head_dim, got {first.describe()}")
         self.heads, self.head_dim = int(first.shape[1]), int(first.shape[3])
         self.dtype = runner.dtypes[self.past_names[0]]
-        self.logits_name = spec.outputs[0].name
+        self.logits_name = LOGITS
         self._front: list[cuda_rt.DeviceBuffer] = []
         self._back: list[cuda_rt.DeviceBuffer] = []
         self._capacity = 0
@@ -248,7 +248,7 @@ class TensorRTDecoderSession(DecoderSession):
             raise InputShapeError(f"inputs_embeds: got {inputs_embeds.shape}, but the session was reset for batch {self.batch}")
         past_shape = (self.batch, self.heads, self.length, self.head_dim)
         empty = np.zeros((), self.dtype)
-        feeds = {"inputs_embeds": inputs_embeds, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
         check_inputs(self.runner.spec, {**feeds, **{n: np.broadcast_to(empty, past_shape) for n in self.past_names}})
         steps = inputs_embeds.shape[1]
         total = self.length + steps
