@@ -356,7 +356,7 @@ def check_contained(directory: Path, manifest: Manifest) -> None:
     """Every name in `files` resolves inside the directory (no absolute path, no '..', no symlink out), and every
     file the manifest points at is one of them, so it is hashed. ArtifactError names the key and the path."""
     root = directory.resolve()
-    for where, name in [(f"files[{name!r}]", name) for name in manifest.files] + referenced_files(manifest):
+    for where, name in referenced_files(manifest) + [(f"files[{name!r}]", name) for name in manifest.files]:
         problem = _outside(root, name)
         if problem:
             raise ArtifactError(f"{MANIFEST_NAME} '{where}' is {json.dumps(name)}: {problem}; expected a file inside the artifact directory")
