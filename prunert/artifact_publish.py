@@ -187,6 +187,8 @@ def replace_file(path: Path, write: Callable[[Path], None], label: str, keys: fr
         write(temp)
         refuse_unless_replaceable_file(path, label, keys, what)  # a directory or link may have appeared meanwhile
         os.replace(temp, path)
+    except OSError as exc:
+        raise ArtifactError(f"{label} '{path}': cannot write it ({exc.strerror or exc})") from None
     finally:
         temp.unlink(missing_ok=True)
 

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
+from prunert.artifact_publish import Leftover
 from prunert.manifest import Manifest
 
 
-def manifest_table(m: Manifest) -> str:
+def manifest_table(m: Manifest, leftovers: Sequence[Leftover] = ()) -> str:
+    """The manifest as a table; `leftovers` (artifact_publish.leftovers) as a last section when there are any."""
     lines = [
         f"artifact schema {m.schema_version}, prunert {m.prunert_version}, opset {m.opset}",
         f"source        {m.source.model} ({m.source.architecture}, family {m.source.family})"
@@ -35,4 +39,6 @@ def manifest_table(m: Manifest) -> str:
             lines.append(f"  {e.graph:<8} {e.precision:<5} TensorRT {e.tensorrt_version}, sm {e.compute_capability} ({e.device_name}), "
                          f"{len(e.profiles)} profile(s), built in {e.build_seconds:.0f} s: {e.file}")
     lines += ["", "files"] + [f"  {name:<28} sha256 {digest[:16]}..." for name, digest in sorted(m.files.items())]
+    if leftovers:
+        lines += ["", "leftovers (not part of the artifact)"] + [f"  {leftover.line()}" for leftover in leftovers]
     return "\n".join(lines)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 from dataclasses import replace
 from pathlib import Path
 
@@ -36,6 +38,20 @@ def test_variant_commit_is_listed_hashed_and_resolvable(artifact_copy: Path) -> 
     assert (artifact_copy / spec.file).is_file()
     assert not (artifact_copy / STAGING_DIR).exists()
     assert reread.graph_spec("vision") == manifest.graphs["vision"]
+
+
+def test_update_folders_and_manifest_follow_the_umask(artifact_copy: Path) -> None:
+    manifest = load_manifest(artifact_copy)
+    previous = os.umask(0o027)
+    try:
+        with ArtifactUpdate(artifact_copy, "fp16") as update:
+            assert stat.S_IMODE(update.staging.stat().st_mode) == 0o750
+            _stage_graphs(update, artifact_copy, manifest)
+            update.commit(lambda m: replace(m, variants={"fp16": _variant(update, m)}))
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((artifact_copy / update.folder).stat().st_mode) == 0o750
+    assert stat.S_IMODE((artifact_copy / MANIFEST_NAME).stat().st_mode) == 0o640  # was a fixed 0o644
 
 
 def test_missing_variant_names_the_command_that_makes_it(tiny_artifact: Path) -> None:
