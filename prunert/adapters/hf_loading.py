@@ -11,17 +11,49 @@ from prunert.errors import ModelSourceError
 
 def load_hf_model(model_class: Any, model_dir: Path, architecture: str) -> Any:
     """model_class.from_pretrained(model_dir): safetensors only (never pickle), eager attention (attention
-    maps are needed), float32, eval mode. A checkpoint that cannot load is a ModelSourceError naming it."""
+    maps are needed), float32, eval mode. A checkpoint that cannot load, or that loads only by initialising
+    weights at random (missing, unexpected or mis-shaped tensors: check_loading_info), is a ModelSourceError naming it."""
     import torch
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # transformers' LOAD REPORT table: check_loading_info says it in one line
     try:
-        model = model_class.from_pretrained(model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32)
+        model, info = model_class.from_pretrained(model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
+                                                  output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelSourceError(f"--model '{model_dir}': cannot load as {architecture}: {exc}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    check_loading_info(info, model_dir, architecture)
     return model.eval()
+
+
+def check_loading_info(info: dict[str, Any], model_dir: Path, architecture: str, shown: int = 3) -> None:
+    """from_pretrained's loading info (output_loading_info=True, names after transformers' key renames) must be
+    empty: a weight the config needs but the safetensors lack, or whose shape contradicts config.json
+    (ignore_mismatched_sizes=True: reported here instead of transformers' RuntimeError), would be initialised at
+    random and exported as if trained; a tensor the model has no place for means the config is not the checkpoint's."""
+
+    def listed(names: list[str]) -> str:
+        more = f", ... ({len(names) - shown} more)" if len(names) > shown else ""
+        return ", ".join(names[:shown]) + more
+
+    problems = []
+    for kind in ("missing", "unexpected"):
+        names = sorted(info.get(f"{kind}_keys") or ())
+        if names:
+            problems.append(f"{len(names)} {kind} weight(s): {listed(names)}")
+    mismatched = sorted(info.get("mismatched_keys") or ())  # (name, checkpoint shape, config shape)
+    if mismatched:
+        shapes = [f"{name} {list(ours)} (config.json: {list(expected)})" for name, ours, expected in mismatched]
+        problems.append(f"{len(shapes)} weight(s) whose shape contradicts config.json: {listed(shapes)}")
+    problems += [str(message) for message in info.get("error_msgs") or ()]
+    if problems:
+        raise ModelSourceError(f"--model '{model_dir}': not a complete {architecture} checkpoint "
+                               f"(exporting it would use randomly initialised weights): {'; '.join(problems)}")
 
 
 class HFTextParts:
