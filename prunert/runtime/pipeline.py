@@ -24,6 +24,7 @@ from prunert.runtime.artifact import Artifact
 from prunert.runtime.host import SpliceLayout
 from prunert.runtime.image import load_image
 from prunert.runtime.decode import decode_steps, table_embedder
+from prunert.runtime.finite import check_finite_outputs
 from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names
 from prunert.runtime.sampling import next_tokens
 from prunert.runtime.text import content_word_groups, text_relevance_inputs
@@ -158,6 +159,7 @@ class VLMPipeline:
             start = time.perf_counter()
             out = self.vision.infer({**feeds, "text_embeds": text_embeds, "text_mask": text_mask})
             elapsed += time.perf_counter() - start
+            check_finite_outputs(out, "vision", self.vision.spec.file, self.precision, self.backend)  # NaN / inf: overflow
             pixel_inputs.append(inputs)
             tokens.append(out["visual_tokens"])  # [b, K, D]
             kept.append(out["kept_indices"])  # [b, K]
