@@ -38,6 +38,9 @@ class ExportAdapter(ABC):
     visual_token_dim: str | None = None
     # Static dims of position_ids before [batch, sequence]: () gives [B, S]; Qwen2.5-VL's M-RoPE (3,): [3, B, S].
     position_ids_leading_dims: tuple[int, ...] = ()
+    # The vision tower puts a [CLS] token first (CLIP), so methods whose MethodSpec.needs_cls apply
+    # (pruning_ops.check_applies); SigLIP and Qwen2.5-VL's tower have none.
+    has_cls_token: bool = False
 
     # ---- required -----------------------------------------------------------------------------
     @abstractmethod
@@ -85,6 +88,13 @@ class ExportAdapter(ABC):
     @abstractmethod
     def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
         """Parity: Hugging Face's tokenizer on the templated prompt."""
+
+    @abstractmethod
+    def hf_vision_features(self, images: list[Any], model_dir: Path, extras: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parity's reference, independent of vision_features: Hugging Face's processor and its own
+        `get_image_features` (extras from that same tower run), laid out like vision_features' output ->
+        (features, valid: bool over the token slots of "tokens", False where HF has no token, e.g. LLaVA-NeXT's
+        padding tiles and unpadded-away tokens, whose slots hold zeros)."""
 
     # ---- optional hooks, with their defaults ------------------------------------------------------
     @property

@@ -1,6 +1,13 @@
 """Stage-by-stage parity: the exported pipeline (ONNX Runtime) against the PyTorch reference, which
-is the Hugging Face model (its own image processor, tokenizer, vision tower, projector, language
-model and `generate`) plus the same selection op run in torch.
+is the Hugging Face model (its own image processor, tokenizer, `get_image_features`, language model
+and `generate`) plus the same selection op run in torch.
+
+The reference never runs the adapter's own vision code: its unpruned visual tokens (and a method's
+cls_attention / patch_keys) come from the adapter's `hf_vision_features` hook, i.e. HF's processor and
+HF's get_image_features with the checkpoint's feature layer and select strategy (extras from that same
+tower run), and the selection runs on those. Stage "visual tokens before pruning" compares the adapter's
+vision_features (what the vision graph computes) with HF's, every token HF gives the LLM, so an adapter
+that reads the tower differently from HF (a wrong N, a dropped or kept [CLS] row) fails there.
 
 Families with their own position ids (the adapter's `hf_position_ids` hook, Qwen2.5-VL's M-RoPE): the
 reference runs HF's language model with HF's own positions of the pruned prompt (HF's get_rope_index on
@@ -62,24 +69,30 @@ def run_parity(
     ref_ids = adapter.hf_token_ids(manifest.text.prompt_template.format(prompt=prompt), source.path)
     report.add("token ids", "equal", "yes" if ids[0] == ref_ids else f"{len(ids[0])} vs {len(ref_ids)} ids", "identical", ids[0] == ref_ids)
 
-    # 3. vision + selection: kept index sets must be equal, kept tokens close
+    # 3. visual tokens before pruning (the adapter's vision_features vs HF's get_image_features, every token), then
+    #    vision + selection: the selection on HF's features is the reference; kept index sets equal, kept tokens close
     vision = pipe.encode_images([picture], [prompt])
     groups = [content_word_groups(pipe.artifact.tokenizer, prompt, pipe.artifact.special_ids)]
+    needs = pruning_ops.method_spec(budget.method).needs
     with torch.no_grad():
         table = adapter.embedding_table().detach().float().numpy()
         text_embeds, text_mask = text_relevance_inputs(groups, table, manifest.text.max_text_tokens)
-        vision_inputs = [ref_pixels[name] for name in adapter.vision_input_names]
-        features = adapter.vision_features(*vision_inputs, extras=pruning_ops.method_spec(budget.method).needs)
+        ours_features = adapter.vision_features(*[ref_pixels[name] for name in adapter.vision_input_names], extras=needs)
+        features, valid = adapter.hf_vision_features([picture], source.path, needs)  # HF's own; valid [1, *slots]
         text_inputs = {"text": torch.from_numpy(text_embeds), "text_mask": torch.from_numpy(text_mask)}
         select = selection_module(adapter, budget, manifest.family_config)  # the exported graph's selection, in torch
         ref_visual, kept = select({**features, **text_inputs})  # [1, K, D], [1, K]
+    for name in ("tokens", *needs):
+        _compare_before_pruning(report, name, features[name], ours_features[name], valid, tol)
     ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
     overlap = len(ours_set & ref_set) / len(ref_set)
     detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"
     bound = "all" if tol.kept_min_overlap >= 1 else f">= {tol.kept_min_overlap:g}"
     report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
-    # tokens are compared where both kept the same original index (a swapped token shifts every later row)
+    real = valid.reshape(1, -1)[0, kept[0]]  # [K] bool: kept slots holding one of HF's tokens (not a masked slot)
+    # tokens are compared where both kept the same original index (a swapped token shifts every later row), HF has one
     ours_rows, ref_rows = _common_rows(vision.kept_indices[0], kept[0].numpy())
+    ours_rows, ref_rows = ours_rows[real.numpy()[ref_rows]], ref_rows[real.numpy()[ref_rows]]
     stage = "kept tokens" if ours_set == ref_set else f"kept tokens ({len(ours_rows)} both kept)"
     if len(ours_rows):
         report.add_max_abs(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_max_abs)
@@ -89,7 +102,6 @@ def run_parity(
 
     # 4. prefill logits over the whole spliced prompt (without masked slots: the unpruned tile layout's padding)
     state = pipe.prefill(ids, vision)
-    real = pipe.artifact.host.kept_valid({name: value.numpy() for name, value in ref_pixels.items()}, kept.numpy())[0]  # [K] bool
     ref_visual, kept = ref_visual[:, real], kept[:, real]  # all slots, except where a static layout has masked ones
     ref_embeds = _reference_embeds(adapter, ref_ids, manifest.text.image_token_id, ref_visual)
     positions = adapter.hf_position_ids(ref_ids, [picture], source.path, kept)  # ([..., 1, L], rope_deltas), or None: HF's default
@@ -113,6 +125,19 @@ def _common_rows(ours: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndar
     """Row positions, in ours and in the reference, of the original indices both kept ([K] each, ascending)."""
     common = np.intersect1d(ours, ref)
     return np.searchsorted(ours, common), np.searchsorted(ref, common)
+
+
+def _compare_before_pruning(report: ParityReport, name: str, hf: torch.Tensor, ours: torch.Tensor, valid: torch.Tensor,
+                            tol: ParityTolerances) -> None:
+    """Stage "visual tokens before pruning" (and "<extra> before pruning" for a method's cls_attention /
+    patch_keys): every one of HF's tokens (valid [1, *slots]) against the adapter's, max-abs and cosine."""
+    stage = "visual tokens before pruning" if name == "tokens" else f"{name} before pruning"
+    if tuple(ours.shape) != tuple(hf.shape):
+        report.add(stage, "shape", str(tuple(ours.shape)), f"== {tuple(hf.shape)} (Hugging Face's)", False)
+        return
+    expected, actual = hf[valid].numpy(), ours[valid].numpy()  # [V, ...]: the slots HF has a token for
+    report.add_max_abs(stage, expected, actual, tol.tokens_max_abs)
+    report.add_cosine(stage, expected, actual, tol.tokens_min_cosine)
 
 
 def _reference_embeds(adapter, ids: list[int], image_token_id: int, visual: torch.Tensor) -> torch.Tensor:

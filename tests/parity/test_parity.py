@@ -21,7 +21,8 @@ from prunert.parity.report import FAIL, PASS, TIE, Check, ParityReport
 REPO = Path(__file__).resolve().parents[2]
 PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
 PROMPT = "<image>\nWhat is in the picture?"
-STAGES = {"source", "pixels:pixel_values", "token ids", "kept indices", "kept tokens", "prefill logits", "greedy tokens"}
+STAGES = {"source", "pixels:pixel_values", "token ids", "visual tokens before pruning", "kept indices", "kept tokens", "prefill logits",
+          "greedy tokens"}
 
 
 @pytest.fixture(scope="module")
@@ -52,17 +53,39 @@ def test_cli_parity_pass_writes_report(capsys, artifact_copy: Path) -> None:
     load_manifest(artifact_copy)  # the report beside the graphs does not break the artifact
 
 
-def test_perturbed_reference_fails(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_perturbed_adapter_fails_before_pruning(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The reference does not run the adapter's vision code: an adapter whose tokens drift from HF's fails the stage
+    "visual tokens before pruning", while the exported graph still matches HF's own tokens."""
     original = llava_export.LlavaExportAdapter.vision_features
 
     def perturbed(self, pixel_values, extras=()):
         features = original(self, pixel_values, extras)
-        return {**features, "tokens": features["tokens"] + 0.05}  # the reference projector output, shifted
+        return {**features, "tokens": features["tokens"] + 0.05}  # the adapter's projector output, shifted
 
     monkeypatch.setattr(llava_export.LlavaExportAdapter, "vision_features", perturbed)
     report = run_parity(tiny_artifact, PHOTO, PROMPT)
     assert report.verdict == FAIL and not report.passed
     status = {(check.stage, check.metric): check.status for check in report.checks}
+    assert status[("visual tokens before pruning", "max abs diff")] == FAIL
+    assert status[("kept tokens", "max abs diff")] == PASS and status[("prefill logits", "max abs diff")] == PASS
+
+
+def test_perturbed_hf_reference_fails(tiny_artifact: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF's get_image_features is the reference of the kept tokens: shifting it fails both vision stages."""
+    from transformers.models.llava.modeling_llava import LlavaModel
+
+    original = LlavaModel.get_image_features
+
+    def perturbed(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.pooler_output = [tokens + 0.05 for tokens in out.pooler_output]  # HF's projector output, shifted
+        return out
+
+    monkeypatch.setattr(LlavaModel, "get_image_features", perturbed)
+    report = run_parity(tiny_artifact, PHOTO, PROMPT)
+    assert report.verdict == FAIL and not report.passed
+    status = {(check.stage, check.metric): check.status for check in report.checks}
+    assert status[("visual tokens before pruning", "max abs diff")] == FAIL
     assert status[("kept tokens", "max abs diff")] == FAIL
     assert status[("pixels:pixel_values", "max abs diff")] == PASS and status[("token ids", "equal")] == PASS
 

@@ -23,7 +23,7 @@ MODEL = "synthetic:llava-next-tiny"
 BUDGET, N, T = 12, 16, 5
 PROMPT = "<image>\nWhat is the cat doing?"
 STAGES = {"source", "pixels:pixel_values", "pixels:tile_mask", "pixels:token_mask", "token ids", "kept indices",
-          "kept tokens", "prefill logits", "greedy tokens"}
+          "kept tokens", "prefill logits", "greedy tokens", "visual tokens before pruning"}
 
 
 @pytest.fixture(scope="module")

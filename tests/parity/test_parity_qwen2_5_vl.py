@@ -34,7 +34,8 @@ MODEL = "synthetic:qwen2.5-vl-tiny"
 BUDGET, N_MIN, N_MAX = 16, 16, 113
 PROMPT = IMAGE_PLACEHOLDER + "What is the cat doing?"
 PIXEL_STAGES = {f"pixels:{name}" for name in ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")}
-STAGES = {"source", *PIXEL_STAGES, "token ids", "kept indices", "kept tokens", "prefill logits", "greedy tokens"}
+STAGES = {"source", *PIXEL_STAGES, "token ids", "visual tokens before pruning", "kept indices", "kept tokens", "prefill logits",
+          "greedy tokens"}
 
 
 @pytest.fixture(scope="module")

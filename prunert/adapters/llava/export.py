@@ -10,10 +10,11 @@ import torch
 
 from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
+from prunert.export.adapter import ExportAdapter
 from prunert.errors import ConfigError, ModelSourceError
 
 
-class LlavaExportAdapter(HFTextParts):
+class LlavaExportAdapter(HFTextParts, ExportAdapter):
     family = "llava"
     architecture = "LlavaForConditionalGeneration"
     vision_input_names = ("pixel_values",)

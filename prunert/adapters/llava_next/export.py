@@ -141,6 +141,38 @@ class LlavaNextExportAdapter(LlavaExportAdapter):
             token_mask[b, 1:count] = torch.from_numpy(_hf_unpad_mask(hf, size, pinpoints, s, self.patch_size))
         return {"pixel_values": pixels, "tile_mask": tile_mask, "token_mask": token_mask}
 
+    def hf_vision_features(self, images: list[Any], model_dir: Path, extras: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parity's reference: HF's processor and HF's own get_image_features (tiles, unpadding, pack_image_features)
+        laid out as vision_features' [B, T, N, D]: slot (t, i) holds HF's packed row at host.hf_packed_positions
+        (image_newline rows left out); slots HF has no token for (padding tiles, unpadded-away tokens) hold zeros
+        and are not valid. "tile_cls": each real tile's [CLS] at the feature layer, from the same HF tower run;
+        the masks as hf_vision_inputs. -> (features, valid [B, T, N])."""
+        from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
+
+        from prunert.adapters.llava_next.host import AnyresConfig, hf_packed_positions
+
+        if extras:
+            raise ConfigError(f"vision extras {list(extras)}: not available for per-tile selection")
+        processed = LlavaNextImageProcessorPil.from_pretrained(model_dir)(images=images, return_tensors="pt")
+        with torch.no_grad():
+            out = self.model.model.get_image_features(processed["pixel_values"], processed["image_sizes"])
+        cfg = AnyresConfig.from_hf_dict(self.artifact_preprocessor_config(model_dir))
+        masks = self.hf_vision_inputs(images, model_dir)
+        tile_rows = out.hidden_states[self.feature_layer][:, 0]  # [real tiles of all images, Dv], HF's [CLS] rows
+        tokens = torch.zeros(len(images), self.max_tiles, self.tokens_per_tile, out.pooler_output[0].shape[-1])  # [B, T, N, D]
+        tile_cls = torch.zeros(len(images), self.max_tiles, tile_rows.shape[-1])  # [B, T, Dv]
+        first = 0
+        for b, (size, packed) in enumerate(zip(processed["image_sizes"].tolist(), out.pooler_output)):
+            positions, length = hf_packed_positions(tuple(size), cfg)  # [T, N], -1 where HF has no token
+            if length != len(packed):
+                raise ConfigError(f"image {b}: HF packed {len(packed)} visual tokens, the tile layout expects {length}")
+            slots = torch.from_numpy(positions >= 0)
+            tokens[b][slots] = packed[torch.from_numpy(positions)[slots]]
+            count = int(masks["tile_mask"][b].sum())
+            tile_cls[b, :count], first = tile_rows[first : first + count], first + count
+        valid = masks["token_mask"].bool() & masks["tile_mask"].bool()[:, :, None]  # [B, T, N]
+        return {"tokens": tokens, "tile_cls": tile_cls, "tile_mask": masks["tile_mask"], "token_mask": masks["token_mask"]}, valid
+
     def family_config(self) -> dict[str, Any]:
         return {
             "vision_feature_layer": self.feature_layer,

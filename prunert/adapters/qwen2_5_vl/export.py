@@ -244,6 +244,18 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         inputs = graph_vision_inputs(hf["pixel_values"].numpy(), hf["image_grid_thw"].numpy(), self._family)
         return {name: torch.from_numpy(inputs[name]) for name in self.vision_input_names}
 
+    def hf_vision_features(self, images: list[Any], model_dir: Path, extras: tuple[str, ...] = ()) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Parity's reference: ONE image through HF's processor and HF's own get_image_features with its
+        image_grid_thw -> ({"tokens" [1, N, D]}, HF's order: the merged grid's raster order), valid [1, N] all True)."""
+        if extras:
+            raise ConfigError(f"qwen2.5-vl: selection inputs {list(extras)} are not available (no [CLS] token)")
+        if len(images) != 1:
+            raise ImageError(f"qwen2.5-vl vision graph: one image per call, got {len(images)}")
+        hf = self.hf_image_inputs(images, model_dir)
+        with torch.no_grad():
+            tokens = self.model.model.get_image_features(hf["pixel_values"], hf["image_grid_thw"]).pooler_output[0][None]  # [1, N, D]
+        return {"tokens": tokens}, torch.ones(tokens.shape[:2], dtype=torch.bool)
+
     def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
         from transformers import AutoTokenizer
 
