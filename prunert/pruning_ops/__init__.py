@@ -79,6 +79,14 @@ def methods() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_same_tokens(method: str, counts: dict[str, int]) -> None:
+    """ConfigError unless every per-token input of `method` covers the same N tokens, e.g. {"tokens": 257,
+    "cls_attention": 256} (scores of one token set gathering rows of another: an off-by-one, not a selection)."""
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{name} {count}" for name, count in counts.items())
+        raise ConfigError(f"{method}: inputs cover different numbers of tokens ({listed}); expected the same N tokens in each")
+
+
 def check_applies(method: str, has_cls_token: bool) -> None:
     """ConfigError (one line) unless `method` applies to a vision tower with (or without) a [CLS] token."""
     spec = method_spec(method)

@@ -1,7 +1,10 @@
 """[CLS]-attention baseline (FasterVLM): keep the K tokens the [CLS] query attends to most.
 
-inputs["cls_attention"] [B, N] is the head-averaged softmax(q_cls k^T / sqrt(d)) row of the feature layer,
-CLS column dropped (adapter.vision_features(..., extras=("cls_attention",))). Scores are used as given.
+inputs["cls_attention"] [B, N] is the head-averaged softmax(q_cls k^T / sqrt(d)) row of the feature layer over
+the same N tokens as inputs["tokens"] (adapter.vision_features(..., extras=("cls_attention",)): the CLS column
+too where the LLM sees the [CLS] row, as with LLaVA's "full" strategy). Scores are used as given; scores of
+another number of tokens than `tokens` are a ConfigError. A tower without [CLS] has no such row: the method
+does not apply (MethodSpec.needs_cls).
 
 Tie rule (what "top-K" means when scores are equal up to rounding): let t be the K-th largest score and
 tol = TIE_RTOL * |t| (TIE_RTOL = 1e-4, shared with ResPrune). Tokens with s > t + tol are kept; tokens with
@@ -52,17 +55,22 @@ def cls_attention_select(scores: torch.Tensor, budget: int) -> torch.Tensor:
 
 def cls_attention_op(inputs: dict[str, torch.Tensor], budget: int, cfg: ClsAttentionConfig) -> tuple[torch.Tensor, torch.Tensor]:
     """Registry entry: inputs {"tokens" [B, N, D], "cls_attention" [B, N], ...} -> kept tokens [B, K, D], indices [B, K]."""
+    from prunert.pruning_ops import check_same_tokens
     from prunert.pruning_ops.common import gather_tokens
 
+    check_same_tokens("cls_attention", {"tokens": int(inputs["tokens"].shape[1]), "cls_attention": int(inputs["cls_attention"].shape[-1])})
     kept = cls_attention_select(inputs["cls_attention"], budget)  # [B, K]
     return gather_tokens(inputs["tokens"], kept), kept  # [B, K, D], [B, K]
 
 
 def cls_attention_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ClsAttentionConfig) -> tuple[np.ndarray, np.ndarray]:
     """Registry entry: one sample's {"tokens" [N, D], "cls_attention" [N], ...} -> (kept indices [K] ascending, tokens [K, D])."""
+    from prunert.pruning_ops import check_same_tokens
+
     tokens = np.asarray(inputs["tokens"])
     s = np.asarray(inputs["cls_attention"], np.float64)  # [N]
     n = len(s)
+    check_same_tokens("cls_attention", {"tokens": len(tokens), "cls_attention": n})
     if not 0 < budget <= n:
         raise ValueError(f"cls_attention: budget {budget} not in [1, {n}]")
     kth = np.sort(s)[::-1][budget - 1]  # the K-th largest score

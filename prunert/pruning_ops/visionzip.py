@@ -31,8 +31,10 @@ contextual tokens after the dominant ones; LLaVA-1.5's 1-D RoPE sees only the or
 Deliberate differences from VisionZip's released code (arXiv 2412.04467, github dvlab-research/VisionZip):
   * merging is on projector outputs, not on the layer -2 hidden states before the projector (the projector is
     an MLP, so mean-then-project != project-then-mean);
-  * the [CLS] row is not kept: LLaVA-1.5 drops it before the projector, and VisionZip's code counts [CLS] as
-    one of the dominant tokens (53 patches + [CLS] for "54"); here all K_d dominant tokens are patches;
+  * the [CLS] row is a token only where the LLM sees it: LLaVA-1.5 ("default") drops it before the projector,
+    and VisionZip's code counts [CLS] as one of the dominant tokens (53 patches + [CLS] for "54"); here the
+    op ranks exactly the N tokens it is given (with LLaVA's "full" strategy the [CLS] row is token 0, scored by
+    its own attention column); tokens, cls_attention and patch_keys of different N are a ConfigError;
   * keys are the full concatenated key vectors unless key_heads is set (16 reproduces the head average);
   * tie tolerance on the assignment cosines, so ONNX Runtime, torch and NumPy assign identically.
 
@@ -69,7 +71,10 @@ def split_budget(budget: int, cfg: VisionZipConfig) -> tuple[int, int]:
     return budget - contextual, contextual
 
 
-def _check(budget: int, n: int, dv: int, cfg: VisionZipConfig) -> None:
+def _check(budget: int, n: int, dv: int, cfg: VisionZipConfig, counts: dict[str, int]) -> None:
+    from prunert.pruning_ops import check_same_tokens
+
+    check_same_tokens("visionzip", counts)  # tokens, cls_attention and patch_keys: the same N tokens
     if not 0 <= cfg.contextual_fraction <= 1:
         raise ConfigError(f"visionzip contextual_fraction: got {cfg.contextual_fraction}, expected 0 <= fraction <= 1")
     if cfg.key_heads < 1 or dv % cfg.key_heads:
@@ -95,7 +100,7 @@ def visionzip_op(inputs: dict[str, Any], budget: int, cfg: VisionZipConfig) -> t
     keys = inputs["patch_keys"].float()  # [B, N, Dv]
     batch, n, width = tokens.shape
     dv = keys.shape[-1]
-    _check(budget, n, dv, cfg)
+    _check(budget, n, dv, cfg, {"tokens": n, "cls_attention": int(attention.shape[-1]), "patch_keys": int(keys.shape[1])})
     n_dominant, n_contextual = split_budget(budget, cfg)
     positions = torch.arange(n, device=tokens.device)  # [N]
 
@@ -159,7 +164,7 @@ def visionzip(
     attention = np.asarray(cls_attention, np.float64)  # exact: fp32 -> fp64 keeps every comparison
     keys = np.asarray(patch_keys, np.float64)
     n, dv = keys.shape
-    _check(budget, n, dv, cfg)
+    _check(budget, n, dv, cfg, {"tokens": len(x), "cls_attention": len(attention), "patch_keys": n})
     n_dominant, n_contextual = split_budget(budget, cfg)
 
     order = sorted(range(n), key=lambda i: (-attention[i], i))  # attention descending, ties -> lower index

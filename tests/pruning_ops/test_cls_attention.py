@@ -24,6 +24,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from prunert import pruning_ops  # noqa: E402
 from prunert.config import BudgetConfig, ClsAttentionConfig  # noqa: E402
+from prunert.errors import ConfigError  # noqa: E402
 from prunert.pruning_ops import cls_attention as ca  # noqa: E402
 from prunert.pruning_ops.reference import TIE_RTOL  # noqa: E402
 
@@ -265,3 +266,21 @@ def test_reference_loads_without_torch() -> None:
     og.check_reference_without_torch(
         "cls_attention", "cls_attention_reference", "ClsAttentionConfig", "{'tokens': x, 'cls_attention': x[:, 0]}"
     )
+
+
+def test_scores_of_another_token_count_are_refused() -> None:
+    """Scores of patches 1..N gathering tokens 0..N (the [CLS] row kept, LLaVA's "full" strategy) select the
+    wrong tokens (an off-by-one): torch and the reference refuse inputs that cover different tokens."""
+    case = make_cases("softmax", 1, stream=6)[0]
+    tokens = np.concatenate([np.zeros((1, D)), case.tokens])  # [1 + N, D]: a [CLS] row first
+    with pytest.raises(ConfigError, match=r"tokens 49, cls_attention 48"):
+        ca.cls_attention_reference({"tokens": tokens, "cls_attention": case.scores}, 8, CFG)
+    with pytest.raises(ConfigError, match=r"tokens 49, cls_attention 48"):
+        ca.cls_attention_op({"tokens": torch.from_numpy(tokens[None]), "cls_attention": torch.from_numpy(case.scores[None])}, 8, CFG)
+
+
+def test_needs_a_cls_token() -> None:
+    assert pruning_ops.method_spec("cls_attention").needs_cls and not pruning_ops.method_spec("resprune").needs_cls
+    pruning_ops.check_applies("cls_attention", has_cls_token=True)
+    with pytest.raises(ConfigError, match=r"--method cls_attention: needs the vision tower's \[CLS\] token"):
+        pruning_ops.check_applies("cls_attention", has_cls_token=False)

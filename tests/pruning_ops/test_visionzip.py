@@ -28,6 +28,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from prunert.config import VisionZipConfig  # noqa: E402
 from prunert.errors import ConfigError  # noqa: E402
+from prunert import pruning_ops  # noqa: E402
 from prunert.pruning_ops import visionzip as vz  # noqa: E402
 
 import op_graph as og  # noqa: E402
@@ -432,3 +433,17 @@ def test_bad_budget_raises(budget: int) -> None:
 def test_reference_imports_without_torch() -> None:
     inputs = "{'tokens': x, 'cls_attention': x[:, 0], 'patch_keys': x}"
     og.check_reference_without_torch("visionzip", "visionzip_reference", "VisionZipConfig", inputs)
+
+
+@pytest.mark.parametrize("extra", ["tokens", "attention", "keys"])
+def test_inputs_of_another_token_count_are_refused(extra: str) -> None:
+    """tokens, cls_attention and patch_keys must describe the same N tokens (a [CLS] row in one of them only is
+    an off-by-one between the scores and the gather): the reference and torch refuse, naming the counts."""
+    case = make_cases("gaussian", 1, stream=29)[0]
+    value = getattr(case, extra)
+    longer = Case(**{**case.__dict__, extra: np.concatenate([value[:1], value])})  # N + 1 rows in one input
+    with pytest.raises(ConfigError, match=r"inputs cover different numbers of tokens"):
+        ref(longer, 8, VisionZipConfig())
+    with pytest.raises(ConfigError, match=rf"{N + 1}"):
+        run_eager([longer], 8, VisionZipConfig())
+    assert pruning_ops.method_spec("visionzip").needs_cls
