@@ -23,8 +23,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from prunert.config import GenerationConfig
 from prunert.errors import ConfigError, ImageError, PromptError
 from prunert.runtime.image import load_image
+from prunert.runtime.runner import DecoderSession, HostKVSession
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder BUILTIN_PROMPTS use; swapped for manifest.text.placeholder
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -157,7 +159,8 @@ class FeedReader:
 
 
 class _Recorder:
-    """Wraps a runner: records a copy of every feed, then runs it."""
+    """Wraps a runner: records a copy of every feed, then runs it. Its decoder session keeps the KV cache in
+    numpy and feeds it through `infer`, so decode steps are recorded with their whole past."""
 
     def __init__(self, runner: Any, sink: list[dict[str, np.ndarray]]):
         self.runner, self.sink, self.spec = runner, sink, runner.spec
@@ -165,6 +168,9 @@ class _Recorder:
     def infer(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.sink.append({name: np.array(value, copy=True) for name, value in feeds.items()})
         return self.runner.infer(feeds)
+
+    def decoder_session(self, num_layers: int) -> DecoderSession:
+        return HostKVSession(self, num_layers)  # type: ignore[arg-type]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.runner, name)
@@ -196,60 +202,26 @@ def collect_feeds(
     return {"vision": vision, "decoder": decoder}
 
 
-@dataclass
-class PrefillState:
-    """A batch-1 prefill through the pipeline's stateless run_decoder (the KV cache in numpy)."""
-
-    inputs_embeds: np.ndarray  # [1, L, D] spliced
-    logits: np.ndarray  # [1, L, V]
-    attention_mask: np.ndarray  # [1, L]
-    position_ids: np.ndarray  # [1, L] (M-RoPE: [3, 1, L])
-    present: list[np.ndarray]  # 2 x layers of [1, kv_heads, L, head_dim]
-
-
 def for_each_sample(
     pipe: Any,
     calibration_set: CalibrationSet,
-    visit: Callable[[int, Any, PrefillState, list[int]], None],
+    visit: Callable[[int, Any, Any, list[int]], None],
     greedy_tokens: int,
 ) -> None:
-    """Run every sample through `pipe` (batch 1): vision, prefill, then greedy decoding.
+    """Run every sample through `pipe` (batch 1): vision, prefill, then greedy decoding, the runtime's own
+    stages (VLMPipeline.prefill and .decode, the one decode loop).
 
-    visit(sample index, VisionResult, PrefillState, greedy token ids). Decoding yields `greedy_tokens`
+    visit(sample index, VisionResult, the pipeline's Prefill, greedy token ids). Decoding yields `greedy_tokens`
     tokens (greedy_tokens - 1 decode steps after the prefill), capped by the artifact's max_sequence.
-    Only the pipeline's stateless stages are used (tokenize, encode_images, splice, empty_past,
-    run_decoder), so every decoder call goes through `pipe.decoder.infer`.
     """
     prompts = calibration_set.prompts_for(pipe.manifest.text.placeholder)
+    greedy = GenerationConfig(max_new_tokens=greedy_tokens)  # temperature 0
     for index, (sample, prompt) in enumerate(zip(calibration_set.samples, prompts)):
         image = load_image(sample.image)
         sequences = pipe.tokenize([prompt])
         result = pipe.encode_images([image], [prompt])
-        embeds, mask, positions = pipe.splice(sequences, result)
-        logits, present = pipe.run_decoder(embeds, mask, positions, pipe.empty_past(1))
-        state = PrefillState(embeds, logits, mask, positions, present)
-        visit(index, result, state, greedy_decode(pipe, state, greedy_tokens))
-
-
-def greedy_decode(pipe: Any, state: PrefillState, tokens: int) -> list[int]:
-    """Greedy token ids after a prefill (batch 1)."""
-    text, table = pipe.manifest.text, pipe.artifact.embeddings
-    logits, past = state.logits[:, -1], state.present
-    mask = state.attention_mask
-    positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)  # the first decode step's
-    budget = min(tokens, text.max_sequence - mask.shape[1])
-    out: list[int] = []
-    for step in range(budget):
-        chosen = int(np.argmax(logits[0]))
-        out.append(chosen)
-        if chosen in text.eos_token_ids or step == budget - 1:
-            break
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        embeds = np.asarray(table[[chosen]], np.float32)[:, None]  # [1, 1, D]
-        step_logits, past = pipe.run_decoder(embeds, mask, positions, past)
-        logits = step_logits[:, -1]
-        positions = positions + 1
-    return out
+        state = pipe.prefill(sequences, result)
+        visit(index, result, state, pipe.decode(state, greedy)[0])
 
 
 def feed_summary(feeds: dict[str, list[dict[str, np.ndarray]]]) -> dict[str, int]:

@@ -11,6 +11,9 @@ logits_cosine     cosine of those logits
 decoder_kl        the same KL with both decoders fed the fp32 spliced embeddings: the decoder's own
                   share of the drift (logits_kl also carries the vision graph's, kept-token changes included)
 greedy_agreement  leading greedy tokens identical before the first divergence / the longer sequence
+
+Cosines, overlap and KL are prunert.metrics', the same parity and precision validation report (a zero vector
+against a zero vector: cosine 1.0; against a nonzero one: 0.0).
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from prunert import metrics
 from prunert.calibration.dataset import CalibrationSet, for_each_sample
 from prunert.errors import ArtifactError
 from prunert.manifest import GraphSpec, load_manifest
@@ -167,52 +171,33 @@ def compare(fp32: Any, quantized: Any, calibration_set: CalibrationSet, precisio
 
         for_each_sample(pipe, calibration_set, visit, greedy_tokens)
         runs.append(results)
-    decoder_kl = []
+    decoder_logits = []
     for ref in runs[0]:  # the quantized decoder on the fp32 spliced embeddings
         logits, _ = quantized.run_decoder(*ref[4], quantized.empty_past(1))
-        decoder_kl.append(_num(max(_kl(ref[2], logits[0, -1].astype(np.float64)), 0.0)))
-    samples = []
+        decoder_logits.append(logits[0, -1])
     prompts = calibration_set.prompts_for(fp32.manifest.text.placeholder)  # as run: the artifact's placeholder
-    for sample, prompt, ref, got, dec_kl in zip(calibration_set.samples, prompts, *runs, decoder_kl):
-        samples.append(
-            SampleDrift(
-                image=sample.image.name,
-                prompt=prompt,
-                kept_overlap=_num(len(np.intersect1d(ref[0], got[0])) / len(ref[0])),
-                token_cosine=_matched_cosine(ref[0], ref[1], got[0], got[1]),
-                logits_kl=_num(max(_kl(ref[2], got[2]), 0.0)),
-                logits_cosine=_num(_cosine(ref[2], got[2])),
-                decoder_kl=dec_kl,
-                greedy_agreement=_num(_agreement(ref[3], got[3])),
-                fp32_tokens=tuple(ref[3]),
-                quantized_tokens=tuple(got[3]),
-            )
-        )
+    samples = [sample_drift(sample.image.name, prompt, ref, got, decoder)
+               for sample, prompt, ref, got, decoder in zip(calibration_set.samples, prompts, *runs, decoder_logits)]
     files = {name: getattr(quantized, name).spec.file for name in ("vision", "decoder")}
     return DriftReport(precision, greedy_tokens, files, tuple(samples))
 
 
-def _matched_cosine(kept_a: np.ndarray, tokens_a: np.ndarray, kept_b: np.ndarray, tokens_b: np.ndarray) -> float | None:
-    rows_b = {int(index): row for row, index in enumerate(kept_b)}
-    pairs = [(row, rows_b[int(index)]) for row, index in enumerate(kept_a) if int(index) in rows_b]
-    if not pairs:
-        return None
-    return _num(np.mean([_cosine(tokens_a[i].astype(np.float64), tokens_b[j].astype(np.float64)) for i, j in pairs]))
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    norm = np.linalg.norm(a) * np.linalg.norm(b)
-    return float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
-    return shifted - np.log(np.exp(shifted).sum())
-
-
-def _kl(reference: np.ndarray, other: np.ndarray) -> float:
-    log_p, log_q = _log_softmax(reference), _log_softmax(other)
-    return float(np.sum(np.exp(log_p) * (log_p - log_q)))
+def sample_drift(image: str, prompt: str, ref: tuple, got: tuple, decoder_logits: np.ndarray) -> SampleDrift:
+    """One sample's drift from the two runs' (kept indices [k], kept tokens [k, D], prefill last logits [V], greedy
+    tokens, spliced inputs) and the quantized decoder's last logits on the fp32 spliced inputs [V]."""
+    token_cosine = metrics.matched_token_cosine(ref[0], ref[1], got[0], got[1])
+    return SampleDrift(
+        image=image,
+        prompt=prompt,
+        kept_overlap=_num(metrics.kept_overlap(ref[0], got[0])),
+        token_cosine=None if token_cosine is None else _num(token_cosine),
+        logits_kl=_num(max(metrics.kl_divergence(ref[2], got[2]), 0.0)),
+        logits_cosine=_num(metrics.cosine(ref[2], got[2])),
+        decoder_kl=_num(max(metrics.kl_divergence(ref[2], decoder_logits), 0.0)),
+        greedy_agreement=_num(_agreement(ref[3], got[3])),
+        fp32_tokens=tuple(ref[3]),
+        quantized_tokens=tuple(got[3]),
+    )
 
 
 def _agreement(reference: list[int], other: list[int]) -> float:

@@ -52,6 +52,7 @@ import numpy as np
 import onnx
 
 import prunert
+from prunert import metrics
 from prunert.artifact_update import ArtifactUpdate
 from prunert.config import ExportConfig, PrecisionConfig
 from prunert.errors import ArtifactError, ConfigError, ExportError
@@ -192,8 +193,9 @@ def validate_graph(reference: Path, converted: Path, precision: str, feeds: Feed
                        the casts between them: optimistic, and blind to fp16 overflow;
       reference:       onnx.reference (numpy) computes in the stored fp16/bf16 types, like a strongly
                        typed TensorRT engine (fp32 accumulation); only for graphs up to REFERENCE_MAX_BYTES.
-    Each gives the min cosine per float output, min per-row overlap of integer index outputs ([B, K]) and
-    max |diff|. An output that is inf/NaN where fp32 is finite raises ExportError."""
+    Each gives the min cosine per float output, min per-row overlap of integer index outputs ([B, K]), the min
+    matched-token cosine of the tokens both kept and max |diff| (all prunert.metrics, as parity and calibration
+    drift report them). An output that is inf/NaN where fp32 is finite raises ExportError."""
     try:
         onnx.checker.check_model(str(converted), full_check=True)
     except Exception as exc:
@@ -235,7 +237,7 @@ def validate_graph(reference: Path, converted: Path, precision: str, feeds: Feed
             wants, gots = dict(zip(names, fp32.run(names, feed))), dict(zip(names, (np.asarray(v) for v in run(feed))))
             indices = [n for n in names if np.issubdtype(wants[n].dtype, np.integer) and wants[n].ndim == 2 and wants[n].size]
             for name in indices:  # [B, K] kept-token indices: compared as sets per row
-                rows = [len(set(a.tolist()) & set(b.tolist())) / max(len(a), 1) for a, b in zip(wants[name], gots[name])]
+                rows = [metrics.kept_overlap(a, b) for a, b in zip(wants[name], gots[name])]
                 overlap[name] = min(overlap.get(name, 1.0), float(np.mean(rows)))
             for name in (n for n in names if np.issubdtype(wants[n].dtype, np.floating)):
                 want, got = _unpadded(name, wants[name], feed), _unpadded(name, gots[name].astype(np.float32), feed)
@@ -244,8 +246,8 @@ def validate_graph(reference: Path, converted: Path, precision: str, feeds: Feed
                         f"converted {converted.name}: output {name!r} has inf/NaN where fp32 is finite ({precision} overflow, "
                         f"{engine}); convert with sample feeds and auto_islands, or keep the offending layers fp32 (fp32_node_patterns)"
                     )
-                cosine[name] = min(cosine.get(name, 1.0), _cosine(want, got))
-                max_diff[name] = max(max_diff.get(name, 0.0), float(np.abs(want.astype(np.float64) - got).max(initial=0.0)))
+                cosine[name] = min(cosine.get(name, 1.0), metrics.cosine(want, got))
+                max_diff[name] = max(max_diff.get(name, 0.0), metrics.max_abs_diff(want, got))
                 for index in (i for i in indices if want.shape[:2] == wants[i].shape):  # tokens [B, K, D] gathered by it
                     value = _same_index_cosine(want, got, wants[index], gots[index])
                     same_index[name] = min(same_index.get(name, 1.0), value)
@@ -259,16 +261,13 @@ def validate_graph(reference: Path, converted: Path, precision: str, feeds: Feed
 
 
 def _same_index_cosine(want: np.ndarray, got: np.ndarray, want_index: np.ndarray, got_index: np.ndarray) -> float:
-    """Cosine of the token features both graphs kept (a flipped pick shifts every later row of the
-    [B, K, D] output, so the plain cosine mixes selection changes with feature error)."""
-    a, b = [], []
-    for row in range(len(want)):
-        where = {int(v): j for j, v in enumerate(got_index[row])}
-        for i, v in enumerate(want_index[row]):
-            if int(v) in where:
-                a.append(want[row, i])
-                b.append(got[row, where[int(v)]])
-    return _cosine(np.stack(a), np.stack(b)) if a else 0.0
+    """Mean cosine of the token features both graphs kept, over the batch (prunert.metrics.matched_token_cosine's
+    rule; a flipped pick shifts every later row of the [B, K, D] output, so the plain cosine mixes selection
+    changes with feature error); 0.0 if they kept none in common."""
+    pairs = [metrics.common_rows(a, b) for a, b in zip(want_index, got_index)]  # per row: (rows of want, rows of got)
+    a = np.concatenate([want[row, rows] for row, (rows, _) in enumerate(pairs)])  # [matched, D]
+    b = np.concatenate([got[row, rows] for row, (_, rows) in enumerate(pairs)])
+    return float(metrics.token_cosines(a, b).mean()) if len(a) else 0.0
 
 
 def _gather_elements() -> type:
@@ -293,14 +292,6 @@ def _unpadded(name: str, value: np.ndarray, feed: dict[str, np.ndarray]) -> np.n
     if name.startswith("present.") and value.shape[2] == mask.shape[1]:
         return value.transpose(0, 2, 1, *range(3, value.ndim))[mask.astype(bool)]
     return value
-
-
-def _cosine(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
-    norms = np.linalg.norm(a) * np.linalg.norm(b)
-    if norms == 0:
-        return 1.0 if np.array_equal(a, b) else 0.0
-    return float(a @ b / norms)
 
 
 def _check_tensorrt(path: Path, opset: int) -> None:

@@ -28,6 +28,7 @@ from prunert.adapters import resolve_source
 from prunert.config import GenerationConfig, ParityTolerances
 from prunert.export.graphs import selection_module
 from prunert.export.pipeline import fit_budget, load_export_adapter
+from prunert.metrics import common_rows
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
 from prunert.runtime.pipeline import VLMPipeline
@@ -91,7 +92,7 @@ def run_parity(
     report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
     real = valid.reshape(1, -1)[0, kept[0]]  # [K] bool: kept slots holding one of HF's tokens (not a masked slot)
     # tokens are compared where both kept the same original index (a swapped token shifts every later row), HF has one
-    ours_rows, ref_rows = _common_rows(vision.kept_indices[0], kept[0].numpy())
+    ours_rows, ref_rows = common_rows(vision.kept_indices[0], kept[0].numpy())
     ours_rows, ref_rows = ours_rows[real.numpy()[ref_rows]], ref_rows[real.numpy()[ref_rows]]
     stage = "kept tokens" if ours_set == ref_set else f"kept tokens ({len(ours_rows)} both kept)"
     if len(ours_rows):
@@ -112,19 +113,13 @@ def run_parity(
     report.add_cosine("prefill logits", ref_logits.numpy(), state.logits, tol.logits_min_cosine)
 
     # 5. first N greedy tokens: identical, except after a step whose top-2 margin is within tolerance
-    ours_tokens = pipe._decode(state, GenerationConfig(max_new_tokens=tol.greedy_tokens), None)[0]
+    ours_tokens = pipe.decode(state, GenerationConfig(max_new_tokens=tol.greedy_tokens))[0]
     if positions is None:
         ref_tokens, ref_scores = _reference_greedy(adapter, ref_embeds, manifest.text, tol.greedy_tokens)
     else:
         ref_tokens, ref_scores = _reference_greedy_positions(adapter, ref_embeds, *positions, manifest.text, tol.greedy_tokens)
     report.checks.append(_compare_greedy(ours_tokens, ref_tokens, ref_scores, tol))
     return report
-
-
-def _common_rows(ours: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Row positions, in ours and in the reference, of the original indices both kept ([K] each, ascending)."""
-    common = np.intersect1d(ours, ref)
-    return np.searchsorted(ours, common), np.searchsorted(ref, common)
 
 
 def _compare_before_pruning(report: ParityReport, name: str, hf: torch.Tensor, ours: torch.Tensor, valid: torch.Tensor,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from prunert import metrics
+
 PASS, FAIL, TIE = "PASS", "FAIL", "TIE"
 
 
@@ -50,12 +52,12 @@ class ParityReport:
         if expected.shape != actual.shape:
             self.add(stage, "shape", str(actual.shape), f"== {expected.shape}", False)
             return
-        diff = float(np.abs(expected.astype(np.float64) - actual).max()) if expected.size else 0.0
+        diff = metrics.max_abs_diff(expected, actual)
         self.add(stage, "max abs diff", diff, "(reported)" if limit is None else f"<= {limit:g}", limit is None or diff <= limit)
 
     def add_cosine(self, stage: str, expected: np.ndarray, actual: np.ndarray, minimum: float) -> None:
-        a, b = expected.astype(np.float64).ravel(), actual.astype(np.float64).ravel()
-        cosine = float(a @ b / max(np.linalg.norm(a) * np.linalg.norm(b), 1e-300)) if a.shape == b.shape else float("nan")
+        """prunert.metrics.cosine (two zero vectors: 1.0, a zero against a nonzero one: 0.0); nan on a size mismatch."""
+        cosine = metrics.cosine(expected, actual) if expected.shape == actual.shape else float("nan")
         self.add(stage, "cosine", cosine, f">= {minimum:g}", cosine >= minimum)
 
     def to_dict(self) -> dict:
