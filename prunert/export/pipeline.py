@@ -43,7 +43,9 @@ def load_export_adapter(source: ModelSource) -> ExportAdapter:
 
 def fit_budget(adapter: ExportAdapter, budget: BudgetConfig) -> None:
     """The adapter's `fit_budget(budget)`: K checked against N (default), or the adapter adapts its preprocessing
-    to K where N varies per image. Export and parity both call it."""
+    to K where N varies per image. Export and parity both call it. A method that needs the tower's [CLS] token
+    (MethodSpec.needs_cls) on a tower without one (adapter.has_cls_token) is refused first, in one line."""
+    pruning_ops.check_applies(budget.method, adapter.has_cls_token)
     adapter.fit_budget(budget)
 
 
