@@ -20,6 +20,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import errno
+import functools
 import json
 import os
 import secrets
@@ -85,18 +86,11 @@ class Staging:
     @classmethod
     def create(cls, parent: Path, prefix: str, payload: bool = True) -> "Staging":
         """A new root `parent/prefix<random>` (mode 0777 & ~umask, unlike mkdtemp's 0700) with its owner record."""
-        for _ in range(100):
-            root = Path(parent) / f"{prefix}{secrets.token_hex(4)}"
-            try:
-                root.mkdir()
-                break
-            except FileExistsError:
-                continue
-        else:
-            raise FileExistsError(errno.EEXIST, "no free staging name", str(Path(parent) / prefix))
+        root = Path(parent) / f"{prefix}{secrets.token_hex(8)}"
+        root.mkdir()  # 64 random bits: a clash is an error, never a shared folder
         staging = cls(root)
         try:
-            _write_atomically(root / OWNER_FILE, json.dumps(asdict(Owner.current())) + "\n")
+            write_atomically(root / OWNER_FILE, json.dumps(asdict(Owner.current())) + "\n")
             if payload:
                 staging.payload.mkdir()
         except BaseException:
@@ -112,9 +106,10 @@ class Staging:
         except (OSError, ValueError, TypeError, KeyError):
             return None
 
-    def stale(self) -> bool:
+    def state(self) -> str:
+        """"stale" (owner gone), "in use" (owner running) or "unknown owner" (no owner record)."""
         owner = self.owner()
-        return owner is not None and owner.gone()
+        return "unknown owner" if owner is None else "stale" if owner.gone() else "in use"
 
     def remove(self) -> None:
         shutil.rmtree(self.root, ignore_errors=True)
@@ -123,11 +118,12 @@ class Staging:
 @dataclass(frozen=True)
 class Leftover:
     path: Path
-    state: str  # "stale" (owner gone), "in use" (owner running) or "unknown owner" (no owner record)
+    state: str  # Staging.state(), or "swap journal"
 
     def line(self) -> str:
         hint = {"stale": "removed by the next write", "in use": "a running prunert owns it",
-                "unknown owner": "no owner record: remove it by hand if no prunert is running"}[self.state]
+                "unknown owner": "no owner record: remove it by hand if no prunert is running",
+                "swap journal": "an --overwrite swap running, or cut short: the next command with write access finishes it"}[self.state]
         return f"leftover {self.path} ({self.state}: {hint})"
 
 
@@ -159,20 +155,15 @@ def refuse_unless_artifact(path: Path, label: str) -> None:
 def refuse_unless_replaceable_file(path: Path, label: str, keys: frozenset[str], what: str) -> None:
     """An existing `path` may be replaced only if it is a regular file holding a JSON object with `keys` (`what`)."""
     path = Path(path)
-    if not os.path.lexists(path):
+    if path.is_symlink() or path.is_dir():
+        why = "a symbolic link" if path.is_symlink() else "a directory"
+    elif not path.exists():
         return
-    why = None
-    if path.is_symlink():
-        why = "a symbolic link"
-    elif path.is_dir():
-        why = "a directory"
     else:
-        try:
+        data = None
+        with contextlib.suppress(OSError, ValueError, RecursionError):
             data = json.loads(path.read_text())
-            if not (isinstance(data, dict) and keys <= set(data)):
-                why = f"a file that is not {what}"
-        except (OSError, ValueError, RecursionError):
-            why = f"a file that is not {what}"
+        why = None if isinstance(data, dict) and keys <= set(data) else f"a file that is not {what}"
     if why is not None:
         raise ArtifactError(f"{label} '{path}': exists and is {why}; only {what} is replaced there, "
                             "nothing was changed: choose another path")
@@ -200,18 +191,18 @@ def publish(staging: Staging, target: Path, overwrite: bool, label: str = "--out
     """Move staging.payload to `target`: exclusively when `target` is new, by a journaled swap when it is an
     artifact and `overwrite`. The old artifact is removed after the lock is released."""
     target = _absolute(target)
+    raced = ArtifactError(f"{label} '{target}': created by another process while this one ran; "
+                          "nothing was replaced: choose another path or pass --overwrite")
     with target_lock(target):
         recover_swap(target, locked=True)
+        old = None
         if not os.path.lexists(target):
             try:
                 rename_noreplace(staging.payload, target)
             except FileExistsError:
-                raise ArtifactError(f"{label} '{target}': created by another process while this one ran; "
-                                    "nothing was replaced: choose another path or pass --overwrite") from None
-            old = None
+                raise raced from None
         elif not overwrite:
-            raise ArtifactError(f"{label} '{target}': created by another process while this one ran; "
-                                "nothing was replaced: choose another path or pass --overwrite")
+            raise raced
         else:
             refuse_unless_artifact(target, label)
             old = _swap(staging, target)
@@ -224,7 +215,7 @@ def _swap(staging: Staging, target: Path) -> Staging:
     old = Staging.create(target.parent, f".{target.name}.{OLD}-", payload=False)
     journal = _journal_path(target)
     try:
-        _write_atomically(journal, json.dumps({"old": _relative(old.payload, target), "new": _relative(staging.payload, target)}) + "\n")
+        write_atomically(journal, json.dumps({"old": _relative(old.payload, target), "new": _relative(staging.payload, target)}) + "\n")
         os.rename(target, old.payload)
         try:
             rename_noreplace(staging.payload, target)
@@ -287,10 +278,10 @@ def _recover(target: Path, journal: Path) -> str:
 def leftovers(target: Path) -> list[Leftover]:
     """Staging roots beside `target` (.NAME.partial-*, .NAME.old-*) and inside it (.staging/*), and a swap journal."""
     target = _absolute(target)
-    found = [Leftover(root, _state(Staging(root))) for root in _roots(target)]
+    found = [Leftover(root, Staging(root).state()) for root in _roots(target)]
     journal = _journal_path(target)
     if os.path.lexists(journal):
-        found.append(Leftover(journal, "stale" if _journal_stale(target) else "in use"))
+        found.append(Leftover(journal, "swap journal"))
     return found
 
 
@@ -305,7 +296,7 @@ def clean_stale(target: Path) -> list[Path]:
         keep = {(target.parent / record[key]).parent for key in ("old", "new")}
     removed = []
     for root in _roots(target):
-        if root not in keep and Staging(root).stale():
+        if root not in keep and Staging(root).state() == "stale":
             Staging(root).remove()
             removed.append(root)
     with contextlib.suppress(OSError):
@@ -322,29 +313,6 @@ def _roots(target: Path) -> list[Path]:
         if not target.is_symlink():
             inside = list((target / STAGING_DIR).iterdir())
     return sorted(p for p in beside + inside if p.is_dir() and not p.is_symlink())
-
-
-def _state(staging: Staging) -> str:
-    owner = staging.owner()
-    return "unknown owner" if owner is None else "stale" if owner.gone() else "in use"
-
-
-def _journal_stale(target: Path) -> bool:
-    """A journal nobody holds the lock for (its writer died mid-swap)."""
-    if fcntl is None:
-        return False
-    path = _lock_path(target)
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return True  # no lock file: nobody is swapping
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
 
 
 # ------------------------------------------------------------------------------------ primitives
@@ -419,22 +387,19 @@ def _renameat2(source: Path, target: Path) -> int | None:
     return ctypes.get_errno()
 
 
-_LIBC: list = []
-
-
+@functools.lru_cache(maxsize=None)
 def _libc_renameat2():
-    if not _LIBC:
-        function = None
-        if sys.platform.startswith("linux"):
-            with contextlib.suppress(OSError, AttributeError):
-                function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
-                function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
-                function.restype = ctypes.c_int
-        _LIBC.append(function)
-    return _LIBC[0]
+    function = None
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            function = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True).renameat2
+            function.argtypes = (ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint)
+            function.restype = ctypes.c_int
+    return function
 
 
-def _write_atomically(path: Path, text: str) -> None:
+def write_atomically(path: Path, text: str) -> None:
+    """Replace `path` by `text` (temp file, fsync, rename): readers see the old file or the new one."""
     temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
     try:
         with open(temp, "x") as out:  # created with 0666 & ~umask
@@ -444,20 +409,6 @@ def _write_atomically(path: Path, text: str) -> None:
         os.replace(temp, path)
     finally:
         temp.unlink(missing_ok=True)
-
-
-def _umask() -> int:
-    """The process umask, read without changing it where /proc says it (Linux), else set and restored."""
-    with contextlib.suppress(OSError, ValueError, StopIteration):
-        with open("/proc/self/status") as status:
-            return int(next(line for line in status if line.startswith("Umask:")).split()[1], 8)
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def normal_file_mode() -> int:
-    return 0o666 & ~_umask()
 
 
 def _process_start(pid: int) -> str:

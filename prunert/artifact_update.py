@@ -16,14 +16,12 @@ Standard library only: `prunert build` runs on the target, where torch is absent
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Iterable
 
-from prunert.artifact_publish import STAGING_DIR, Staging, clean_stale, normal_file_mode, rename_noreplace, target_lock
+from prunert.artifact_publish import STAGING_DIR, Staging, clean_stale, rename_noreplace, target_lock, write_atomically
 from prunert.errors import ArtifactError
 from prunert.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
 
@@ -91,18 +89,8 @@ class ArtifactUpdate:
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> None:
-    """Replace ARTIFACT/manifest.json atomically."""
-    handle, temp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=directory)
-    try:
-        with os.fdopen(handle, "w") as out:
-            out.write(manifest.to_json())
-            out.flush()
-            os.fsync(out.fileno())
-        os.chmod(temp, normal_file_mode())  # mkstemp makes it 0600; the manifest is as readable as the rest
-        os.replace(temp, directory / MANIFEST_NAME)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Replace ARTIFACT/manifest.json atomically, with the umask's file mode (as every other file)."""
+    write_atomically(Path(directory) / MANIFEST_NAME, manifest.to_json())
 
 
 def _check_listed(manifest: Manifest) -> None:

@@ -341,7 +341,9 @@ def test_inspect_reports_leftovers_and_keeps_json_the_manifest(capsys, artifact_
 
 
 def test_exported_artifact_has_the_umask_mode(tiny_artifact: Path) -> None:
-    assert stat.S_IMODE(tiny_artifact.stat().st_mode) == 0o777 & ~publish_mod._umask()  # mkdtemp made it 0700
+    umask = os.umask(0o022)
+    os.umask(umask)
+    assert stat.S_IMODE(tiny_artifact.stat().st_mode) == 0o777 & ~umask  # mkdtemp made it 0700
 
 
 def test_published_folders_and_files_follow_the_umask(tmp_path: Path) -> None:
