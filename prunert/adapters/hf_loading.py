@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prunert.errors import ModelSourceError
+from prunert.errors import ModelSourceError, ParityError
 
 
 def load_hf_model(model_class: Any, model_dir: Path, architecture: str) -> Any:
@@ -70,3 +70,32 @@ class HFTextParts:
 
     def embedding_table(self) -> Any:
         return self.model.get_input_embeddings().weight  # [V, D]
+
+    def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
+        """Parity's reference ids of the formatted prompt `text`: Hugging Face's tokenizer, with the runtime's rule for
+        special tokens typed in the prompt (prunert.runtime.text.plain_text_runs): plain text (split_special_tokens),
+        except the template's own and the prompt's one image placeholder."""
+        from transformers import AutoTokenizer
+
+        from prunert.runtime.text import plain_text_runs, user_spans
+
+        info = self.text_info(model_dir)  # type: ignore[attr-defined]  # every family's export adapter has it
+        template, placeholder = info["prompt_template"], info["image_placeholder"]
+        head, tail = template.format(prompt="\0").split("\0")
+        if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
+            raise ParityError(f"prompt {text[:60]!r}: not in the checkpoint's prompt template {template!r}")
+        _, user, keep = user_spans(template, text[len(head) : len(text) - len(tail)], placeholder)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        encoding = tokenizer(text, return_offsets_mapping=True)
+        ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+        special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
+        body = [i for i, sequence in enumerate(encoding.sequence_ids()) if sequence is not None]  # None: BOS/EOS added
+        runs = plain_text_runs([offsets[i] for i in body], [ids[i] in special for i in body], user, keep, len(text))
+        if runs is None:
+            return ids
+
+        def plain(span: tuple[int, int]) -> list[int]:
+            return tokenizer(text[span[0] : span[1]], add_special_tokens=False, split_special_tokens=True)["input_ids"]
+
+        middle = [token for run in runs for token in ([ids[body[run]]] if isinstance(run, int) else plain(run))]
+        return ids[: body[0]] + middle + ids[body[-1] + 1 :]

@@ -27,7 +27,7 @@ from prunert.runtime.decode import decode_steps, table_embedder
 from prunert.runtime.finite import check_finite_outputs
 from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names
 from prunert.runtime.sampling import next_tokens
-from prunert.runtime.text import content_word_groups, text_relevance_inputs
+from prunert.runtime.text import content_word_groups, encode_prompt, text_relevance_inputs
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
 BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
@@ -133,7 +133,8 @@ class VLMPipeline:
                 raise PromptError(
                     f"prompt {prompt[:60]!r}: contains the image placeholder {text.placeholder!r} {count} times, expected exactly once"
                 )
-            ids = self.artifact.tokenizer.encode(text.prompt_template.format(prompt=prompt)).ids
+            # typed special tokens (`</s>`, `<|im_end|>`) are text; the template's and the placeholder's stay special
+            ids = encode_prompt(self.artifact.tokenizer, prompt, text.placeholder, self.artifact.special_ids, text.prompt_template).ids
             if ids.count(text.image_token_id) != 1:
                 raise PromptError(f"prompt {prompt[:60]!r}: tokenizes to {ids.count(text.image_token_id)} image tokens, expected 1")
             if len(ids) > text.max_prompt_tokens:

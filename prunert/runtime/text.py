@@ -4,11 +4,16 @@ LLM's own input-embedding table, for ResPrune's text relevance.
 Content words: the prompt's tokens grouped by word (the tokenizer's word ids); a word is dropped if
 any of its tokens is special (BOS, the image placeholder, ...), or if it is punctuation / a number-free
 symbol run, or a stop word. Each remaining word's embedding is the mean of its word pieces' rows.
+
+Special tokens typed in a prompt (`</s>`, `<s>`, `<pad>`, `<|im_end|>`, a second `<image>`) are text, as a
+chat server encodes user content: only the template's own special tokens and the prompt's one image
+placeholder are special (`encode_prompt`; parity's Hugging Face reference applies the same `plain_text_runs`).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -23,12 +28,97 @@ STOP_WORDS = frozenset(
 )
 
 
-def content_word_groups(tokenizer, prompt: str, special_ids: set[int]) -> list[list[int]]:
-    """Token ids of each content word of `prompt`, in order."""
-    encoding = tokenizer.encode(prompt, add_special_tokens=False)
-    groups: dict[int, list[int]] = {}
-    spans: dict[int, list[int]] = {}
-    dropped: set[int] = set()
+Span = tuple[int, int]  # [start, end) characters of the formatted prompt
+
+
+def user_spans(template: str, prompt: str, placeholder: str) -> tuple[str, Span, Span]:
+    """template.format(prompt=prompt), the prompt's span in it, and the span of the prompt's first
+    placeholder ((-1, -1) if it has none)."""
+    head = template.format(prompt="\0").split("\0")[0]
+    at = prompt.find(placeholder)
+    keep = (len(head) + at, len(head) + at + len(placeholder)) if at >= 0 else (-1, -1)
+    return template.format(prompt=prompt), (len(head), len(head) + len(prompt)), keep
+
+
+def plain_text_runs(offsets: Sequence[Span], special: Sequence[bool], user: Span, keep: Span, length: int) -> list[int | Span] | None:
+    """How to re-encode a prompt whose user text holds special tokens other than its one placeholder.
+
+    offsets, special: the text tokens of the formatted prompt (post-processor tokens left out) as the tokenizer
+    found them with special-token parsing on, and which are special tokens. A special token is legitimate if it
+    is the template's (outside `user`) or the placeholder's (inside `keep`). None: every one is, the encoding
+    stands. Else the runs that replace it, in order: the index of each legitimate special token, and between
+    them (start, end) spans of the text to encode with special-token parsing off.
+    """
+
+    def legitimate(span: Span) -> bool:
+        return span[1] <= user[0] or span[0] >= user[1] or keep[0] <= span[0] <= span[1] <= keep[1]
+
+    if all(legitimate(span) for span, is_special in zip(offsets, special) if is_special):
+        return None
+    runs: list[int | Span] = []
+    start = 0
+    for index, (span, is_special) in enumerate(zip(offsets, special)):
+        if is_special and legitimate(span):
+            runs += [(start, span[0])] if span[0] > start else []
+            runs.append(index)
+            start = span[1]
+    return runs + ([(start, length)] if length > start else [])
+
+
+@dataclass(frozen=True)
+class PromptTokens:
+    """A tokenized prompt: ids, and per token its word (None for special tokens) and character span."""
+
+    ids: list[int]
+    word_ids: list[Any]
+    offsets: list[Span]
+
+
+def encode_prompt(tokenizer: Any, prompt: str, placeholder: str, special_ids: set[int], template: str = "{prompt}",
+                  add_special_tokens: bool = True) -> PromptTokens:
+    """`template` formatted with `prompt`, tokenized (a `tokenizers.Tokenizer`) with the template's own special
+    tokens and the prompt's first `placeholder` as special tokens, and the rest of the prompt as plain text
+    (plain_text_runs). A prompt without typed special tokens encodes exactly as tokenizer.encode(text)."""
+    text, user, keep = user_spans(template, prompt, placeholder)
+    encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
+    ids, words, offsets = encoding.ids, encoding.word_ids, encoding.offsets
+    body = [i for i, sequence in enumerate(encoding.sequence_ids) if sequence is not None]  # BOS/EOS of the post-processor: None
+    runs = plain_text_runs([offsets[i] for i in body], [ids[i] in special_ids for i in body], user, keep, len(text))
+    if runs is None:
+        return PromptTokens(list(ids), list(words), list(offsets))
+    first, last = (body[0], body[-1] + 1) if body else (len(ids), len(ids))
+    out = PromptTokens(list(ids[:first]), [None] * first, list(offsets[:first]))
+    for number, run in enumerate(runs):
+        if isinstance(run, int):
+            out.ids.append(ids[body[run]]), out.word_ids.append(None), out.offsets.append(offsets[body[run]])
+            continue
+        piece = _encode_plain(tokenizer, text[run[0]:run[1]])
+        out.ids.extend(piece.ids)
+        out.word_ids.extend(None if word is None else (number, word) for word in piece.word_ids)
+        out.offsets.extend((run[0] + a, run[0] + b) for a, b in piece.offsets)
+    out.ids.extend(ids[last:]), out.word_ids.extend([None] * (len(ids) - last)), out.offsets.extend(offsets[last:])
+    return out
+
+
+def _encode_plain(tokenizer: Any, text: str) -> Any:
+    """text with special-token parsing off (tokenizers' encode_special_tokens), no BOS/EOS."""
+    tokenizer.encode_special_tokens = True
+    try:
+        return tokenizer.encode(text, add_special_tokens=False)
+    finally:
+        tokenizer.encode_special_tokens = False
+
+
+def content_word_groups(tokenizer, prompt: str, special_ids: set[int], placeholder: str | None = None) -> list[list[int]]:
+    """Token ids of each content word of `prompt`, in order. With the artifact's `placeholder`, special tokens typed
+    in the prompt are text, as in encode_prompt (and `</s>` a word); without it every special token's word is dropped."""
+    if placeholder is None:
+        encoding = tokenizer.encode(prompt, add_special_tokens=False)
+    else:
+        encoding = encode_prompt(tokenizer, prompt, placeholder, special_ids, add_special_tokens=False)
+    groups: dict[Any, list[int]] = {}
+    spans: dict[Any, list[int]] = {}
+    dropped: set[Any] = set()
     for token_id, word_id, (start, end) in zip(encoding.ids, encoding.word_ids, encoding.offsets):
         if word_id is None or token_id in special_ids:
             if word_id is not None:

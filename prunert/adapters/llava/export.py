@@ -149,11 +149,6 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
             features["patch_keys"] = captured["keys"][:, first:]  # [B, N, Dv]
         return features, torch.ones(tokens.shape[:2], dtype=torch.bool)
 
-    def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
-
     def family_config(self) -> dict[str, Any]:
         return {"vision_feature_layer": self.feature_layer, "image_size": self.image_size}
 

@@ -256,11 +256,6 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
             tokens = self.model.model.get_image_features(hf["pixel_values"], hf["image_grid_thw"]).pooler_output[0][None]  # [1, N, D]
         return {"tokens": tokens}, torch.ones(tokens.shape[:2], dtype=torch.bool)
 
-    def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
-        from transformers import AutoTokenizer
-
-        return AutoTokenizer.from_pretrained(model_dir)(text)["input_ids"]
-
     def hf_position_ids(self, token_ids: list[int], images: list[Any], model_dir: Path,
                         kept_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Parity: HF's own M-RoPE positions of the pruned prompt. HF's get_rope_index runs on the UNPRUNED
