@@ -11,6 +11,8 @@ Inputs beyond the fp32 range (methods.md, ResPrune "Bad numbers"), the same rule
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from prunert.config import ResPruneConfig
@@ -77,14 +79,20 @@ def text_relevance(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, 
 
 
 def greedy_order(
-    gram: np.ndarray, energy: np.ndarray, steps: int, tau: float, weight: np.ndarray | None = None, candidates: np.ndarray | None = None
+    gram: np.ndarray,
+    energy: np.ndarray,
+    steps: int,
+    tau: float,
+    weight: np.ndarray | None = None,
+    candidates: np.ndarray | None = None,
+    on_step: Callable[[int, np.ndarray, np.ndarray], None] | None = None,
 ) -> list[int]:
     """The greedy pivoted Cholesky of ResPrune, CDPruner and the tiled op (common.greedy_order in float64).
 
     gram [N, N] (X X^T, or the DPP kernel), energy [N] its diagonal as the method defines it, weight [N] or None,
     candidates [N] bool or None (all) -> the first `steps` picks, in pick order. A residual energy below
     tau * its initial value counts as 0; scores within TIE_RTOL tie, the lowest index wins; no candidate left:
-    the lowest unpicked token.
+    the lowest unpicked token. on_step(k, residual energies [N], kept [N] bool) runs before each pick.
     """
     n = len(energy)
     energy = np.array(energy, np.float64)
@@ -94,6 +102,8 @@ def greedy_order(
     pool = np.ones(n, bool) if candidates is None else np.asarray(candidates, bool)
     picks = []
     for k in range(steps):
+        if on_step is not None:
+            on_step(k, energy, kept)
         effective = np.where(energy < floor, 0.0, energy)
         open_ = ~kept & pool
         score = effective if weight is None else weight * effective
@@ -108,8 +118,8 @@ def greedy_order(
     return picks
 
 
-def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget: int, cfg: ResPruneConfig) -> np.ndarray:
-    """Kept indices (ascending) of one image's tokens [N, D]."""
+def _resprune_inputs(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget: int, cfg: ResPruneConfig):
+    """-> (gram [N, N], energy [N], weight [N]) of ResPrune's greedy, float64."""
     x = finite_tokens(tokens)
     n = x.shape[0]
     if not 0 < budget <= n:
@@ -117,8 +127,47 @@ def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget
     weight = text_relevance(x, text, text_mask, cfg)
     if cfg.normalize:
         x = x / _safe_norm(x)
-    energy = (x * x).sum(axis=1)
-    return np.sort(greedy_order(x @ x.T, energy, budget, cfg.tau, weight))
+    return x @ x.T, (x * x).sum(axis=1), weight
+
+
+def resprune(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget: int, cfg: ResPruneConfig) -> np.ndarray:
+    """Kept indices (ascending) of one image's tokens [N, D]."""
+    gram, energy, weight = _resprune_inputs(tokens, text, text_mask, budget, cfg)
+    return np.sort(greedy_order(gram, energy, budget, cfg.tau, weight))
+
+
+# What the fp32 backends can differ by (methods.md, ResPrune "Agreement"): after k steps, a residual energy is
+# trusted to within k * 2^-23 of its token's initial energy (measured: every ORT / torch difference on clustered
+# d = 1024 inputs lies at a step ambiguous at 0.16 of this).
+FP32_DOWNDATE_RTOL = 2.0**-23
+
+
+def ambiguous_step(energy: np.ndarray, initial: np.ndarray, floor: np.ndarray, weight: np.ndarray, kept: np.ndarray, rho: float) -> bool:
+    """Could residual energies off by up to rho * their initial value change this step's pick (tie rule and
+    tau floor included)? energy, initial, floor, weight [N], kept [N] bool."""
+    def scores(e):
+        return np.where(kept, -np.inf, weight * np.where(e < floor, 0.0, e))
+
+    low, high = scores(energy - rho * initial), scores(energy + rho * initial)
+    j = pick_first_best(scores(energy))
+    index = np.arange(len(energy))
+    lower_takes = (index < j) & (high >= (1.0 - TIE_RTOL) * low[j])  # a lower index could enter j's tie band
+    higher_takes = (index > j) & (high * (1.0 - TIE_RTOL) > low[j])  # j could fall out of the best's tie band
+    return bool(((lower_takes | higher_takes) & ~kept).any())
+
+
+def resprune_stable_prefix(tokens: np.ndarray, text: np.ndarray, text_mask: np.ndarray, budget: int, cfg: ResPruneConfig) -> tuple[list[int], int]:
+    """-> (ResPrune's picks in pick order, s): the first s picks come before the first step that fp32 rounding can
+    decide either way (ambiguous_step at rho = k * FP32_DOWNDATE_RTOL after k steps). The guarantee: those s picks
+    are in every backend's kept set; s = K means every backend keeps exactly this set."""
+    gram, energy, weight = _resprune_inputs(tokens, text, text_mask, budget, cfg)
+    initial, floor, first = energy.copy(), cfg.tau * energy, [budget]
+
+    def check(k: int, residual: np.ndarray, kept: np.ndarray) -> None:
+        if k < first[0] and ambiguous_step(residual, initial, floor, weight, kept, (k + 1) * FP32_DOWNDATE_RTOL):
+            first[0] = k
+
+    return greedy_order(gram, energy, budget, cfg.tau, weight, on_step=check), first[0]
 
 
 def resprune_reference(inputs: dict[str, np.ndarray], budget: int, cfg: ResPruneConfig) -> tuple[np.ndarray, np.ndarray]:
