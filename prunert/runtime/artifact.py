@@ -26,7 +26,7 @@ class Artifact:
             manifest_checks.check_manifest(self.manifest)
         except ArtifactError as exc:
             raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
-        self.tokenizer, self.embeddings, self.preprocessor_config  # noqa: B018 - a bad file fails here, not mid-run
+        self.tokenizer, self.embeddings, self.preprocessor_config  # read now: a bad file fails at load, not mid-run
 
     def path(self, name: str) -> Path:
         """A file of the artifact; only one the manifest lists (load_manifest checked it is inside the directory)."""
@@ -66,9 +66,10 @@ class Artifact:
         except Exception as exc:  # not an .npy (ValueError), truncated (EOFError, OSError), pickled objects, ...
             raise self._cannot_read(name, exc) from None
         expected = (self.manifest.decoder.vocab_size, self.manifest.decoder.hidden_size)
-        if not isinstance(table, np.ndarray) or table.shape != expected or table.dtype.kind != "f":
-            shape = getattr(table, "shape", type(table).__name__)
-            raise ArtifactError(f"artifact '{self.directory}': {name}: shape {shape} {getattr(table, 'dtype', '')}, expected float {expected}")
+        if not isinstance(table, np.ndarray):  # an .npz archive
+            raise ArtifactError(f"artifact '{self.directory}': {name}: a {type(table).__name__}, expected one .npy array [V, D]")
+        if table.shape != expected or table.dtype.kind != "f":
+            raise ArtifactError(f"artifact '{self.directory}': {name}: shape {table.shape} {table.dtype}, expected float {expected}")
         return table
 
     @cached_property

@@ -155,6 +155,11 @@ def _truncate(path: Path) -> None:
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
+def _npz(path: Path, table: np.ndarray) -> None:
+    with path.open("wb") as handle:  # an .npz archive under the .npy name
+        np.savez(handle, table=table)
+
+
 CORRUPTIONS = {
     "vision-garbage": ("vision.onnx", _garbage, "ONNX Runtime cannot load it"),
     "vision-truncated": ("vision.onnx", _truncate, "ONNX Runtime cannot load it"),
@@ -164,6 +169,7 @@ CORRUPTIONS = {
     "embeddings-truncated": ("embed_tokens.npy", _truncate, "cannot read embed_tokens.npy"),
     "embeddings-pickled": ("embed_tokens.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object)), "cannot read embed_tokens.npy"),
     "embeddings-wrong-shape": ("embed_tokens.npy", lambda p: np.save(p, np.zeros((1024, 32), np.float32)), "expected float (1024, 64)"),
+    "embeddings-an-npz": ("embed_tokens.npy", lambda p: _npz(p, np.zeros((1024, 64), np.float32)), "expected one .npy array"),
     "embeddings-integers": ("embed_tokens.npy", lambda p: np.save(p, np.zeros((1024, 64), np.int64)), "expected float (1024, 64)"),
     "tokenizer-garbage": ("tokenizer.json", _garbage, "cannot read tokenizer.json"),
     "preprocessor-not-json": ("preprocessor_config.json", lambda p: p.write_text("{ truncated"), "cannot read preprocessor_config.json"),
