@@ -225,9 +225,10 @@ def _check_trt(args: argparse.Namespace) -> int:
 
 
 def _visualize(args: argparse.Namespace) -> int:
+    from prunert.config import check_panel_scale
     from prunert.visualize import visualize
 
-    out = visualize(args.artifact, args.image, args.prompt, args.out, scale=args.scale)
+    out = visualize(args.artifact, args.image, args.prompt, args.out, scale=check_panel_scale(args.scale))
     print(f"wrote {out}")
     return 0
 

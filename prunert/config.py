@@ -265,6 +265,16 @@ def check_seed(where: str, seed: int) -> None:
         raise ConfigError(f"{where}: got {seed}, expected an integer >= 0")
 
 
+MAX_PANEL_SCALE = 16  # `prunert visualize --scale`: a 336 px crop becomes 5376 px square (~90 MB of RGB per panel)
+
+
+def check_panel_scale(scale: int | None) -> int | None:
+    """--scale: None (automatic) or an integer zoom 1..MAX_PANEL_SCALE; beyond it the PNG takes gigabytes."""
+    if scale is not None and not 1 <= scale <= MAX_PANEL_SCALE:
+        raise ConfigError(f"--scale: got {scale}, expected an integer 1..{MAX_PANEL_SCALE}")
+    return scale
+
+
 def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag: str = "--precision") -> str:
     if precision not in allowed:
         raise ConfigError(f"{flag}: got {precision!r}, expected one of {list(allowed)}")
