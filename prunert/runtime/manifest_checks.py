@@ -15,8 +15,7 @@ from typing import Any, Mapping
 
 from prunert.errors import ArtifactError, ConfigError
 from prunert.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
-
-DECODER_HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # the rest of the decoder's inputs are the past
+from prunert.runtime.runner import LOGITS, cache_names
 
 
 def _fail(key: str, value: Any, expected: str) -> ArtifactError:
@@ -128,8 +127,8 @@ def check_decoder(manifest: Manifest) -> None:
             raise _fail(f"decoder.{name}", getattr(dec, name), "expected >= 1")
     for where, spec in _graphs(manifest, "decoder"):
         _dims_agree(where, _tensor(spec, "inputs_embeds", where), {-1: ("decoder.hidden_size", dec.hidden_size)})
-        _dims_agree(where, _tensor(spec, "logits", where, output=True), {-1: ("decoder.vocab_size", dec.vocab_size)})
-        past = [tensor for tensor in spec.inputs if tensor.name not in DECODER_HOST_INPUTS]
+        _dims_agree(where, _tensor(spec, LOGITS, where, output=True), {-1: ("decoder.vocab_size", dec.vocab_size)})
+        past = [spec.input(name) for name in cache_names(spec).past]
         if len(past) != 2 * dec.num_layers:
             raise _fail("decoder.num_layers", dec.num_layers, f"but {where} has {len(past)} past key/value inputs (expected 2 per layer)")
         for tensor in past:
