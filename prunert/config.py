@@ -179,8 +179,6 @@ class BudgetConfig:
             from prunert.pruning_ops import method_spec
 
             object.__setattr__(self, "params", method_spec(self.method).config_type())
-        if self.budget < 1:
-            raise ConfigError(f"budget: got {self.budget}, expected >= 1")
         check_finite(self.params, f"{self.method} ")  # a method config without its own __post_init__ too
 
     @property

@@ -85,7 +85,6 @@ def test_export_rejects_non_finite_method_parameters(error_line, capsys, no_expo
         (["--opset", "0"], "--opset: got 0"),
         (["--max-new-tokens", "0"], "--max-new-tokens: got 0"),
         (["--max-prompt-tokens", "-4"], "--max-prompt-tokens: got -4"),
-        (["--budget", "0"], "budget: got 0"),
         (["--method", "random", "--seed", "-1"], "random seed: got -1"),
         (["--alpha", "-1"], "alpha: got -1"),
     ],
