@@ -153,14 +153,15 @@ def artifact_matches(directory: Path, preset: str, budget: int, method: str, che
 def _adapter_child(preset: str) -> dict:
     """Runs in a fresh process (it loads the checkpoint with torch): what the family's export adapter says."""
     from prunert.adapters import resolve_source
+    from prunert.export.adapter import ExportAdapter
     from prunert.export.pipeline import load_export_adapter
 
     start = time.perf_counter()
     source = resolve_source(f"synthetic:{preset}")
     adapter = load_export_adapter(source)
     return {"checkpoint": source.path.name, "family": source.family, "num_visual_tokens": int(adapter.num_visual_tokens),
-            # no selection_module hook: the vision graph runs the plain registry op on [B, N, D] (else e.g. per tile)
-            "plain_selection": getattr(adapter, "selection_module", None) is None,
+            # the base class's selection_module: the vision graph runs the plain registry op on [B, N, D] (else e.g. per tile)
+            "plain_selection": type(adapter).selection_module is ExportAdapter.selection_module,
             "load_s": time.perf_counter() - start, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -236,22 +237,19 @@ def ort_request(pipe, prompt: str, new_tokens: int) -> tuple[dict, Any]:
 
 
 def ort_decode(pipe, state, steps: int) -> float:
-    """`steps` decoder calls, positions as VLMPipeline._decode: the host's next_position_ids after the prefill
-    ([B, 1]; M-RoPE [3, B, 1]), then + 1 per step."""
-    table, max_sequence = pipe.artifact.embeddings, pipe.manifest.text.max_sequence
-    logits, session = state.logits[:, -1], state.session  # [B, V]; the session holds the KV cache (IOBinding)
-    mask = state.attention_mask
+    """`steps` greedy decoder calls, EOS ignored, through the runtime's one decode loop (decode_steps: positions
+    as VLMPipeline.decode, the host's next_position_ids after the prefill, [B, 1] or M-RoPE [3, B, 1], + 1 per step)."""
+    from prunert.runtime.decode import decode_steps, greedy, table_embedder
+
+    mask, max_sequence = state.attention_mask, pipe.manifest.text.max_sequence
     if mask.shape[1] + steps > max_sequence:
         raise SystemExit(f"bench: error: --new-tokens {steps}: the prompt has {mask.shape[1]} tokens and the artifact "
                          f"at most {max_sequence} (prompt + generated)")
     positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)
-    one = np.ones((mask.shape[0], 1), np.int64)
     start = time.perf_counter()
-    for _ in range(steps):
-        token = logits.argmax(axis=-1)  # greedy, EOS ignored
-        mask = np.concatenate([mask, one], axis=1)
-        logits = session.run(np.asarray(table[token], np.float32)[:, None], mask, positions)[:, -1]
-        positions = positions + 1
+    for _ in decode_steps(state.session, state.logits[:, -1], mask, positions, table_embedder(pipe.artifact.embeddings), greedy,
+                          steps + 1):  # step 0 chooses from the prefill's logits: steps + 1 steps make `steps` decoder calls
+        pass
     return time.perf_counter() - start
 
 

@@ -19,8 +19,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -132,19 +130,19 @@ def prompt_for(artifact: Path) -> str:
 
 
 def _request(pipe, new_tokens: int) -> dict:
+    from prunert.runtime.decode import decode_steps, greedy, table_embedder
+
     prompt = pipe.manifest.text.placeholder + QUESTION
     start = time.perf_counter()
     sequences = pipe.tokenize([prompt])
     vision = pipe.encode_images([IMAGE], [prompt])
     state = pipe.prefill(sequences, vision)
     ttft = time.perf_counter() - start
-    table, session = pipe.artifact.embeddings, state.session
-    logits, mask = state.logits[:, -1], state.attention_mask
-    positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)  # [1, 1] (M-RoPE: [3, 1, 1]), as VLMPipeline decodes
+    positions = pipe.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [1, 1] (M-RoPE: [3, 1, 1]), as VLMPipeline decodes
     start = time.perf_counter()
-    for step in range(new_tokens):
-        mask = np.concatenate([mask, np.ones((1, 1), np.int64)], axis=1)
-        logits = session.run(np.asarray(table[logits.argmax(-1)], np.float32)[:, None], mask, positions + step)[:, -1]
+    for _ in decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(pipe.artifact.embeddings),
+                          greedy, new_tokens + 1):  # greedy, EOS ignored: new_tokens decoder calls after the prefill's choice
+        pass
     decode = time.perf_counter() - start
     return {"vision_s": pipe.timings.vision_s, "prefill_s": pipe.timings.prefill_s, "ttft_s": ttft,
             "decode_s": decode, "decode_tok_per_s": new_tokens / decode}
