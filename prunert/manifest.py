@@ -376,9 +376,12 @@ def _outside(root: Path, name: str) -> str:
         return "an absolute path"
     if ".." in PurePosixPath(name.replace("\\", "/")).parts:
         return "climbs out with '..'"
-    if name == MANIFEST_NAME:
+    try:
+        resolved = (root / name).resolve()
+    except (RuntimeError, OSError):  # a symlink loop (RuntimeError before Python 3.13)
+        return "a symbolic link that never resolves (a loop)"
+    if resolved == root / MANIFEST_NAME:
         return "the manifest itself"
-    resolved = (root / name).resolve()
     if resolved == root or not resolved.is_relative_to(root):
         return f"resolves to '{resolved}' (a symbolic link out of the directory)"
     return ""
@@ -390,10 +393,7 @@ def verify_files(directory: Path, manifest: Manifest, hashes: bool = True) -> No
         path = directory / name
         if not path.is_file():
             raise ArtifactError(f"artifact '{directory}': file '{name}' listed in {MANIFEST_NAME} is missing")
-        if not hashes:
-            continue
-        actual = sha256_file(path)
-        if actual != expected:
+        if hashes and (actual := sha256_file(path)) != expected:
             raise ArtifactError(
                 f"artifact '{directory}': file '{name}' sha256 {actual[:12]}... does not match the manifest's "
                 f"{expected[:12]}... (changed after export); re-export the artifact"

@@ -81,6 +81,8 @@ def _escape(kind: str, artifact: Path) -> tuple[str, str]:
         name, key, listed = "../../../../../../../../etc/hostname", "text.tokenizer", None
     elif kind == "tokenizer-absolute":
         name, key, listed = str(tokenizer_outside), "text.tokenizer", tokenizer_outside
+    elif kind == "tokenizer-is-the-manifest":
+        name, key, listed = f"./{MANIFEST_NAME}", "text.tokenizer", None
     elif kind == "preprocessor-symlink":
         outside = _outside_copy(artifact, "preprocessor_config.json")
         os.symlink(outside, artifact / "linked.json")
@@ -112,7 +114,7 @@ def _escape(kind: str, artifact: Path) -> tuple[str, str]:
     return (f"files[{name!r}]" if key == "files" else key), name
 
 
-ESCAPES = ["tokenizer-dotdot", "tokenizer-etc", "tokenizer-absolute", "preprocessor-symlink", "embeddings-symlinked-folder",
+ESCAPES = ["tokenizer-dotdot", "tokenizer-etc", "tokenizer-absolute", "tokenizer-is-the-manifest", "preprocessor-symlink", "embeddings-symlinked-folder",
            "vision-graph-dotdot", "external-data-dotdot", "files-key-absolute", "variant-graph-absolute", "engine-dotdot"]
 
 
@@ -126,6 +128,15 @@ def test_a_path_out_of_the_artifact_is_refused(error_line, capsys, artifact_copy
     assert code == 2 and out == ""
     error_line(err, f"artifact '{artifact_copy}'", f"'{key}'", json.dumps(name), "expected a file inside the artifact directory")
     assert _snapshot(artifact_copy) == before
+
+
+def test_a_symlink_loop_is_refused(error_line, capsys, artifact_copy: Path) -> None:
+    os.symlink("loop-b", artifact_copy / "loop-a")
+    os.symlink("loop-a", artifact_copy / "loop-b")
+    _edit(artifact_copy, lambda data: _point(data, "text.tokenizer", "loop-a", artifact_copy / "tokenizer.json"))
+    code, _, err = _cli(capsys, "inspect", artifact_copy, "--no-verify")
+    assert code == 2
+    error_line(err, "'text.tokenizer' is \"loop-a\"", "never resolves")
 
 
 def test_a_symlink_inside_the_directory_is_fine(artifact_copy: Path) -> None:
