@@ -100,11 +100,11 @@ def greedy_order(
         # Scores within TIE_RTOL of the best are tied (rounding differs between backends); ties go to the
         # lowest index: argmax of a 0/1 mask returns its first 1 on every backend.
         best = score.amax(dim=-1, keepdim=True)  # [B, 1]
-        tied = score >= best * (1.0 - TIE_RTOL)  # [B, N]; without candidates every score is finite (>= 0 or -inf)
+        tied = (score >= best * (1.0 - TIE_RTOL)).to(energy.dtype)  # [B, N]; without candidates: >= 0 or -inf
         if candidates is not None:  # none left (all -inf ties everything): the lowest free token
-            tied = tied & pool
-            tied = torch.where(tied.any(dim=-1, keepdim=True), tied, free)
-        pick = tied.to(energy.dtype).argmax(dim=-1, keepdim=True)  # [B, 1]
+            tied = tied * pool.to(energy.dtype)
+            tied = torch.where(tied.amax(dim=-1, keepdim=True) > 0, tied, free.to(energy.dtype))  # float Where (ORT)
+        pick = tied.argmax(dim=-1, keepdim=True)  # [B, 1]
         onehot = (positions[None, :] == pick).to(energy.dtype)  # [B, N]
         pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
         gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>

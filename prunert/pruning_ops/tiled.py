@@ -34,8 +34,9 @@ ranks by pairwise counts, no sort). Both fill a deficit with masked tokens by in
 tokens inside a tile (cls_attention, visionzip: the tower's attention; divprune, cdpruner: no per-tile
 budget rule yet) are refused.
 
-Per tile the numerics are ResPrune's (tau rule, TIE_RTOL ties to the lowest index, fp32 range guard
-per tile). The NumPy reference runs, per tile, a plain k_t-step greedy: the test that the two agree
+Per tile the numerics are ResPrune's, from the same code (common.greedy_order, resprune.pooled_cosine /
+min_max; reference.greedy_order): tau rule, TIE_RTOL ties to the lowest index, fp32 range guard per tile and
+per text row, a NaN / inf token a zero token, a NaN / inf text row not a content word. The NumPy reference runs, per tile, a plain k_t-step greedy: the test that the two agree
 is also the test of prefix consistency. torch is imported only inside the torch functions.
 """
 
@@ -49,7 +50,7 @@ import numpy as np
 from prunert.config import TRT_MAX_TOPK, BudgetConfig, RandomConfig, ResPruneConfig, TileBudgetConfig, UniformConfig
 from prunert.errors import ConfigError
 from prunert.pruning_ops.random import random_priority
-from prunert.pruning_ops.reference import RELEVANCE_SPAN_ATOL, TIE_RTOL, _safe_norm, pick_first_best, text_relevance
+from prunert.pruning_ops.reference import _safe_norm, finite_tokens, greedy_order, text_relevance
 from prunert.pruning_ops.tile_budgets import tile_budgets, tile_budgets_reference
 
 TILED_METHODS = ("resprune", "uniform", "random", "none")  # per-tile rules: step 3 and "Other methods" above
@@ -74,81 +75,34 @@ def check_tiled_budget(budget: BudgetConfig, tiles: int, n: int) -> None:
 
 
 def masked_relevance(tokens, valid, text, text_mask, cfg: ResPruneConfig):
-    """resprune.text_relevance's r (alpha not applied) with min-max over valid tokens only.
+    """resprune.text_relevance's r (alpha not applied) with min-max over valid tokens only, and ResPrune's rules
+    for bad numbers and text scale (resprune.pooled_cosine, min_max).
     tokens [B, L, D], valid [B, L] bool, text [B, M, D], text_mask [B, M] -> r [B, L] (1 where masked)."""
     import torch
 
-    from prunert.pruning_ops.resprune import _PEAK_HI, _PEAK_LO, _TINY, _unit_rows
+    from prunert.pruning_ops.resprune import finite_tokens, min_max, pooled_cosine, range_guard
 
-    peak = tokens.float().abs().amax(dim=-1, keepdim=True).clamp_min(_TINY)  # [B, L, 1]: fp32 range guard, per token
-    x = tokens.float() / torch.where((peak > _PEAK_HI) | (peak < _PEAK_LO), peak, 1.0)  # cosines do not see it
-    has = text_mask != 0  # [B, M]
-    cos = _unit_rows(x) @ _unit_rows(text.float()).transpose(1, 2)  # [B, L, M]
-    if cfg.relevance == "max":
-        r = cos.masked_fill(~has[:, None, :], float("-inf")).amax(dim=-1)  # [B, L]
-    else:
-        count = has.sum(dim=-1, keepdim=True).clamp_min(1).to(cos.dtype)
-        r = cos.masked_fill(~has[:, None, :], 0.0).sum(dim=-1) / count
-    r = torch.where(has.any(dim=-1, keepdim=True), r, 1.0)
+    x = range_guard(finite_tokens(tokens), (-1,))  # [B, L, D]: fp32 range guard per token; cosines do not see it
+    r = pooled_cosine(x, text.float(), text_mask, cfg)  # [B, L]
     r_min = torch.where(valid, r, float("inf")).amin(dim=-1, keepdim=True)  # [B, 1]
-    span = torch.where(valid, r, float("-inf")).amax(dim=-1, keepdim=True) - r_min
-    scaled = cfg.epsilon + (1.0 - cfg.epsilon) * (r - r_min) / span.clamp_min(RELEVANCE_SPAN_ATOL)
-    r = torch.where(span > RELEVANCE_SPAN_ATOL, scaled, 1.0)  # flat up to rounding: no relevance signal
-    return torch.where(valid, r, 1.0)
+    r_max = torch.where(valid, r, float("-inf")).amax(dim=-1, keepdim=True)
+    return torch.where(valid, min_max(r, r_min, r_max, cfg), 1.0)
 
 
 def resprune_order(tokens, weight, valid, steps: int, cfg: ResPruneConfig):
-    """ResPrune's greedy for `steps` steps, returning WHEN each token was picked.
+    """ResPrune's greedy (common.greedy_order) for `steps` steps, returning WHEN each token was picked.
     tokens [R, N, D], weight [R, N] (r^alpha), valid [R, N] bool -> order [R, N] int64: the step at which
     the token was kept, `steps` if never. Valid tokens first; then masked ones by index."""
-    import torch
-    from torch._higher_order_ops import while_loop
+    from prunert.pruning_ops.common import greedy_order
+    from prunert.pruning_ops.resprune import _unit_rows, finite_tokens, range_guard
 
-    from prunert.pruning_ops.resprune import _PEAK_HI, _PEAK_LO, _TINY, _unit_rows
-
-    x = tokens.float()
-    n = x.shape[1]
-    peak = x.abs().amax(dim=(1, 2), keepdim=True).clamp_min(_TINY)  # [R, 1, 1]: the range guard, per tile
-    x = x / torch.where((peak > _PEAK_HI) | (peak < _PEAK_LO), peak, 1.0)
+    x = range_guard(finite_tokens(tokens), (1, 2))  # [R, N, D]: the range guard, per tile
     if cfg.normalize:
         x = _unit_rows(x)
-    gram = x @ x.transpose(1, 2)  # [R, N, N]
     energy = (x * x).sum(dim=-1)  # [R, N]
     if cfg.normalize:
         energy = (energy > 0).to(energy.dtype)
-    floor = cfg.tau * energy
-    positions = torch.arange(n, device=x.device)  # [N]
-    step_ids = torch.arange(steps, device=x.device)  # [S]
-
-    def keep_going(step, energy, order, coeffs):
-        return step < steps
-
-    def greedy_step(step, energy, order, coeffs):
-        free = order >= steps  # [R, N] not kept yet
-        candidates = free & valid
-        effective = torch.where(energy < floor, 0.0, energy)
-        score = torch.where(candidates, weight * effective, float("-inf"))  # [R, N]
-        best = score.amax(dim=-1, keepdim=True)  # [R, 1]
-        tied = (score >= best * (1.0 - TIE_RTOL)).to(energy.dtype)  # ResPrune's tie rule among valid candidates
-        any_valid = candidates.to(energy.dtype).amax(dim=-1, keepdim=True) > 0  # [R, 1]
-        tied = torch.where(any_valid, tied, free.to(energy.dtype))  # no valid left: the first free token
-        pick = tied.argmax(dim=-1, keepdim=True)  # [R, 1]
-        onehot = (positions[None, :] == pick).to(energy.dtype)  # [R, N]
-        pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [R, 1]
-        gram_row = onehot[:, None, :] @ gram  # [R, 1, N]
-        pick_coeffs = onehot[:, None, :] @ coeffs  # [R, 1, S]
-        inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [R, N, 1]
-        scale = torch.where(pick_energy > 0, pick_energy.clamp_min(_TINY).rsqrt(), 0.0)
-        column = inner * scale[:, :, None]  # [R, N, 1]
-        coeffs = torch.where((step_ids == step)[None, None, :], column, coeffs)  # [R, N, S]
-        energy = (energy - column[..., 0] ** 2).clamp_min(0.0)
-        order = torch.where(onehot > 0, step, order)  # [R, N]
-        return step + 1, energy, order, coeffs
-
-    order = torch.full_like(energy, steps, dtype=torch.int64)
-    state = (torch.zeros((), dtype=torch.int64), energy, order, x.new_zeros(x.shape[0], n, steps))
-    _, _, order, _ = while_loop(keep_going, greedy_step, state)
-    return order
+    return greedy_order(x @ x.transpose(1, 2), energy, steps, cfg.tau, weight, candidates=valid)  # [R, N]
 
 
 def relevance_config(cfg: Any) -> ResPruneConfig:
@@ -239,28 +193,10 @@ def tiled_select(inputs: dict[str, Any], budget: BudgetConfig, tiles: TileBudget
 def resprune_order_reference(tokens: np.ndarray, weight: np.ndarray, valid: np.ndarray, steps: int, cfg: ResPruneConfig) -> list[int]:
     """One tile: tokens [N, D], weight [N], valid [N] -> the first `steps` picks, in pick order
     (reference.resprune's loop, valid tokens first, then masked ones by index)."""
-    x = np.asarray(tokens, np.float64)
+    x = finite_tokens(tokens)
     if cfg.normalize:
         x = x / _safe_norm(x)
-    residual = x.copy()
-    energy = (residual * residual).sum(axis=1)
-    floor = cfg.tau * energy
-    kept = np.zeros(len(x), bool)
-    valid = np.asarray(valid, bool)
-    picks = []
-    for _ in range(steps):
-        effective = np.where(energy < floor, 0.0, energy)
-        candidates = ~kept & valid
-        j = pick_first_best(np.where(candidates, weight * effective, -np.inf)) if candidates.any() else int(np.argmax(~kept))
-        kept[j] = True
-        picks.append(j)
-        if effective[j] <= 0:
-            continue
-        q = residual[j] / np.sqrt(effective[j])
-        c = residual @ q
-        residual -= np.outer(c, q)
-        energy = np.maximum(energy - c * c, 0.0)
-    return picks
+    return greedy_order(x @ x.T, (x * x).sum(axis=1), steps, cfg.tau, weight, candidates=np.asarray(valid, bool))
 
 
 def fill_deficit_reference(budgets: np.ndarray, n: int) -> np.ndarray:

@@ -227,3 +227,54 @@ def test_the_graphs_stay_tensorrt_clean(graphs: dict[str, og.Exported], tmp_path
         path = tmp_path / f"{name}.onnx"
         path.write_bytes(g.model.SerializeToString())
         assert not check_trt(path, TrtCheckConfig()), name
+
+
+# ----------------------------------------------------------------------------------------- the per-tile op
+
+
+def _tiled_image(rng: np.random.Generator, bad: str) -> dict[str, np.ndarray]:
+    """Thumbnail + 4 tiles of 16 tokens (D = 8, llava-next-tiny's layout), all valid, with one kind of bad number."""
+    t, n, d = 5, 16, 8
+    tokens, text = rng.standard_normal((t, n, d)), rng.standard_normal((3, d))
+    if bad == "tokens":
+        tokens.reshape(t * n, d)[rng.choice(t * n, 6, replace=False), rng.integers(0, d, 6)] = rng.choice(BAD, 6)
+    elif bad == "text_row":
+        text[1, 2] = rng.choice(BAD)
+    else:  # huge / tiny text rows
+        text *= np.array([[1e25], [1e-28], [3e20]])
+    return {
+        "tokens": tokens.astype(np.float32),
+        "tile_cls": rng.standard_normal((t, 6)).astype(np.float32),
+        "tile_mask": np.ones(t, np.int64),
+        "token_mask": np.ones((t, n), np.int64),
+        "text": text.astype(np.float32),
+        "text_mask": np.ones(3, np.int64),
+    }
+
+
+@pytest.mark.parametrize("bad", ["tokens", "text_row", "text_scale"])
+def test_tiled_resprune_follows_the_same_rules(bad: str) -> None:
+    """The per-tile op runs ResPrune's loop and relevance (common.greedy_order, resprune.pooled_cosine): on bad
+    numbers torch keeps the reference's per-tile picks, and a bad token is never kept (K = 12 of 80)."""
+    from prunert.config import BudgetConfig, TileBudgetConfig
+    from prunert.pruning_ops import tiled
+
+    rng = np.random.default_rng([34, len(bad)])
+    images = [_tiled_image(rng, bad) for _ in range(4)]
+    budget, tiles = BudgetConfig(budget=12, params=ResPruneConfig()), TileBudgetConfig()
+    batch = {name: torch.from_numpy(np.stack([image[name] for image in images])) for name in images[0]}
+    with torch.no_grad():
+        kept_tokens, kept = tiled.tiled_select(batch, budget, tiles)
+    og.assert_valid_indices(kept.numpy(), len(images), 12, 80)
+    for b, image in enumerate(images):
+        counts = np.bincount(kept[b].numpy() // 16, minlength=5)
+        with np.errstate(invalid="ignore", over="ignore"):
+            want, _ = tiled.tiled_reference(image, 12, budget.params, tiles, budgets=counts)
+        og.assert_same_sets(kept[b : b + 1].numpy(), [want], f"tiled {bad} image {b}")
+        bad_tokens = np.flatnonzero(~np.isfinite(image["tokens"].reshape(80, 8)).all(axis=1))
+        assert not set(bad_tokens.tolist()) & set(want.tolist())
+    if bad == "text_scale":  # the scale of the text rows changes nothing
+        unit = [{**image, "text": (image["text"] / np.abs(image["text"]).max(axis=1, keepdims=True)).astype(np.float32)} for image in images]
+        batch = {name: torch.from_numpy(np.stack([image[name] for image in unit])) for name in unit[0]}
+        with torch.no_grad():
+            np.testing.assert_array_equal(tiled.tiled_select(batch, budget, tiles)[1].numpy(), kept.numpy())
