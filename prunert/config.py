@@ -354,8 +354,6 @@ class EngineBuildConfig:
                 raise ConfigError(f"{name}: got {value}, expected >= 1")
         if not 0 <= self.optimization_level <= 5:
             raise ConfigError(f"optimization_level: got {self.optimization_level}, expected 0..5")
-        if not 1 <= self.opt_batch <= (self.max_batch or self.opt_batch):
-            raise ConfigError(f"--opt-batch: got {self.opt_batch}, expected 1 <= opt_batch <= max_batch ({self.max_batch})")
         if self.workspace_bytes < 1:
             raise ConfigError(f"workspace_bytes: got {self.workspace_bytes}, expected >= 1")
         unknown = sorted(set(self.graphs) - set(GRAPH_NAMES))

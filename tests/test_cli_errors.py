@@ -110,8 +110,9 @@ def test_config_limits_are_in_the_dataclasses() -> None:
             GenerationConfig(**bad)
     with pytest.raises(ConfigError, match="alpha"):
         ResPruneConfig(alpha=math.inf)
-    with pytest.raises(ConfigError, match="--opt-batch"):
-        EngineBuildConfig(max_batch=2, opt_batch=3)
+    assert EngineBuildConfig.workspace_from_gib(0.5) == 1 << 29
+    with pytest.raises(ConfigError, match="--workspace-gb"):
+        EngineBuildConfig.workspace_from_gib(math.nan)
 
 
 # ---------------------------------------------------------------------------------------- other commands
@@ -141,8 +142,6 @@ def test_run_rejects_bad_numbers(error_line, capsys, tiny_artifact: Path, flags:
         (["build", MISSING, "--workspace-gb", "0"], "--workspace-gb: got 0"),
         (["build", MISSING, "--max-batch", "0"], "--max-batch: got 0"),
         (["build", MISSING, "--max-seq", "-1"], "--max-seq: got -1"),
-        (["build", MISSING, "--opt-batch", "0"], "--opt-batch: got 0"),
-        (["build", MISSING, "--max-batch", "2", "--opt-batch", "4"], "--opt-batch: got 4"),
         (["build", MISSING, "--opt-level", "9"], "optimization_level: got 9"),
         (["parity", MISSING, "--image", PHOTO, "--prompt", PROMPT, "--greedy-tokens", "0"], "--greedy-tokens: got 0"),
         (["parity", MISSING, "--image", PHOTO, "--prompt", PROMPT, "--greedy-tokens", "-2"], "--greedy-tokens: got -2"),
