@@ -130,6 +130,15 @@ def test_a_path_out_of_the_artifact_is_refused(error_line, capsys, artifact_copy
     assert _snapshot(artifact_copy) == before
 
 
+def test_parity_refuses_a_path_out_of_the_artifact(error_line, capsys, artifact_copy: Path) -> None:
+    key, name = _escape("vision-graph-dotdot", artifact_copy)
+    code = cli.main(["parity", str(artifact_copy), "--image", str(PHOTO), "--prompt", PROMPT])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == ""
+    error_line(captured.err, f"'{key}'", json.dumps(name), "expected a file inside the artifact directory")
+    assert not (artifact_copy / "parity.json").exists()
+
+
 def test_a_symlink_loop_is_refused(error_line, capsys, artifact_copy: Path) -> None:
     os.symlink("loop-b", artifact_copy / "loop-a")
     os.symlink("loop-a", artifact_copy / "loop-b")
