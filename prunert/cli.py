@@ -389,7 +389,7 @@ ENVIRONMENT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.E
 def _environment_error(exc: OSError, args: argparse.Namespace | None) -> str:
     """One line for an OSError of ENVIRONMENT_ERRNOS, naming the path: the error's own, else (a failed
     write() carries none) the output or artifact the command was writing."""
-    target = exc.filename or getattr(args, "out", None) or getattr(args, "artifact", None) or "prunert"
+    target = exc.filename or getattr(args, "out", None) or getattr(args, "artifact", None) or getattr(args, "path", None) or "prunert"
     reason = exc.strerror or os.strerror(exc.errno)
     return f"'{target}': {reason} ({errno.errorcode[exc.errno]})"
 
