@@ -8,6 +8,7 @@ import re
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from prunert.config import TRT_MAX_TOPK, BudgetConfig, CDPrunerConfig, VisionZipConfig
@@ -31,12 +32,16 @@ def test_no_module_defines_its_own_topk_limit() -> None:
 def test_every_check_uses_the_constant() -> None:
     from prunert.export.trt_check import TrtCheckConfig
     from prunert.pruning_ops import cdpruner, tiled, visionzip
-    from prunert.pruning_ops.common import MAX_TOPK
+    from prunert.pruning_ops.common import check_budget
 
-    assert TrtCheckConfig().max_topk == MAX_TOPK == TRT_MAX_TOPK
+    assert TrtCheckConfig().max_topk == TRT_MAX_TOPK
+    with pytest.raises(ValueError, match=f"> {TRT_MAX_TOPK}, TensorRT's TopK limit"):
+        check_budget(TRT_MAX_TOPK + 1, TRT_MAX_TOPK + 2, "uniform")
+    check_budget(TRT_MAX_TOPK + 1, TRT_MAX_TOPK + 2, "uniform", topk=False)
+    n = TRT_MAX_TOPK + 2  # the NumPy definitions refuse K = n - 1 before computing anything
     with pytest.raises(ConfigError, match=f"expected <= {TRT_MAX_TOPK} "):
-        visionzip._check(TRT_MAX_TOPK + 1, TRT_MAX_TOPK + 2, 8, VisionZipConfig())
+        visionzip.visionzip(np.ones((n, 2)), np.ones(n), np.ones((n, 2)), n - 1, VisionZipConfig())
     with pytest.raises(ConfigError, match=f"expected <= {TRT_MAX_TOPK} "):
-        cdpruner._check(TRT_MAX_TOPK + 1, TRT_MAX_TOPK + 2, CDPrunerConfig())
+        cdpruner.cdpruner(np.ones((n, 2)), np.ones((1, 2)), np.ones(1), n - 1, CDPrunerConfig())
     with pytest.raises(ConfigError, match=f"at most {TRT_MAX_TOPK} "):
         tiled.check_tiled_budget(BudgetConfig(budget=TRT_MAX_TOPK + 1, method="uniform"), 5, TRT_MAX_TOPK)

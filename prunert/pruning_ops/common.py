@@ -24,16 +24,13 @@ def gather_tokens(tokens: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     return tokens.gather(1, indices[:, :, None].expand(-1, -1, tokens.shape[-1]))
 
 
-# TensorRT's TopK limit (prunert.config.TRT_MAX_TOPK); ops that TopK over K check it.
-MAX_TOPK = TRT_MAX_TOPK
-
-
 def check_budget(budget: int, n: int, method: str, topk: bool = True) -> None:
-    """Trace-time guard shared by the baseline ops: 1 <= K <= N, and K <= MAX_TOPK for ops that TopK over K."""
+    """Trace-time guard shared by the baseline ops: 1 <= K <= N, and K <= TRT_MAX_TOPK (TensorRT's TopK limit) for
+    ops that TopK over K."""
     if not 0 < budget <= n:
         raise ValueError(f"{method}: budget {budget} not in [1, {n}] (N = {n} tokens)")
-    if topk and budget > MAX_TOPK:
-        raise ValueError(f"{method}: budget {budget} > {MAX_TOPK}, TensorRT's TopK limit")
+    if topk and budget > TRT_MAX_TOPK:
+        raise ValueError(f"{method}: budget {budget} > {TRT_MAX_TOPK}, TensorRT's TopK limit")
 
 
 def select_fixed(tokens: torch.Tensor, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
