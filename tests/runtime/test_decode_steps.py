@@ -125,3 +125,53 @@ def test_cache_names_refuse_unpaired_tensors() -> None:
         cache_names(broken)
     with pytest.raises(ArtifactError, match="4 past_key_values.\\* inputs, expected 6"):
         cache_names(spec, num_layers=3)
+
+
+def _reordered_onnx_decoder(path) -> GraphSpec:
+    """A one-layer ONNX decoder whose outputs are declared (present.0.value, logits, present.0.key): each present
+    appends the step's embeddings to its past, the value + 100, so key and value are told apart by content."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    def value(name, elem, shape):
+        return helper.make_tensor_value_info(name, elem, list(shape))
+
+    kv = ("batch", 1, "past", HIDDEN)
+    inputs = [value("inputs_embeds", TensorProto.FLOAT, ("batch", "sequence", HIDDEN)), value("attention_mask", TensorProto.INT64, ("batch", "total")),
+              value("position_ids", TensorProto.INT64, ("batch", "sequence")), value("past_key_values.0.key", TensorProto.FLOAT, kv),
+              value("past_key_values.0.value", TensorProto.FLOAT, kv)]
+    present = ("batch", 1, "total", HIDDEN)
+    outputs = [value("present.0.value", TensorProto.FLOAT, present), value("logits", TensorProto.FLOAT, ("batch", "sequence", VOCAB)),
+               value("present.0.key", TensorProto.FLOAT, present)]
+    nodes = [helper.make_node("Unsqueeze", ["inputs_embeds", "one"], ["step"]),  # [B, 1, S, D]
+             helper.make_node("Add", ["step", "hundred"], ["step_value"]),
+             helper.make_node("Concat", ["past_key_values.0.key", "step"], ["present.0.key"], axis=2),
+             helper.make_node("Concat", ["past_key_values.0.value", "step_value"], ["present.0.value"], axis=2),
+             helper.make_node("MatMul", ["inputs_embeds", "head"], ["logits"])]
+    weights = [numpy_helper.from_array(np.array([1], np.int64), "one"), numpy_helper.from_array(np.array(100.0, np.float32), "hundred"),
+               numpy_helper.from_array(np.ones((HIDDEN, VOCAB), np.float32), "head")]
+    model = helper.make_model(helper.make_graph(nodes, "decoder", inputs, outputs, weights), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    spec = lambda v: TensorSpec(v.name, "int64" if v.type.tensor_type.elem_type == TensorProto.INT64 else "float32",  # noqa: E731
+                                tuple(d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim))
+    return GraphSpec(path.name, tuple(map(spec, inputs)), tuple(map(spec, outputs)))
+
+
+def test_bound_session_takes_the_cache_by_name_from_a_reordered_graph(tmp_path) -> None:
+    """IOBinding returns outputs in the order bound; the cache must be taken by name, not as outputs[1:]."""
+    from prunert.runtime.runner import OnnxRuntimeRunner, OrtBoundKVSession
+
+    spec = _reordered_onnx_decoder(tmp_path / "decoder.onnx")
+    runner = OnnxRuntimeRunner(tmp_path / "decoder.onnx", spec)
+    caches = []
+    for session in (OrtBoundKVSession(runner, 1), HostKVSession(runner, 1)):
+        session.reset(1)
+        for step in range(2):
+            embeds = np.full((1, 1, HIDDEN), step + 1, np.float32)
+            logits = session.run(embeds, np.ones((1, step + 1), np.int64), np.full((1, 1), step))
+            assert logits.shape == (1, 1, VOCAB)
+        caches.append(dict(zip(session.past_names, session.present())))
+    for cache in caches:
+        assert cache["past_key_values.0.key"][0, 0, :, 0].tolist() == [1.0, 2.0]
+        assert cache["past_key_values.0.value"][0, 0, :, 0].tolist() == [101.0, 102.0]
