@@ -91,3 +91,18 @@ def test_parity_and_drift_agree_on_ordinary_tokens() -> None:
     assert drift.token_cosine == pytest.approx(float(metrics.token_cosines(a[0], b[0]).mean()), rel=1e-5)
     kept = np.arange(5)[None]
     assert _same_index_cosine(a, b, kept, kept) == pytest.approx(drift.token_cosine, rel=1e-5)
+
+
+def test_metrics_and_the_decode_loop_need_neither_torch_nor_transformers(python_without) -> None:
+    result = python_without(
+        """
+        import numpy as np
+        from prunert import metrics
+        from prunert.runtime import decode
+        assert metrics.cosine(np.zeros(3), np.zeros(3)) == 1.0 and decode.greedy(np.eye(3)).tolist() == [0, 1, 2]
+        assert_no_heavy_modules()
+        print("ok")
+        """
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
