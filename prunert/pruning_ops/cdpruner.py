@@ -28,8 +28,8 @@ tau): ResPrune scores r_i^2 * residual energy of u_i, which is d2_i. The two are
 vs Gram + weight) and are tested against each other (tests/pruning_ops/test_cdpruner.py).
 
 Graph: the K steps in one ONNX Loop (torch._higher_order_ops.while_loop) with constant carried shapes and no
-scan outputs; picks through one-hot mat-muls; one TopK (sorted, k = K) in kept_to_indices; no NonZero. 59
-top-level nodes, 97 with the Loop body, whatever K; ~3-5 s export; ONNX Runtime, 2 CPU cores, N=576, D=1024,
+scan outputs; picks through one-hot mat-muls; one TopK (sorted, k = K) in kept_to_indices; no NonZero. 82
+top-level nodes, 121 with the Loop body, whatever K (59 / 97 before the bad-number rules); ~3-5 s export; ONNX Runtime, 2 CPU cores, N=576, D=1024,
 K=64: 18.5 ms best of 10 on a shared machine (ResPrune normalize=True, alpha=2 measured the same in the same
 run: the N x N kernel and the loop dominate both).
 

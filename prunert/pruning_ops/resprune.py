@@ -2,11 +2,12 @@
 
 Greedy residual-energy selection (a weighted column-pivoted QR) with a fixed number of steps K: the greedy
 pivoted Cholesky it shares with CDPruner and the tiled op (common.greedy_order; reference.greedy_order in
-float64). The K steps run in one ONNX Loop (~55 top-level nodes, ~100 with the Loop body, whatever K) whose
+float64). The K steps run in one ONNX Loop (76 top-level nodes, 116 with the Loop body, whatever K) whose
 carried shapes are constant and which has no scan outputs, as TensorRT's parser requires. Measured on 2 CPU
 cores, N=576, d=1024, K=64 in ONNX Runtime: Loop 10.7 ms / 48 nodes / 4 s export; unrolled 6.9 ms / 2,194
 nodes / 24 s export. The loop wins on export time and graph size at ~1% of the vision graph's time. (The tie
-rule and range guard added 5 nodes and no measurable time: 13.6 vs 13.9 ms best-of-20 on a shared machine.)
+rule and range guard added 5 nodes and no measurable time: 13.6 vs 13.9 ms best-of-20 on a shared machine;
+the bad-number rules and the text range guard ~20 nodes and none either: 57.6 vs 55.5 ms best of 40 at load 10.)
 
 What ORT, torch and prunert.pruning_ops.reference guarantee (methods.md, ResPrune "Agreement"; an earlier
 version of this docstring claimed agreement on every input, which clustered inputs disprove):

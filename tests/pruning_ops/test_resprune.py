@@ -2,7 +2,7 @@
 kept index SETS, degenerate inputs included (methods.md, ResPrune "Numerics").
 
 Layout:
-  1. export      three graphs (module-scoped, exported once): K=8; K=N-1; normalize + mean + alpha=2.
+  1. export      four graphs (module-scoped, exported once): K=8; K=N-1; normalize + mean + alpha=2; clip + alpha=2.
                  Loop present, no NonZero, small node count, batch and M symbolic.
   2. ORT         300 random inputs over 20 input kinds (duplicates, zeros, low rank, exact ties, huge and
                  tiny norms, no / partial / orthogonal text...) vs reference.resprune; output invariants on every row;
@@ -13,6 +13,10 @@ Layout:
                  normalize=True is greedy DPP MAP with kernel diag(r) G^ diag(r).
   5. properties  K=1, K=N-1, permutation equivariance, the tie rule.
   6. config      ResPruneConfig / BudgetConfig validation.
+  7. agreement   clustered d=1024 inputs, where ORT and torch do differ from the reference: only after the first
+                 fp32-ambiguous step (reference.resprune_stable_prefix); random inputs have none.
+  8. epsilon     epsilon_floor "affine" (default, old manifests) vs "clip".
+Bad numbers (NaN / inf tokens and text, text of extreme magnitude): test_resprune_nonfinite.py.
 """
 
 from __future__ import annotations
@@ -249,6 +253,9 @@ def test_ort_matches_reference_at_realistic_size(realistic_graph: og.Exported) -
         indices, kept = g.run(tokens, text, mask)
         og.assert_valid(indices, kept, tokens, g.budget)
         assert_same_sets(indices, chunk, g.budget, g.cfg, f"ORT realistic, cases {start}..")
+
+
+# ----------------------------------------------------------------------------------------- agreement
 
 
 def _clustered_case(seed: int) -> Case:
