@@ -13,7 +13,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
@@ -133,14 +133,16 @@ VISION_TOWERS = ("clip", "siglip")
 _HASH_NEUTRAL = {"vision_tower": "clip", "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
 
 
+_TINY = SyntheticPreset(
+    vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
+    image_size=140, patch_size=14,
+    text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
+    text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
+    seed=0, description="tiny LLaVA-1.5 for tests: 100 visual tokens, 0.36M parameters",
+)
+
 PRESETS: dict[str, SyntheticPreset] = {
-    "llava-tiny": SyntheticPreset(
-        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
-        image_size=140, patch_size=14,
-        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
-        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
-        seed=0, description="tiny LLaVA-1.5 for tests: 100 visual tokens, 0.36M parameters",
-    ),
+    "llava-tiny": _TINY,
     "llava-1.5-shaped": SyntheticPreset(
         vision_hidden=1024, vision_layers=24, vision_heads=16, vision_intermediate=4096,
         image_size=336, patch_size=14,
@@ -148,23 +150,15 @@ PRESETS: dict[str, SyntheticPreset] = {
         text_intermediate=4096, vocab_size=32064, max_position_embeddings=4096,
         seed=0, description="CLIP ViT-L/14-336 tower (576 visual tokens) + 0.47B Llama decoder",
     ),
-    # The two tower layouts LLaVA-1.5's default hides: every token of a CLIP 224/14 tower kept (the [CLS]
-    # row first: N = 1 + 256), and a SigLIP tower, which has no [CLS] (N = 256); both read the last layer.
-    "llava-tiny-full": SyntheticPreset(
-        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
-        image_size=224, patch_size=14,
-        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
-        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
-        seed=0, description="tiny LLaVA for tests: CLIP 224/14, strategy 'full', layer -1: 257 visual tokens ([CLS] kept)",
-        vision_feature_layer=-1, vision_feature_select_strategy="full",
+    # The two tower layouts LLaVA-1.5's default hides (llava-tiny's shapes at 224/14, reading the last layer):
+    # every token of a CLIP tower kept, the [CLS] row first (N = 1 + 256), and a SigLIP tower, no [CLS] (N = 256).
+    "llava-tiny-full": replace(
+        _TINY, image_size=224, vision_feature_layer=-1, vision_feature_select_strategy="full",
+        description="tiny LLaVA for tests: CLIP 224/14, strategy 'full', layer -1: 257 visual tokens ([CLS] kept)",
     ),
-    "llava-tiny-siglip": SyntheticPreset(
-        vision_hidden=64, vision_layers=3, vision_heads=4, vision_intermediate=128,
-        image_size=224, patch_size=14,
-        text_hidden=64, text_layers=2, text_heads=4, text_kv_heads=2, text_head_dim=16,
-        text_intermediate=128, vocab_size=1024, max_position_embeddings=1024,
-        seed=0, description="tiny LLaVA for tests: SigLIP 224/14 tower (no [CLS]), strategy 'full', layer -1: 256 visual tokens",
-        vision_tower="siglip", vision_feature_layer=-1, vision_feature_select_strategy="full",
+    "llava-tiny-siglip": replace(
+        _TINY, image_size=224, vision_tower="siglip", vision_feature_layer=-1, vision_feature_select_strategy="full",
+        description="tiny LLaVA for tests: SigLIP 224/14 tower (no [CLS]), strategy 'full', layer -1: 256 visual tokens",
     ),
 }
 
