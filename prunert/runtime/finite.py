@@ -35,6 +35,8 @@ def check_finite_outputs(outputs: Mapping[str, np.ndarray], graph: str, file: st
     graph in the message."""
     for name, value in outputs.items():
         array = np.asarray(value)
+        if array.dtype.name == "bfloat16":  # ml_dtypes' bfloat16 is no np.floating subtype
+            array = array.astype(np.float32)
         if not np.issubdtype(array.dtype, np.floating):
             continue
         bad = ~np.isfinite(array)

@@ -49,6 +49,17 @@ def test_non_finite_output_is_one_line_naming_graph_and_precision(bad: float, pr
         assert f"prunert convert ARTIFACT --precision {precision} --fp32-layer PATTERN" in message
 
 
+def test_half_precision_outputs_are_checked_too() -> None:
+    half = np.ones((1, 2, 3), np.float16)
+    half[0, 1, 2] = np.float16(70000.0)  # beyond fp16's 65504: inf
+    with pytest.raises(NonFiniteOutputError, match="inf"):
+        check_finite_outputs({"visual_tokens": half}, "vision", "vision.fp16.onnx", "fp16", "trt")
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    brain = np.full((1, 2, 3), np.nan, np.float32).astype(ml_dtypes.bfloat16)
+    with pytest.raises(NonFiniteOutputError, match="NaN"):
+        check_finite_outputs({"visual_tokens": brain}, "vision", "vision.bf16.onnx", "bf16", "trt")
+
+
 # ----------------------------------------------------------------------------------------- a vision graph that overflows
 
 
