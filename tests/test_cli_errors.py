@@ -261,3 +261,22 @@ def test_ctrl_c_during_startup_imports_exits_130(tmp_path: Path, entry: str, mod
     result = subprocess.run([*command, "inspect", MISSING], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 130, result.stderr
     assert result.stderr.strip() == "prunert: interrupted", result.stderr
+
+
+def test_a_real_sigint_during_export_exits_130(tmp_path: Path) -> None:
+    """SIGINT once `python -m prunert export` says it is loading: exit 130, one line, nothing at --out."""
+    import signal
+
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), PYTHONUNBUFFERED="1")
+    process = subprocess.Popen([sys.executable, "-m", "prunert", "export", "--model", "synthetic:llava-tiny", "--budget", "16", "--out", str(out)],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline().startswith("loading"), "export did not start"
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "prunert: interrupted", err
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
