@@ -417,7 +417,21 @@ def _special_tokens_map() -> dict[str, Any]:
 
 
 def _preprocessor_config(preset: SyntheticPreset) -> dict[str, Any]:
-    """CLIPImageProcessor settings of LLaVA-1.5, at the preset's image size."""
+    """CLIPImageProcessor settings of LLaVA-1.5, at the preset's image size; a SigLIP tower's own processor
+    (SiglipImageProcessor: a plain resize to the square, no crop, mean and std 0.5)."""
+    if not preset.has_cls_token:
+        return {
+            "image_processor_type": "SiglipImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"height": preset.image_size, "width": preset.image_size},
+            "resample": BICUBIC,
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": [0.5, 0.5, 0.5],
+            "image_std": [0.5, 0.5, 0.5],
+        }
     return {
         "image_processor_type": "CLIPImageProcessor",
         "do_convert_rgb": True,
