@@ -31,7 +31,7 @@ from prunert.export.pipeline import fit_budget, load_export_adapter
 from prunert.metrics import common_rows
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
-from prunert.runtime.pipeline import VLMPipeline
+from prunert.runtime.pipeline import VisionResult, VLMPipeline
 from prunert.runtime.text import content_word_groups, text_relevance_inputs
 
 
@@ -85,21 +85,8 @@ def run_parity(
         ref_visual, kept = select({**features, **text_inputs})  # [1, K, D], [1, K]
     for name in ("tokens", *needs):
         _compare_before_pruning(report, name, features[name], ours_features[name], valid, tol)
-    ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
-    overlap = len(ours_set & ref_set) / len(ref_set)
-    detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"
-    bound = "all" if tol.kept_min_overlap >= 1 else f">= {tol.kept_min_overlap:g}"
-    report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
     real = valid.reshape(1, -1)[0, kept[0]]  # [K] bool: kept slots holding one of HF's tokens (not a masked slot)
-    # tokens are compared where both kept the same original index (a swapped token shifts every later row), HF has one
-    ours_rows, ref_rows = common_rows(vision.kept_indices[0], kept[0].numpy())
-    ours_rows, ref_rows = ours_rows[real.numpy()[ref_rows]], ref_rows[real.numpy()[ref_rows]]
-    stage = "kept tokens" if ours_set == ref_set else f"kept tokens ({len(ours_rows)} both kept)"
-    if len(ours_rows):
-        report.add_max_abs(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_max_abs)
-        report.add_cosine(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_min_cosine)
-    else:
-        report.add(stage, "tokens compared", 0, ">= 1", False, "no kept index in common")
+    _compare_kept(report, vision, ref_visual, kept, real, tol)
 
     # 4. prefill logits over the whole spliced prompt (without masked slots: the unpruned tile layout's padding)
     state = pipe.prefill(ids, vision)
@@ -120,6 +107,26 @@ def run_parity(
         ref_tokens, ref_scores = _reference_greedy_positions(adapter, ref_embeds, *positions, manifest.text, tol.greedy_tokens)
     report.checks.append(_compare_greedy(ours_tokens, ref_tokens, ref_scores, tol))
     return report
+
+
+def _compare_kept(report: ParityReport, vision: VisionResult, ref_visual: torch.Tensor, kept: torch.Tensor, real: torch.Tensor,
+                  tol: ParityTolerances) -> None:
+    """Stages "kept indices" (set overlap with the reference's kept [1, K]) and "kept tokens" (ours vs ref_visual
+    [1, K, D] where both kept the same index and HF has a token there: real [K] bool)."""
+    ours_set, ref_set = set(vision.kept_indices[0].tolist()), set(kept[0].tolist())
+    overlap = len(ours_set & ref_set) / len(ref_set)
+    detail = "" if ours_set == ref_set else f"{len(ours_set ^ ref_set) // 2} of {len(ref_set)} differ"
+    bound = "all" if tol.kept_min_overlap >= 1 else f">= {tol.kept_min_overlap:g}"
+    report.add("kept indices", "set overlap", overlap, bound, overlap >= tol.kept_min_overlap, detail)
+    # tokens are compared where both kept the same original index (a swapped token shifts every later row), HF has one
+    ours_rows, ref_rows = common_rows(vision.kept_indices[0], kept[0].numpy())
+    ours_rows, ref_rows = ours_rows[real.numpy()[ref_rows]], ref_rows[real.numpy()[ref_rows]]
+    stage = "kept tokens" if ours_set == ref_set else f"kept tokens ({len(ours_rows)} both kept)"
+    if len(ours_rows):
+        report.add_max_abs(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_max_abs)
+        report.add_cosine(stage, ref_visual.numpy()[:, ref_rows], vision.visual_tokens[:, ours_rows], tol.tokens_min_cosine)
+    else:
+        report.add(stage, "tokens compared", 0, ">= 1", False, "no kept index in common")
 
 
 def _compare_before_pruning(report: ParityReport, name: str, hf: torch.Tensor, ours: torch.Tensor, valid: torch.Tensor,
