@@ -4,8 +4,8 @@ and a SigLIP tower (256 tokens, no [CLS]).
 
   * every method that applies exports; the CLS-dependent ones (cls_attention, visionzip) and the unpruned
     baseline end to end on the full-strategy tower (export, the manifest's N and output shapes, parity PASS
-    with the stage "visual tokens before pruning"), SigLIP end to end with resprune;
-  * the other methods that need only the tokens (uniform, random, divprune, cdpruner) at the vision
+    with the stage "visual tokens before pruning"), SigLIP end to end with none and resprune;
+  * the methods that need only the tokens (resprune, uniform, random, divprune, cdpruner) at the vision
     graph on the 257-token tower (its export, the post-export validation against the declared shapes, and
     its kept set on HF's pixels = the torch selection on HF's own features); the decoder does not depend on
     the method;
@@ -44,8 +44,8 @@ EXPORT = ExportConfig(max_prompt_tokens=32, max_new_tokens=4)
 BASE_STAGES = {"source", "pixels:pixel_values", "token ids", "visual tokens before pruning", "kept indices", "kept tokens",
                "prefill logits", "greedy tokens"}
 END_TO_END = [("llava-tiny-full", "none", 257), ("llava-tiny-full", "cls_attention", 16), ("llava-tiny-full", "visionzip", 16),
-              ("llava-tiny-siglip", "resprune", 16)]
-TOKENS_ONLY = ["uniform", "random", "divprune", "cdpruner"]  # resprune: end to end above (and on llava-tiny everywhere)
+              ("llava-tiny-siglip", "none", 256), ("llava-tiny-siglip", "resprune", 16)]
+TOKENS_ONLY = ["resprune", "uniform", "random", "divprune", "cdpruner"]
 
 
 @pytest.fixture(scope="module")
