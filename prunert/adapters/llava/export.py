@@ -45,7 +45,7 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
     # --- vision -------------------------------------------------------------------------------
     def _hidden_states(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, ...]:
         tower = self.model.model.vision_tower
-        return tower(pixel_values, output_hidden_states=True).hidden_states  # L+1 x [B, 1+N, Dv]
+        return tower(pixel_values, output_hidden_states=True).hidden_states  # L+1 x [B, T, Dv], T tower tokens ([CLS] first on CLIP)
 
     def vision_features(self, pixel_values: torch.Tensor, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """One tower pass -> {"tokens" [B, N, D]} plus requested extras of the feature layer, over the SAME N tokens
