@@ -96,7 +96,8 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={count})")
     vision = VisionPruneGraph(adapter, budget).eval()
     args, dynamic, inputs, outputs = vision_export_spec(adapter, cfg, kept_dim(adapter, budget), dims["hidden_size"])
-    vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg)
+    hint = f" (--method {budget.method} may need a fixed number of visual tokens)"  # the selection: the usual cause
+    vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg, hint)
     ranges = adapter.vision_dim_ranges()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
     vision_spec = replace(vision_spec, dim_ranges={name: tuple(int(v) for v in triple) for name, triple in ranges.items()})
     validate_vision(vision, args, staging / "vision.onnx", vision_spec)
@@ -171,7 +172,8 @@ def _check_tensorrt(path: Path, cfg: ExportConfig) -> None:
         raise ExportError(f"{path.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
 
 
-def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfig) -> GraphSpec:
+def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfig, fixed_dims_hint: str = "") -> GraphSpec:
+    """torch.onnx.export one graph module; `fixed_dims_hint` ends the error of a symbolic dim the export fixed."""
     weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters())
     external = weight_bytes > cfg.external_data_threshold_bytes
     log_sink = io.StringIO()
@@ -199,8 +201,7 @@ def _export(module, args, dynamic, inputs, outputs, path: Path, cfg: ExportConfi
             cause = cause.__cause__ or cause.__context__
         raise ExportError(f"export of {path.name} failed: {type(exc).__name__}: {_exporter_message(exc)}") from exc
     data_file = path.name + ".data"
-    budget = getattr(module, "budget", None)  # the vision graph's selection: the usual cause of a fixed token count
-    check_symbolic_dims(path, inputs, "" if budget is None else f" (--method {budget.method} may need a fixed number of visual tokens)")
+    check_symbolic_dims(path, inputs, fixed_dims_hint)
     return GraphSpec(
         file=path.name,
         inputs=tuple(TensorSpec(n, d, tuple(s)) for n, d, s in inputs),

@@ -300,7 +300,7 @@ def test_interrupt_mid_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest
 def _fast_fake_export(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip torch.onnx.export and validation: write a stand-in file per graph (keeps these tests fast)."""
 
-    def fake_export(module, args, dynamic, inputs, outputs, path, cfg):
+    def fake_export(module, args, dynamic, inputs, outputs, path, cfg, fixed_dims_hint=""):
         path.write_bytes(b"stand-in graph")
         return GraphSpec(
             file=path.name,
