@@ -23,7 +23,7 @@ from typing import Callable, Iterable
 
 from prunert.artifact_publish import STAGING_DIR, Staging, clean_stale, rename_noreplace, target_lock, write_atomically
 from prunert.errors import ArtifactError
-from prunert.manifest import MANIFEST_NAME, Manifest, load_manifest, sha256_file
+from prunert.manifest import MANIFEST_NAME, Manifest, check_contained, load_manifest, sha256_file
 
 
 class ArtifactUpdate:
@@ -66,7 +66,7 @@ class ArtifactUpdate:
                 if path.is_file():
                     files[str(path.relative_to(self.directory))] = sha256_file(path)
             new = replace(new, files=files)
-            _check_listed(new)
+            check_contained(self.directory, new)  # every file the new manifest names is inside and hashed
             write_manifest(self.directory, new)
         except BaseException:
             shutil.rmtree(final, ignore_errors=True)
@@ -91,16 +91,6 @@ class ArtifactUpdate:
 def write_manifest(directory: Path, manifest: Manifest) -> None:
     """Replace ARTIFACT/manifest.json atomically, with the umask's file mode (as every other file)."""
     write_atomically(Path(directory) / MANIFEST_NAME, manifest.to_json())
-
-
-def _check_listed(manifest: Manifest) -> None:
-    """Every graph and engine file the new manifest names must be among its hashed files."""
-    names = [spec.file for spec in manifest.graphs.values()]
-    names += [spec.file for variant in manifest.variants.values() for spec in variant.graphs.values()]
-    names += [engine.file for engine in manifest.engines]
-    missing = sorted(name for name in set(names) if name not in manifest.files)
-    if missing:
-        raise ArtifactError(f"artifact update names files that are not in the artifact: {missing}")
 
 
 def _remove_if_empty(path: Path) -> None:

@@ -90,7 +90,7 @@ def test_failure_before_commit_leaves_nothing(artifact_copy: Path) -> None:
 
 def test_commit_that_names_unstaged_files_is_refused(artifact_copy: Path) -> None:
     before = (artifact_copy / MANIFEST_NAME).read_text()
-    with pytest.raises(ArtifactError, match="not in the artifact"):
+    with pytest.raises(ArtifactError, match="which .files. does not list with a sha256"):
         with ArtifactUpdate(artifact_copy, "fp16") as update:
             update.commit(lambda m: replace(m, variants={"fp16": _variant(update, m)}))  # nothing staged
     assert (artifact_copy / MANIFEST_NAME).read_text() == before
