@@ -41,7 +41,7 @@ def ort_gpu_runner(artifact: Any, graph: str, backend: str, precision: str, spec
     if backend == "ort-cuda":
         providers: list[Any] = [("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     else:
-        options = trt_provider_options(artifact.manifest, graph, precision, artifact.manifest.files.get(spec.file, "unhashed"))
+        options = trt_provider_options(artifact.manifest, graph, precision, artifact.manifest.files[spec.file])
         providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
     return OnnxRuntimeRunner(path, spec, providers=providers)
 
