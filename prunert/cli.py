@@ -201,6 +201,13 @@ def _inspect(args: argparse.Namespace) -> int:
             print(f"prunert: note: {leftover.line()}", file=sys.stderr)
     else:
         print(manifest_table(manifest, found))
+    from prunert.errors import ArtifactError
+    from prunert.runtime.manifest_checks import check_manifest
+
+    try:  # shown as it is, but a contradiction `run` would refuse is still one error line, exit 2
+        check_manifest(manifest)
+    except ArtifactError as exc:
+        raise ArtifactError(f"artifact '{args.artifact}': {exc}") from None
     return 0
 
 

@@ -23,7 +23,7 @@ from prunert.runtime import manifest_checks
 REPO = Path(__file__).resolve().parents[2]
 PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
 PROMPT = "<image>\nWhat is in the picture?"
-COMMANDS = {"run": ["--image", str(PHOTO), "--prompt", PROMPT, "--max-new-tokens", "2"],
+COMMANDS = {"inspect": [], "run": ["--image", str(PHOTO), "--prompt", PROMPT, "--max-new-tokens", "2"],
             "parity": ["--image", str(PHOTO), "--prompt", PROMPT]}
 
 
@@ -101,6 +101,16 @@ def test_a_contradicting_manifest_is_one_error_line(error_line, capsys, artifact
     _edit(artifact_copy, change)
     code, out, err = _cli(capsys, "run", artifact_copy)
     assert code == 2 and out == ""
+    error_line(err, f"artifact '{artifact_copy}'", key, needle)
+
+
+@pytest.mark.parametrize("kind", ["budget-vs-visual-tokens", "empty-eos", "alpha-nan", "template-other-field", "family-unknown"])
+def test_inspect_shows_a_contradicting_manifest_and_exits_2(error_line, capsys, artifact_copy: Path, kind: str) -> None:
+    """inspect prints the manifest as it is (to see what is wrong), then the contradiction `run` would refuse."""
+    change, key, needle = CONTRADICTIONS[kind]
+    _edit(artifact_copy, change)
+    code, out, err = _cli(capsys, "inspect", artifact_copy)
+    assert code == 2 and "files" in out
     error_line(err, f"artifact '{artifact_copy}'", key, needle)
 
 
