@@ -282,10 +282,10 @@ def ort_round(row: dict, new_tokens: int, selection_inputs: bool) -> dict:
 
 def keep_selection_inputs(row: dict, pipe, prompt: str, vision) -> None:
     """The real projector outputs [1, N, D] (the unpruned graph keeps all, in order) and the prompt's words."""
-    from prunert.runtime.text import content_word_groups, text_relevance_inputs
+    from prunert.runtime.text import text_relevance_inputs
 
     row["_tokens"] = vision.visual_tokens
-    groups = [content_word_groups(pipe.artifact.tokenizer, prompt, pipe.artifact.special_ids)]
+    groups = pipe.content_words([prompt])
     row["_text"] = text_relevance_inputs(groups, pipe.artifact.embeddings, pipe.manifest.text.max_text_tokens)
 
 

@@ -96,7 +96,7 @@ def photo_inputs(source, adapter, tokenizer, info, special) -> list[dict]:
         pixels = adapter.hf_vision_inputs([image], source.path)["pixel_values"]
         with torch.no_grad():
             features = adapter.vision_features(pixels, extras=("cls_attention", "patch_keys"))
-        groups = [content_word_groups(tokenizer, prompt, special)]
+        groups = [content_word_groups(tokenizer, prompt, special, info["image_placeholder"])]
         text, mask = text_relevance_inputs(groups, table, ExportConfig().max_text_tokens)
         ids = tokenizer.encode(info["prompt_template"].format(prompt=prompt)).ids
         out.append({"photo": name, "prompt": prompt, "pixels": pixels, "features": features,

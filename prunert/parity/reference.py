@@ -32,7 +32,7 @@ from prunert.metrics import common_rows
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
 from prunert.runtime.pipeline import VisionResult, VLMPipeline
-from prunert.runtime.text import content_word_groups, text_relevance_inputs
+from prunert.runtime.text import text_relevance_inputs
 
 
 def run_parity(
@@ -73,7 +73,7 @@ def run_parity(
     # 3. visual tokens before pruning (the adapter's vision_features vs HF's get_image_features, every token), then
     #    vision + selection: the selection on HF's features is the reference; kept index sets equal, kept tokens close
     vision = pipe.encode_images([picture], [prompt])
-    groups = [content_word_groups(pipe.artifact.tokenizer, prompt, pipe.artifact.special_ids)]
+    groups = pipe.content_words([prompt])
     needs = pruning_ops.method_spec(budget.method).needs
     with torch.no_grad():
         table = adapter.embedding_table().detach().float().numpy()

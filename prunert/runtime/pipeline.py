@@ -144,9 +144,14 @@ class VLMPipeline:
             sequences.append(ids)
         return sequences
 
+    def content_words(self, prompts: Sequence[str]) -> list[list[list[int]]]:
+        """Per prompt, the token ids of each content word (text relevance's input; runtime.text.content_word_groups)."""
+        tokenizer, special, placeholder = self.artifact.tokenizer, self.artifact.special_ids, self.manifest.text.placeholder
+        return [content_word_groups(tokenizer, prompt, special, placeholder) for prompt in prompts]
+
     def encode_images(self, images: Sequence[Any], prompts: Sequence[str]) -> VisionResult:
         loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in images]
-        groups = [content_word_groups(self.artifact.tokenizer, p, self.artifact.special_ids) for p in prompts]
+        groups = self.content_words(prompts)
         host, names = self.artifact.host, {t.name for t in self.vision.spec.inputs}
         per_image = host.one_image_per_vision_call  # the vision graph has no batch axis
         if per_image and len(loaded) != len(groups):

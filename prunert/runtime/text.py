@@ -109,13 +109,10 @@ def _encode_plain(tokenizer: Any, text: str) -> Any:
         tokenizer.encode_special_tokens = False
 
 
-def content_word_groups(tokenizer, prompt: str, special_ids: set[int], placeholder: str | None = None) -> list[list[int]]:
-    """Token ids of each content word of `prompt`, in order. With the artifact's `placeholder`, special tokens typed
-    in the prompt are text, as in encode_prompt (and `</s>` a word); without it every special token's word is dropped."""
-    if placeholder is None:
-        encoding = tokenizer.encode(prompt, add_special_tokens=False)
-    else:
-        encoding = encode_prompt(tokenizer, prompt, placeholder, special_ids, add_special_tokens=False)
+def content_word_groups(tokenizer, prompt: str, special_ids: set[int], placeholder: str) -> list[list[int]]:
+    """Token ids of each content word of `prompt`, in order. Special tokens typed in the prompt are text, as in
+    encode_prompt (`Stop</s>dog` keeps `dog`); the artifact's one `placeholder` stays special and is no word."""
+    encoding = encode_prompt(tokenizer, prompt, placeholder, special_ids, add_special_tokens=False)
     groups: dict[Any, list[int]] = {}
     spans: dict[Any, list[int]] = {}
     dropped: set[Any] = set()

@@ -39,12 +39,12 @@ def sample_feeds(tiny_artifact: Path) -> dict[str, list[dict[str, np.ndarray]]]:
     """The fp32 runtime's real inputs: vision (batch 2), decoder prefill (batch 2, left-padded) + one decode step."""
     from prunert.runtime import VLMPipeline
     from prunert.runtime.image import load_image
-    from prunert.runtime.text import content_word_groups, text_relevance_inputs
+    from prunert.runtime.text import text_relevance_inputs
 
     pipe = VLMPipeline(tiny_artifact)
     art = pipe.artifact
     images = [load_image(IMAGES / "coffee.jpg"), load_image(IMAGES / "chelsea.jpg")]
-    groups = [content_word_groups(art.tokenizer, p, art.special_ids) for p in PROMPTS]
+    groups = pipe.content_words(PROMPTS)
     text_embeds, text_mask = text_relevance_inputs(groups, art.embeddings, pipe.manifest.text.max_text_tokens)
     vision = {**art.host.vision_inputs(images, art.preprocessor_config), "text_embeds": text_embeds, "text_mask": text_mask}
     visual = pipe.vision.infer(vision)["visual_tokens"]
