@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -22,10 +22,7 @@ class Artifact:
         """verify_hashes=False (`--no-verify`) skips only the sha256s: paths, listing and every check still apply."""
         self.directory = Path(directory)
         self.manifest: Manifest = load_manifest(self.directory, verify_hashes=verify_hashes)
-        try:
-            manifest_checks.check_manifest(self.manifest)
-        except ArtifactError as exc:
-            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        self._check(manifest_checks.check_manifest, self.manifest)
         self.tokenizer, self.embeddings, self.preprocessor_config  # read now: a bad file fails at load, not mid-run
 
     def path(self, name: str) -> Path:
@@ -33,6 +30,13 @@ class Artifact:
         if name not in self.manifest.files:
             raise ArtifactError(f"artifact '{self.directory}': '{name}' is not listed in the manifest's files; it is not loaded")
         return self.directory / name
+
+    def _check(self, check: Callable[..., None], *args: Any) -> None:
+        """Run a manifest_checks check; its ArtifactError names this artifact."""
+        try:
+            check(*args)
+        except ArtifactError as exc:
+            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
 
     def _cannot_read(self, name: str, exc: BaseException) -> ArtifactError:
         reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
@@ -43,26 +47,21 @@ class Artifact:
         from tokenizers import Tokenizer
 
         name = self.manifest.text.tokenizer
+        path = self.path(name)
         try:
-            tokenizer = Tokenizer.from_file(str(self.path(name)))
-        except ArtifactError:
-            raise
+            tokenizer = Tokenizer.from_file(str(path))
         except Exception as exc:  # tokenizers raises a bare Exception on bad files
             raise self._cannot_read(name, exc) from None
-        try:
-            manifest_checks.check_tokenizer(self.manifest, tokenizer)
-        except ArtifactError as exc:
-            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        self._check(manifest_checks.check_tokenizer, self.manifest, tokenizer)
         return tokenizer
 
     @cached_property
     def embeddings(self) -> np.ndarray:
         """The LLM's input-embedding table [V, D], memory-mapped."""
         name = self.manifest.text.embeddings
+        path = self.path(name)
         try:
-            table = np.load(self.path(name), mmap_mode="r", allow_pickle=False)
-        except ArtifactError:
-            raise
+            table = np.load(path, mmap_mode="r", allow_pickle=False)
         except Exception as exc:  # not an .npy (ValueError), truncated (EOFError, OSError), pickled objects, ...
             raise self._cannot_read(name, exc) from None
         expected = (self.manifest.decoder.vocab_size, self.manifest.decoder.hidden_size)
@@ -75,18 +74,14 @@ class Artifact:
     @cached_property
     def preprocessor_config(self) -> dict[str, Any]:
         name = self.manifest.image_preprocessor
+        path = self.path(name)
         try:
-            config = json.loads(self.path(name).read_text())
-        except ArtifactError:
-            raise
+            config = json.loads(path.read_text())
         except RecursionError:
             raise ArtifactError(f"artifact '{self.directory}': cannot read {name}: nested too deeply") from None
         except (UnicodeDecodeError, ValueError, OSError) as exc:
             raise self._cannot_read(name, exc) from None
-        try:
-            manifest_checks.check_preprocessor_config(name, config)
-        except ArtifactError as exc:
-            raise ArtifactError(f"artifact '{self.directory}': {exc}") from None
+        self._check(manifest_checks.check_preprocessor_config, name, config)
         return config
 
     @cached_property
