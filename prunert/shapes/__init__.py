@@ -1,0 +1,9 @@
+"""The shapes demonstration: a scene distribution, its questions, and the LLaVA-1.5 model trained on it.
+
+`scenes` (numpy + Pillow only) draws the scenes and questions; `dataset` writes held-out JSONL sets;
+`train` (torch) trains `synthetic:llava-shapes`. The model is a demonstration trained on generated
+shapes, not a general VLM.
+"""
+
+DEMO_NOTE = ("note: synthetic:llava-shapes is a demonstration model trained here on generated shapes "
+             "(prunert.shapes), not a general VLM")
