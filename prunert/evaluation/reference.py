@@ -1,0 +1,58 @@
+"""`prunert eval --reference hf`: the PyTorch Hugging Face checkpoint itself, greedy, on the same records (torch here only).
+
+The checkpoint is the one an artifact's manifest names (source.model: a local directory or `synthetic:<preset>`,
+prunert.adapters.resolve_source), loaded as export and parity load it (the family's export adapter: safetensors,
+fp32, eager attention). Each record goes through Hugging Face's own processor (`AutoProcessor`: its image
+processor, its tokenizer, its expansion of the image placeholder) with the family's prompt template and the same
+prompt as the runtime's (runner.question_prompt), then `model.generate(do_sample=False)` with the checkpoint's
+EOS and pad ids, one record at a time (no padding), every visual token kept. The answer is Hugging Face's decode
+of the new tokens without EOS. So on an unpruned fp32 artifact the predictions should be equal, record by record.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+from prunert.evaluation.data import EvalRecord
+from prunert.evaluation.report import ArtifactResult, Prediction
+from prunert.evaluation.runner import EvalConfig, Progress, question_prompt, record_image, score
+
+REFERENCE_METHOD = "none"  # the reference keeps every visual token
+REFERENCE_PRECISION = "fp32"  # the checkpoint in torch float32
+
+
+def evaluate_reference(model: str, records: Sequence[EvalRecord], cfg: EvalConfig, num_visual_tokens: int,
+                       source=None, progress: bool = True) -> ArtifactResult:
+    """The checkpoint `model` on `records` -> an ArtifactResult named `hf:<model>` (K = num_visual_tokens, the
+    artifact's N; timings None). `source`: the artifact's manifest SourceSpec, for the model note."""
+    import torch
+    from transformers import AutoProcessor
+    from transformers.utils import logging as hf_logging
+
+    from prunert.adapters import resolve_source
+    from prunert.export.pipeline import load_export_adapter
+
+    checkpoint = resolve_source(model)
+    adapter = load_export_adapter(checkpoint)
+    info = adapter.text_info(checkpoint.path)
+    processor = AutoProcessor.from_pretrained(checkpoint.path)
+    eos = [int(t) for t in info["eos_token_ids"]]
+    predictions: list[Prediction] = []
+    bar = Progress(f"eval hf:{model}", len(records), progress)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # generate's notices about the checkpoint's generation_config
+    try:
+        for record in records:
+            text = info["prompt_template"].format(prompt=question_prompt(info["image_placeholder"], record.question))
+            inputs = processor(images=[record_image(record)], text=[text], return_tensors="pt")
+            with torch.no_grad():
+                out = adapter.model.generate(**inputs, do_sample=False, max_new_tokens=cfg.max_new_tokens,
+                                             eos_token_id=eos or None, pad_token_id=int(info["pad_token_id"]))
+            new = [t for t in out[0, inputs["input_ids"].shape[1]:].tolist() if t not in eos]  # generated ids, EOS dropped
+            predictions.append(score(record, processor.tokenizer.decode(new, skip_special_tokens=True)))
+            bar.advance(1)
+    finally:
+        bar.close()
+        hf_logging.set_verbosity(verbosity)
+    return ArtifactResult(f"hf:{model}", REFERENCE_METHOD, num_visual_tokens, REFERENCE_PRECISION, True, tuple(predictions),
+                          None, None, source)
