@@ -1,6 +1,6 @@
-"""`prunert` command line: export, run, parity, inspect, check-trt, visualize, convert, calibrate, build.
+"""`prunert` command line: export, run, parity, inspect, check-trt, visualize, convert, calibrate, build, eval.
 
-`run`, `inspect`, `visualize` and `build` stay on the runtime path (no torch import); `export` and
+`run`, `inspect`, `visualize`, `build` and `eval` (but for `--reference hf`) stay on the runtime path (no torch import); `export` and
 `parity` import torch; `convert` and `calibrate` need onnx (prunert[export]).
 Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits 1.
 """
@@ -17,6 +17,11 @@ from prunert.errors import PrunertError
 
 EXAMPLE_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "examples" / "calibration"
 SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs show the plumbing, not a trained model's answers"
+
+
+def source_note(source) -> str | None:
+    """The line `run` and `eval` print about the model an artifact came from (its manifest's source); None: nothing."""
+    return SYNTHETIC_NOTE if source.synthetic else None
 
 
 def _export(args: argparse.Namespace) -> int:
@@ -80,8 +85,9 @@ def _run(args: argparse.Namespace) -> int:
         f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",
         file=sys.stderr,
     )
-    if pipe.manifest.source.synthetic:
-        print(SYNTHETIC_NOTE, file=sys.stderr)
+    note = source_note(pipe.manifest.source)
+    if note:
+        print(note, file=sys.stderr)
     return 0
 
 
@@ -229,6 +235,12 @@ def _check_trt(args: argparse.Namespace) -> int:
             print(issue.line())
         print(result.summary(config), file=sys.stdout if result.ok else sys.stderr)
     return 0 if all(result.ok for result in results) else 1
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from prunert.evaluation.command import run_eval
+
+    return run_eval(args, source_note)
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -385,6 +397,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="PNG file to write (its directory is created)")
     p.add_argument("--scale", type=int, help="integer zoom of each panel (default: enough for a panel >= 300 px)")
     p.set_defaults(func=_visualize)
+
+    from prunert.evaluation.command import add_eval_parser
+
+    add_eval_parser(sub, _add_backend_flags).set_defaults(func=_eval)
     return parser
 
 

@@ -1,0 +1,101 @@
+"""`prunert eval ARTIFACT [ARTIFACT...] --data questions.jsonl ...`: the subcommand's flags and its run.
+
+Everything cheap is checked before the first artifact runs: flags, every record (data.load_records), every
+artifact's manifest, the --out path, and with --reference hf that the artifacts come from one checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any, Callable
+
+from prunert.errors import ConfigError
+from prunert.evaluation.data import check_limit, load_records
+from prunert.evaluation.report import OUT_KEYS, ArtifactResult, category_table, results_table, write_results
+from prunert.evaluation.runner import EvalConfig, evaluate_artifact
+
+OUT_FILE = ("--out", OUT_KEYS, "a `prunert eval` results file")  # what --out may replace (artifact_publish.replace_file)
+REFERENCES = ("hf",)
+
+
+def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentParser], None]) -> argparse.ArgumentParser:
+    defaults = EvalConfig()
+    p = sub.add_parser("eval", help="accuracy of artifacts on a JSONL question set (exact match, 95%% Wilson interval; no torch needed)")
+    p.add_argument("artifact", type=Path, nargs="+", help="artifact directories; one table row each, in this order")
+    p.add_argument("--data", type=Path, required=True,
+                   help='JSONL, one record a line: {"image": path (relative to the file, or absolute), "question": ..., "answer": ...}; '
+                   'optional "answers": [...] (any counts) and "category" (per-category breakdown)')
+    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--batch", type=int, default=defaults.batch,
+                   help="records per generate call (default %(default)s); silently capped at each artifact's max_batch")
+    p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
+                   help="greedy tokens per answer (default %(default)s; capped by the artifact's max_sequence)")
+    p.add_argument("--threads", type=int, default=defaults.threads, help="ONNX Runtime intra-op threads (default 0: its own choice)")
+    add_backend_flags(p)
+    p.add_argument("--out", type=Path, help="write every prediction and the summary as JSON here")
+    p.add_argument("--reference", choices=REFERENCES,
+                   help="hf: also run the PyTorch checkpoint the artifacts were exported from (needs prunert[export])")
+    p.add_argument("--model", help="--reference hf: the checkpoint, if it moved since export (default: the manifest's source)")
+    return p
+
+
+def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None]) -> int:
+    """The command; source_note(manifest.source) is the line `prunert run` prints about the model (None: nothing)."""
+    from prunert.artifact_publish import refuse_unless_replaceable_file, replace_file
+    from prunert.manifest import load_manifest
+
+    cfg = EvalConfig(batch=args.batch, backend=args.backend, precision=args.precision, threads=args.threads,
+                     max_new_tokens=args.max_new_tokens)
+    check_limit(args.limit)
+    if args.model is not None and args.reference is None:
+        raise ConfigError("--model: applies to --reference hf only (the checkpoint it runs)")
+    if args.out is not None:
+        if not Path(args.out).parent.is_dir():
+            raise ConfigError(f"--out '{args.out}': its directory does not exist; expected a file path in an existing directory")
+        refuse_unless_replaceable_file(args.out, *OUT_FILE)  # before the long run
+    records = load_records(args.data, args.limit)
+    manifests = [load_manifest(Path(a), verify_hashes=False) for a in args.artifact]  # a bad one fails now; run verifies hashes
+    model = reference_model(args, manifests) if args.reference else None
+    results = [evaluate_artifact(a, records, cfg) for a in args.artifact]
+    reference = None
+    if model is not None:
+        from prunert.evaluation.reference import evaluate_reference
+
+        reference = evaluate_reference(model, records, cfg, manifests[0].budget.num_visual_tokens, manifests[0].source)
+    print(results_table(results, reference))
+    breakdown = category_table(results, reference)
+    if breakdown:
+        print("\naccuracy by category")
+        print(breakdown)
+    if reference is not None:
+        print(agreement_line(results, reference))
+    for note in dict.fromkeys(source_note(m.source) for m in manifests):
+        if note:
+            print(note)
+    if args.out is not None:
+        replace_file(args.out, lambda temp: write_results(temp, results, reference), *OUT_FILE)
+        print(f"results: {args.out}")
+    return 0
+
+
+def reference_model(args: argparse.Namespace, manifests: list) -> str:
+    """The one checkpoint --reference hf runs: --model, else the artifacts' common manifest source.model."""
+    sources = list(dict.fromkeys((m.source.model, m.source.revision) for m in manifests))
+    if len(sources) > 1:
+        listed = ", ".join(f"{model} (revision {revision})" for model, revision in sources)
+        raise ConfigError(f"--reference hf: the artifacts come from {len(sources)} checkpoints ({listed}); expected one, "
+                          "run `prunert eval` once per checkpoint")
+    counts = {m.budget.num_visual_tokens for m in manifests}
+    if len(counts) > 1:
+        raise ConfigError(f"--reference hf: the artifacts' models give {sorted(counts)} visual tokens per image; expected one model")
+    return args.model or sources[0][0]
+
+
+def agreement_line(results: list[ArtifactResult], reference: ArtifactResult) -> str:
+    """How many records each artifact answers exactly as the reference does (identical text, before normalisation)."""
+    parts = []
+    for number, result in enumerate(results, start=1):
+        same = sum(a.prediction == b.prediction for a, b in zip(result.predictions, reference.predictions))
+        parts.append(f"#{number} {same}/{len(reference.predictions)}")
+    return "predictions identical to the reference: " + ", ".join(parts)
