@@ -43,7 +43,6 @@ def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentPars
 def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None]) -> int:
     """The command; source_note(manifest.source) is the line `prunert run` prints about the model (None: nothing)."""
     from prunert.artifact_publish import refuse_unless_replaceable_file, replace_file
-    from prunert.manifest import load_manifest
 
     cfg = EvalConfig(batch=args.batch, backend=args.backend, precision=args.precision, threads=args.threads,
                      max_new_tokens=args.max_new_tokens)
@@ -55,7 +54,7 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
             raise ConfigError(f"--out '{args.out}': its directory does not exist; expected a file path in an existing directory")
         refuse_unless_replaceable_file(args.out, *OUT_FILE)  # before the long run
     records = load_records(args.data, args.limit)
-    manifests = [load_manifest(Path(a), verify_hashes=False) for a in args.artifact]  # a bad one fails now; run verifies hashes
+    manifests = [opened_manifest(Path(a), cfg.precision) for a in args.artifact]
     model = reference_model(args, manifests) if args.reference else None
     results = [evaluate_artifact(a, records, cfg) for a in args.artifact]
     reference = None
@@ -77,6 +76,21 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
         replace_file(args.out, lambda temp: write_results(temp, results, reference), *OUT_FILE)
         print(f"results: {args.out}")
     return 0
+
+
+def opened_manifest(artifact: Path, precision: str):
+    """The artifact's manifest, checked before any artifact runs (hashes are verified when it runs): a bad
+    artifact, or one without graphs at `precision`, fails now, in one line naming it."""
+    from prunert.errors import ArtifactError
+    from prunert.manifest import load_manifest
+
+    manifest = load_manifest(artifact, verify_hashes=False)
+    try:
+        for graph in manifest.graphs:
+            manifest.graph_spec(graph, precision)
+    except ArtifactError as exc:
+        raise ArtifactError(f"artifact '{artifact}': {exc}") from None
+    return manifest
 
 
 def reference_model(args: argparse.Namespace, manifests: list) -> str:
