@@ -56,6 +56,11 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
     records = load_records(args.data, args.limit)
     manifests = [opened_manifest(Path(a), cfg.precision) for a in args.artifact]
     model = reference_model(args, manifests) if args.reference else None
+    notes = [reference_note(model, manifests[0])] if model is not None else []  # resolves the checkpoint: a bad one fails now
+    if model is not None:
+        from prunert.evaluation.reference import check_reference_available
+
+        check_reference_available()
     results = [evaluate_artifact(a, records, cfg) for a in args.artifact]
     reference = None
     if model is not None:
@@ -69,7 +74,7 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
         print(breakdown)
     if reference is not None:
         print(agreement_line(results, reference))
-    for note in dict.fromkeys(source_note(m.source) for m in manifests):
+    for note in dict.fromkeys(notes + [source_note(m.source) for m in manifests]):
         if note:
             print(note)
     if args.out is not None:
@@ -104,6 +109,18 @@ def reference_model(args: argparse.Namespace, manifests: list) -> str:
     if len(counts) > 1:
         raise ConfigError(f"--reference hf: the artifacts' models give {sorted(counts)} visual tokens per image; expected one model")
     return args.model or sources[0][0]
+
+
+def reference_note(model: str, manifest) -> str | None:
+    """Resolve the reference checkpoint now (a bad --model fails before any artifact runs); a note when its weights
+    are not the ones the artifacts were exported from (revision differs: prunert.adapters.checkpoint_revision)."""
+    from prunert.adapters import resolve_source
+
+    revision = resolve_source(model).revision
+    if revision == manifest.source.revision:
+        return None
+    return (f"note: the reference checkpoint {model} (revision {revision}) is not the one the artifacts were exported from "
+            f"(revision {manifest.source.revision}): predictions need not agree")
 
 
 def agreement_line(results: list[ArtifactResult], reference: ArtifactResult) -> str:

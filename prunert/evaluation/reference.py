@@ -11,8 +11,10 @@ of the new tokens without EOS. So on an unpruned fp32 artifact the predictions s
 
 from __future__ import annotations
 
+import importlib.util
 from typing import Sequence
 
+from prunert.errors import BackendUnavailableError
 from prunert.evaluation.data import EvalRecord
 from prunert.evaluation.report import ArtifactResult, Prediction
 from prunert.evaluation.runner import EvalConfig, Progress, question_prompt, record_image, score
@@ -21,10 +23,19 @@ REFERENCE_METHOD = "none"  # the reference keeps every visual token
 REFERENCE_PRECISION = "fp32"  # the checkpoint in torch float32
 
 
+def check_reference_available() -> None:
+    """torch and transformers are installed (found, not imported): else one line, before any artifact runs."""
+    missing = [name for name in ("torch", "transformers") if importlib.util.find_spec(name) is None]
+    if missing:
+        raise BackendUnavailableError(f"--reference hf: needs {' and '.join(missing)} (pip install 'prunert[export]'); "
+                                      "the artifacts themselves run without them")
+
+
 def evaluate_reference(model: str, records: Sequence[EvalRecord], cfg: EvalConfig, num_visual_tokens: int,
                        source=None, progress: bool = True) -> ArtifactResult:
     """The checkpoint `model` on `records` -> an ArtifactResult named `hf:<model>` (K = num_visual_tokens, the
     artifact's N; timings None). `source`: the artifact's manifest SourceSpec, for the model note."""
+    check_reference_available()
     import torch
     from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging

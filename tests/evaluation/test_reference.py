@@ -1,0 +1,81 @@
+"""`prunert eval --reference hf`: the PyTorch checkpoint itself, through Hugging Face's own processor and generate,
+answers exactly as the exported unpruned artifact does (the point of the feature), record by record."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from prunert import cli
+from prunert.evaluation import EvalConfig, evaluate_artifact, load_records
+from prunert.evaluation.reference import evaluate_reference
+from prunert.manifest import load_manifest
+
+
+def _main(capsys, *args) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def reference_result(tiny_unpruned: Path, shapes_set: Path):
+    manifest = load_manifest(tiny_unpruned)
+    return evaluate_reference(manifest.source.model, load_records(shapes_set), EvalConfig(), manifest.budget.num_visual_tokens,
+                              manifest.source, progress=False)
+
+
+@pytest.mark.parametrize("batch", [1, 8])
+def test_hf_answers_as_the_unpruned_artifact(reference_result, tiny_unpruned: Path, shapes_set: Path, batch: int) -> None:
+    ours = evaluate_artifact(tiny_unpruned, load_records(shapes_set), EvalConfig(batch=batch), progress=False)
+    assert [p.prediction for p in reference_result.predictions] == [p.prediction for p in ours.predictions]
+    assert [p.correct for p in reference_result.predictions] == [p.correct for p in ours.predictions]
+    assert all(p.prediction for p in ours.predictions)  # something was generated: the comparison is not vacuous
+
+
+def test_the_reference_result(reference_result, tiny_settings: dict) -> None:
+    r = reference_result
+    assert (r.artifact, r.method, r.budget, r.precision, r.unpruned) == ("hf:synthetic:llava-tiny", "none", tiny_settings["num_visual_tokens"],
+                                                                         "fp32", True)
+    assert r.ttft_s is None and r.decode_tok_s is None and r.source.synthetic
+    assert [p.line for p in r.predictions] == list(range(1, 9))
+
+
+def test_cli_reference_row_agreement_and_json(capsys, tiny_unpruned: Path, tiny_artifact: Path, shapes_set: Path, tmp_path: Path) -> None:
+    out = tmp_path / "r.json"
+    code, stdout, err = _main(capsys, "eval", tiny_unpruned, tiny_artifact, "--data", shapes_set, "--limit", "4", "--reference", "hf", "--out", out)
+    assert code == 0, err
+    lines = stdout.splitlines()
+    assert lines[3].split()[:4] == ["hf:synthetic:llava-tiny", "none", "100", "fp32"]
+    agreement = next(line for line in lines if line.startswith("predictions identical to the reference: "))
+    assert agreement.startswith("predictions identical to the reference: #1 4/4, #2 ")
+    assert cli.SYNTHETIC_NOTE in lines and not any("is not the one the artifacts were exported from" in line for line in lines)
+    data = json.loads(out.read_text())
+    assert list(data) == ["artifacts", "reference"]
+    assert [e["artifact"] for e in data["artifacts"]] == [str(tiny_unpruned), str(tiny_artifact)]
+    assert [p["prediction"] for p in data["reference"]["predictions"]] == [p["prediction"] for p in data["artifacts"][0]["predictions"]]
+
+
+def test_a_bad_reference_model_fails_before_any_artifact_runs(capsys, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path,
+                                                              tmp_path: Path) -> None:
+    import prunert.evaluation.command as command
+
+    monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before --model was checked"))
+    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf", "--model", tmp_path / "gone")
+    assert code == 2
+    error_line(err, "not a directory")
+
+
+def test_missing_torch_fails_before_any_artifact_runs(capsys, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path) -> None:
+    import importlib.util
+
+    import prunert.evaluation.command as command
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
+    monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before torch was checked"))
+    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
+    assert code == 2
+    error_line(err, "--reference hf: needs torch", "prunert[export]")
