@@ -13,8 +13,10 @@ against lmms-eval 0.7.3 (the `lmms` extra pins it).
   model arg and the artifact's max_sequence. Requests run in batches of --batch_size (capped at the artifact's
   max_batch) and in order.
 - loglikelihood: the continuation's tokens are teacher-forced through the one decode loop
-  (runtime.decode.decode_steps) after the prefill of the image and context: sum of log-softmax over the
-  decoder's logits, and whether greedy decoding would have produced them.
+  (runtime.decode.decode_steps) after the prefill of the image and context. It answers what lmms-eval's own
+  models answer (llava_hf: the Hugging Face loss) and its multiple_choice scoring expects (argmin): the mean
+  negative log-likelihood per continuation token, not the summed log-probability the base class's docstring
+  names; and whether greedy decoding would have produced the continuation.
 - generate_until_multi_round: not supported (one image, one turn per artifact call).
 """
 
@@ -24,9 +26,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-from lmms_eval.api.instance import Instance
+from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
-from lmms_eval.models.registry_v2 import ModelManifest
 
 from prunert.config import GenerationConfig
 from prunert.errors import ConfigError, PromptError
@@ -39,8 +40,11 @@ MODEL_ID = "prunert"
 PINNED_LMMS_EVAL = "0.7.3"
 
 
-def manifest() -> ModelManifest:
-    """The `lmms_eval.models` entry point's payload: lmms-eval's `--model prunert` is `PrunertLMMS`."""
+def manifest():
+    """The `lmms_eval.models` entry point's payload: lmms-eval's `--model prunert` is `PrunertLMMS`. Imported here:
+    lmms_eval.models runs the entry points while it initialises, so importing it at the top would be circular."""
+    from lmms_eval.models.registry_v2 import ModelManifest
+
     return ModelManifest(model_id=MODEL_ID, simple_class_path=f"{__name__}.PrunertLMMS")
 
 
@@ -81,8 +85,11 @@ class PrunertLMMS(lmms):
             out += [_cut(g.text, _until(r.option)) for r, g in zip(chunk, generations)]
         return out
 
-    def loglikelihood(self, requests: list[Instance]) -> list[tuple[float, bool]]:
-        return [self._loglikelihood(self._resolve(request, "loglikelihood")) for request in requests]
+    def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
+        """Each request's (mean NLL per continuation token, is_greedy) (module docstring), carried in a GenerationResult: lmms-eval 0.7.3's evaluator passes every
+        response through unwrap_generation_output, which turns anything but a str or a GenerationResult into its
+        str() (a bare tuple reaches multiple_choice's process_results as text and fails); `.text` comes out as is."""
+        return [GenerationResult(self._loglikelihood(self._resolve(request, "loglikelihood"))) for request in requests]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
         raise NotImplementedError("prunert: generate_until_multi_round is not supported: an artifact answers one image and "
@@ -115,7 +122,8 @@ class PrunertLMMS(lmms):
         return GenerationConfig(max_new_tokens=min(wanted, cap), temperature=temperature, top_p=top_p)
 
     def _loglikelihood(self, request: Request) -> tuple[float, bool]:
-        """Sum of log p(continuation token | image, context, earlier tokens), and whether each was the argmax."""
+        """Mean over the continuation's tokens of -log p(token | image, context, earlier tokens), and whether each
+        was the argmax."""
         prompt = question_prompt(self.pipe.manifest.text.placeholder, request.context)
         context_ids, continuation = self._split_tokens(prompt, str(request.option))
         limit = self.pipe.manifest.text.max_sequence
@@ -133,7 +141,7 @@ class PrunertLMMS(lmms):
             logits = step.logits[0].astype(np.float64)  # [V]
             total += float(logits[token] - _logsumexp(logits))
             greedy = greedy and int(logits.argmax()) == token
-        return total, greedy
+        return -total / len(continuation), greedy
 
     def _split_tokens(self, prompt: str, continuation: str) -> tuple[list[int], list[int]]:
         """The context's ids (VLMPipeline.tokenize, as generate_until feeds them) and the continuation's: the ids

@@ -21,7 +21,7 @@ import pytest
 from prunert.errors import ConfigError
 from prunert.evaluation.runner import question_prompt
 from prunert.evaluation.scoring import exact_match
-from prunert.integrations.lmms_eval_tasks import DEFAULT_TASK, write_task
+from prunert.integrations.lmms_eval_tasks import DEFAULT_TASK, TEMPLATE, write_task
 
 needs_lmms = pytest.mark.skipif(importlib.util.find_spec("lmms_eval") is None,
                                 reason="lmms-eval is not installed (the `lmms` extra; README, lmms-eval)")
@@ -96,6 +96,43 @@ def test_lmms_eval_cli_runs_the_prunert_model_offline(tiny_artifact: Path, shape
     assert [bool(s["exact_match"]) for s in samples] == expected
 
 
+MC_TASK = "prunert_shapes_yes_no"
+
+
+def yes_no_task(task_dir: Path) -> Path:
+    """A multiple_choice task (loglikelihood requests) over the task's records: the shipped settings, yes/no choices."""
+    path = task_dir / f"{MC_TASK}.yaml"
+    data = task_dir / f"{MC_TASK}.jsonl"
+    path.write_text("\n".join([f"task: {MC_TASK}", f"include: {json.dumps(str(TEMPLATE))}", "output_type: multiple_choice",
+                                 'doc_to_choice: ["yes", "no"]', "process_results: null", "metric_list:", "  - metric: acc",
+                                 "dataset_kwargs:", "  data_files:", f"    test: {json.dumps(str(data))}", ""]))
+    return data
+
+
+@needs_lmms
+def test_lmms_eval_cli_multiple_choice_scores_by_loglikelihood(tiny_artifact: Path, shapes_jsonl: Path, model, tmp_path: Path):
+    task_dir, out = tmp_path / "task", tmp_path / "out"
+    write_task(shapes_jsonl, task_dir)
+    rows = [row for row in map(json.loads, (task_dir / f"{DEFAULT_TASK}.jsonl").read_text().splitlines()) if row["category"] == "exists"]
+    yes_no_task(task_dir).write_text("".join(json.dumps(row) + "\n" for row in rows))
+    proc = run_lmms_eval("--model", "prunert", "--model_args", f"artifact={tiny_artifact},threads=1", "--tasks", MC_TASK,
+                         "--include_path", str(task_dir), "--output_path", str(out), "--log_samples", cwd=tmp_path)
+    results = list(out.rglob("*_results.json"))
+    assert proc.returncode == 0 and len(results) == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (samples_file,) = out.rglob(f"*_samples_{MC_TASK}.jsonl")
+    samples = sorted((json.loads(line) for line in samples_file.read_text().splitlines()), key=lambda s: s["doc_id"])
+    want = []
+    for row, sample in zip(rows, samples):
+        lls = [reference_loglikelihood(model, row, f" {choice}")[0] for choice in ("yes", "no")]
+        got = [float(resp[0]) for resp in sample["filtered_resps"]]  # one (loss, is_greedy) per choice
+        assert got == pytest.approx(lls, abs=1e-3)
+        want.append(float(int(np.argmin(lls)) == ("yes", "no").index(row["answer"])))  # lmms-eval: lowest loss wins
+        assert sample["acc"] == want[-1]
+    report = json.loads(results[0].read_text())
+    assert report["n-samples"][MC_TASK]["effective"] == len(rows) > 0
+    assert report["results"][MC_TASK]["acc,none"] == pytest.approx(sum(want) / len(rows))
+
+
 # ---- in process: the model class against lmms-eval's own Instance ----------------------------------------------------
 @pytest.fixture(scope="module")
 def model(tiny_artifact: Path):
@@ -126,9 +163,18 @@ def test_generate_until_batches_keep_order_and_cut_at_until(model, shapes_jsonl:
     assert [text.strip() for text in got] == prunert_answers(tiny_artifact, shapes_jsonl)[:3]
 
 
+def scored(responses: list) -> list[tuple[float, bool]]:
+    """What lmms-eval's evaluator makes of loglikelihood responses (unwrap_generation_output): (loss, is_greedy)."""
+    from lmms_eval.api.instance import unwrap_generation_output
+
+    pairs = [unwrap_generation_output(response)[0] for response in responses]
+    assert all(isinstance(p, tuple) and isinstance(p[0], float) and isinstance(p[1], bool) for p in pairs), pairs
+    return pairs
+
+
 def reference_loglikelihood(model, doc: dict, continuation: str) -> tuple[float, bool]:
-    """One prefill over context + continuation (no KV-cache stepping): the continuation's log-probabilities at the
-    positions before each of its tokens."""
+    """One prefill over context + continuation (no KV-cache stepping): the mean negative log-probability of the
+    continuation's tokens (read at the position before each), as lmms-eval's models report it, and is_greedy."""
     from prunert.runtime.text import encode_prompt
 
     pipe, text = model.pipe, model.pipe.manifest.text
@@ -142,25 +188,25 @@ def reference_loglikelihood(model, doc: dict, continuation: str) -> tuple[float,
     rows = logits[logits.shape[0] - len(tokens) - 1 : -1]  # [n, V]: the position before each continuation token
     top = rows.max(axis=1, keepdims=True)
     logprobs = rows - (top + np.log(np.exp(rows - top).sum(axis=1, keepdims=True)))
-    return float(sum(logprobs[i, t] for i, t in enumerate(tokens))), bool(all(rows[i].argmax() == t for i, t in enumerate(tokens)))
+    return -float(sum(logprobs[i, t] for i, t in enumerate(tokens))) / len(tokens), bool(all(rows[i].argmax() == t for i, t in enumerate(tokens)))
 
 
 @needs_lmms
 @pytest.mark.parametrize("continuation", [" yes", " no", " purple circle"])
 def test_loglikelihood_equals_one_pass_prefill(model, shapes_jsonl: Path, continuation: str):
     docs = shapes_docs(shapes_jsonl, 2)
-    got = model.loglikelihood(instances(model, "loglikelihood", docs, continuation))
-    for doc, (logprob, greedy) in zip(docs, got):
+    got = scored(model.loglikelihood(instances(model, "loglikelihood", docs, continuation)))
+    for doc, (loss, greedy) in zip(docs, got):
         want, want_greedy = reference_loglikelihood(model, doc, continuation)
-        assert logprob == pytest.approx(want, abs=1e-3)
-        assert logprob < 0 and greedy == want_greedy
+        assert loss == pytest.approx(want, abs=1e-3)
+        assert loss > 0 and greedy == want_greedy
 
 
 @needs_lmms
 def test_loglikelihood_takes_doc_to_target(model, shapes_jsonl: Path):
     docs = shapes_docs(shapes_jsonl, 1)
-    by_target = model.loglikelihood(instances(model, "loglikelihood", docs, lambda doc: " " + doc["answer"]))
-    by_string = model.loglikelihood(instances(model, "loglikelihood", docs, " " + docs[0]["answer"]))
+    by_target = scored(model.loglikelihood(instances(model, "loglikelihood", docs, lambda doc: " " + doc["answer"])))
+    by_string = scored(model.loglikelihood(instances(model, "loglikelihood", docs, " " + docs[0]["answer"])))
     assert by_target == by_string
 
 
