@@ -21,6 +21,8 @@ SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs sh
 
 def source_note(source) -> str | None:
     """The line `run` and `eval` print about the model an artifact came from (its manifest's source); None: nothing."""
+    if source.note:
+        return f"note: {source.note}"
     return SYNTHETIC_NOTE if source.synthetic else None
 
 
@@ -42,8 +44,8 @@ def _export(args: argparse.Namespace) -> int:
     budget = BudgetConfig(budget=args.budget, method=args.method, params=config_type(**given))
     cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch)
     manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
-    if manifest.source.synthetic:
-        print(SYNTHETIC_NOTE)
+    if source_note(manifest.source):
+        print(source_note(manifest.source))
     return 0
 
 
@@ -104,8 +106,8 @@ def _parity(args: argparse.Namespace) -> int:
     replace_file(out, report.write_json, *report_file)
     print(f"{args.backend}, {args.precision} graphs; the {args.precision} bars (ParityTolerances.for_precision, docs/deploy.md)")
     print(report.table())
-    if report.synthetic:
-        print(SYNTHETIC_NOTE)
+    if source_note(report):  # the report carries its source's synthetic flag and note
+        print(source_note(report))
     print(f"report: {out}")
     print(f"parity: {report.verdict}")
     return 0 if report.passed else 1
@@ -154,8 +156,8 @@ def _calibrate(args: argparse.Namespace) -> int:
     calibration = _sample_set(args.artifact, args.images, args.prompts, config.max_samples)
     manifest, drift = calibrate_artifact(args.artifact, calibration, config)
     print(drift.table())
-    if manifest.source.synthetic:
-        print(SYNTHETIC_NOTE)
+    if source_note(manifest.source):
+        print(source_note(manifest.source))
     print(f"wrote the {args.precision} graphs into {args.artifact} (listed in its manifest)")
     return 0
 
@@ -241,6 +243,12 @@ def _eval(args: argparse.Namespace) -> int:
     from prunert.evaluation.command import run_eval
 
     return run_eval(args, source_note)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from prunert.evaluation.sweep_command import run_sweep_command
+
+    return run_sweep_command(args, source_note)
 
 
 def _visualize(args: argparse.Namespace) -> int:
@@ -401,6 +409,9 @@ def build_parser() -> argparse.ArgumentParser:
     from prunert.evaluation.command import add_eval_parser
 
     add_eval_parser(sub, _add_backend_flags).set_defaults(func=_eval)
+    from prunert.evaluation.sweep_command import add_sweep_parser
+
+    add_sweep_parser(sub).set_defaults(func=_sweep)
     return parser
 
 

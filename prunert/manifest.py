@@ -52,6 +52,8 @@ class SourceSpec:
     architecture: str  # Hugging Face class name
     synthetic: bool  # seeded random weights: can show plumbing and parity, never task accuracy
     revision: str  # fingerprint of the checkpoint's config and weights (prunert.adapters.checkpoint_revision)
+    # What commands say about the model (a trained demonstration preset); last and optional: older manifests load "".
+    note: str = ""
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,9 @@ class ModelSource:
     label: str  # what the user typed: "synthetic:llava-tiny" or a directory
     path: Path
     family: str
-    synthetic: bool
+    synthetic: bool  # seeded random weights (a synthetic preset's marker says so)
     config: dict[str, Any]
+    note: str = ""  # what every command says about this model (a trained demonstration preset's marker note)
 
     @property
     def revision(self) -> str:
@@ -116,5 +117,21 @@ def _from_directory(label: str, path: Path, synthetic: bool) -> ModelSource:
         )
     if not any(path.glob("*.safetensors")):
         raise ModelSourceError(f"--model {label!r}: no *.safetensors weights (prunert never loads pickled .bin weights)")
-    synthetic = synthetic or (path / "prunert_synthetic.json").is_file()
-    return ModelSource(label=label, path=path, family=MODEL_TYPES[model_type], synthetic=synthetic, config=config)
+    synthetic, note = _marker(path, synthetic)
+    return ModelSource(label=label, path=path, family=MODEL_TYPES[model_type], synthetic=synthetic, config=config, note=note)
+
+
+MARKER_FILE = "prunert_synthetic.json"  # written into every checkpoint a synthetic preset builds
+
+
+def _marker(path: Path, synthetic: bool) -> tuple[bool, str]:
+    """(random weights?, note) from a preset's marker: a trained preset's says `"trained": true` and its note."""
+    try:
+        marker = json.loads((path / MARKER_FILE).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return synthetic, ""
+    if not isinstance(marker, dict):
+        return synthetic, ""
+    trained = marker.get("trained") is True
+    note = marker.get("note") if trained and isinstance(marker.get("note"), str) else ""
+    return not trained, note

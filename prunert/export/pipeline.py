@@ -64,7 +64,8 @@ def export_artifact(
             raise ArtifactError(f"--out '{out_dir}': already exists; choose another directory or pass --overwrite")
         refuse_unless_artifact(out_dir, "--out")  # --overwrite replaces only a prunert artifact
     source = resolve_source(model)
-    log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else ""))
+    log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else "")
+        + (f" ({source.note})" if source.note else ""))
     adapter = load_export_adapter(source)
     fit_budget(adapter, budget)
     pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
@@ -123,7 +124,8 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
         versions={name: _version(name) for name in VERSIONED_PACKAGES},
         opset=cfg.opset,
         source=SourceSpec(
-            model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic, revision=source.revision
+            model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic, revision=source.revision,
+            note=source.note
         ),
         budget=BudgetSpec(budget=budget.budget, method=budget.method, params=pruning_ops.method_params(budget), num_visual_tokens=adapter.num_visual_tokens),
         graphs={"vision": vision_spec, "decoder": decoder_spec},

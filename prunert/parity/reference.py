@@ -52,7 +52,8 @@ def run_parity(
     adapter = load_export_adapter(source)
     budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
     fit_budget(adapter, budget)  # the adapter's preprocessing as at export (Qwen2.5-VL: min_pixels raised to K)
-    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision, asdict(tolerances), str(image), prompt)
+    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision, asdict(tolerances), str(image), prompt,
+                          note=source.note)
     tol = tolerances
     picture = load_image(image)
     same = source.revision == manifest.source.revision

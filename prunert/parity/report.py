@@ -35,6 +35,7 @@ class ParityReport:
     image: str
     prompt: str
     checks: list[Check] = field(default_factory=list)
+    note: str = ""  # the source's note (a trained demonstration preset), printed like the synthetic note
 
     @property
     def passed(self) -> bool:

@@ -9,6 +9,7 @@ trained locally (`tokenizer_builder`) and the weights come from a seeded generat
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import shutil
@@ -160,7 +161,20 @@ PRESETS: dict[str, SyntheticPreset] = {
         _TINY, image_size=224, vision_tower="siglip", vision_feature_layer=-1, vision_feature_select_strategy="full",
         description="tiny LLaVA for tests: SigLIP 224/14 tower (no [CLS]), strategy 'full', layer -1: 256 visual tokens",
     ),
+    # Trained here (prunert.shapes), not drawn from a seed: a demonstration on generated shapes, not a general VLM.
+    "llava-shapes": SyntheticPreset(
+        vision_hidden=96, vision_layers=4, vision_heads=4, vision_intermediate=192,
+        image_size=168, patch_size=14,
+        text_hidden=128, text_layers=3, text_heads=4, text_kv_heads=4, text_head_dim=32,
+        text_intermediate=256, vocab_size=1024, max_position_embeddings=512,
+        seed=0, vision_feature_layer=-1,
+        description="LLaVA-1.5 architecture trained here on generated shapes scenes: CLIP 168/14 (144 visual "
+                    "tokens), 3-layer Llama decoder; a demonstration model, not a general VLM",
+    ),
 }
+# Presets whose weights are trained rather than seeded: name -> module with recipe_hash() and
+# write_checkpoint(name, out_dir, overwrite=False) (the cache key and the writer).
+TRAINED_PRESETS = {"llava-shapes": "prunert.shapes.checkpoint"}
 
 
 def get_preset(name: str) -> SyntheticPreset:
@@ -306,6 +320,8 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     nothing at `out_dir`. An existing non-empty `out_dir` is an error unless `overwrite`.
     """
     preset = get_preset(preset_name)
+    if preset_name in TRAINED_PRESETS:
+        return importlib.import_module(TRAINED_PRESETS[preset_name]).write_checkpoint(preset_name, out_dir, overwrite=overwrite)
     return publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
@@ -329,11 +345,16 @@ def publish_checkpoint(out_dir: Path, write_files: Callable[[Path], None], *, ov
 
 def _write_files(preset_name: str, preset: SyntheticPreset, directory: Path) -> None:
     """Model, tokenizer, image-processor and marker files of one checkpoint."""
+    tokenizer = build_tokenizer(preset.vocab_size)
+    save_checkpoint(directory, preset, build_model(preset, tokenizer), tokenizer, _marker(preset_name, preset))
+
+
+def save_checkpoint(directory: Path, preset: SyntheticPreset, model: Any, tokenizer: Tokenizer, marker: dict[str, Any]) -> None:
+    """Write `model` with its tokenizer, processor configs and marker as a llava-hf directory (also the trained
+    shapes preset's writer)."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # no "Writing model shards" bar in logs and CLI output
-    tokenizer = build_tokenizer(preset.vocab_size)
-    model = build_model(preset, tokenizer)
     # transformers 5 always writes model.safetensors (no pickle); the key names are the legacy ones
     # of llava-hf checkpoints ("language_model.model.layers...") via save_original_format.
     model.save_pretrained(directory)
@@ -342,7 +363,7 @@ def _write_files(preset_name: str, preset: SyntheticPreset, directory: Path) -> 
     _write_json(directory / "special_tokens_map.json", _special_tokens_map())
     _write_json(directory / "preprocessor_config.json", _preprocessor_config(preset))
     _write_json(directory / "processor_config.json", _processor_config(preset))
-    _write_json(directory / MARKER_FILE, _marker(preset_name, preset))
+    _write_json(directory / MARKER_FILE, marker)
 
 
 def _publish(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
@@ -362,7 +383,12 @@ def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Pat
     Location: `<cache_dir>/<name>-<hash>`; without `cache_dir`, `$PRUNERT_CACHE/synthetic/...` or
     `~/.cache/prunert/synthetic/...`; `<hash>` is `preset_hash(preset)`.
     """
-    return cached_checkpoint(preset_name, preset_hash(get_preset(preset_name)), cache_dir, write_checkpoint)
+    preset = get_preset(preset_name)
+    if preset_name in TRAINED_PRESETS:
+        digest = importlib.import_module(TRAINED_PRESETS[preset_name]).recipe_hash()
+    else:
+        digest = preset_hash(preset)
+    return cached_checkpoint(preset_name, digest, cache_dir, write_checkpoint)
 
 
 def cached_checkpoint(preset_name: str, digest: str, cache_dir: Path | None, write: Callable[[str, Path], Path]) -> Path:

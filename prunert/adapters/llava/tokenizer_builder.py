@@ -35,15 +35,16 @@ def load_corpus() -> list[str]:
     return [line for line in text.splitlines() if line.strip()]
 
 
-def build_tokenizer(vocab_size: int) -> Tokenizer:
+def build_tokenizer(vocab_size: int, extra_lines: tuple[str, ...] = ()) -> Tokenizer:
     """Train a deterministic byte-level BPE tokenizer whose vocabulary has exactly `vocab_size` ids.
+    `extra_lines` are trained on after the built-in corpus (a task's own words, so they become whole tokens).
 
     Encoding prepends BOS (id 1) like Llama's tokenizer; `<image>` is an added special token, so it
     encodes to one id wherever it appears in text. Decoding round-trips plain ASCII text.
     """
     if vocab_size < MIN_VOCAB_SIZE:
         raise ConfigError(f"tokenizer vocab_size: got {vocab_size}, expected >= {MIN_VOCAB_SIZE}")
-    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS, UNK_TOKEN)
+    tokenizer = train_bpe(vocab_size, SPECIAL_TOKENS, UNK_TOKEN, extra_lines)
     tokenizer = _pad_with_fillers(tokenizer, vocab_size)
     tokenizer.add_special_tokens([_special(token) for token in SPECIAL_TOKENS])
     tokenizer.post_processor = processors.TemplateProcessing(
@@ -55,7 +56,8 @@ def build_tokenizer(vocab_size: int) -> Tokenizer:
     return tokenizer
 
 
-def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], unk_token: str | None = None) -> Tokenizer:
+def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], unk_token: str | None = None,
+              extra_lines: tuple[str, ...] = ()) -> Tokenizer:
     """Byte-level BPE trained on the built-in corpus; specials get ids 0..len(special_tokens)-1. Every
     family's synthetic tokenizer (Qwen2.5-VL's: its own specials, no unk token)."""
     tokenizer = Tokenizer(models.BPE(unk_token=unk_token))
@@ -70,7 +72,7 @@ def train_bpe(vocab_size: int, special_tokens: tuple[str, ...], unk_token: str |
         show_progress=False,
     )
     # `<image>` lines are BPE-trained as plain text too; harmless, as the added token wins at encode.
-    tokenizer.train_from_iterator(load_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator(load_corpus() + list(extra_lines), trainer=trainer)
     return tokenizer
 
 
