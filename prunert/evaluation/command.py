@@ -61,12 +61,12 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
         from prunert.evaluation.reference import check_reference_available
 
         check_reference_available()
-    results = [evaluate_artifact(a, records, cfg) for a in args.artifact]
     reference = None
-    if model is not None:
+    if model is not None:  # first: a checkpoint or processor that does not load fails before the artifacts' long run
         from prunert.evaluation.reference import evaluate_reference
 
         reference = evaluate_reference(model, records, cfg, manifests[0].budget.num_visual_tokens, manifests[0].source)
+    results = [evaluate_artifact(a, records, cfg) for a in args.artifact]
     print(results_table(results, reference))
     breakdown = category_table(results, reference)
     if breakdown:

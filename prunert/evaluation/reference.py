@@ -46,7 +46,11 @@ def evaluate_reference(model: str, records: Sequence[EvalRecord], cfg: EvalConfi
     checkpoint = resolve_source(model)
     adapter = load_export_adapter(checkpoint)
     info = adapter.text_info(checkpoint.path)
-    processor = AutoProcessor.from_pretrained(checkpoint.path)
+    try:
+        processor = AutoProcessor.from_pretrained(checkpoint.path)
+    except ImportError as exc:  # e.g. Qwen2.5-VL's video processor needs torchvision
+        reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
+        raise BackendUnavailableError(f"--reference hf: Hugging Face's processor for {model!r} does not load here: {reason}") from None
     eos = [int(t) for t in info["eos_token_ids"]]
     predictions: list[Prediction] = []
     bar = Progress(f"eval hf:{model}", len(records), progress)

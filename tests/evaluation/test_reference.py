@@ -79,3 +79,21 @@ def test_missing_torch_fails_before_any_artifact_runs(capsys, error_line, monkey
     code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
     assert code == 2
     error_line(err, "--reference hf: needs torch", "prunert[export]")
+
+
+def test_a_processor_that_needs_a_missing_backend_is_one_line(capsys, error_line, monkeypatch, tiny_unpruned: Path,
+                                                              shapes_set: Path) -> None:
+    """Qwen2.5-VL's AutoProcessor needs torchvision (its video processor): one line, before any artifact runs."""
+    import transformers
+
+    import prunert.evaluation.command as command
+
+    def needs_torchvision(*args, **kwargs):
+        raise ImportError("\nQwen2VLVideoProcessor requires the Torchvision library but it was not found in your environment.\nMore.")
+
+    monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before the reference loaded"))
+    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
+    assert code == 2
+    error_line(err, "--reference hf: Hugging Face's processor for 'synthetic:llava-tiny' does not load here",
+               "requires the Torchvision library")
