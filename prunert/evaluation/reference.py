@@ -6,7 +6,11 @@ fp32, eager attention). Each record goes through Hugging Face's own processor (`
 processor, its tokenizer, its expansion of the image placeholder) with the family's prompt template and the same
 prompt as the runtime's (runner.question_prompt), then `model.generate(do_sample=False)` with the checkpoint's
 EOS and pad ids, one record at a time (no padding), every visual token kept. The answer is Hugging Face's decode
-of the new tokens without EOS. So on an unpruned fp32 artifact the predictions should be equal, record by record.
+of the new tokens without EOS. So on an unpruned fp32 artifact the predictions should be equal, record by record
+(measured on the tiny presets: llava-tiny 8/8, qwen2.5-vl-tiny 8/8 with a processor that loads without torchvision).
+LLaVA-NeXT is the documented exception: its artifacts leave out HF's `image_newline` tokens (adapters.llava_next), so an
+unpruned artifact's prompt differs from HF's by those tokens and answers may differ (llava-next-tiny: 5/8 identical).
+Qwen2.5-VL's `AutoProcessor` needs torchvision (its video processor); without it this is one error line.
 """
 
 from __future__ import annotations
