@@ -9,9 +9,9 @@ against lmms-eval 0.7.3 (the `lmms` extra pins it).
 
 - generate_until: greedy (a task's `do_sample: true` with a temperature samples, as in `prunert run`), one image
   per request, the prompt `question_prompt(placeholder, context)` put through the family's template, as
-  `prunert eval` builds it; the task's `until` strings cut the text; `max_new_tokens` is the task's, capped by the
-  model arg and the artifact's max_sequence. Requests run in batches of --batch_size (capped at the artifact's
-  max_batch) and in order.
+  `prunert eval` builds it (a context that holds the placeholder already is used as it is); the task's `until`
+  strings cut the text; `max_new_tokens` is the task's, capped by the model arg and the artifact's max_sequence.
+  Requests run in batches of --batch_size (capped at the artifact's max_batch) and in order.
 - loglikelihood: the continuation's tokens are teacher-forced through the one decode loop
   (runtime.decode.decode_steps) after the prefill of the image and context. It answers what lmms-eval's own
   models answer (llava_hf: the Hugging Face loss) and its multiple_choice scoring expects (argmin): the mean
@@ -37,7 +37,6 @@ from prunert.runtime.pipeline import VLMPipeline
 from prunert.runtime.text import encode_prompt
 
 MODEL_ID = "prunert"
-PINNED_LMMS_EVAL = "0.7.3"
 
 
 def manifest():
@@ -65,6 +64,8 @@ class PrunertLMMS(lmms):
     def __init__(self, artifact: str = "", backend: str = "onnxruntime", precision: str = "fp32", threads: int = 0,
                  max_new_tokens: int = 0, batch_size: int | str = 1, max_batch_size: int | None = None,
                  device: str | None = None) -> None:
+        """model_args: artifact, backend, precision, threads, max_new_tokens. lmms-eval passes batch_size (--batch_size),
+        max_batch_size and device itself; the last two mean nothing here (the backend picks the device)."""
         super().__init__()
         if not artifact:
             raise ConfigError("--model_args: missing artifact=DIR (an artifact directory exported by `prunert export`)")
@@ -80,15 +81,16 @@ class PrunertLMMS(lmms):
         out: list[str] = []
         for chunk in _batches(resolved, self.batch):
             config = self._generation_config(chunk[0].option)
-            prompts = [question_prompt(self.pipe.manifest.text.placeholder, r.context) for r in chunk]
+            prompts = [self._prompt(r.context) for r in chunk]
             generations = self.pipe.generate([r.image for r in chunk], prompts, config)
             out += [_cut(g.text, _until(r.option)) for r, g in zip(chunk, generations)]
         return out
 
     def loglikelihood(self, requests: list[Instance]) -> list[GenerationResult]:
-        """Each request's (mean NLL per continuation token, is_greedy) (module docstring), carried in a GenerationResult: lmms-eval 0.7.3's evaluator passes every
-        response through unwrap_generation_output, which turns anything but a str or a GenerationResult into its
-        str() (a bare tuple reaches multiple_choice's process_results as text and fails); `.text` comes out as is."""
+        """Each request's (mean NLL per continuation token, is_greedy) (module docstring), carried in a
+        GenerationResult: lmms-eval 0.7.3's evaluator passes every response through unwrap_generation_output,
+        which turns anything but a str or a GenerationResult into its str() (a bare tuple reaches
+        multiple_choice's process_results as text and fails); a GenerationResult's `.text` comes out as is."""
         return [GenerationResult(self._loglikelihood(self._resolve(request, "loglikelihood"))) for request in requests]
 
     def generate_until_multi_round(self, requests: list[Instance]) -> list[str]:
@@ -112,6 +114,11 @@ class PrunertLMMS(lmms):
             option = option(doc)
         return Request(str(context), visuals[0], option)
 
+    def _prompt(self, context: str) -> str:
+        """The task's text with the image placeholder first (question_prompt), unless the task placed it itself."""
+        placeholder = self.pipe.manifest.text.placeholder
+        return context if placeholder in context else question_prompt(placeholder, context)
+
     def _generation_config(self, kwargs: dict[str, Any]) -> GenerationConfig:
         """A task's generation kwargs (HF names) -> GenerationConfig: greedy unless do_sample with a temperature."""
         wanted = int(kwargs.get("max_new_tokens") or GenerationConfig.max_new_tokens)
@@ -124,7 +131,7 @@ class PrunertLMMS(lmms):
     def _loglikelihood(self, request: Request) -> tuple[float, bool]:
         """Mean over the continuation's tokens of -log p(token | image, context, earlier tokens), and whether each
         was the argmax."""
-        prompt = question_prompt(self.pipe.manifest.text.placeholder, request.context)
+        prompt = self._prompt(request.context)
         context_ids, continuation = self._split_tokens(prompt, str(request.option))
         limit = self.pipe.manifest.text.max_sequence
         if len(context_ids) + len(continuation) > limit:

@@ -163,6 +163,13 @@ def test_generate_until_batches_keep_order_and_cut_at_until(model, shapes_jsonl:
     assert [text.strip() for text in got] == prunert_answers(tiny_artifact, shapes_jsonl)[:3]
 
 
+@needs_lmms
+def test_a_context_that_places_the_image_itself_is_kept(model, shapes_jsonl: Path, tiny_artifact: Path):
+    docs = [dict(doc, question=f"<image>\n{doc['question']}") for doc in shapes_docs(shapes_jsonl, 2)]
+    got = model.generate_until(instances(model, "generate_until", docs, {"max_new_tokens": MAX_NEW, "until": [UNTIL]}))
+    assert [text.strip() for text in got] == prunert_answers(tiny_artifact, shapes_jsonl)[:2]
+
+
 def scored(responses: list) -> list[tuple[float, bool]]:
     """What lmms-eval's evaluator makes of loglikelihood responses (unwrap_generation_output): (loss, is_greedy)."""
     from lmms_eval.api.instance import unwrap_generation_output
