@@ -28,19 +28,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from prunert.config import check_seed
-    from prunert.errors import PrunertError
+    from prunert.errors import report_errors
     from prunert.shapes.dataset import write_eval_set
 
-    try:
+    def command() -> int:
         check_seed("--seed", args.seed)
         print(write_eval_set(args.out, args.count, args.seed, overwrite=args.overwrite))
-    except PrunertError as exc:
-        print(f"prunert: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("prunert: interrupted", file=sys.stderr)
-        return 130
-    return 0
+        return 0
+
+    return report_errors(command)
 
 
 if __name__ == "__main__":

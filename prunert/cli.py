@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from prunert.errors import PrunertError
+from prunert.errors import report_errors
 
 EXAMPLE_CALIBRATION_DIR = Path(__file__).resolve().parent.parent / "examples" / "calibration"
 SYNTHETIC_NOTE = "note: synthetic checkpoint (seeded random weights): outputs show the plumbing, not a trained model's answers"
@@ -431,23 +431,21 @@ def _environment_error(exc: OSError, args: argparse.Namespace | None) -> str:
 def main(argv: list[str] | None = None) -> int:
     """The console script and `python -m prunert`: parsing is inside the try, so Ctrl-C while the parser's
     imports load (method registry, configs) is exit 130 too."""
-    args = None
+    parsed: list[argparse.Namespace] = []
+
+    def command() -> int:
+        parsed.append(build_parser().parse_args(argv))
+        return parsed[0].func(parsed[0])
+
     try:
-        args = build_parser().parse_args(argv)
-        return args.func(args)
-    except PrunertError as exc:
-        print(f"prunert: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("prunert: interrupted", file=sys.stderr)
-        return 130
+        return report_errors(command)
     except BrokenPipeError:  # the reader closed early (`prunert inspect A | head`): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     except OSError as exc:
         if exc.errno not in ENVIRONMENT_ERRNOS:
             raise
-        print(f"prunert: error: {_environment_error(exc, args)}", file=sys.stderr)
+        print(f"prunert: error: {_environment_error(exc, parsed[0] if parsed else None)}", file=sys.stderr)
         return 2
 
 

@@ -1,6 +1,11 @@
 """Typed errors. Every user-facing failure is a PrunertError subclass; the CLI prints its message
 and exits non-zero without a traceback."""
 
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
 
 class PrunertError(Exception):
     """Base class for errors caused by bad input, a bad artifact or a failed check."""
@@ -42,3 +47,16 @@ class ExportError(PrunertError):
 
 class ParityError(PrunertError):
     """Parity could not be evaluated (not a parity FAIL, which is a result, not an error)."""
+
+
+def report_errors(command: Callable[[], int]) -> int:
+    """Run a command-line entry point: a PrunertError is one `prunert: error: ...` line on stderr and its exit
+    code, Ctrl-C is `prunert: interrupted` and 130 (the `prunert` CLI and every script beside it)."""
+    try:
+        return command()
+    except PrunertError as exc:
+        print(f"prunert: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("prunert: interrupted", file=sys.stderr)
+        return 130

@@ -151,6 +151,19 @@ def tiny_artifact(tmp_path_factory: pytest.TempPathFactory, prunert_cache: Path)
     return out
 
 
+# The cache a user's session has (read before prunert_cache points PRUNERT_CACHE at a temp dir): the trained
+# synthetic:llava-shapes lives there, so a test session trains it at most once per machine, never per session.
+USER_CACHE = Path(os.environ.get("PRUNERT_CACHE") or "~/.cache/prunert").expanduser()
+
+
+@pytest.fixture(scope="session")
+def shapes_checkpoint() -> Path:
+    """The trained synthetic:llava-shapes directory (trained into the user's cache on first use, minutes). Read-only!"""
+    from prunert.adapters.llava.synthetic import synthetic_checkpoint
+
+    return synthetic_checkpoint("llava-shapes", cache_dir=USER_CACHE / "synthetic")
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(prunert_cache: Path) -> Path:
     """The cached synthetic llava-tiny Hugging Face directory."""

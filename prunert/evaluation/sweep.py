@@ -126,9 +126,7 @@ def run_sweep(model: str, points: Sequence[SweepPoint], records: Sequence[EvalRe
         path = out / "artifacts" / point.name
         ensure_artifact(model, path, point.budget, export_cfg, log)
         result = evaluate_artifact(path, records, eval_cfg, progress=progress)
-        reference = results[0].result if results else None
-        relative = result.accuracy / reference.accuracy if reference is not None and reference.accuracy > 0 else None
-        results.append(SweepResult(point, result, relative))
+        results.append(SweepResult(point, result, result.relative_to(results[0].result) if results else None))
         log(f"{point.name}: accuracy {result.accuracy:.1%}")
     write_outputs(out, model, records, results)
     return results

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from prunert.errors import PrunertError
+from prunert.errors import report_errors
 from prunert.integrations.lmms_eval_tasks import DEFAULT_TASK, write_task
 
 
@@ -17,18 +17,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--task", default=DEFAULT_TASK, help=f"task name (default {DEFAULT_TASK})")
     parser.add_argument("--limit", type=int, help="only the first N records")
     parser.add_argument("--overwrite", action="store_true", help="replace <task>.yaml / <task>.jsonl if they exist")
-    try:
+
+    def command() -> int:
         args = parser.parse_args(argv)
         path = write_task(args.data, args.out, args.task, args.limit, args.overwrite)
-    except PrunertError as exc:
-        print(f"prunert: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    except KeyboardInterrupt:
-        print("prunert: interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {path}\nrun: lmms-eval eval --model prunert --model_args artifact=DIR --tasks {args.task} "
-          f"--include_path {path.parent}")
-    return 0
+        print(f"wrote {path}\nrun: lmms-eval eval --model prunert --model_args artifact=DIR --tasks {args.task} "
+              f"--include_path {path.parent}")
+        return 0
+
+    return report_errors(command)
 
 
 if __name__ == "__main__":
