@@ -6,7 +6,7 @@ One `prunert sweep` (prunert.evaluation.sweep.run_sweep) over the seven methods 
 alpha 0, 0.5, 2, 4 (alpha 1 is the default `resprune` line), on a held-out shapes set (seed 0). Then the unpruned
 and ResPrune K=64 artifacts get fp16 / bf16 graphs (`prunert convert`) and int8 / fp8 Q/DQ graphs (`prunert
 calibrate` on 32 training-distribution scenes, seed 99) and each precision is evaluated on the same set (ONNX
-Runtime, CPU). Writes bench/results/shapes_study.json and the README's figures in docs/images/; prints the tables.
+Runtime, CPU; bf16 graphs, which the CPU provider cannot run, are recorded with the error). Writes bench/results/shapes_study.json and the README's figures in docs/images/; prints the tables.
 The model is a demonstration trained on generated shapes, not a general VLM.
 """
 
@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from prunert.config import BudgetConfig, ResPruneConfig  # noqa: E402
+from prunert.errors import PrunertError  # noqa: E402
 from prunert.evaluation import EvalConfig, evaluate_artifact, load_records  # noqa: E402
 from prunert.evaluation.plots import plot_accuracy_vs_k, plot_accuracy_vs_ttft  # noqa: E402
 from prunert.evaluation.sweep import SweepPoint, grid, run_sweep, sweep_table  # noqa: E402
@@ -60,7 +61,12 @@ def precision_rows(artifacts: list[Path], records, cfg: EvalConfig, out: Path) -
                 rows.append({"artifact": artifact.name, "precision": precision, "error": done.stderr.strip().splitlines()[-1:]})
                 print(f"{artifact.name} {precision}: {rows[-1]['error']}", file=sys.stderr)
                 continue
-            result = evaluate_artifact(artifact, records, EvalConfig(batch=cfg.batch, threads=cfg.threads, precision=precision))
+            try:
+                result = evaluate_artifact(artifact, records, EvalConfig(batch=cfg.batch, threads=cfg.threads, precision=precision))
+            except PrunertError as exc:  # bf16 graphs are for TensorRT: ONNX Runtime's CPU provider lacks bf16 kernels
+                rows.append({"artifact": artifact.name, "precision": precision, "error": str(exc)})
+                print(f"{artifact.name} {precision}: {exc}", file=sys.stderr)
+                continue
             rows.append({"artifact": artifact.name, "precision": precision, "accuracy": result.accuracy,
                          "ci95": list(result.ci95), "by_category": result.by_category, "ttft_s": result.ttft_s})
     return rows

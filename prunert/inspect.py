@@ -13,7 +13,8 @@ def manifest_table(m: Manifest, leftovers: Sequence[Leftover] = ()) -> str:
     lines = [
         f"artifact schema {m.schema_version}, prunert {m.prunert_version}, opset {m.opset}",
         f"source        {m.source.model} ({m.source.architecture}, family {m.source.family})"
-        + ("  [SYNTHETIC: seeded random weights]" if m.source.synthetic else ""),
+        + ("  [SYNTHETIC: seeded random weights]" if m.source.synthetic else "")
+        + (f"  [{m.source.note}]" if m.source.note else ""),
         f"budget        K={m.budget.budget} of N={m.budget.num_visual_tokens} visual tokens, method {m.budget.method} "
         + " ".join(f"{k}={v}" for k, v in sorted(m.budget.params.items())),
         f"decoder       {m.decoder.num_layers} layers, hidden {m.decoder.hidden_size}, kv heads {m.decoder.num_kv_heads} x {m.decoder.head_dim}, vocab {m.decoder.vocab_size}",

@@ -13,12 +13,12 @@ The unpruned artifact (the registry's keeps_all method) is always evaluated as t
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from prunert import pruning_ops
+from prunert.artifact_publish import write_atomically
 from prunert.config import BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ConfigError
 from prunert.evaluation.data import EvalRecord
@@ -101,26 +101,30 @@ def ensure_artifact(model: str, path: Path, budget: BudgetConfig, export_cfg: Ex
     export_artifact(model, path, budget, export_cfg, overwrite=path.exists(), log=log)
 
 
-def unpruned_point(model: str) -> SweepPoint:
-    """The unpruned baseline of `model` (the registry's keeps_all method at K = N)."""
+def checked_points(model: str, points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """The unpruned baseline of `model` (the registry's keeps_all method at K = N) then `points`, each checked
+    against the checkpoint (K < N, a [CLS] the method needs) before anything is exported."""
     from prunert.adapters import resolve_source
-    from prunert.export.pipeline import load_export_adapter
+    from prunert.export.pipeline import fit_budget, load_export_adapter
 
     method = next(m for m in pruning_ops.methods() if pruning_ops.method_spec(m).keeps_all)
     adapter = load_export_adapter(resolve_source(model))
-    return SweepPoint(BudgetConfig(budget=adapter.num_visual_tokens, method=method))
+    baseline = SweepPoint(BudgetConfig(budget=adapter.num_visual_tokens, method=method))
+    ordered = [baseline] + [p for p in points if p.name != baseline.name]
+    names = [p.name for p in ordered]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"sweep points: duplicate names {sorted({n for n in names if names.count(n) > 1})}; give variants a tag")
+    for point in ordered:
+        fit_budget(adapter, point.budget)
+    return ordered
 
 
 def run_sweep(model: str, points: Sequence[SweepPoint], records: Sequence[EvalRecord], out: Path,
               eval_cfg: EvalConfig = EvalConfig(), export_cfg: ExportConfig = ExportConfig(),
               log: Callable[[str], None] = print, progress: bool = True) -> list[SweepResult]:
     """Export and evaluate the unpruned baseline, then every point; results in `points` order (baseline first)."""
+    ordered = checked_points(model, points)
     out = prepare_out(out)
-    baseline = unpruned_point(model)
-    ordered = [baseline] + [p for p in points if p.name != baseline.name]
-    names = [p.name for p in ordered]
-    if len(set(names)) != len(names):
-        raise ConfigError(f"sweep points: duplicate names {sorted({n for n in names if names.count(n) > 1})}; give variants a tag")
     results: list[SweepResult] = []
     for point in ordered:
         path = out / "artifacts" / point.name
@@ -136,8 +140,8 @@ def write_outputs(out: Path, model: str, records: Sequence[EvalRecord], results:
     from prunert.evaluation.plots import plot_accuracy_vs_k, plot_accuracy_vs_ttft
 
     payload = {"model": model, "questions": len(records), "points": [r.to_json() for r in results]}
-    _write_text(out / RESULTS_FILE, json.dumps(payload, indent=2) + "\n")
-    _write_text(out / "sweep.md", sweep_table(results) + "\n")
+    write_atomically(out / RESULTS_FILE, json.dumps(payload, indent=2) + "\n")
+    write_atomically(out / "sweep.md", sweep_table(results) + "\n")
     plot_accuracy_vs_k(results, out / "accuracy_vs_k.png")
     plot_accuracy_vs_ttft(results, out / "accuracy_vs_ttft.png")
 
@@ -155,10 +159,3 @@ def sweep_table(results: list[SweepResult]) -> str:
     for line, by_k in series.items():
         rows.append(f"| {line} | " + " | ".join(f"{by_k[k]:.1%}" if k in by_k else "" for k in budgets) + " |")
     return "\n".join(rows)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-

@@ -34,7 +34,8 @@ def recipe_hash(config: TrainConfig = TrainConfig()) -> str:
 def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False, config: TrainConfig = TrainConfig(),
                      progress: bool = True) -> Path:
     """Train the model (deterministic; a few minutes on 2 cores, once) and write it as a llava-hf directory."""
-    from prunert.adapters.llava.synthetic import publish_checkpoint, save_checkpoint
+    from prunert.adapters.llava.synthetic import save_checkpoint
+    from prunert.staged_dir import publish_directory
     from prunert.shapes.train import Trainer
 
     print(f"prunert: training synthetic:{preset_name} once ({DEMO_NOTE}); it is cached at {out_dir}", file=sys.stderr)
@@ -42,7 +43,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     print(f"prunert: trained synthetic:{preset_name} in {result.seconds / 60:.1f} min, state dict sha256 "
           f"{result.sha256[:16]}", file=sys.stderr)
     marker = _marker(preset_name, config, result)
-    return publish_checkpoint(out_dir, lambda d: save_checkpoint(d, PRESET, result.model, result.tokenizer, marker),
+    return publish_directory(out_dir, lambda d: save_checkpoint(d, PRESET, result.model, result.tokenizer, marker),
                               overwrite=overwrite)
 
 

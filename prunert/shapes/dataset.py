@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from prunert.errors import ConfigError
 from prunert.shapes.scenes import Question, Scene, sample_question
+from prunert.staged_dir import publish_directory
 
 QUESTIONS_FILE = "questions.jsonl"
 IMAGES_DIR = "images"
@@ -43,32 +42,16 @@ def write_eval_set(out_dir: str | os.PathLike[str], count: int, seed: int, *, ov
             raise ConfigError(f"--out {out}: already exists (pass --overwrite to replace a shapes set)")
         if out.is_symlink() or not out.is_dir() or {p.name for p in out.iterdir()} - {QUESTIONS_FILE, IMAGES_DIR}:
             raise ConfigError(f"--out {out}: is not a shapes set written by prunert; refusing to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        stage.chmod(0o777 & ~_umask())
-        (stage / IMAGES_DIR).mkdir()
-        lines = []
-        for index, (scene, question) in enumerate(eval_questions(count, seed)):
-            name = f"{IMAGES_DIR}/{index:06d}.png"
-            scene.render().save(stage / name, compress_level=1)
-            lines.append(json.dumps({"image": name, "question": question.question, "answer": question.answer,
-                                     "category": question.template}))
-        (stage / QUESTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(stage, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(stage, out)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
+    publish_directory(out, lambda stage: _write_set(stage, count, seed), overwrite=True)
     return out / QUESTIONS_FILE
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _write_set(stage: Path, count: int, seed: int) -> None:
+    (stage / IMAGES_DIR).mkdir()
+    lines = []
+    for index, (scene, question) in enumerate(eval_questions(count, seed)):
+        name = f"{IMAGES_DIR}/{index:06d}.png"
+        scene.render().save(stage / name, compress_level=1)
+        lines.append(json.dumps({"image": name, "question": question.question, "answer": question.answer,
+                                 "category": question.template}))
+    (stage / QUESTIONS_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")

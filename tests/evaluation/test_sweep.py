@@ -76,6 +76,14 @@ def test_bad_flags_are_one_line_before_any_export(capsys, tmp_path: Path, shapes
     assert not out.exists()
 
 
+def test_a_budget_the_model_cannot_give_is_refused_before_any_export(capsys, tmp_path: Path, shapes_set: Path, error_line) -> None:
+    out = tmp_path / "sweep"
+    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--methods", "uniform", "--budgets", "8,100",
+                      "--data", shapes_set, "--out", out)
+    assert code == 2 and "budget" in error_line(err)
+    assert not out.exists()
+
+
 def test_bad_data_is_refused_before_any_export(capsys, tmp_path: Path, error_line) -> None:
     data = tmp_path / "q.jsonl"
     data.write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')

@@ -81,6 +81,8 @@ def test_every_command_says_it_is_a_demonstration_model(shapes_checkpoint: Path,
     assert f"note: {DEMO_NOTE}" in export.stdout and "seeded random weights" not in export.stdout
     source = load_manifest(out).source
     assert source.note == DEMO_NOTE and source.synthetic is False and source.model == "synthetic:llava-shapes"
+    inspect = cli("inspect", str(out))
+    assert inspect.returncode == 0 and DEMO_NOTE in inspect.stdout and "SYNTHETIC" not in inspect.stdout
     image = write_eval_set(tmp_path / "one", 1, 0).parent / "images" / "000000.png"
     run = cli("run", str(out), "--image", str(image), "--prompt", "<image>\nHow many objects are there?")
     assert run.returncode == 0, run.stderr

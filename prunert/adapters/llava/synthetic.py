@@ -12,8 +12,6 @@ import hashlib
 import importlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -29,6 +27,7 @@ from prunert.adapters.llava.tokenizer_builder import (
     num_trained_tokens,
 )
 from prunert.errors import ConfigError, ModelSourceError
+from prunert.staged_dir import publish_directory
 
 if TYPE_CHECKING:
     import torch
@@ -322,25 +321,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     preset = get_preset(preset_name)
     if preset_name in TRAINED_PRESETS:
         return importlib.import_module(TRAINED_PRESETS[preset_name]).write_checkpoint(preset_name, out_dir, overwrite=overwrite)
-    return publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
-
-
-def publish_checkpoint(out_dir: Path, write_files: Callable[[Path], None], *, overwrite: bool = False) -> Path:
-    """Every family's write_checkpoint: write_files(tmp_dir) beside `out_dir`, then rename it into place.
-    A crash leaves nothing at `out_dir`; an existing non-empty `out_dir` is an error unless `overwrite`."""
-    out_dir = Path(out_dir).expanduser().absolute()
-    if _is_non_empty_dir(out_dir) and not overwrite:
-        raise ConfigError(f"output directory {out_dir} already exists and is not empty (use overwrite)")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        tmp_dir.chmod(0o755)  # mkdtemp makes it 0700; the published directory is a normal one
-        write_files(tmp_dir)
-        _publish(tmp_dir, out_dir, overwrite=overwrite)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
-    return out_dir
+    return publish_directory(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
 def _write_files(preset_name: str, preset: SyntheticPreset, directory: Path) -> None:
@@ -364,17 +345,6 @@ def save_checkpoint(directory: Path, preset: SyntheticPreset, model: Any, tokeni
     _write_json(directory / "preprocessor_config.json", _preprocessor_config(preset))
     _write_json(directory / "processor_config.json", _processor_config(preset))
     _write_json(directory / MARKER_FILE, marker)
-
-
-def _publish(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished `tmp_dir` to `out_dir` (atomic when `out_dir` is absent or empty)."""
-    if overwrite and _is_non_empty_dir(out_dir):
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-        os.replace(out_dir, old / out_dir.name)
-        os.replace(tmp_dir, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp_dir, out_dir)
 
 
 def synthetic_checkpoint(preset_name: str, cache_dir: Path | None = None) -> Path:
@@ -498,7 +468,3 @@ def _marker(preset_name: str, preset: SyntheticPreset) -> dict[str, Any]:
 
 def _write_json(path: Path, payload: dict[str, Any]) -> None:
     path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-
-
-def _is_non_empty_dir(path: Path) -> bool:
-    return path.is_dir() and any(path.iterdir())

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from prunert.staged_dir import publish_directory
 from prunert.adapters.llava import synthetic as llava_synthetic
 from prunert.adapters.llava.synthetic import (
     BICUBIC,
@@ -169,7 +170,7 @@ def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False
     An existing non-empty `out_dir` is an error unless `overwrite`.
     """
     preset = get_preset(preset_name)
-    return llava_synthetic.publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
+    return publish_directory(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
 def _write_files(preset_name: str, preset: LlavaNextPreset, directory: Path) -> None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import prunert
+from prunert.staged_dir import publish_directory
 from prunert.adapters.llava import synthetic as llava_synthetic
 from prunert.adapters.llava.synthetic import (
     CLIP_IMAGE_MEAN,
@@ -192,7 +193,7 @@ def parameter_counts(preset: QwenSyntheticPreset) -> dict[str, int]:
 def write_checkpoint(preset_name: str, out_dir: Path, *, overwrite: bool = False) -> Path:
     """Write preset `preset_name` as a complete Hugging Face Qwen2.5-VL directory at `out_dir` (atomically)."""
     preset = get_preset(preset_name)
-    return llava_synthetic.publish_checkpoint(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
+    return publish_directory(out_dir, lambda directory: _write_files(preset_name, preset, directory), overwrite=overwrite)
 
 
 def _write_files(preset_name: str, preset: QwenSyntheticPreset, directory: Path) -> None:
