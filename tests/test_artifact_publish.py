@@ -367,7 +367,7 @@ def test_published_folders_and_files_follow_the_umask(tmp_path: Path) -> None:
 class _Report:
     """What _parity uses of a ParityReport (the parity run itself is tested in tests/parity)."""
 
-    synthetic, verdict, passed = False, "PASS", True
+    synthetic, note, verdict, passed = False, "", "PASS", True
 
     def table(self) -> str:
         return "stage table"

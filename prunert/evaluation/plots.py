@@ -47,11 +47,15 @@ def plot_accuracy_vs_k(results: Sequence[Any], path: Path, title: str = "") -> P
 
 
 def plot_accuracy_vs_ttft(results: Sequence[Any], path: Path) -> Path:
-    """Every point's accuracy against its mean TTFT (ms), one marker series per method line."""
+    """Every point's accuracy against its mean TTFT (ms), one line per series (the colours of accuracy-vs-K);
+    the unpruned baseline (results[0]) a black star."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    base = results[0]
+    ax.plot([1e3 * base.result.ttft_s], [100 * base.result.accuracy], marker="*", markersize=10, color="black",
+            linestyle="none", label=f"unpruned (K={base.point.budget.budget})")
     series: dict[str, list[tuple[float, float, int]]] = {}
-    for r in results:
+    for r in results[1:]:
         series.setdefault(r.point.line, []).append((1e3 * r.result.ttft_s, 100 * r.result.accuracy, r.point.budget.budget))
     for line, points in series.items():
         points.sort()
