@@ -99,3 +99,52 @@ class HFTextParts:
 
         middle = [token for run in runs for token in ([ids[body[run]]] if isinstance(run, int) else plain(run))]
         return ids[: body[0]] + middle + ids[body[-1] + 1 :]
+
+
+# Sub-processors an image + text run does without, when their backend is not installed (Qwen2.5-VL's video
+# processor needs torchvision); any other part that does not load is the ImportError it raised.
+OPTIONAL_PROCESSOR_PARTS = ("video_processor", "feature_extractor")
+
+
+def load_hf_processor(directory: Path, overrides: dict | None = None) -> tuple[Any, list[str]]:
+    """The checkpoint's AutoProcessor, with the image processor rebuilt with `overrides` if any.
+    -> (processor, sub-processors left out). A sub-processor whose optional backend is not installed
+    (Qwen2.5-VL's video processor needs torchvision) is left out: the benchmark and `eval --reference hf` feed one
+    image and text."""
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    left_out: list[str] = []
+    try:
+        processor = AutoProcessor.from_pretrained(directory)
+    except ImportError:
+        processor, left_out = _processor_without_missing_backends(directory)
+    if overrides:
+        processor.image_processor = AutoImageProcessor.from_pretrained(directory, **overrides)
+    return processor, left_out
+
+
+def _processor_without_missing_backends(directory: Path) -> tuple[Any, list[str]]:
+    """AutoProcessor's class, built from the sub-processors that load (same files, same processor settings)."""
+    from transformers import AutoConfig, AutoTokenizer
+    from transformers.models.auto.processing_auto import PROCESSOR_MAPPING
+    from transformers.processing_utils import MODALITY_TO_AUTOPROCESSOR_MAPPING
+
+    base = PROCESSOR_MAPPING[type(AutoConfig.from_pretrained(directory))]
+    parts, missing = [], []
+    for attribute in base.get_attributes():
+        loader = AutoTokenizer if "tokenizer" in attribute else MODALITY_TO_AUTOPROCESSOR_MAPPING[attribute]
+        try:
+            parts.append(loader.from_pretrained(directory))
+        except ImportError:
+            if attribute not in OPTIONAL_PROCESSOR_PARTS:  # an image processor or tokenizer cannot be left out
+                raise
+            missing.append(attribute)
+
+    class Partial(base):  # the processor class with the missing sub-processors dropped from its attributes
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return [name for name in base.get_attributes() if name not in missing]
+
+    Partial.__name__ = Partial.__qualname__ = base.__name__
+    processor_dict, kwargs = base.get_processor_dict(directory)
+    return Partial.from_args_and_dict(parts, processor_dict, **kwargs), missing

@@ -7,10 +7,12 @@ processor, its tokenizer, its expansion of the image placeholder) with the famil
 prompt as the runtime's (runner.question_prompt), then `model.generate(do_sample=False)` with the checkpoint's
 EOS and pad ids, one record at a time (no padding), every visual token kept. The answer is Hugging Face's decode
 of the new tokens without EOS. So on an unpruned fp32 artifact the predictions should be equal, record by record
-(measured on the tiny presets: llava-tiny 8/8, qwen2.5-vl-tiny 8/8 with a processor that loads without torchvision).
+(measured on the tiny presets: llava-tiny 8/8, qwen2.5-vl-tiny 8/8).
 LLaVA-NeXT is the documented exception: its artifacts leave out HF's `image_newline` tokens (adapters.llava_next), so an
 unpruned artifact's prompt differs from HF's by those tokens and answers may differ (llava-next-tiny: 5/8 identical).
-Qwen2.5-VL's `AutoProcessor` needs torchvision (its video processor); without it this is one error line.
+Qwen2.5-VL's `AutoProcessor` needs torchvision for its video processor; without torchvision the processor is built
+from its image processor and tokenizer (adapters.hf_loading.load_hf_processor); a missing image processor or
+tokenizer backend is one error line.
 """
 
 from __future__ import annotations
@@ -41,18 +43,18 @@ def evaluate_reference(model: str, records: Sequence[EvalRecord], cfg: EvalConfi
     artifact's N; timings None). `source`: the artifact's manifest SourceSpec, for the model note."""
     check_reference_available()
     import torch
-    from transformers import AutoProcessor
     from transformers.utils import logging as hf_logging
 
     from prunert.adapters import resolve_source
+    from prunert.adapters.hf_loading import load_hf_processor
     from prunert.export.pipeline import load_export_adapter
 
     checkpoint = resolve_source(model)
     adapter = load_export_adapter(checkpoint)
     info = adapter.text_info(checkpoint.path)
     try:
-        processor = AutoProcessor.from_pretrained(checkpoint.path)
-    except ImportError as exc:  # e.g. Qwen2.5-VL's video processor needs torchvision
+        processor, _ = load_hf_processor(checkpoint.path)  # Qwen2.5-VL's video processor (torchvision) may be left out
+    except ImportError as exc:  # its image processor or tokenizer needs a library that is not installed
         reason = next((line.strip() for line in str(exc).splitlines() if line.strip()), type(exc).__name__)
         raise BackendUnavailableError(f"--reference hf: Hugging Face's processor for {model!r} does not load here: {reason}") from None
     eos = [int(t) for t in info["eos_token_ids"]]

@@ -81,10 +81,12 @@ def test_missing_torch_fails_before_any_artifact_runs(capsys, error_line, monkey
     error_line(err, "--reference hf: needs torch", "prunert[export]")
 
 
-def test_a_processor_that_needs_a_missing_backend_is_one_line(capsys, error_line, monkeypatch, tiny_unpruned: Path,
-                                                              shapes_set: Path) -> None:
-    """Qwen2.5-VL's AutoProcessor needs torchvision (its video processor): one line, before any artifact runs."""
+def test_a_processor_whose_image_processor_needs_a_missing_backend_is_one_line(capsys, error_line, monkeypatch,
+                                                                              tiny_unpruned: Path, shapes_set: Path) -> None:
+    """No AutoProcessor and no image processor (a backend missing): one line, before any artifact runs. A missing
+    video processor alone (Qwen2.5-VL without torchvision) is left out instead (next test)."""
     import transformers
+    from transformers.processing_utils import MODALITY_TO_AUTOPROCESSOR_MAPPING
 
     import prunert.evaluation.command as command
 
@@ -92,8 +94,26 @@ def test_a_processor_that_needs_a_missing_backend_is_one_line(capsys, error_line
         raise ImportError("\nQwen2VLVideoProcessor requires the Torchvision library but it was not found in your environment.\nMore.")
 
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
+    monkeypatch.setattr(MODALITY_TO_AUTOPROCESSOR_MAPPING["image_processor"], "from_pretrained", needs_torchvision)
     monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before the reference loaded"))
     code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
     assert code == 2
     error_line(err, "--reference hf: Hugging Face's processor for 'synthetic:llava-tiny' does not load here",
                "requires the Torchvision library")
+
+
+def test_qwen_reference_answers_as_its_unpruned_artifact_without_the_video_processor(prunert_cache: Path, shapes_set: Path,
+                                                                                     tmp_path: Path) -> None:
+    """Qwen2.5-VL's AutoProcessor needs torchvision for its video processor; the reference is built without it
+    (hf_loading.load_hf_processor) and answers each record as the unpruned fp32 artifact does."""
+    from prunert.adapters import resolve_source
+    from prunert.config import BudgetConfig, ExportConfig
+    from prunert.export.pipeline import export_artifact, load_export_adapter
+
+    qwen, out = "synthetic:qwen2.5-vl-tiny", tmp_path / "qwen-none"
+    largest_n = load_export_adapter(resolve_source(qwen)).num_visual_tokens  # --method none keeps every image's own N
+    manifest = export_artifact(qwen, out, BudgetConfig(budget=largest_n, method="none"), ExportConfig(), log=lambda message: None)
+    records = load_records(shapes_set, 4)
+    ours = evaluate_artifact(out, records, EvalConfig(), progress=False)
+    ref = evaluate_reference(qwen, records, EvalConfig(), manifest.budget.num_visual_tokens, progress=False)
+    assert [p.prediction for p in ref.predictions] == [p.prediction for p in ours.predictions]
