@@ -115,13 +115,23 @@ FAKE_TRT = REPO / "tests" / "engines" / "test_engine_fake_backend.py"
 
 def fake_trt_backend():
     """The CPU stand-in for tensorrt + cuda-python (tests/engines/test_engine_fake_backend.py), loaded by path."""
-    name = "prunert_tests_fake_trt_backend"
+    return module_from_path("prunert_tests_fake_trt_backend", FAKE_TRT)
+
+
+def module_from_path(name: str, path: Path):
+    """The module at `path` (a test helper or a bench/ script), imported once as `name`."""
     if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, FAKE_TRT)
+        spec = importlib.util.spec_from_file_location(name, path)
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
     return sys.modules[name]
+
+
+@pytest.fixture(scope="session")
+def load_module():
+    """load_module(name, path) -> the module at path, imported once (module_from_path)."""
+    return module_from_path
 
 
 @pytest.fixture

@@ -35,15 +35,7 @@ def plot_accuracy_vs_k(results: Sequence[Any], path: Path, title: str = "") -> P
     budgets = sorted({r.point.budget.budget for r in results[1:]})
     ax.set_xscale("log", base=2)
     ax.set_xticks(budgets, [str(k) for k in budgets])
-    ax.set_xlabel("K kept visual tokens")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_title(title or f"accuracy vs K ({len(base.result.predictions)} questions)")
-    ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return _finish(plt, fig, ax, path, "K kept visual tokens", title or f"accuracy vs K ({len(base.result.predictions)} questions)")
 
 
 def plot_accuracy_vs_ttft(results: Sequence[Any], path: Path) -> Path:
@@ -62,9 +54,14 @@ def plot_accuracy_vs_ttft(results: Sequence[Any], path: Path) -> Path:
         ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=line)
         for ttft, acc, k in points:
             ax.annotate(str(k), (ttft, acc), fontsize=6, xytext=(2, 2), textcoords="offset points")
-    ax.set_xlabel("mean TTFT (ms, this machine; labels: K)")
+    return _finish(plt, fig, ax, path, "mean TTFT (ms, this machine; labels: K)", "accuracy vs time to first token")
+
+
+def _finish(plt: Any, fig: Any, ax: Any, path: Path, xlabel: str, title: str) -> Path:
+    """Labels, grid and legend of either figure; written to `path` as PNG."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("accuracy vs time to first token")
+    ax.set_title(title)
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()

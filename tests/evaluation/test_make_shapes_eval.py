@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,14 +12,8 @@ SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "make_shapes_eval.py"
 
 
 @pytest.fixture(scope="module")
-def script():
-    name = "prunert_bench_make_shapes_eval"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, SCRIPT)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+def script(load_module):
+    return load_module("prunert_bench_make_shapes_eval", SCRIPT)
 
 
 def test_writes_a_set_prunert_eval_reads(script, capsys, tmp_path: Path) -> None:
