@@ -23,6 +23,7 @@ FAMILIES = {"llava": "prunert.adapters.llava", "llava_next": "prunert.adapters.l
 # Hugging Face config `model_type` -> family
 MODEL_TYPES = {"llava": "llava", "llava_next": "llava_next", "qwen2_5_vl": "qwen2_5_vl"}
 SYNTHETIC_PREFIX = "synthetic:"
+MARKER_FILE = "prunert_synthetic.json"  # written into every checkpoint a synthetic preset builds
 
 
 @dataclass(frozen=True)
@@ -120,8 +121,6 @@ def _from_directory(label: str, path: Path, synthetic: bool) -> ModelSource:
     synthetic, note = _marker(path, synthetic)
     return ModelSource(label=label, path=path, family=MODEL_TYPES[model_type], synthetic=synthetic, config=config, note=note)
 
-
-MARKER_FILE = "prunert_synthetic.json"  # written into every checkpoint a synthetic preset builds
 
 
 def _marker(path: Path, synthetic: bool) -> tuple[bool, str]:

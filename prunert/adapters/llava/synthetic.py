@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 import prunert
+from prunert.adapters import MARKER_FILE  # the marker every synthetic checkpoint carries
 from prunert.adapters.llava.tokenizer_builder import (
     BOS_TOKEN,
     EOS_TOKEN,
@@ -38,7 +39,6 @@ if TYPE_CHECKING:
 # LLAVA_PROMPT_TEMPLATE.format(prompt="<image>\nWhat is in the picture?").
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE  # noqa: E402,F401  (re-exported)
 
-MARKER_FILE = "prunert_synthetic.json"
 # Bump when the weights or files written for an unchanged preset change: it invalidates caches.
 SYNTHETIC_FORMAT_VERSION = 1
 CACHE_ENV_VAR = "PRUNERT_CACHE"
