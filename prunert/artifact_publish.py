@@ -433,4 +433,5 @@ def _journal_path(target: Path) -> Path:
 
 
 def _relative(path: Path, target: Path) -> str:
-    return str(Path(path).relative_to(target.parent))
+    """`path` as the journal names it: relative to target's folder (either may be given relative to the cwd)."""
+    return str(_absolute(path).relative_to(_absolute(target).parent))

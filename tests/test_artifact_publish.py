@@ -121,6 +121,19 @@ def test_overwrite_replaces_an_artifact(tmp_path: Path, tiny_artifact: Path) -> 
     load_manifest(target)
 
 
+def test_overwrite_replaces_an_artifact_given_by_a_relative_path(tmp_path: Path, tiny_artifact: Path, monkeypatch) -> None:
+    """`export --out build/x --overwrite` (examples/quickstart.sh): the swap journal names the staging folder
+    relative to the target's folder although both paths came relative to the cwd (a ValueError before)."""
+    monkeypatch.chdir(tmp_path)
+    target = Path("build") / "out"
+    Path("build").mkdir()
+    for who, overwrite in (("old", False), ("new", True)):
+        staging = _stage(target, tiny_artifact, who)
+        publish(staging, target, overwrite=overwrite)
+        staging.remove()
+    assert (target / "who.txt").read_text() == "new" and _beside(tmp_path / target) == []
+
+
 # ---------------------------------------------------------------------------------------- exclusive publish
 
 
