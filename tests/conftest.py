@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.machinery
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -45,6 +46,34 @@ def tiny_settings() -> dict:
 def error_line():
     """assert_one_error_line(stderr, *needles) -> the line."""
     return assert_one_error_line
+
+
+@pytest.fixture
+def prunert_main(capsys):
+    """prunert_main(*args) -> (exit code, stdout, stderr) of `prunert ARGS` run in-process (cli.main)."""
+    from prunert import cli
+
+    def main(*args) -> tuple[int, str, str]:
+        code = cli.main([str(a) for a in args])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    return main
+
+
+@pytest.fixture(scope="session")
+def edit_manifest():
+    """edit_manifest(artifact, change): change(data) applied to the artifact's manifest.json (hashes left as they were)."""
+    return rewrite_manifest
+
+
+def rewrite_manifest(artifact: Path, change) -> None:
+    from prunert.manifest import MANIFEST_NAME
+
+    path = artifact / MANIFEST_NAME
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
 
 
 @pytest.fixture(scope="session")

@@ -24,12 +24,6 @@ def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 # ---------------------------------------------------------------------------------------- success
 
 
@@ -42,27 +36,27 @@ def test_run_subprocess_prints_answer_and_summary(cli_subprocess, tiny_artifact:
     assert "Traceback" not in result.stderr
 
 
-def test_run_batch_prints_one_line_per_image(capsys, tiny_artifact: Path) -> None:
-    code, out, err = _main(capsys, "run", tiny_artifact, "--image", PHOTO, "--image", PHOTO_2, "--prompt", PROMPT, "--max-new-tokens", "4")
+def test_run_batch_prints_one_line_per_image(prunert_main, tiny_artifact: Path) -> None:
+    code, out, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", PHOTO_2, "--prompt", PROMPT, "--max-new-tokens", "4")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"[{PHOTO}] ") and lines[1].startswith(f"[{PHOTO_2}] ")
 
 
-def test_run_streaming_matches_no_stream(capsys, tiny_artifact: Path) -> None:
+def test_run_streaming_matches_no_stream(prunert_main, tiny_artifact: Path) -> None:
     args = ["run", tiny_artifact, "--image", PHOTO, "--prompt", PROMPT, "--max-new-tokens", "8"]
-    code, streamed, _ = _main(capsys, *args)
+    code, streamed, _ = prunert_main(*args)
     assert code == 0
-    code, plain, _ = _main(capsys, *args, "--no-stream")
+    code, plain, _ = prunert_main(*args, "--no-stream")
     assert code == 0
     assert streamed == plain
 
 
-def test_inspect_table_and_json(capsys, tiny_artifact: Path) -> None:
-    code, out, _ = _main(capsys, "inspect", tiny_artifact)
+def test_inspect_table_and_json(prunert_main, tiny_artifact: Path) -> None:
+    code, out, _ = prunert_main("inspect", tiny_artifact)
     assert code == 0
     assert "K=16 of N=100" in out and "SYNTHETIC" in out and "past_key_values.1.value" in out
-    code, out, _ = _main(capsys, "inspect", tiny_artifact, "--json")
+    code, out, _ = prunert_main("inspect", tiny_artifact, "--json")
     assert code == 0
     assert json.loads(out) == json.loads((tiny_artifact / MANIFEST_NAME).read_text())
 
@@ -102,19 +96,19 @@ def _bad_image(kind: str, root: Path) -> Path:
         ("sliver", "too small"),
     ],
 )
-def test_run_rejects_bad_image(error_line, capsys, tmp_path: Path, tiny_artifact: Path, kind: str, needle: str) -> None:
+def test_run_rejects_bad_image(error_line, prunert_main, tmp_path: Path, tiny_artifact: Path, kind: str, needle: str) -> None:
     image = _bad_image(kind, tmp_path)
     before = _snapshot(tiny_artifact)
-    code, out, err = _main(capsys, "run", tiny_artifact, "--image", image, "--prompt", PROMPT)
+    code, out, err = prunert_main("run", tiny_artifact, "--image", image, "--prompt", PROMPT)
     assert code == 2
     error_line(err, f"image '{image}'", needle)
     assert out == ""
     assert _snapshot(tiny_artifact) == before
 
 
-def test_run_rejects_bad_image_in_a_batch(error_line, capsys, tmp_path: Path, tiny_artifact: Path) -> None:
+def test_run_rejects_bad_image_in_a_batch(error_line, prunert_main, tmp_path: Path, tiny_artifact: Path) -> None:
     image = _bad_image("grayscale", tmp_path)
-    code, _, err = _main(capsys, "run", tiny_artifact, "--image", PHOTO, "--image", image, "--prompt", PROMPT)
+    code, _, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", image, "--prompt", PROMPT)
     assert code == 2
     error_line(err, str(image), "grayscale")
 
@@ -138,8 +132,8 @@ def test_run_missing_image_subprocess(error_line, cli_subprocess, tiny_artifact:
         ("<image>\n" + "river " * 60, "expected at most 48"),
     ],
 )
-def test_run_rejects_bad_prompt(error_line, capsys, tiny_artifact: Path, prompt: str, needle: str) -> None:
-    code, out, err = _main(capsys, "run", tiny_artifact, "--image", PHOTO, "--prompt", prompt)
+def test_run_rejects_bad_prompt(error_line, prunert_main, tiny_artifact: Path, prompt: str, needle: str) -> None:
+    code, out, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--prompt", prompt)
     assert code == 2
     line = error_line(err, "prompt ", needle)
     assert repr(prompt[:20])[:-1] in line  # names the prompt
@@ -214,11 +208,11 @@ ARTIFACT_DAMAGE = [
 
 @pytest.mark.parametrize("command", ["run", "inspect"])
 @pytest.mark.parametrize("kind", ARTIFACT_DAMAGE)
-def test_damaged_artifact_is_rejected(error_line, capsys, artifact_copy: Path, kind: str, command: str) -> None:
+def test_damaged_artifact_is_rejected(error_line, prunert_main, artifact_copy: Path, kind: str, command: str) -> None:
     needle = _tamper(kind, artifact_copy)
     before = _snapshot(artifact_copy)
     extra = ["--image", PHOTO, "--prompt", PROMPT] if command == "run" else []
-    code, out, err = _main(capsys, command, artifact_copy, *extra)
+    code, out, err = prunert_main(command, artifact_copy, *extra)
     assert code == 2
     error_line(err, f"artifact '{artifact_copy}'", needle)
     assert out == ""
@@ -242,15 +236,15 @@ def test_newer_schema_subprocess(error_line, cli_subprocess, artifact_copy: Path
     error_line(result.stderr, "schema_version 99", "upgrade prunert")
 
 
-def test_not_an_artifact_directory(error_line, capsys, tmp_path: Path) -> None:
-    code, _, err = _main(capsys, "inspect", tmp_path / "nowhere")
+def test_not_an_artifact_directory(error_line, prunert_main, tmp_path: Path) -> None:
+    code, _, err = prunert_main("inspect", tmp_path / "nowhere")
     assert code == 2
     error_line(err, str(tmp_path / "nowhere"), "not a directory")
 
 
-def test_inspect_no_verify_skips_hashes(capsys, artifact_copy: Path) -> None:
+def test_inspect_no_verify_skips_hashes(prunert_main, artifact_copy: Path) -> None:
     _tamper("changed-byte", artifact_copy)
-    code, out, _ = _main(capsys, "inspect", artifact_copy, "--no-verify")
+    code, out, _ = prunert_main("inspect", artifact_copy, "--no-verify")
     assert code == 0 and "K=16" in out
 
 
@@ -267,15 +261,15 @@ def test_inspect_no_verify_skips_hashes(capsys, artifact_copy: Path) -> None:
         (["--backend", "tensorrt"], "--backend 'tensorrt'"),
     ],
 )
-def test_run_rejects_bad_flags(error_line, capsys, tiny_artifact: Path, flags: list[str], needle: str) -> None:
-    code, _, err = _main(capsys, "run", tiny_artifact, "--image", PHOTO, "--prompt", PROMPT, *flags)
+def test_run_rejects_bad_flags(error_line, prunert_main, tiny_artifact: Path, flags: list[str], needle: str) -> None:
+    code, _, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--prompt", PROMPT, *flags)
     assert code == 2
     error_line(err, needle)
 
 
-def test_run_rejects_image_prompt_count_mismatch(error_line, capsys, tiny_artifact: Path) -> None:
+def test_run_rejects_image_prompt_count_mismatch(error_line, prunert_main, tiny_artifact: Path) -> None:
     images = ["--image", PHOTO, "--image", PHOTO_2, "--image", PHOTO]
-    code, _, err = _main(capsys, "run", tiny_artifact, *images, "--prompt", PROMPT, "--prompt", PROMPT)
+    code, _, err = prunert_main("run", tiny_artifact, *images, "--prompt", PROMPT, "--prompt", PROMPT)
     assert code == 2
     error_line(err, "--image/--prompt", "3 images and 2 prompts")
 

@@ -25,11 +25,6 @@ PROMPT = "<image>\nWhat is in the picture?"
 MISSING = "/nonexistent/prunert-artifact"  # flags are checked before the artifact is opened
 
 
-def _main(capsys, *args) -> tuple[int, str]:
-    code = cli.main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
 def _snapshot(directory: Path) -> dict[str, bytes]:
     return {str(p.relative_to(directory)): p.read_bytes() for p in sorted(directory.rglob("*")) if p.is_file()}
 
@@ -67,9 +62,9 @@ def test_the_method_configs_have_float_parameters() -> None:
 
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
 @pytest.mark.parametrize("method, name", FLOAT_FLAGS)
-def test_export_rejects_non_finite_method_parameters(error_line, capsys, no_export, tmp_path: Path, method: str, name: str, value: str) -> None:
+def test_export_rejects_non_finite_method_parameters(error_line, prunert_main, no_export, tmp_path: Path, method: str, name: str, value: str) -> None:
     out = tmp_path / "out"
-    code, err = _main(capsys, "export", "--model", "synthetic:llava-tiny", "--method", method, f"--{name.replace('_', '-')}={value}", "--out", out)
+    code, _, err = prunert_main("export", "--model", "synthetic:llava-tiny", "--method", method, f"--{name.replace('_', '-')}={value}", "--out", out)
     assert code == 2
     error_line(err, name, "got")
     assert not out.exists()
@@ -89,9 +84,9 @@ def test_export_rejects_non_finite_method_parameters(error_line, capsys, no_expo
         (["--alpha", "-1"], "alpha: got -1"),
     ],
 )
-def test_export_rejects_bad_numeric_flags_before_loading(error_line, capsys, no_export, tmp_path: Path, flags: list[str], needle: str) -> None:
+def test_export_rejects_bad_numeric_flags_before_loading(error_line, prunert_main, no_export, tmp_path: Path, flags: list[str], needle: str) -> None:
     out = tmp_path / "out"
-    code, err = _main(capsys, "export", "--model", "synthetic:llava-tiny", *flags, "--out", out)
+    code, _, err = prunert_main("export", "--model", "synthetic:llava-tiny", *flags, "--out", out)
     assert code == 2
     error_line(err, needle)
     assert not out.exists()
@@ -128,8 +123,8 @@ def test_config_limits_are_in_the_dataclasses() -> None:
         (["--max-new-tokens", "-1"], "max_new_tokens: got -1"),
     ],
 )
-def test_run_rejects_bad_numbers(error_line, capsys, tiny_artifact: Path, flags: list[str], needle: str) -> None:
-    code, err = _main(capsys, "run", tiny_artifact, "--image", PHOTO, "--prompt", PROMPT, "--temperature", "1", *flags)
+def test_run_rejects_bad_numbers(error_line, prunert_main, tiny_artifact: Path, flags: list[str], needle: str) -> None:
+    code, _, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--prompt", PROMPT, "--temperature", "1", *flags)
     assert code == 2
     error_line(err, needle)
 
@@ -147,8 +142,8 @@ def test_run_rejects_bad_numbers(error_line, capsys, tiny_artifact: Path, flags:
         (["parity", MISSING, "--image", PHOTO, "--prompt", PROMPT, "--greedy-tokens", "-2"], "--greedy-tokens: got -2"),
     ],
 )
-def test_bad_numbers_on_other_commands(error_line, capsys, command: list[str], needle: str) -> None:
-    code, err = _main(capsys, *command)
+def test_bad_numbers_on_other_commands(error_line, prunert_main, command: list[str], needle: str) -> None:
+    code, _, err = prunert_main(*command)
     assert code == 2
     error_line(err, needle)
 
@@ -165,9 +160,9 @@ def test_bad_numbers_on_other_commands(error_line, capsys, command: list[str], n
         (["check-trt", "{a}", "--max-opset", "-1"], "opset range"),
     ],
 )
-def test_bad_numbers_leave_the_artifact_untouched(error_line, capsys, artifact_copy: Path, command: list[str], needle: str) -> None:
+def test_bad_numbers_leave_the_artifact_untouched(error_line, prunert_main, artifact_copy: Path, command: list[str], needle: str) -> None:
     before = _snapshot(artifact_copy)
-    code, err = _main(capsys, *(part.format(a=artifact_copy) for part in command))
+    code, _, err = prunert_main(*(part.format(a=artifact_copy) for part in command))
     assert code == 2
     error_line(err, needle)
     assert _snapshot(artifact_copy) == before
@@ -176,7 +171,7 @@ def test_bad_numbers_leave_the_artifact_untouched(error_line, capsys, artifact_c
 # ---------------------------------------------------------------------------------------- the machine's errors
 
 
-def test_disk_full_during_convert_is_one_line_and_commits_nothing(error_line, capsys, monkeypatch, artifact_copy: Path) -> None:
+def test_disk_full_during_convert_is_one_line_and_commits_nothing(error_line, prunert_main, monkeypatch, artifact_copy: Path) -> None:
     import onnx
 
     def full_disk(model, path, *args, **kwargs):  # a write() that fails part-way carries no filename
@@ -185,7 +180,7 @@ def test_disk_full_during_convert_is_one_line_and_commits_nothing(error_line, ca
 
     before = _snapshot(artifact_copy)
     monkeypatch.setattr(onnx, "save_model", full_disk)
-    code, err = _main(capsys, "convert", artifact_copy, "--precision", "fp16", "--no-auto-islands")
+    code, _, err = prunert_main("convert", artifact_copy, "--precision", "fp16", "--no-auto-islands")
     assert code == 2
     error_line(err, str(artifact_copy), "No space left on device", "ENOSPC")
     assert _snapshot(artifact_copy) == before  # ArtifactUpdate aborted: no staged file, manifest unchanged
@@ -193,14 +188,14 @@ def test_disk_full_during_convert_is_one_line_and_commits_nothing(error_line, ca
 
 
 @pytest.mark.parametrize("number", [errno.EACCES, errno.EROFS, errno.EPERM])
-def test_permission_errors_name_the_path(error_line, capsys, monkeypatch, tmp_path: Path, number: int) -> None:
+def test_permission_errors_name_the_path(error_line, prunert_main, monkeypatch, tmp_path: Path, number: int) -> None:
     target = tmp_path / "locked" / "v.png"
 
     def refuse(args):  # the command's writer, e.g. PIL's save into a directory this user cannot write
         raise OSError(number, os.strerror(number), str(target))
 
     monkeypatch.setattr(cli, "_visualize", refuse)
-    code, err = _main(capsys, "visualize", MISSING, "--image", PHOTO, "--prompt", PROMPT, "--out", target)
+    code, _, err = prunert_main("visualize", MISSING, "--image", PHOTO, "--prompt", PROMPT, "--out", target)
     assert code == 2
     error_line(err, str(target), os.strerror(number))
 
@@ -217,13 +212,13 @@ def test_other_os_errors_are_not_hidden(capsys, monkeypatch) -> None:
 # ---------------------------------------------------------------------------------------- Ctrl-C at start-up
 
 
-def test_ctrl_c_while_building_the_parser_exits_130(capsys, monkeypatch) -> None:
+def test_ctrl_c_while_building_the_parser_exits_130(prunert_main, monkeypatch) -> None:
     def interrupted():
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pruning_ops, "methods", interrupted)  # build_parser lists the methods
     try:
-        code, err = _main(capsys, "inspect", MISSING)
+        code, _, err = prunert_main("inspect", MISSING)
     except KeyboardInterrupt:
         pytest.fail("KeyboardInterrupt escaped main()")
     assert code == 130

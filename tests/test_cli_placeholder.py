@@ -6,14 +6,13 @@ other family is exported here; tests/parity runs the real Qwen2.5-VL and LLaVA-N
 
 from __future__ import annotations
 
-import json
 import types
 from pathlib import Path
 
 import numpy as np
 
 from prunert import cli
-from prunert.manifest import MANIFEST_NAME, load_manifest
+from prunert.manifest import load_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
@@ -21,55 +20,42 @@ EXAMPLES = REPO / "examples" / "calibration"
 WRAPPED = "[IMG]<image>[/IMG]"  # a placeholder that is more than the image token, as Qwen2.5-VL's
 
 
-def _edit_manifest(artifact: Path, edit) -> None:
-    path = artifact / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    edit(data)
-    path.write_text(json.dumps(data))
-
-
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_kept_summary_names_each_images_own_n(capsys, artifact_copy: Path) -> None:
+def test_kept_summary_names_each_images_own_n(prunert_main, artifact_copy: Path) -> None:
     manifest = load_manifest(artifact_copy)
     results = [types.SimpleNamespace(kept_indices=np.arange(16), num_visual_tokens=100),
                types.SimpleNamespace(kept_indices=np.arange(12), num_visual_tokens=54)]  # e.g. masked slots left out
     assert cli._kept_summary(manifest, results) == "kept 16/100, 12/54 visual tokens (resprune)"
-    code, _, err = _main(capsys, "run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?", "--max-new-tokens", "2")
+    code, _, err = prunert_main("run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?", "--max-new-tokens", "2")
     assert code == 0, err
     assert "kept 16/100 visual tokens (resprune); onnxruntime fp32" in err
 
 
-def test_run_prompt_needs_the_manifest_placeholder(error_line, capsys, artifact_copy: Path) -> None:
-    _edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
-    code, out, err = _main(capsys, "run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?")
+def test_run_prompt_needs_the_manifest_placeholder(edit_manifest, error_line, prunert_main, artifact_copy: Path) -> None:
+    edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
+    code, out, err = prunert_main("run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?")
     assert code == 2 and out == ""
     error_line(err, "prompt '<image> What is it?'", f"image placeholder {WRAPPED!r} 0 times", "expected exactly once")
-    code, out, err = _main(capsys, "run", artifact_copy, "--image", PHOTO, "--prompt", f"{WRAPPED} What is it?", "--max-new-tokens", "2")
+    code, out, err = prunert_main("run", artifact_copy, "--image", PHOTO, "--prompt", f"{WRAPPED} What is it?", "--max-new-tokens", "2")
     assert code == 0, err
     assert "kept 16/100 visual tokens (resprune)" in err
 
 
-def test_calibrate_prompts_file_needs_the_manifest_placeholder(error_line, capsys, artifact_copy: Path, tmp_path: Path) -> None:
-    _edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
+def test_calibrate_prompts_file_needs_the_manifest_placeholder(edit_manifest, error_line, prunert_main, artifact_copy: Path, tmp_path: Path) -> None:
+    edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text(f"{WRAPPED} fine\n# comment\n<image> only the token\n")
     before = sorted(p.name for p in artifact_copy.iterdir())
-    code, out, err = _main(capsys, "calibrate", artifact_copy, "--images", EXAMPLES, "--prompts", prompts, "--precision", "int8")
+    code, out, err = prunert_main("calibrate", artifact_copy, "--images", EXAMPLES, "--prompts", prompts, "--precision", "int8")
     assert code == 2 and out == ""
     error_line(err, f"calibration prompts '{prompts}' line 3", f"image placeholder {WRAPPED!r} 0 times")
     assert sorted(p.name for p in artifact_copy.iterdir()) == before  # nothing written
 
 
-def test_calibration_builtin_prompts_get_the_manifest_placeholder(artifact_copy: Path) -> None:
+def test_calibration_builtin_prompts_get_the_manifest_placeholder(edit_manifest, artifact_copy: Path) -> None:
     from prunert.calibration.dataset import collect_feeds
     from prunert.runtime import VLMPipeline
 
-    _edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
+    edit_manifest(artifact_copy, lambda data: data["text"].update(image_placeholder=WRAPPED))
     calibration = cli._sample_set(artifact_copy, None, None, 2)  # the bundled images, built-in prompts
     assert calibration.builtin_prompts
     assert all(p.startswith(WRAPPED) for p in calibration.prompts_for(WRAPPED))

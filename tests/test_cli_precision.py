@@ -18,12 +18,6 @@ PHOTO = REPO / "examples" / "images" / "astronaut.jpg"
 PROMPT = "<image>\nWhat is the astronaut holding?"
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def precise_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny artifact with fp16 (convert) and int8 (calibrate) variants, made through the CLI."""
@@ -37,26 +31,26 @@ def precise_artifact(tiny_artifact: Path, tmp_path_factory: pytest.TempPathFacto
     return out
 
 
-def test_variants_are_listed_and_inspected(capsys, precise_artifact: Path) -> None:
+def test_variants_are_listed_and_inspected(prunert_main, precise_artifact: Path) -> None:
     manifest = load_manifest(precise_artifact)  # every hash verifies, the variants' files included
     assert sorted(manifest.variants) == ["fp16", "fp8", "int8"]
     assert manifest.variants["int8"].tool.startswith("onnxruntime.quantization")
-    code, out, _ = _main(capsys, "inspect", precise_artifact)
+    code, out, _ = prunert_main("inspect", precise_artifact)
     assert code == 0 and "fp16 by prunert.export.precision" in out and "int8 by onnxruntime.quantization" in out
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8", "fp8"])
-def test_run_at_a_precision(capsys, precise_artifact: Path, precision: str) -> None:
-    code, out, err = _main(capsys, "run", precise_artifact, "--precision", precision, "--image", PHOTO, "--prompt", PROMPT,
+def test_run_at_a_precision(prunert_main, precise_artifact: Path, precision: str) -> None:
+    code, out, err = prunert_main("run", precise_artifact, "--precision", precision, "--image", PHOTO, "--prompt", PROMPT,
                            "--max-new-tokens", "3", "--no-stream")
     assert code == 0, err
     assert f"onnxruntime {precision}" in err
 
 
 @pytest.mark.parametrize("precision", ["fp16", "int8"])
-def test_parity_applies_the_precision_bars(capsys, precise_artifact: Path, tmp_path: Path, precision: str) -> None:
+def test_parity_applies_the_precision_bars(prunert_main, precise_artifact: Path, tmp_path: Path, precision: str) -> None:
     out_path = tmp_path / "parity.json"
-    code, out, err = _main(capsys, "parity", precise_artifact, "--precision", precision, "--image", PHOTO, "--prompt", PROMPT,
+    code, out, err = prunert_main("parity", precise_artifact, "--precision", precision, "--image", PHOTO, "--prompt", PROMPT,
                            "--out", out_path)
     report = json.loads(out_path.read_text())
     assert code == (0 if report["verdict"] == "PASS" else 1), err
@@ -88,9 +82,9 @@ def test_parity_applies_the_precision_bars(capsys, precise_artifact: Path, tmp_p
         (["build", "{a}"], "tensorrt"),
     ],
 )
-def test_bad_input_is_one_error_line_and_writes_nothing(capsys, error_line, artifact_copy: Path, args: list[str], needle: str) -> None:
+def test_bad_input_is_one_error_line_and_writes_nothing(prunert_main, error_line, artifact_copy: Path, args: list[str], needle: str) -> None:
     before = {p: p.read_bytes() for p in sorted(artifact_copy.rglob("*")) if p.is_file()}
-    code, _, err = _main(capsys, *[a.format(a=artifact_copy) for a in args])
+    code, _, err = prunert_main(*[a.format(a=artifact_copy) for a in args])
     assert code == 2
     error_line(err, needle)
     after = {p: p.read_bytes() for p in sorted(artifact_copy.rglob("*")) if p.is_file()}

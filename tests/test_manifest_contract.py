@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
@@ -22,17 +22,8 @@ PROMPT = "<image>\nWhat is in the picture?"
 COMMANDS = {"inspect": [], "run": ["--image", str(PHOTO), "--prompt", PROMPT, "--max-new-tokens", "2"]}
 
 
-def _edit(artifact: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    path = artifact / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
-def _cli(capsys, command: str, artifact: Path, *extra: str) -> tuple[int, str, str]:
-    code = cli.main([command, str(artifact), *COMMANDS[command], *extra])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _cli(main, command: str, artifact: Path, *extra: str) -> tuple[int, str, str]:
+    return main(command, artifact, *COMMANDS[command], *extra)
 
 
 def _snapshot(directory: Path) -> dict[str, bytes]:
@@ -72,7 +63,7 @@ def _engine(file: str) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------ containment
 
 
-def _escape(kind: str, artifact: Path) -> tuple[str, str]:
+def _escape(kind: str, artifact: Path, edit) -> tuple[str, str]:
     """Point one manifest path out of the directory (the target exists and is hashed correctly); -> (key, path)."""
     tokenizer_outside = _outside_copy(artifact, "tokenizer.json")
     if kind == "tokenizer-dotdot":
@@ -100,17 +91,17 @@ def _escape(kind: str, artifact: Path) -> tuple[str, str]:
         name, key, listed = str(tokenizer_outside), "files", tokenizer_outside
     elif kind == "variant-graph-absolute":
         outside = _outside_copy(artifact, "vision.onnx")
-        _edit(artifact, lambda data: data["variants"].update(fp16=_variant(data)))
+        edit(artifact, lambda data: data["variants"].update(fp16=_variant(data)))
         name, key, listed = str(outside), "variants.fp16.graphs.vision.file", outside
     elif kind == "engine-dotdot":
-        _edit(artifact, lambda data: data.update(engines=[_engine("engines/x.plan")]))
+        edit(artifact, lambda data: data.update(engines=[_engine("engines/x.plan")]))
         name, key, listed = f"../{tokenizer_outside.name}", "engines", tokenizer_outside
     else:
         raise AssertionError(kind)
     if key == "engines":
-        _edit(artifact, lambda data: (data["engines"][0].update(file=name), _point(data, "files", name, listed)))
+        edit(artifact, lambda data: (data["engines"][0].update(file=name), _point(data, "files", name, listed)))
         return "engines[0].file", name
-    _edit(artifact, lambda data: _point(data, key, name, listed))
+    edit(artifact, lambda data: _point(data, key, name, listed))
     return (f"files[{name!r}]" if key == "files" else key), name
 
 
@@ -121,17 +112,17 @@ ESCAPES = ["tokenizer-dotdot", "tokenizer-etc", "tokenizer-absolute", "tokenizer
 @pytest.mark.parametrize("verify", [True, False], ids=["verify", "no-verify"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 @pytest.mark.parametrize("kind", ESCAPES)
-def test_a_path_out_of_the_artifact_is_refused(error_line, capsys, artifact_copy: Path, kind: str, command: str, verify: bool) -> None:
-    key, name = _escape(kind, artifact_copy)
+def test_a_path_out_of_the_artifact_is_refused(edit_manifest, error_line, prunert_main, artifact_copy: Path, kind: str, command: str, verify: bool) -> None:
+    key, name = _escape(kind, artifact_copy, edit_manifest)
     before = _snapshot(artifact_copy)
-    code, out, err = _cli(capsys, command, artifact_copy, *([] if verify else ["--no-verify"]))
+    code, out, err = _cli(prunert_main, command, artifact_copy, *([] if verify else ["--no-verify"]))
     assert code == 2 and out == ""
     error_line(err, f"artifact '{artifact_copy}'", f"'{key}'", json.dumps(name), "expected a file inside the artifact directory")
     assert _snapshot(artifact_copy) == before
 
 
-def test_parity_refuses_a_path_out_of_the_artifact(error_line, capsys, artifact_copy: Path) -> None:
-    key, name = _escape("vision-graph-dotdot", artifact_copy)
+def test_parity_refuses_a_path_out_of_the_artifact(edit_manifest, error_line, capsys, artifact_copy: Path) -> None:
+    key, name = _escape("vision-graph-dotdot", artifact_copy, edit_manifest)
     code = cli.main(["parity", str(artifact_copy), "--image", str(PHOTO), "--prompt", PROMPT])
     captured = capsys.readouterr()
     assert code == 2 and captured.out == ""
@@ -139,18 +130,18 @@ def test_parity_refuses_a_path_out_of_the_artifact(error_line, capsys, artifact_
     assert not (artifact_copy / "parity.json").exists()
 
 
-def test_a_symlink_loop_is_refused(error_line, capsys, artifact_copy: Path) -> None:
+def test_a_symlink_loop_is_refused(edit_manifest, error_line, prunert_main, artifact_copy: Path) -> None:
     os.symlink("loop-b", artifact_copy / "loop-a")
     os.symlink("loop-a", artifact_copy / "loop-b")
-    _edit(artifact_copy, lambda data: _point(data, "text.tokenizer", "loop-a", artifact_copy / "tokenizer.json"))
-    code, _, err = _cli(capsys, "inspect", artifact_copy, "--no-verify")
+    edit_manifest(artifact_copy, lambda data: _point(data, "text.tokenizer", "loop-a", artifact_copy / "tokenizer.json"))
+    code, _, err = _cli(prunert_main, "inspect", artifact_copy, "--no-verify")
     assert code == 2
     error_line(err, "'text.tokenizer' is \"loop-a\"", "never resolves")
 
 
-def test_a_symlink_inside_the_directory_is_fine(artifact_copy: Path) -> None:
+def test_a_symlink_inside_the_directory_is_fine(edit_manifest, artifact_copy: Path) -> None:
     os.symlink("tokenizer.json", artifact_copy / "tokenizer-link.json")
-    _edit(artifact_copy, lambda data: _point(data, "text.tokenizer", "tokenizer-link.json", artifact_copy / "tokenizer.json"))
+    edit_manifest(artifact_copy, lambda data: _point(data, "text.tokenizer", "tokenizer-link.json", artifact_copy / "tokenizer.json"))
     assert load_manifest(artifact_copy).text.tokenizer == "tokenizer-link.json"
 
 
@@ -160,7 +151,7 @@ def test_a_symlink_inside_the_directory_is_fine(artifact_copy: Path) -> None:
 @pytest.mark.parametrize("key", ["graphs.vision.file", "graphs.decoder.external_data", "text.tokenizer", "text.embeddings",
                                  "image_preprocessor", "variants.fp16.graphs.vision.file", "engines[0].file"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_a_file_not_listed_in_files_is_never_loaded(error_line, capsys, artifact_copy: Path, key: str, command: str) -> None:
+def test_a_file_not_listed_in_files_is_never_loaded(edit_manifest, error_line, prunert_main, artifact_copy: Path, key: str, command: str) -> None:
     """The file is present and intact but unlisted (no sha256): refused even with --no-verify."""
     source = {"graphs.vision.file": "vision.onnx", "text.tokenizer": "tokenizer.json", "text.embeddings": "embed_tokens.npy",
               "image_preprocessor": "preprocessor_config.json"}.get(key, "vision.onnx")
@@ -175,9 +166,9 @@ def test_a_file_not_listed_in_files_is_never_loaded(error_line, capsys, artifact
             return
         _point(data, key, name)
 
-    _edit(artifact_copy, change)
+    edit_manifest(artifact_copy, change)
     for extra in ([], ["--no-verify"]):
-        code, out, err = _cli(capsys, command, artifact_copy, *extra)
+        code, out, err = _cli(prunert_main, command, artifact_copy, *extra)
         assert code == 2 and out == ""
         error_line(err, f"'{key}' names '{name}'", "'files' does not list")
 
@@ -190,17 +181,17 @@ def test_every_path_the_runtime_opens_is_referenced(tiny_artifact: Path) -> None
 
 
 @pytest.mark.parametrize("digest", [5, "abc", "Z" * 64, None])
-def test_a_files_entry_that_is_not_a_sha256_is_refused(error_line, capsys, artifact_copy: Path, digest: Any) -> None:
-    _edit(artifact_copy, lambda data: data["files"].update({"vision.onnx": digest}))
-    code, _, err = _cli(capsys, "inspect", artifact_copy)
+def test_a_files_entry_that_is_not_a_sha256_is_refused(edit_manifest, error_line, prunert_main, artifact_copy: Path, digest: Any) -> None:
+    edit_manifest(artifact_copy, lambda data: data["files"].update({"vision.onnx": digest}))
+    code, _, err = _cli(prunert_main, "inspect", artifact_copy)
     assert code == 2
     error_line(err, "'files['vision.onnx']'", "expected a sha256")
 
 
 @pytest.mark.parametrize("shape", [[1, 16, 1.5], [1, None, 64], [1, -3, 64], [1, "", 64], [1, [16], 64], [True, 16, 64]])
-def test_a_tensor_dim_that_is_no_size_is_refused(error_line, capsys, artifact_copy: Path, shape: list[Any]) -> None:
-    _edit(artifact_copy, lambda data: data["graphs"]["vision"]["outputs"][0].update(shape=shape))
-    code, _, err = _cli(capsys, "inspect", artifact_copy)
+def test_a_tensor_dim_that_is_no_size_is_refused(edit_manifest, error_line, prunert_main, artifact_copy: Path, shape: list[Any]) -> None:
+    edit_manifest(artifact_copy, lambda data: data["graphs"]["vision"]["outputs"][0].update(shape=shape))
+    code, _, err = _cli(prunert_main, "inspect", artifact_copy)
     assert code == 2
     error_line(err, "'manifest.graphs.vision' tensor 'visual_tokens'", "expected sizes >= 0 or symbolic dim names")
 
@@ -210,17 +201,17 @@ def test_a_tensor_dim_that_is_no_size_is_refused(error_line, capsys, artifact_co
 
 @pytest.mark.parametrize("name", ["vision.onnx", "decoder.onnx", "tokenizer.json", "embed_tokens.npy", "preprocessor_config.json"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_no_verify_still_refuses_a_missing_file(error_line, capsys, artifact_copy: Path, name: str, command: str) -> None:
+def test_no_verify_still_refuses_a_missing_file(error_line, prunert_main, artifact_copy: Path, name: str, command: str) -> None:
     (artifact_copy / name).unlink()
-    code, out, err = _cli(capsys, command, artifact_copy, "--no-verify")
+    code, out, err = _cli(prunert_main, command, artifact_copy, "--no-verify")
     assert code == 2 and out == ""
     error_line(err, f"artifact '{artifact_copy}'", f"file '{name}' listed in manifest.json is missing")
 
 
-def test_a_listed_directory_is_not_a_file(error_line, capsys, artifact_copy: Path) -> None:
+def test_a_listed_directory_is_not_a_file(error_line, prunert_main, artifact_copy: Path) -> None:
     (artifact_copy / "tokenizer.json").unlink()
     (artifact_copy / "tokenizer.json").mkdir()
-    code, _, err = _cli(capsys, "run", artifact_copy, "--no-verify")
+    code, _, err = _cli(prunert_main, "run", artifact_copy, "--no-verify")
     assert code == 2
     error_line(err, "file 'tokenizer.json' listed in manifest.json is missing")
 
@@ -233,27 +224,27 @@ DEEP = 100_000
 
 @pytest.mark.parametrize("where", ["top-level", "family_config"])
 @pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_a_manifest_nested_100k_deep_is_one_line(error_line, capsys, artifact_copy: Path, where: str, command: str) -> None:
+def test_a_manifest_nested_100k_deep_is_one_line(error_line, prunert_main, artifact_copy: Path, where: str, command: str) -> None:
     path = artifact_copy / MANIFEST_NAME
     deep = "[" * DEEP + "]" * DEEP
     text = deep if where == "top-level" else path.read_text().replace('"family_config": {', f'"family_config": {{"deep": {deep}, ', 1)
     assert text != path.read_text()
     path.write_text(text)
-    code, _, err = _cli(capsys, command, artifact_copy, "--no-verify")
+    code, _, err = _cli(prunert_main, command, artifact_copy, "--no-verify")
     assert code == 2
     error_line(err, f"artifact '{artifact_copy}'", "manifest.json is nested too deeply")
 
 
-def test_a_manifest_nested_deeper_than_any_real_one_is_refused(error_line, artifact_copy: Path) -> None:
+def test_a_manifest_nested_deeper_than_any_real_one_is_refused(edit_manifest, error_line, artifact_copy: Path) -> None:
     """Deep enough to parse, too deep for anything prunert writes: refused before it reaches recursive code."""
-    _edit(artifact_copy, lambda data: data["family_config"].update(deep=json.loads("[" * 500 + "]" * 500)))
+    edit_manifest(artifact_copy, lambda data: data["family_config"].update(deep=json.loads("[" * 500 + "]" * 500)))
     with pytest.raises(ArtifactError, match="nested too deeply"):
         load_manifest(artifact_copy)
 
 
-def test_a_huge_integer_is_not_a_traceback(error_line, capsys, artifact_copy: Path) -> None:
+def test_a_huge_integer_is_not_a_traceback(error_line, prunert_main, artifact_copy: Path) -> None:
     path = artifact_copy / MANIFEST_NAME
     path.write_text(path.read_text().replace('"opset": 20', '"opset": ' + "9" * 5000, 1))
-    code, _, err = _cli(capsys, "inspect", artifact_copy)
+    code, _, err = _cli(prunert_main, "inspect", artifact_copy)
     assert code == 2
     error_line(err, "manifest.json is not valid JSON")

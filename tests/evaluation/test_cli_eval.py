@@ -14,12 +14,6 @@ from prunert.evaluation import EvalConfig, evaluate_artifact, load_records
 from prunert.evaluation.report import OUT_KEYS
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def graded_set(tiny_unpruned: Path, shapes_set: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shapes set with the unpruned artifact's own answers as the expected ones: it scores 100%."""
@@ -34,10 +28,10 @@ def graded_set(tiny_unpruned: Path, shapes_set: Path, tmp_path_factory: pytest.T
     return path
 
 
-def test_eval_prints_the_table_and_writes_the_json_in_order(capsys, tiny_artifact: Path, tiny_unpruned: Path, graded_set: Path,
+def test_eval_prints_the_table_and_writes_the_json_in_order(prunert_main, tiny_artifact: Path, tiny_unpruned: Path, graded_set: Path,
                                                              tmp_path: Path) -> None:
     out = tmp_path / "results.json"
-    code, stdout, err = _main(capsys, "eval", tiny_artifact, tiny_unpruned, "--data", graded_set, "--batch", "5", "--out", out)
+    code, stdout, err = prunert_main("eval", tiny_artifact, tiny_unpruned, "--data", graded_set, "--batch", "5", "--out", out)
     assert code == 0, err
     pruned = evaluate_artifact(tiny_artifact, load_records(graded_set), EvalConfig(batch=5), progress=False)
     lines = stdout.splitlines()
@@ -54,7 +48,7 @@ def test_eval_prints_the_table_and_writes_the_json_in_order(capsys, tiny_artifac
     assert list(data) == ["artifacts"]
     assert [e["artifact"] for e in data["artifacts"]] == [str(tiny_artifact), str(tiny_unpruned)]
     assert data["artifacts"][0] == json.loads(json.dumps(pruned.to_json())) | {k: data["artifacts"][0][k] for k in ("ttft_s", "decode_tok_s")}
-    code, _, err = _main(capsys, "eval", tiny_unpruned, tiny_artifact, "--data", graded_set, "--out", out)  # replaces its own file
+    code, _, err = prunert_main("eval", tiny_unpruned, tiny_artifact, "--data", graded_set, "--out", out)  # replaces its own file
     assert code == 0, err
     assert [e["artifact"] for e in json.loads(out.read_text())["artifacts"]] == [str(tiny_unpruned), str(tiny_artifact)]
 
@@ -89,11 +83,11 @@ def _bad_jsonl(tmp_path: Path, shapes_set: Path, line: str) -> Path:
     (json.dumps({"image": "nowhere.png", "answer": "red"}), "line 7: missing field 'question'"),
     (json.dumps({"image": "nowhere.png", "question": "q?", "answers": [1]}), "line 7: field 'answers'"),
 ])
-def test_a_bad_record_is_one_error_line(capsys, error_line, tiny_artifact: Path, shapes_set: Path, tmp_path: Path, line: str,
+def test_a_bad_record_is_one_error_line(prunert_main, error_line, tiny_artifact: Path, shapes_set: Path, tmp_path: Path, line: str,
                                         needle: str) -> None:
     path = _bad_jsonl(tmp_path, shapes_set, line)
     out = tmp_path / "results.json"
-    code, stdout, err = _main(capsys, "eval", tiny_artifact, "--data", path, "--out", out)
+    code, stdout, err = prunert_main("eval", tiny_artifact, "--data", path, "--out", out)
     assert code == 2
     error_line(err, f"{path} {needle}")
     assert stdout == "" and not out.exists()
@@ -109,36 +103,36 @@ def test_a_bad_record_is_one_error_line(capsys, error_line, tiny_artifact: Path,
     (["--precision", "fp16"], "no fp16 graphs"),
     (["--model", "synthetic:llava-tiny"], "--model: applies to --reference hf only"),
 ])
-def test_bad_flags_are_one_error_line(capsys, error_line, tiny_artifact: Path, shapes_set: Path, flags: list[str], needle: str) -> None:
-    code, stdout, err = _main(capsys, "eval", tiny_artifact, "--data", shapes_set, *flags)
+def test_bad_flags_are_one_error_line(prunert_main, error_line, tiny_artifact: Path, shapes_set: Path, flags: list[str], needle: str) -> None:
+    code, stdout, err = prunert_main("eval", tiny_artifact, "--data", shapes_set, *flags)
     assert code == 2
     error_line(err, needle)
     assert stdout == ""
 
 
-def test_every_artifact_is_checked_before_the_first_runs(capsys, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path,
+def test_every_artifact_is_checked_before_the_first_runs(prunert_main, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path,
                                                          tmp_path: Path) -> None:
     import prunert.evaluation.command as command
 
     monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before all were checked"))
     for missing, needle in ((tmp_path / "nope", "not a directory"), (shapes_set.parent, "no manifest.json")):
-        code, _, err = _main(capsys, "eval", tiny_artifact, missing, "--data", shapes_set)
+        code, _, err = prunert_main("eval", tiny_artifact, missing, "--data", shapes_set)
         assert code == 2
         error_line(err, f"artifact '{missing}'", needle)
 
 
-def test_missing_data_is_one_error_line(capsys, error_line, tiny_artifact: Path, tmp_path: Path) -> None:
-    code, _, err = _main(capsys, "eval", tiny_artifact, "--data", tmp_path / "questions.jsonl")
+def test_missing_data_is_one_error_line(prunert_main, error_line, tiny_artifact: Path, tmp_path: Path) -> None:
+    code, _, err = prunert_main("eval", tiny_artifact, "--data", tmp_path / "questions.jsonl")
     assert code == 2
     error_line(err, f"--data '{tmp_path / 'questions.jsonl'}': no such file")
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    code, _, err = _main(capsys, "eval", tiny_artifact, "--data", empty)
+    code, _, err = prunert_main("eval", tiny_artifact, "--data", empty)
     assert code == 2
     error_line(err, "holds no records")
 
 
-def test_out_never_replaces_what_eval_did_not_write(capsys, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path,
+def test_out_never_replaces_what_eval_did_not_write(prunert_main, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path,
                                                     tmp_path: Path) -> None:
     import prunert.evaluation.command as command
 
@@ -149,19 +143,19 @@ def test_out_never_replaces_what_eval_did_not_write(capsys, error_line, monkeypa
     folder.mkdir()
     for out, needle in ((notes, "a file that is not a `prunert eval` results file"), (folder, "a directory"),
                         (tmp_path / "no" / "r.json", "its directory does not exist")):
-        code, _, err = _main(capsys, "eval", tiny_artifact, "--data", shapes_set, "--out", out)
+        code, _, err = prunert_main("eval", tiny_artifact, "--data", shapes_set, "--out", out)
         assert code == 2
         error_line(err, f"--out '{out}'", needle)
     assert notes.read_text() == '{"mine": 1}' and folder.is_dir() and not any(folder.iterdir())
     assert OUT_KEYS == {"artifacts"}
 
 
-def test_reference_needs_one_checkpoint(capsys, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path, tmp_path: Path) -> None:
+def test_reference_needs_one_checkpoint(prunert_main, error_line, monkeypatch, tiny_artifact: Path, shapes_set: Path, tmp_path: Path) -> None:
     other = tmp_path / "other"
     shutil.copytree(tiny_artifact, other)
     manifest = json.loads((other / "manifest.json").read_text())
     manifest["source"]["revision"] = "0123456789abcdef"  # exported from other weights
     (other / "manifest.json").write_text(json.dumps(manifest))
-    code, _, err = _main(capsys, "eval", tiny_artifact, other, "--data", shapes_set, "--reference", "hf")
+    code, _, err = prunert_main("eval", tiny_artifact, other, "--data", shapes_set, "--reference", "hf")
     assert code == 2
     error_line(err, "--reference hf: the artifacts come from 2 checkpoints", "0123456789abcdef")

@@ -14,12 +14,6 @@ from prunert.evaluation.reference import evaluate_reference
 from prunert.manifest import load_manifest
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.fixture(scope="module")
 def reference_result(tiny_unpruned: Path, shapes_set: Path):
     manifest = load_manifest(tiny_unpruned)
@@ -43,9 +37,9 @@ def test_the_reference_result(reference_result, tiny_settings: dict) -> None:
     assert [p.line for p in r.predictions] == list(range(1, 9))
 
 
-def test_cli_reference_row_agreement_and_json(capsys, tiny_unpruned: Path, tiny_artifact: Path, shapes_set: Path, tmp_path: Path) -> None:
+def test_cli_reference_row_agreement_and_json(prunert_main, tiny_unpruned: Path, tiny_artifact: Path, shapes_set: Path, tmp_path: Path) -> None:
     out = tmp_path / "r.json"
-    code, stdout, err = _main(capsys, "eval", tiny_unpruned, tiny_artifact, "--data", shapes_set, "--limit", "4", "--reference", "hf", "--out", out)
+    code, stdout, err = prunert_main("eval", tiny_unpruned, tiny_artifact, "--data", shapes_set, "--limit", "4", "--reference", "hf", "--out", out)
     assert code == 0, err
     lines = stdout.splitlines()
     assert lines[3].split()[:4] == ["hf:synthetic:llava-tiny", "none", "100", "fp32"]
@@ -58,17 +52,17 @@ def test_cli_reference_row_agreement_and_json(capsys, tiny_unpruned: Path, tiny_
     assert [p["prediction"] for p in data["reference"]["predictions"]] == [p["prediction"] for p in data["artifacts"][0]["predictions"]]
 
 
-def test_a_bad_reference_model_fails_before_any_artifact_runs(capsys, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path,
+def test_a_bad_reference_model_fails_before_any_artifact_runs(prunert_main, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path,
                                                               tmp_path: Path) -> None:
     import prunert.evaluation.command as command
 
     monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before --model was checked"))
-    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf", "--model", tmp_path / "gone")
+    code, _, err = prunert_main("eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf", "--model", tmp_path / "gone")
     assert code == 2
     error_line(err, "not a directory")
 
 
-def test_missing_torch_fails_before_any_artifact_runs(capsys, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path) -> None:
+def test_missing_torch_fails_before_any_artifact_runs(prunert_main, error_line, monkeypatch, tiny_unpruned: Path, shapes_set: Path) -> None:
     import importlib.util
 
     import prunert.evaluation.command as command
@@ -76,12 +70,12 @@ def test_missing_torch_fails_before_any_artifact_runs(capsys, error_line, monkey
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a))
     monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before torch was checked"))
-    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
+    code, _, err = prunert_main("eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
     assert code == 2
     error_line(err, "--reference hf: needs torch", "prunert[export]")
 
 
-def test_a_processor_whose_image_processor_needs_a_missing_backend_is_one_line(capsys, error_line, monkeypatch,
+def test_a_processor_whose_image_processor_needs_a_missing_backend_is_one_line(prunert_main, error_line, monkeypatch,
                                                                               tiny_unpruned: Path, shapes_set: Path) -> None:
     """No AutoProcessor and no image processor (a backend missing): one line, before any artifact runs. A missing
     video processor alone (Qwen2.5-VL without torchvision) is left out instead (next test)."""
@@ -96,7 +90,7 @@ def test_a_processor_whose_image_processor_needs_a_missing_backend_is_one_line(c
     monkeypatch.setattr(transformers.AutoProcessor, "from_pretrained", needs_torchvision)
     monkeypatch.setattr(MODALITY_TO_AUTOPROCESSOR_MAPPING["image_processor"], "from_pretrained", needs_torchvision)
     monkeypatch.setattr(command, "evaluate_artifact", lambda *a, **k: pytest.fail("an artifact ran before the reference loaded"))
-    code, _, err = _main(capsys, "eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
+    code, _, err = prunert_main("eval", tiny_unpruned, "--data", shapes_set, "--reference", "hf")
     assert code == 2
     error_line(err, "--reference hf: Hugging Face's processor for 'synthetic:llava-tiny' does not load here",
                "requires the Torchvision library")

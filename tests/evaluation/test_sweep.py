@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from prunert import cli
 from prunert.config import ExportConfig
 from prunert.evaluation import EvalConfig, load_records
 from prunert.evaluation.sweep import MARKER, grid, run_sweep
@@ -55,11 +54,6 @@ def test_a_rerun_reuses_the_exported_artifacts(swept, shapes_set: Path, tiny_set
     assert manifest.stat().st_mtime_ns == before
 
 
-def _main(capsys, *args) -> tuple[int, str]:
-    code = cli.main([str(a) for a in args])
-    return code, capsys.readouterr().err
-
-
 @pytest.mark.parametrize("flags, needle", [
     (["--budgets", "8,,16"], "--budgets"),
     (["--budgets", "eight"], "--budgets"),
@@ -68,40 +62,40 @@ def _main(capsys, *args) -> tuple[int, str]:
     (["--methods", "resprune,nope"], "nope"),
     (["--limit", "0"], "--limit"),
 ])
-def test_bad_flags_are_one_line_before_any_export(capsys, tmp_path: Path, shapes_set: Path, error_line, flags, needle) -> None:
+def test_bad_flags_are_one_line_before_any_export(prunert_main, tmp_path: Path, shapes_set: Path, error_line, flags, needle) -> None:
     out = tmp_path / "sweep"
-    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--data", shapes_set, "--out", out, *flags)
+    code, _, err = prunert_main("sweep", "--model", "synthetic:llava-tiny", "--data", shapes_set, "--out", out, *flags)
     assert code == 2
     assert needle in error_line(err)
     assert not out.exists()
 
 
-def test_a_budget_the_model_cannot_give_is_refused_before_any_export(capsys, tmp_path: Path, shapes_set: Path, error_line) -> None:
+def test_a_budget_the_model_cannot_give_is_refused_before_any_export(prunert_main, tmp_path: Path, shapes_set: Path, error_line) -> None:
     out = tmp_path / "sweep"
-    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--methods", "uniform", "--budgets", "8,100",
+    code, _, err = prunert_main("sweep", "--model", "synthetic:llava-tiny", "--methods", "uniform", "--budgets", "8,100",
                       "--data", shapes_set, "--out", out)
     assert code == 2 and "budget" in error_line(err)
     assert not out.exists()
 
 
-def test_bad_data_is_refused_before_any_export(capsys, tmp_path: Path, error_line) -> None:
+def test_bad_data_is_refused_before_any_export(prunert_main, tmp_path: Path, error_line) -> None:
     data = tmp_path / "q.jsonl"
     data.write_text('{"image": "missing.png", "question": "q", "answer": "a"}\n')
     out = tmp_path / "sweep"
-    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--data", data, "--out", out)
+    code, _, err = prunert_main("sweep", "--model", "synthetic:llava-tiny", "--data", data, "--out", out)
     assert code == 2 and "line 1" in error_line(err)
     assert not out.exists()
 
 
-def test_out_that_is_not_a_sweep_folder_is_never_written(capsys, tmp_path: Path, shapes_set: Path, error_line) -> None:
+def test_out_that_is_not_a_sweep_folder_is_never_written(prunert_main, tmp_path: Path, shapes_set: Path, error_line) -> None:
     out = tmp_path / "mine"
     out.mkdir()
     (out / "notes.txt").write_text("keep me")
-    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--methods", "uniform", "--budgets", "8",
+    code, _, err = prunert_main("sweep", "--model", "synthetic:llava-tiny", "--methods", "uniform", "--budgets", "8",
                       "--data", shapes_set, "--out", out)
     assert code == 2 and MARKER in error_line(err)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"] and (out / "notes.txt").read_text() == "keep me"
     file_out = tmp_path / "file"
     file_out.write_text("x")
-    code, err = _main(capsys, "sweep", "--model", "synthetic:llava-tiny", "--data", shapes_set, "--out", file_out)
+    code, _, err = prunert_main("sweep", "--model", "synthetic:llava-tiny", "--data", shapes_set, "--out", file_out)
     assert code == 2 and "not a directory" in error_line(err) and file_out.read_text() == "x"

@@ -414,39 +414,33 @@ def test_every_exported_graph_passes(tiny_artifact: Path) -> None:
 # ---------------------------------------------------------------------------------------- CLI
 
 
-def _main(capsys, *args) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def test_cli_good_file_prints_ok_summary(capsys, tmp_path: Path) -> None:
+def test_cli_good_file_prints_ok_summary(prunert_main, tmp_path: Path) -> None:
     onnx.save_model(_topk(), tmp_path / "good.onnx")
-    code, out, err = _main(capsys, "check-trt", tmp_path / "good.onnx")
+    code, out, err = prunert_main("check-trt", tmp_path / "good.onnx")
     assert code == 0, err
     assert out.startswith(f"OK  {tmp_path / 'good.onnx'}: 1 nodes, 1 op types (TopK 1); TensorRT >= 10.3, opset <= 20")
 
 
-def test_cli_bad_file_prints_one_line_per_problem(capsys, tmp_path: Path) -> None:
+def test_cli_bad_file_prints_one_line_per_problem(prunert_main, tmp_path: Path) -> None:
     model = _topk(sorted_=0, k_values=(5000,))
     onnx.save_model(model, tmp_path / "bad.onnx")
-    code, out, err = _main(capsys, "check-trt", tmp_path / "bad.onnx")
+    code, out, err = prunert_main("check-trt", tmp_path / "bad.onnx")
     assert code == 1
     assert out.splitlines() == [
         "topk  TopK  attribute sorted=0: TensorRT requires sorted=1",
         "topk  TopK  K=5000 exceeds TensorRT's TopK limit of 3840",
     ]
     assert err.startswith("FAIL  ") and "2 problem(s)" in err
-    code, out, _ = _main(capsys, "check-trt", tmp_path / "bad.onnx", "--max-topk", "8192")
+    code, out, _ = prunert_main("check-trt", tmp_path / "bad.onnx", "--max-topk", "8192")
     assert code == 1 and len(out.splitlines()) == 1
 
 
 @pytest.mark.parametrize("name, content, needle", [("missing.onnx", None, "no such file"),
                                                   ("notes.onnx", "hello\n", "not an ONNX model")])
-def test_cli_bad_input_exits_2(capsys, error_line, tmp_path: Path, name: str, content, needle: str) -> None:
+def test_cli_bad_input_exits_2(prunert_main, error_line, tmp_path: Path, name: str, content, needle: str) -> None:
     if content is not None:
         (tmp_path / name).write_text(content)
-    code, out, err = _main(capsys, "check-trt", tmp_path / name)
+    code, out, err = prunert_main("check-trt", tmp_path / name)
     assert code == 2 and out == ""
     error_line(err, needle, name)
 

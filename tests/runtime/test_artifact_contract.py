@@ -14,9 +14,8 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 
-from prunert import cli
 from prunert.errors import ArtifactError
-from prunert.manifest import MANIFEST_NAME, TensorSpec, load_manifest
+from prunert.manifest import TensorSpec, load_manifest
 from prunert.runtime import Artifact
 from prunert.runtime import manifest_checks
 
@@ -27,17 +26,8 @@ COMMANDS = {"inspect": [], "run": ["--image", str(PHOTO), "--prompt", PROMPT, "-
             "parity": ["--image", str(PHOTO), "--prompt", PROMPT]}
 
 
-def _edit(artifact: Path, change: Callable[[dict[str, Any]], None]) -> None:
-    path = artifact / MANIFEST_NAME
-    data = json.loads(path.read_text())
-    change(data)
-    path.write_text(json.dumps(data))
-
-
-def _cli(capsys, command: str, artifact: Path, *extra: str) -> tuple[int, str, str]:
-    code = cli.main([command, str(artifact), *COMMANDS[command], *extra])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
+def _cli(main, command: str, artifact: Path, *extra: str) -> tuple[int, str, str]:
+    return main(command, artifact, *COMMANDS[command], *extra)
 
 
 def _set(section: str, **values: Any) -> Callable[[dict[str, Any]], None]:
@@ -96,29 +86,29 @@ CONTRADICTIONS = {
 
 
 @pytest.mark.parametrize("kind", sorted(CONTRADICTIONS))
-def test_a_contradicting_manifest_is_one_error_line(error_line, capsys, artifact_copy: Path, kind: str) -> None:
+def test_a_contradicting_manifest_is_one_error_line(edit_manifest, error_line, prunert_main, artifact_copy: Path, kind: str) -> None:
     change, key, needle = CONTRADICTIONS[kind]
-    _edit(artifact_copy, change)
-    code, out, err = _cli(capsys, "run", artifact_copy)
+    edit_manifest(artifact_copy, change)
+    code, out, err = _cli(prunert_main, "run", artifact_copy)
     assert code == 2 and out == ""
     error_line(err, f"artifact '{artifact_copy}'", key, needle)
 
 
 @pytest.mark.parametrize("kind", ["budget-vs-visual-tokens", "empty-eos", "alpha-nan", "template-other-field", "family-unknown"])
-def test_inspect_shows_a_contradicting_manifest_and_exits_2(error_line, capsys, artifact_copy: Path, kind: str) -> None:
+def test_inspect_shows_a_contradicting_manifest_and_exits_2(edit_manifest, error_line, prunert_main, artifact_copy: Path, kind: str) -> None:
     """inspect prints the manifest as it is (to see what is wrong), then the contradiction `run` would refuse."""
     change, key, needle = CONTRADICTIONS[kind]
-    _edit(artifact_copy, change)
-    code, out, err = _cli(capsys, "inspect", artifact_copy)
+    edit_manifest(artifact_copy, change)
+    code, out, err = _cli(prunert_main, "inspect", artifact_copy)
     assert code == 2 and "files" in out
     error_line(err, f"artifact '{artifact_copy}'", key, needle)
 
 
 @pytest.mark.parametrize("kind", ["budget-vs-visual-tokens", "alpha-nan", "template-other-field"])
-def test_parity_refuses_a_contradicting_manifest(error_line, capsys, artifact_copy: Path, kind: str) -> None:
+def test_parity_refuses_a_contradicting_manifest(edit_manifest, error_line, prunert_main, artifact_copy: Path, kind: str) -> None:
     change, key, needle = CONTRADICTIONS[kind]
-    _edit(artifact_copy, change)
-    code, out, err = _cli(capsys, "parity", artifact_copy)
+    edit_manifest(artifact_copy, change)
+    code, out, err = _cli(prunert_main, "parity", artifact_copy)
     assert code == 2 and out == ""
     error_line(err, key, needle)
     assert not (artifact_copy / "parity.json").exists()
@@ -215,13 +205,13 @@ CORRUPTIONS.update({f"preprocessor-{kind}": ("preprocessor_config.json", _prepro
 
 
 @pytest.mark.parametrize("kind", sorted(CORRUPTIONS))
-def test_no_verify_with_a_corrupt_file_is_one_error_line(error_line, capsys, artifact_copy: Path, kind: str) -> None:
+def test_no_verify_with_a_corrupt_file_is_one_error_line(error_line, prunert_main, artifact_copy: Path, kind: str) -> None:
     name, corrupt, needle = CORRUPTIONS[kind]
     corrupt(artifact_copy / name)
-    code, out, err = _cli(capsys, "run", artifact_copy, "--no-verify")
+    code, out, err = _cli(prunert_main, "run", artifact_copy, "--no-verify")
     assert code == 2 and out == ""
     error_line(err, name, needle)
-    code, _, err = _cli(capsys, "run", artifact_copy)  # without --no-verify the sha256 catches it first
+    code, _, err = _cli(prunert_main, "run", artifact_copy)  # without --no-verify the sha256 catches it first
     assert code == 2
     error_line(err, f"file '{name}' sha256")
 
