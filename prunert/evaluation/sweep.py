@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from prunert import pruning_ops
+from prunert.adapters import ModelSource, resolve_source
 from prunert.artifact_publish import write_atomically
 from prunert.config import BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ConfigError
@@ -81,10 +82,10 @@ def prepare_out(out: Path) -> Path:
     return out
 
 
-def ensure_artifact(model: str, path: Path, budget: BudgetConfig, export_cfg: ExportConfig, log: Callable[[str], None]) -> None:
+def ensure_artifact(model: str, revision: str, path: Path, budget: BudgetConfig, export_cfg: ExportConfig,
+                    log: Callable[[str], None]) -> None:
     """Export `budget` of `model` to `path`, unless `path` already holds that very export (same checkpoint
     revision, method, K and parameters): a rerun of a sweep reuses what it already exported."""
-    from prunert.adapters import resolve_source
     from prunert.export.pipeline import export_artifact
     from prunert.manifest import load_manifest
 
@@ -93,7 +94,7 @@ def ensure_artifact(model: str, path: Path, budget: BudgetConfig, export_cfg: Ex
             manifest = load_manifest(path)
         except (ArtifactError, OSError):
             manifest = None
-        if (manifest is not None and manifest.source.revision == resolve_source(model).revision
+        if (manifest is not None and manifest.source.revision == revision
                 and manifest.budget.method == budget.method and manifest.budget.budget == budget.budget
                 and manifest.budget.params == pruning_ops.method_params(budget)):
             log(f"reusing {path}")
@@ -101,14 +102,13 @@ def ensure_artifact(model: str, path: Path, budget: BudgetConfig, export_cfg: Ex
     export_artifact(model, path, budget, export_cfg, overwrite=path.exists(), log=log)
 
 
-def checked_points(model: str, points: Sequence[SweepPoint]) -> list[SweepPoint]:
-    """The unpruned baseline of `model` (the registry's keeps_all method at K = N) then `points`, each checked
-    against the checkpoint (K < N, a [CLS] the method needs) before anything is exported."""
-    from prunert.adapters import resolve_source
+def checked_points(source: ModelSource, points: Sequence[SweepPoint]) -> list[SweepPoint]:
+    """The unpruned baseline of the checkpoint (the registry's keeps_all method at K = N) then `points`, each
+    checked against it (K < N, a [CLS] the method needs) before anything is exported."""
     from prunert.export.pipeline import fit_budget, load_export_adapter
 
     method = next(m for m in pruning_ops.methods() if pruning_ops.method_spec(m).keeps_all)
-    adapter = load_export_adapter(resolve_source(model))
+    adapter = load_export_adapter(source)
     baseline = SweepPoint(BudgetConfig(budget=adapter.num_visual_tokens, method=method))
     ordered = [baseline] + [p for p in points if p.name != baseline.name]
     names = [p.name for p in ordered]
@@ -123,12 +123,13 @@ def run_sweep(model: str, points: Sequence[SweepPoint], records: Sequence[EvalRe
               eval_cfg: EvalConfig = EvalConfig(), export_cfg: ExportConfig = ExportConfig(),
               log: Callable[[str], None] = print, progress: bool = True) -> list[SweepResult]:
     """Export and evaluate the unpruned baseline, then every point; results in `points` order (baseline first)."""
-    ordered = checked_points(model, points)
+    source = resolve_source(model)  # once: its revision tells a reusable artifact (checkpoint_revision reads the weights)
+    ordered = checked_points(source, points)
     out = prepare_out(out)
     results: list[SweepResult] = []
     for point in ordered:
         path = out / "artifacts" / point.name
-        ensure_artifact(model, path, point.budget, export_cfg, log)
+        ensure_artifact(model, source.revision, path, point.budget, export_cfg, log)
         result = evaluate_artifact(path, records, eval_cfg, progress=progress)
         results.append(SweepResult(point, result, result.relative_to(results[0].result) if results else None))
         log(f"{point.name}: accuracy {result.accuracy:.1%}")

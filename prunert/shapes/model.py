@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from prunert.adapters.llava import LLAVA_PROMPT_TEMPLATE
 from prunert.adapters.llava.synthetic import PRESETS
-from prunert.shapes.scenes import ANSWERS, COLOR_NAMES, COUNT_WORDS, SHAPES
+from prunert.shapes.scenes import ANSWERS, COLOR_NAMES, SHAPES
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -47,5 +47,3 @@ def build_shapes_tokenizer() -> Tokenizer:
             raise RuntimeError(f"shapes tokenizer: answer {answer!r} is {len(ids)} tokens, expected 1")
     return tokenizer
 
-
-COUNT_ANSWERS = tuple(COUNT_WORDS.values())

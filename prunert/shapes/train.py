@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from prunert.config import check_finite, check_seed
 from prunert.errors import ConfigError
 from prunert.shapes.model import PRESET, build_shapes_tokenizer, prompt
 from prunert.shapes.pool import NUM_PATCH_CLASSES, ScenePool, build_pool
@@ -47,6 +48,8 @@ class TrainConfig:
     aux_weight: float = 0.5  # per-patch loss kept during the joint stage
 
     def __post_init__(self) -> None:
+        check_finite(self, "TrainConfig.")
+        check_seed("TrainConfig.seed", self.seed)
         for name in ("pool_scenes", "threads", "tower_batch", "qa_scenes", "joint_scenes"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"TrainConfig.{name}: got {getattr(self, name)}, expected >= 1")
@@ -57,7 +60,6 @@ class Batch:
     rows: list[int]  # [Q] index of each question's scene in the batch
     suffixes: list[list[int]]  # [Q] token ids after <image>: question, ASSISTANT:, answer, EOS
     targets: list[int]  # [Q] how many trailing ids of each suffix are predicted (answer + EOS)
-    templates: list[str]
 
 
 class QATokens:
@@ -80,7 +82,7 @@ class QATokens:
 
 
 def sample_batch(pool: ScenePool, scenes: np.ndarray, tokens: QATokens, rng: np.random.Generator) -> Batch:
-    batch = Batch([], [], [], [])
+    batch = Batch([], [], [])
     for row, index in enumerate(scenes):
         for template in TEMPLATES:
             question = ask(pool.scenes[index], template, rng, want_yes=bool(rng.integers(2)))
@@ -90,7 +92,6 @@ def sample_batch(pool: ScenePool, scenes: np.ndarray, tokens: QATokens, rng: np.
             batch.rows.append(row)
             batch.suffixes.append(suffix)
             batch.targets.append(targets)
-            batch.templates.append(template)
     return batch
 
 

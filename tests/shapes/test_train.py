@@ -47,3 +47,11 @@ def test_the_same_config_trains_the_same_state_dict() -> None:
     other = Trainer(TrainConfig(**{**MICRO.__dict__, "seed": 1}), progress=False).train()
     assert other.sha256 != first.sha256
     assert set(first.losses) == {"tower", "qa", "joint"} and all(np.isfinite(v) for v in first.losses.values())
+
+
+@pytest.mark.parametrize("bad", [{"tower_lr": float("nan")}, {"qa_lr": float("inf")}, {"seed": -1}, {"tower_batch": 0}])
+def test_a_bad_train_config_is_one_error(bad: dict) -> None:
+    from prunert.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=next(iter(bad))):
+        TrainConfig(**bad)
