@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from prunert.adapters.llava.host import ImagePreprocessConfig, _rescale_normalize, model_view
+from prunert.adapters.llava.host import ImagePreprocessConfig, rescale_normalize, model_view
 from prunert.shapes.dataset import TRAIN_STREAM
 from prunert.shapes.scenes import CANVAS, COLOR_NAMES, SHAPES, Scene, sample_scene
 
@@ -32,7 +32,7 @@ class ScenePool:
 
     def pixel_values(self, index: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
         """float32 [B, 3, S, S] exactly as the runtime's preprocess gives them."""
-        return np.stack([_rescale_normalize(p, cfg).transpose(2, 0, 1) for p in self.pixels[index]])
+        return np.stack([rescale_normalize(p, cfg).transpose(2, 0, 1) for p in self.pixels[index]])
 
 
 def patch_labels(scene: Scene, grid: int) -> tuple[np.ndarray, np.ndarray]:

@@ -206,7 +206,7 @@ def preprocess_one(image: Image.Image, cfg: ImagePreprocessConfig) -> np.ndarray
     pixels = np.asarray(image, dtype=np.uint8)  # [H, W, 3]
     if cfg.do_center_crop:
         pixels = center_crop(pixels, cfg.crop_height, cfg.crop_width)  # [crop_h, crop_w, 3]
-    values = _rescale_normalize(pixels, cfg)  # [H, W, 3] float32
+    values = rescale_normalize(pixels, cfg)  # [H, W, 3] float32
     return np.ascontiguousarray(values.transpose(2, 0, 1))  # [3, H, W]
 
 
@@ -246,7 +246,7 @@ def center_crop(pixels: np.ndarray, crop_h: int, crop_w: int) -> np.ndarray:
     return canvas[max(0, top) : min(new_h, top + crop_h), max(0, left) : min(new_w, left + crop_w)]
 
 
-def _rescale_normalize(pixels: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
+def rescale_normalize(pixels: np.ndarray, cfg: ImagePreprocessConfig) -> np.ndarray:
     """uint8 [H, W, 3] -> float32 [H, W, 3], with HF's dtypes: rescale in float64, normalize in float32."""
     if cfg.do_rescale:
         values = (pixels.astype(np.float64) * cfg.rescale_factor).astype(np.float32)
