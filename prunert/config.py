@@ -24,7 +24,8 @@ SELECTION_SCOPE = "selection"
 PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
 FLOAT_PRECISIONS = ("fp16", "bf16")  # prunert.export.precision: cast weights, fp32 islands
 QUANTIZED_PRECISIONS = ("int8", "fp8")  # prunert.calibration: explicit Q/DQ from a calibration set
-GRAPH_NAMES = ("vision", "decoder")
+GRAPH_NAMES = ("vision", "decoder")  # graph roles, as flags name them
+FUSED_DECODER = "decoder_fused"  # the decoder role's ONNX Runtime form (contrib fused ops, in-place KV); "decoder" is the standard-op form
 
 
 EPSILON_FLOORS = ("affine", "clip")  # ResPruneConfig.epsilon_floor
