@@ -280,6 +280,109 @@ def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag:
     return precision
 
 
+GRAPH_ROLES = {"vision": "vision", "decoder": "decoder", FUSED_DECODER: "decoder"}  # graph name -> its role (GRAPH_NAMES)
+DECODER_ONLY_PRECISIONS = ("int4",)  # weight-only: a decoder-role variant only (the vision role rejects it)
+
+
+def role_precisions(role: str) -> tuple[str, ...]:
+    """The precisions graph role `role` may run at: PRECISIONS, less the decoder-only ones for the vision role."""
+    return PRECISIONS if role == "decoder" else tuple(p for p in PRECISIONS if p not in DECODER_ONLY_PRECISIONS)
+
+
+@dataclass(frozen=True)
+class GraphPrecisions:
+    """The precision each graph role runs at: `--precision fp16` (every graph) or `--precision vision=fp16,decoder=int4`
+    (a role not named stays fp32). Graph g of role r runs manifest.graph_spec(g, precisions.of(g)); a variant's
+    graph that it leaves in fp32 points at the top-level fp32 file, as with one precision."""
+
+    vision: str = "fp32"
+    decoder: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for role in GRAPH_NAMES:
+            precision = getattr(self, role)
+            if precision in PRECISIONS and precision not in role_precisions(role):  # int4 for vision
+                raise ConfigError(f"--precision {role}: got {precision!r}, a decoder-only (weight-only) precision; "
+                                  f"expected one of {list(role_precisions(role))}")
+            check_precision(precision, role_precisions(role), flag=f"--precision {role}")
+
+    @classmethod
+    def uniform(cls, precision: str) -> "GraphPrecisions":
+        """Every role at `precision`; a decoder-only precision (int4) leaves vision at fp32 (its variant's vision graph is fp32)."""
+        check_precision(precision)
+        return cls(vision=precision if precision in role_precisions("vision") else "fp32", decoder=precision)
+
+    @classmethod
+    def parse(cls, text: "str | GraphPrecisions") -> "GraphPrecisions":
+        """`fp16` or `vision=fp16,decoder=int4` (roles GRAPH_NAMES, each at most once); bad text is one ConfigError line."""
+        if isinstance(text, GraphPrecisions):
+            return text
+        if "=" not in text:
+            return cls.uniform(check_precision(text.strip()))
+        expected = f"expected a precision ({' | '.join(PRECISIONS)}) or ROLE=PRECISION pairs for roles {list(GRAPH_NAMES)}, e.g. vision=fp16,decoder=int4"
+        given: dict[str, str] = {}
+        for part in text.split(","):
+            role, sep, precision = (s.strip() for s in part.partition("="))
+            if not sep or not role or not precision:
+                raise ConfigError(f"--precision: got {text!r}: {part.strip()!r} is not ROLE=PRECISION; {expected}")
+            if role not in GRAPH_NAMES:
+                raise ConfigError(f"--precision: got {text!r}: unknown graph role {role!r}; {expected}")
+            if role in given:
+                raise ConfigError(f"--precision: got {text!r}: role {role!r} given twice; {expected}")
+            given[role] = precision
+        return cls(**given)
+
+    def of(self, graph: str) -> str:
+        """The precision graph `graph` runs at (decoder_fused: the decoder role's)."""
+        if graph not in GRAPH_ROLES:
+            raise ConfigError(f"graph {graph!r}: unknown, expected one of {list(GRAPH_ROLES)}")
+        return getattr(self, GRAPH_ROLES[graph])
+
+    @property
+    def is_uniform(self) -> bool:
+        return self == GraphPrecisions.uniform(self.decoder)
+
+    @property
+    def label(self) -> str:
+        """Compact form for reports and benchmark output: `fp16` when uniform, else `vision=fp16,decoder=int4`."""
+        if self.is_uniform:
+            return self.decoder
+        return ",".join(f"{role}={getattr(self, role)}" for role in GRAPH_NAMES)
+
+    def groups(self, roles: tuple[str, ...] = GRAPH_NAMES) -> dict[str, tuple[str, ...]]:
+        """precision -> the roles (of `roles`) that run at it, in GRAPH_NAMES order: one engine build per precision."""
+        out: dict[str, tuple[str, ...]] = {}
+        for role in (r for r in GRAPH_NAMES if r in roles):
+            out[getattr(self, role)] = out.get(getattr(self, role), ()) + (role,)
+        return out
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    """How every ONNX Runtime session of a run uses the CPU (`--threads N`, `--spin`).
+
+    threads:  intra-op threads of each session; 0 = ONNX Runtime's default (one per physical core).
+    spinning: let idle worker threads busy-wait for the next op. Off by default: a spinning pool burns whole
+              cores between ops and slows everything else on a shared machine (or a second session of its own).
+    """
+
+    threads: int = 0
+    spinning: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0:
+            raise ConfigError(f"--threads: got {self.threads}, expected >= 0 (0: ONNX Runtime's default)")
+
+    def session_config(self) -> dict[str, str]:
+        """The SessionOptions config entries these settings mean (ONNX Runtime's onnxruntime_session_options_config_keys.h)."""
+        spin = "1" if self.spinning else "0"
+        return {"session.intra_op.allow_spinning": spin, "session.inter_op.allow_spinning": spin}
+
+    def record(self) -> dict[str, Any]:
+        """What a report records about the run's environment."""
+        return {"threads": self.threads, "spinning": self.spinning}
+
+
 @dataclass(frozen=True)
 class PrecisionConfig:
     """fp16/bf16 conversion of an artifact's fp32 graphs into strongly typed graphs (prunert.export.precision).
@@ -395,6 +498,21 @@ class ParityTolerances:
     def for_precision(cls, precision: str, greedy_tokens: int = 8) -> "ParityTolerances":
         check_precision(precision)
         return cls(greedy_tokens=greedy_tokens, **PRECISION_TOLERANCES[precision])
+
+    @classmethod
+    def for_precisions(cls, precisions: GraphPrecisions, greedy_tokens: int = 8) -> "ParityTolerances":
+        """Per-graph precision: the vision-stage bars (VISION_STAGE_BARS: pixels, kept indices, kept tokens) from the
+        vision precision's PRECISION_TOLERANCES, every other bar (logits, greedy tie margin) from the decoder's.
+        Uniform precisions are exactly for_precision's."""
+        if precisions.is_uniform:
+            return cls.for_precision(precisions.decoder, greedy_tokens)
+        vision = {k: v for k, v in PRECISION_TOLERANCES[precisions.vision].items() if k in VISION_STAGE_BARS}
+        decoder = {k: v for k, v in PRECISION_TOLERANCES[precisions.decoder].items() if k not in VISION_STAGE_BARS}
+        return cls(greedy_tokens=greedy_tokens, **vision, **decoder)
+
+
+# ParityTolerances fields judged on the vision graph's outputs; the rest judge the decoder's (for_precisions).
+VISION_STAGE_BARS = ("pixels_max_abs", "kept_min_overlap", "tokens_max_abs", "tokens_min_cosine")
 
 
 # The bars per precision (docs/deploy.md explains them). fp16/bf16 follow the issue: kept-index overlap
