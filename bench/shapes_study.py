@@ -21,7 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from prunert.config import BudgetConfig, ResPruneConfig  # noqa: E402
+from prunert.config import BudgetConfig, ResPruneConfig, RuntimeConfig  # noqa: E402
 from prunert.errors import PrunertError  # noqa: E402
 from prunert.evaluation import EvalConfig, evaluate_artifact, load_records  # noqa: E402
 from prunert.evaluation.plots import plot_accuracy_vs_k, plot_accuracy_vs_ttft  # noqa: E402
@@ -62,7 +62,7 @@ def precision_rows(artifacts: list[Path], records, cfg: EvalConfig, out: Path) -
                 print(f"{artifact.name} {precision}: {rows[-1]['error']}", file=sys.stderr)
                 continue
             try:
-                result = evaluate_artifact(artifact, records, EvalConfig(batch=cfg.batch, threads=cfg.threads, precision=precision))
+                result = evaluate_artifact(artifact, records, EvalConfig(batch=cfg.batch, runtime=cfg.runtime, precision=precision))
             except PrunertError as exc:  # bf16 graphs are for TensorRT: ONNX Runtime's CPU provider lacks bf16 kernels
                 rows.append({"artifact": artifact.name, "precision": precision, "error": str(exc)})
                 print(f"{artifact.name} {precision}: {exc}", file=sys.stderr)
@@ -84,7 +84,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     data = write_eval_set(args.out / "eval", args.count, 0, overwrite=True)
     records = load_records(data)
-    cfg = EvalConfig(batch=8, threads=args.threads)
+    cfg = EvalConfig(batch=8, runtime=RuntimeConfig(threads=args.threads))
     results = run_sweep(MODEL, grid(METHODS, budgets) + alpha_points(budgets), records, args.out / "sweep", cfg)
     base, rest = results[0], results[1:]
     methods = [r for r in rest if not r.point.tag]

@@ -67,7 +67,8 @@ def _run(args: argparse.Namespace) -> int:
     if len(images) != len(prompts):
         raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision)
+    pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision,
+                       runtime=runtime_config(args))
     stream = args.stream and len(images) == 1
 
     def on_token(row: int, token: int, text: str) -> None:
@@ -82,7 +83,7 @@ def _run(args: argparse.Namespace) -> int:
     t = pipe.timings
     print(
         f"{_kept_summary(pipe.manifest, results)}; "
-        f"{args.backend} {args.precision}; "
+        f"{args.backend} {args.precision.label}; "
         f"vision {t.vision_s * 1e3:.0f} ms, prefill {t.prefill_s * 1e3:.0f} ms, "
         f"{len(results[0].token_ids)} tokens ({results[0].finish_reason})",
         file=sys.stderr,
@@ -101,10 +102,12 @@ def _parity(args: argparse.Namespace) -> int:
     out = args.out or Path(args.artifact) / "parity.json"
     report_file = ("--out", frozenset({"artifact", "checks", "verdict"}), "a parity report")  # what --out may replace
     refuse_unless_replaceable_file(out, *report_file)  # before the long run: a directory, link or other file stays
-    tolerances = ParityTolerances.for_precision(args.precision, greedy_tokens=args.greedy_tokens)
-    report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision)
+    tolerances = ParityTolerances.for_precisions(args.precision, greedy_tokens=args.greedy_tokens)
+    report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision,
+                        runtime=runtime_config(args))
     replace_file(out, report.write_json, *report_file)
-    print(f"{args.backend}, {args.precision} graphs; the {args.precision} bars (ParityTolerances.for_precision, docs/deploy.md)")
+    label = args.precision.label
+    print(f"{args.backend}, {label} graphs; the {label} bars (ParityTolerances.for_precisions, docs/deploy.md)")
     print(report.table())
     if source_note(report):  # the report carries its source's synthetic flag and note
         print(source_note(report))
@@ -163,37 +166,50 @@ def _calibrate(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from prunert.config import FLOAT_PRECISIONS, EngineBuildConfig, PrecisionConfig
+    """One build_engines per precision of --precision's graph roles (vision=fp16,decoder=fp8: each graph from its own variant)."""
+    from dataclasses import replace
+
+    from prunert.config import EngineBuildConfig
     from prunert.engines import import_tensorrt
     from prunert.engines.builder import build_engines
-    from prunert.errors import BackendUnavailableError
     from prunert.manifest import load_manifest
 
-    config = EngineBuildConfig(precision=args.precision, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
-                               workspace_bytes=EngineBuildConfig.workspace_from_gib(args.workspace_gb), optimization_level=args.opt_level,
-                               graphs=tuple(args.graph) if args.graph else EngineBuildConfig().graphs)
+    base = EngineBuildConfig(precision=args.precision.decoder, max_batch=args.max_batch, max_seq=args.max_seq, opt_batch=args.opt_batch,
+                             workspace_bytes=EngineBuildConfig.workspace_from_gib(args.workspace_gb), optimization_level=args.opt_level,
+                             graphs=tuple(args.graph) if args.graph else EngineBuildConfig().graphs)
+    configs = [replace(base, precision=precision, graphs=roles) for precision, roles in args.precision.groups(base.graphs).items()]
     import_tensorrt()  # before anything is converted: no tensorrt, no change to the artifact
-    manifest = load_manifest(args.artifact)
-    if config.precision in FLOAT_PRECISIONS and config.precision not in manifest.variants:
-        print(f"no {config.precision} graphs in the artifact yet: converting (prunert convert) first")
-        try:
-            from prunert.export.precision import convert_artifact
-        except ImportError as exc:
-            raise BackendUnavailableError(
-                f"--precision {config.precision}: converting needs the onnx package ({exc}); "
-                f"install it, or run `prunert convert {args.artifact} --precision {config.precision}` on the workstation"
-            ) from None
-        feeds = None
-        if args.images or EXAMPLE_CALIBRATION_DIR.is_dir():
-            feeds = _sample_feeds(args.artifact, args.images, None, 4)
-        else:
-            print("note: no --images and no examples/calibration here: converting without the fp16 overflow run")
-        convert_artifact(args.artifact, PrecisionConfig(precision=config.precision), feeds)
-    manifest = build_engines(args.artifact, config)
-    for engine in manifest.engines:
-        if engine.precision == config.precision:
-            print(f"{engine.graph}: {engine.file} (TensorRT {engine.tensorrt_version}, sm {engine.compute_capability})")
+    for config in configs:
+        _convert_before_build(args, config.precision, load_manifest(args.artifact))
+    for config in configs:
+        manifest = build_engines(args.artifact, config)
+        for engine in manifest.engines:
+            if engine.precision == config.precision and engine.graph in config.graphs:
+                print(f"{engine.graph}: {engine.file} (TensorRT {engine.tensorrt_version}, sm {engine.compute_capability})")
     return 0
+
+
+def _convert_before_build(args: argparse.Namespace, precision: str, manifest) -> None:
+    """`prunert build` at fp16/bf16 without those graphs yet: convert first (prunert convert's defaults)."""
+    from prunert.config import FLOAT_PRECISIONS, PrecisionConfig
+    from prunert.errors import BackendUnavailableError
+
+    if precision not in FLOAT_PRECISIONS or precision in manifest.variants:
+        return
+    print(f"no {precision} graphs in the artifact yet: converting (prunert convert) first")
+    try:
+        from prunert.export.precision import convert_artifact
+    except ImportError as exc:
+        raise BackendUnavailableError(
+            f"--precision {precision}: converting needs the onnx package ({exc}); "
+            f"install it, or run `prunert convert {args.artifact} --precision {precision}` on the workstation"
+        ) from None
+    feeds = None
+    if args.images or EXAMPLE_CALIBRATION_DIR.is_dir():
+        feeds = _sample_feeds(args.artifact, args.images, None, 4)
+    else:
+        print("note: no --images and no examples/calibration here: converting without the fp16 overflow run")
+    convert_artifact(args.artifact, PrecisionConfig(precision=precision), feeds)
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -285,15 +301,35 @@ def _add_method_flags(parser: argparse.ArgumentParser) -> None:
                                help=f"[{owners_text}] default {defaults[field_name]}")
 
 
+def _add_precision_flag(parser: argparse.ArgumentParser, help_text: str) -> None:
+    """--precision P (every graph) or --precision vision=P,decoder=P (per graph role): a GraphPrecisions; bad text is
+    one error line, exit 2 (GraphPrecisions.parse raises ConfigError, which argparse passes through)."""
+    from prunert.config import GRAPH_NAMES, PRECISIONS, GraphPrecisions
+
+    parser.add_argument("--precision", type=GraphPrecisions.parse, default=GraphPrecisions(), metavar="P | ROLE=P,...",
+                        help=f"{' | '.join(PRECISIONS)} for every graph, or per graph role ({', '.join(GRAPH_NAMES)}), e.g. "
+                        f"vision=fp16,decoder=int8 (a role not named: fp32); {help_text}")
+
+
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
-    from prunert.config import PRECISIONS
+    """The runtime flags of every command that runs an artifact (run, parity, eval; a serve command takes the same):
+    --backend, --precision (per graph), --threads and --spin (runtime_config)."""
     from prunert.runtime.pipeline import BACKENDS
 
     parser.add_argument("--backend", default="onnxruntime",
                         help=f"{' | '.join(BACKENDS)}: onnxruntime (CPU), ort-cuda / ort-trt (onnxruntime-gpu), "
                         "trt (engines from `prunert build`); default %(default)s")
-    parser.add_argument("--precision", default="fp32",
-                        help=f"{' | '.join(PRECISIONS)}: fp32 (exported), or a variant made by `prunert convert` / `prunert calibrate`")
+    _add_precision_flag(parser, "fp32 is the exported graphs, others are variants made by `prunert convert` / `prunert calibrate`")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads of every ONNX Runtime session (default 0: its own choice)")
+    parser.add_argument("--spin", action="store_true",
+                        help="let ONNX Runtime's idle threads spin (busy-wait) between ops; off by default, which suits a shared machine")
+
+
+def runtime_config(args: argparse.Namespace):
+    """The RuntimeConfig of _add_backend_flags' --threads / --spin."""
+    from prunert.config import RuntimeConfig
+
+    return RuntimeConfig(threads=args.threads, spinning=args.spin)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -371,8 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="build TensorRT engines for an artifact on this GPU (strongly typed; needs tensorrt)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--precision", default="fp32",
-                   help=f"{' | '.join(PRECISIONS)}: graphs to build from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
+    _add_precision_flag(p, "the graphs each engine is built from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
     p.add_argument("--max-batch", type=int, help="largest batch of the engine profiles (default and ceiling: the manifest's)")
     p.add_argument("--max-seq", type=int, help="longest decoder sequence of the profiles (default and ceiling: the manifest's)")
     p.add_argument("--opt-batch", type=int, default=EngineBuildConfig().opt_batch, help="batch the profiles are tuned for")

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
+from prunert.config import GraphPrecisions
 from prunert.errors import ConfigError
 from prunert.evaluation.data import check_limit, load_records
 from prunert.evaluation.report import OUT_KEYS, ArtifactResult, category_table, results_table, write_results
@@ -31,8 +32,7 @@ def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentPars
                    help="records per generate call (default %(default)s); silently capped at each artifact's max_batch")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="greedy tokens per answer (default %(default)s; capped by the artifact's max_sequence)")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="ONNX Runtime intra-op threads (default 0: its own choice)")
-    add_backend_flags(p)
+    add_backend_flags(p)  # --backend, --precision (per graph), --threads, --spin
     p.add_argument("--out", type=Path, help="write every prediction and the summary as JSON here")
     p.add_argument("--reference", choices=REFERENCES,
                    help="hf: also run the PyTorch checkpoint the artifacts were exported from (needs prunert[export])")
@@ -43,8 +43,9 @@ def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentPars
 def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None]) -> int:
     """The command; source_note(manifest.source) is the line `prunert run` prints about the model (None: nothing)."""
     from prunert.artifact_publish import refuse_unless_replaceable_file, replace_file
+    from prunert.cli import runtime_config
 
-    cfg = EvalConfig(batch=args.batch, backend=args.backend, precision=args.precision, threads=args.threads,
+    cfg = EvalConfig(batch=args.batch, backend=args.backend, precision=args.precision, runtime=runtime_config(args),
                      max_new_tokens=args.max_new_tokens)
     check_limit(args.limit)
     if args.model is not None and args.reference is None:
@@ -83,16 +84,16 @@ def run_eval(args: argparse.Namespace, source_note: Callable[[Any], str | None])
     return 0
 
 
-def opened_manifest(artifact: Path, precision: str):
+def opened_manifest(artifact: Path, precision: GraphPrecisions):
     """The artifact's manifest, checked before any artifact runs (hashes are verified when it runs): a bad
-    artifact, or one without graphs at `precision`, fails now, in one line naming it."""
+    artifact, or one without a graph at its role's precision, fails now, in one line naming it."""
     from prunert.errors import ArtifactError
     from prunert.manifest import load_manifest
 
     manifest = load_manifest(artifact, verify_hashes=False)
     try:
         for graph in manifest.graphs:
-            manifest.graph_spec(graph, precision)
+            manifest.graph_spec(graph, precision.of(graph))
     except ArtifactError as exc:
         raise ArtifactError(f"artifact '{artifact}': {exc}") from None
     return manifest

@@ -2,7 +2,8 @@
 
 `--out` layout (scripts rely on it, artifacts in the order given):
 `{"artifacts": [{"artifact", "method", "budget", "precision", "accuracy", "ci95", "by_category", "ttft_s",
-"decode_tok_s", "predictions": [{"line", "question", "answer", "prediction", "correct"}, ...]}, ...]}`,
+"decode_tok_s", "runtime": {"threads", "spinning"}, "predictions": [{"line", "question", "answer", "prediction", "correct"}, ...]}, ...]}`,
+("precision" is GraphPrecisions.label: "fp16", or "vision=fp16,decoder=int8"),
 plus `"reference"` (one entry of the same layout) with `--reference hf`.
 """
 
@@ -44,6 +45,7 @@ class ArtifactResult:
     ttft_s: float | None  # mean over records of their batch's time to first token (vision + prefill); None: not timed
     decode_tok_s: float | None  # decoder steps per second per sequence (all steps / all decode time); None: no steps
     source: Any = None  # the artifact's manifest SourceSpec (what `prunert run` notes about the model)
+    runtime: dict[str, Any] | None = None  # RuntimeConfig.record(): ONNX Runtime threads and spinning; None: not ONNX Runtime (the reference)
 
     @property
     def correct(self) -> int:
@@ -74,7 +76,8 @@ class ArtifactResult:
     def to_json(self) -> dict[str, Any]:
         return {"artifact": self.artifact, "method": self.method, "budget": self.budget, "precision": self.precision,
                 "accuracy": self.accuracy, "ci95": list(self.ci95), "by_category": self.by_category, "ttft_s": self.ttft_s,
-                "decode_tok_s": self.decode_tok_s, "predictions": [p.to_json() for p in self.predictions]}
+                "decode_tok_s": self.decode_tok_s, **({"runtime": self.runtime} if self.runtime is not None else {}),
+                "predictions": [p.to_json() for p in self.predictions]}
 
 
 def unpruned_baseline(results: list[ArtifactResult]) -> ArtifactResult | None:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Sequence, TextIO
 
 from prunert import pruning_ops
+from prunert.config import GraphPrecisions, RuntimeConfig
 from prunert.errors import ConfigError, ImageError, PromptError
 from prunert.evaluation.data import EvalRecord
 from prunert.evaluation.report import ArtifactResult, Prediction
@@ -27,23 +28,20 @@ MAX_BATCH = 1024
 class EvalConfig:
     batch: int = 8  # records per generate call; capped at the artifact's max_batch
     backend: str = "onnxruntime"
-    precision: str = "fp32"
-    threads: int = 0  # ONNX Runtime intra-op threads (0: its default)
+    precision: GraphPrecisions = GraphPrecisions()  # per graph role; --precision's text ("fp16", "vision=fp16,decoder=int8") is parsed
+    runtime: RuntimeConfig = RuntimeConfig()  # ONNX Runtime threads (0: its default) and spinning
     max_new_tokens: int = 8  # answers are a word or a few; capped by the artifact's max_sequence, as in `prunert run`
 
     def __post_init__(self) -> None:
-        from prunert.config import check_precision
         from prunert.runtime.pipeline import BACKENDS
 
         if not 1 <= self.batch <= MAX_BATCH:
             raise ConfigError(f"--batch: got {self.batch}, expected 1..{MAX_BATCH} (capped at the artifact's max_batch)")
-        if self.threads < 0:
-            raise ConfigError(f"--threads: got {self.threads}, expected >= 0 (0: ONNX Runtime's default)")
         if self.max_new_tokens < 1:
             raise ConfigError(f"--max-new-tokens: got {self.max_new_tokens}, expected >= 1")
         if self.backend not in BACKENDS:
             raise ConfigError(f"--backend {self.backend!r}: unknown; expected one of {list(BACKENDS)}")
-        check_precision(self.precision)
+        object.__setattr__(self, "precision", GraphPrecisions.parse(self.precision))
 
 
 def question_prompt(placeholder: str, question: str) -> str:
@@ -112,7 +110,7 @@ def evaluate_artifact(artifact_dir: str | Path, records: Sequence[EvalRecord], c
 
     if not records:
         raise ConfigError("records: got none, expected at least one (load_records)")
-    pipe = VLMPipeline(Artifact(artifact_dir), backend=cfg.backend, threads=cfg.threads, precision=cfg.precision)
+    pipe = VLMPipeline(Artifact(artifact_dir), backend=cfg.backend, precision=cfg.precision, runtime=cfg.runtime)
     manifest = pipe.manifest
     prompts = check_prompts(pipe, records)
     size = min(cfg.batch, manifest.text.max_batch)
@@ -132,6 +130,7 @@ def evaluate_artifact(artifact_dir: str | Path, records: Sequence[EvalRecord], c
             bar.advance(len(batch))
     finally:
         bar.close()
-    return ArtifactResult(str(artifact_dir), manifest.budget.method, manifest.budget.budget, cfg.precision,
+    return ArtifactResult(str(artifact_dir), manifest.budget.method, manifest.budget.budget, cfg.precision.label,
                           pruning_ops.method_spec(manifest.budget.method).keeps_all, tuple(predictions),
-                          ttft_total / len(records), steps / decode_time if steps and decode_time > 0 else None, manifest.source)
+                          ttft_total / len(records), steps / decode_time if steps and decode_time > 0 else None, manifest.source,
+                          runtime=cfg.runtime.record())

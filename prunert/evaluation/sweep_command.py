@@ -26,7 +26,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
                    "(a rerun reuses matching artifacts)")
     p.add_argument("--limit", type=int, help="evaluate only the first N records")
     p.add_argument("--batch", type=int, default=defaults.batch, help="records per generate call (default %(default)s)")
-    p.add_argument("--threads", type=int, default=defaults.threads, help="ONNX Runtime intra-op threads (default 0: its own choice)")
+    p.add_argument("--threads", type=int, default=defaults.runtime.threads, help="ONNX Runtime intra-op threads (default 0: its own choice)")
     p.add_argument("--backend", default="onnxruntime", help="runtime backend for the evaluation (default %(default)s)")
     return p
 
@@ -46,10 +46,11 @@ def parse_list(flag: str, text: str, convert: Callable[[str], Any]) -> list[Any]
 
 def run_sweep_command(args: argparse.Namespace, source_note: Callable[[Any], str | None]) -> int:
     from prunert.evaluation.data import check_limit, load_records
+    from prunert.config import RuntimeConfig
     from prunert.evaluation.runner import EvalConfig
     from prunert.evaluation.sweep import RESULTS_FILE, grid, run_sweep, sweep_table
 
-    cfg = EvalConfig(batch=args.batch, backend=args.backend, threads=args.threads)
+    cfg = EvalConfig(batch=args.batch, backend=args.backend, runtime=RuntimeConfig(threads=args.threads))
     methods = parse_list("--methods", args.methods, str)
     budgets = parse_list("--budgets", args.budgets, int)
     if any(k < 1 for k in budgets):

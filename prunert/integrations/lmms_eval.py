@@ -29,7 +29,7 @@ import numpy as np
 from lmms_eval.api.instance import GenerationResult, Instance
 from lmms_eval.api.model import lmms
 
-from prunert.config import GenerationConfig
+from prunert.config import GenerationConfig, RuntimeConfig
 from prunert.errors import ConfigError, PromptError
 from prunert.evaluation.runner import EvalConfig, question_prompt
 from prunert.runtime.decode import decode_steps, table_embedder
@@ -70,9 +70,9 @@ class PrunertLMMS(lmms):
         if not artifact:
             raise ConfigError("--model_args: missing artifact=DIR (an artifact directory exported by `prunert export`)")
         batch = _batch_size(batch_size)
-        self.config = EvalConfig(batch=batch, backend=str(backend), precision=str(precision), threads=_int("threads", threads))
+        self.config = EvalConfig(batch=batch, backend=str(backend), precision=str(precision), runtime=RuntimeConfig(threads=_int("threads", threads)))
         self.max_new_tokens = _int("max_new_tokens", max_new_tokens)  # a cap on the task's; 0: the task's own
-        self.pipe = VLMPipeline(str(artifact), backend=self.config.backend, threads=self.config.threads, precision=self.config.precision)
+        self.pipe = VLMPipeline(str(artifact), backend=self.config.backend, precision=self.config.precision, runtime=self.config.runtime)
         self.batch = min(batch, self.pipe.manifest.text.max_batch)
 
     # ---- lmms interface ----------------------------------------------------------------------------
@@ -142,7 +142,7 @@ class PrunertLMMS(lmms):
         positions = self.pipe.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [1, 1] (M-RoPE [3, 1, 1])
         forced = _forced(continuation)
         steps = decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions,
-                             table_embedder(self.pipe.artifact.embeddings), forced, len(continuation))
+                             table_embedder(self.pipe.artifact.embeddings, self.pipe.embeds_dtype), forced, len(continuation))
         total, greedy = 0.0, True
         for step, token in zip(steps, continuation):
             logits = step.logits[0].astype(np.float64)  # [V]

@@ -25,7 +25,7 @@ import torch
 
 from prunert import pruning_ops
 from prunert.adapters import resolve_source
-from prunert.config import GenerationConfig, ParityTolerances
+from prunert.config import GenerationConfig, GraphPrecisions, ParityTolerances, RuntimeConfig
 from prunert.export.graphs import selection_module
 from prunert.export.pipeline import fit_budget, load_export_adapter
 from prunert.metrics import common_rows
@@ -42,18 +42,21 @@ def run_parity(
     tolerances: ParityTolerances | None = None,
     model: str | None = None,
     backend: str = "onnxruntime",
-    precision: str = "fp32",
+    precision: GraphPrecisions | str = "fp32",
+    runtime: RuntimeConfig = RuntimeConfig(),
 ) -> ParityReport:
-    """tolerances None: the precision's own bars (ParityTolerances.for_precision)."""
-    tolerances = tolerances or ParityTolerances.for_precision(precision)
-    pipe = VLMPipeline(artifact_dir, backend=backend, precision=precision)
+    """precision: per graph role (or --precision's text). tolerances None: the precisions' own bars
+    (ParityTolerances.for_precisions: vision-stage bars from the vision precision, decoder-stage from the decoder's)."""
+    precision = GraphPrecisions.parse(precision)
+    tolerances = tolerances or ParityTolerances.for_precisions(precision)
+    pipe = VLMPipeline(artifact_dir, backend=backend, precision=precision, runtime=runtime)
     manifest = pipe.manifest
     source = resolve_source(model or manifest.source.model)
     adapter = load_export_adapter(source)
     budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
     fit_budget(adapter, budget)  # the adapter's preprocessing as at export (Qwen2.5-VL: min_pixels raised to K)
-    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision, asdict(tolerances), str(image), prompt,
-                          note=source.note)
+    report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision.label, asdict(tolerances), str(image), prompt,
+                          note=source.note, runtime=runtime.record())
     tol = tolerances
     picture = load_image(image)
     same = source.revision == manifest.source.revision
@@ -99,6 +102,7 @@ def run_parity(
         ref_logits = adapter.model(inputs_embeds=ref_embeds, attention_mask=torch.ones(ref_embeds.shape[:2], dtype=torch.long), **extra).logits
     report.add_max_abs("prefill logits", ref_logits.numpy(), state.logits, tol.logits_max_abs)
     report.add_cosine("prefill logits", ref_logits.numpy(), state.logits, tol.logits_min_cosine)
+    report.add_kl("prefill logits", ref_logits.numpy(), state.logits, tol.logits_max_kl)
 
     # 5. first N greedy tokens: identical, except after a step whose top-2 margin is within tolerance
     ours_tokens = pipe.decode(state, GenerationConfig(max_new_tokens=tol.greedy_tokens))[0]

@@ -30,12 +30,13 @@ class ParityReport:
     source: str
     synthetic: bool
     backend: str
-    precision: str
-    tolerances: dict  # the bars applied (ParityTolerances.for_precision), recorded so none is loosened silently
+    precision: str  # GraphPrecisions.label: "fp16", or per graph "vision=fp16,decoder=int8"
+    tolerances: dict  # the bars applied (ParityTolerances.for_precisions), recorded so none is loosened silently
     image: str
     prompt: str
     checks: list[Check] = field(default_factory=list)
     note: str = ""  # the source's note (a trained demonstration preset), printed like the synthetic note
+    runtime: dict = field(default_factory=dict)  # RuntimeConfig.record(): ONNX Runtime threads and spinning of the run
 
     @property
     def passed(self) -> bool:
@@ -60,6 +61,14 @@ class ParityReport:
         """prunert.metrics.cosine (two zero vectors: 1.0, a zero against a nonzero one: 0.0); nan on a size mismatch."""
         cosine = metrics.cosine(expected, actual) if expected.shape == actual.shape else float("nan")
         self.add(stage, "cosine", cosine, f">= {minimum:g}", cosine >= minimum)
+
+    def add_kl(self, stage: str, expected: np.ndarray, actual: np.ndarray, limit: float | None) -> None:
+        """KL(softmax expected || softmax actual) of the last position's logits [..., L, V] (prunert.metrics);
+        limit None: reported, not a bound."""
+        if expected.shape != actual.shape:
+            return  # add_max_abs reports the shape mismatch
+        kl = metrics.kl_divergence(expected.reshape(-1, expected.shape[-1])[-1], actual.reshape(-1, actual.shape[-1])[-1])
+        self.add(stage, "KL (last)", kl, "(reported)" if limit is None else f"<= {limit:g}", limit is None or kl <= limit)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verdict": self.verdict}

@@ -35,9 +35,10 @@ def greedy(logits: np.ndarray) -> np.ndarray:
     return logits.argmax(axis=-1)
 
 
-def table_embedder(table: Any) -> Embedder:
-    """Token ids [B] -> their rows of the LLM's input-embedding table, [B, 1, D] float32."""
-    return lambda tokens: np.asarray(table[tokens], np.float32)[:, None]
+def table_embedder(table: Any, dtype: Any = np.float32) -> Embedder:
+    """Token ids [B] -> their rows of the LLM's input-embedding table, [B, 1, D] in `dtype` (the decoder graph's
+    declared inputs_embeds type: VLMPipeline.embeds_dtype)."""
+    return lambda tokens: np.asarray(table[tokens], dtype)[:, None]
 
 
 def decode_steps(

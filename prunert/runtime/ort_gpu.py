@@ -26,7 +26,8 @@ ORT_GPU_HINT = (
 )
 
 
-def ort_gpu_runner(artifact: Any, graph: str, backend: str, precision: str, spec: GraphSpec) -> OnnxRuntimeRunner:
+def ort_gpu_runner(artifact: Any, graph: str, backend: str, precision: str, spec: GraphSpec, runtime: Any = None) -> OnnxRuntimeRunner:
+    """runtime: prunert.config.RuntimeConfig of the session (threads and spinning of its CPU side); None: the defaults."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -43,7 +44,7 @@ def ort_gpu_runner(artifact: Any, graph: str, backend: str, precision: str, spec
     else:
         options = trt_provider_options(artifact.manifest, graph, precision, artifact.manifest.files[spec.file])
         providers = [("TensorrtExecutionProvider", options), ("CUDAExecutionProvider", {"device_id": 0}), "CPUExecutionProvider"]
-    return OnnxRuntimeRunner(path, spec, providers=providers)
+    return OnnxRuntimeRunner(path, spec, providers=providers, runtime=runtime)
 
 
 def trt_provider_options(manifest: Any, graph: str, precision: str, onnx_sha256: str) -> dict[str, Any]:

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from prunert.config import GenerationConfig, check_precision
+from prunert.config import GenerationConfig, GraphPrecisions, RuntimeConfig
 from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
 from prunert.runtime.host import SpliceLayout
@@ -91,10 +91,12 @@ class Timings:
         return self.vision_s + self.prefill_s
 
 
-def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0, precision: str = "fp32") -> Runner:
-    """One graph of the artifact at a precision on a backend. Backends beyond ONNX Runtime CPU are
-    imported lazily; a missing package is a BackendUnavailableError that names it."""
-    check_precision(precision)
+def make_runner(artifact: Artifact, graph: str, backend: str, precision: GraphPrecisions | str = "fp32",
+                runtime: RuntimeConfig = RuntimeConfig()) -> Runner:
+    """One graph of the artifact on a backend, at its role's precision (GraphPrecisions.of; a str is --precision's text)
+    with that variant's session settings; runtime: threads and spinning of ONNX Runtime sessions. Backends beyond
+    ONNX Runtime CPU are imported lazily; a missing package is a BackendUnavailableError that names it."""
+    precision = GraphPrecisions.parse(precision).of(graph)
     try:
         spec = artifact.manifest.graph_spec(graph, precision)
     except ArtifactError as exc:
@@ -102,11 +104,11 @@ def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0, 
     variant = artifact.manifest.variants.get(precision)
     session_config = dict(variant.settings.get("ort_session_config", {})) if variant else {}  # e.g. fp8 Q/DQ on CPU
     if backend == "onnxruntime":
-        return OnnxRuntimeRunner(artifact.path(spec.file), spec, threads=threads, session_config=session_config)
+        return OnnxRuntimeRunner(artifact.path(spec.file), spec, runtime=runtime, session_config=session_config)
     if backend in ("ort-cuda", "ort-trt"):
         from prunert.runtime.ort_gpu import ort_gpu_runner
 
-        return ort_gpu_runner(artifact, graph, backend, precision, spec)
+        return ort_gpu_runner(artifact, graph, backend, precision, spec, runtime)
     if backend == "trt":
         from prunert.runtime.trt_runner import load_trt_runner
 
@@ -115,12 +117,15 @@ def make_runner(artifact: Artifact, graph: str, backend: str, threads: int = 0, 
 
 
 class VLMPipeline:
-    def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", threads: int = 0, precision: str = "fp32"):
+    def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", precision: GraphPrecisions | str = "fp32",
+                 runtime: RuntimeConfig = RuntimeConfig()):
+        """precision: per graph role (GraphPrecisions, or --precision's text: "fp16", "vision=fp16,decoder=int8");
+        runtime: threads and spinning of every ONNX Runtime session."""
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
         self.manifest = self.artifact.manifest
-        self.backend, self.precision = backend, precision
-        self.vision = make_runner(self.artifact, "vision", backend, threads, precision)
-        self.decoder = make_runner(self.artifact, "decoder", backend, threads, precision)
+        self.backend, self.precision, self.runtime = backend, GraphPrecisions.parse(precision), runtime
+        self.vision = make_runner(self.artifact, "vision", backend, self.precision, runtime)
+        self.decoder = make_runner(self.artifact, "decoder", backend, self.precision, runtime)
         self.timings = Timings()
 
     # ---- stages (public so parity can compare each one) ----------------------------------------
@@ -165,7 +170,7 @@ class VLMPipeline:
             start = time.perf_counter()
             out = self.vision.infer({**feeds, "text_embeds": text_embeds, "text_mask": text_mask})
             elapsed += time.perf_counter() - start
-            check_finite_outputs(out, "vision", self.vision.spec.file, self.precision, self.backend)  # NaN / inf: overflow
+            check_finite_outputs(out, "vision", self.vision.spec.file, self.precision.vision, self.backend)  # NaN / inf: overflow
             pixel_inputs.append(inputs)
             tokens.append(out["visual_tokens"])  # [b, K, D]
             kept.append(out["kept_indices"])  # [b, K]
@@ -190,10 +195,10 @@ class VLMPipeline:
             visual, indices = vision.kept(b) if isinstance(vision, VisionResult) else (vision[b], None)  # [k, D], [k]
             kept.append(indices)
             at = ids.index(text.image_token_id)
-            rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(np.float32))  # [L_i, D]
+            rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(self.embeds_dtype))  # [L_i, D]
             spliced.append(ids[:at] + [text.image_token_id] * len(visual) + ids[at + 1 :])  # one placeholder per kept token
         length = max(len(row) for row in rows)
-        embeds = np.repeat(np.asarray(table[text.pad_token_id], np.float32)[None, None], len(rows), 0).repeat(length, 1)
+        embeds = np.repeat(np.asarray(table[text.pad_token_id], self.embeds_dtype)[None, None], len(rows), 0).repeat(length, 1)
         mask = np.zeros((len(rows), length), np.int64)
         input_ids = np.full((len(rows), length), text.pad_token_id, np.int64)  # [B, L]
         for b, row in enumerate(rows):
@@ -204,9 +209,15 @@ class VLMPipeline:
         positions = self.artifact.host.position_ids(mask, layout)
         return embeds, mask, positions
 
+    @property
+    def embeds_dtype(self) -> np.dtype:
+        """The decoder graph's declared inputs_embeds type (float32; a variant with 16-bit I/O declares float16)."""
+        return np.dtype(self.decoder.spec.input(HOST_INPUTS[0]).dtype)
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        dec = self.manifest.decoder
-        return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.float32) for _ in range(2 * dec.num_layers)]
+        """Zero-length past tensors [B, kv_heads, 0, head_dim] in the decoder graph's declared KV dtype, in its past_key_values order."""
+        dec, spec = self.manifest.decoder, self.decoder.spec
+        return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.dtype(spec.input(name).dtype)) for name in cache_names(spec).past]
 
     def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
         """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers, in the
@@ -256,7 +267,7 @@ class VLMPipeline:
         rng = np.random.default_rng(config.seed)
         out: list[list[int]] = [[] for _ in range(state.attention_mask.shape[0])]
         positions = self.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [B, 1] (M-RoPE: [3, B, 1])
-        steps = decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(self.artifact.embeddings),
+        steps = decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(self.artifact.embeddings, self.embeds_dtype),
                              lambda logits: next_tokens(logits, config, rng), min(config.max_new_tokens, text.max_sequence - state.attention_mask.shape[1]),
                              text.eos_token_ids, text.pad_token_id)
         start, calls = time.perf_counter(), 0

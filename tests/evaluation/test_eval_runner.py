@@ -79,17 +79,19 @@ def test_a_batch_above_max_batch_is_chunked(tiny_artifact: Path, shapes_set: Pat
 
 def test_threads_reach_the_pipeline(monkeypatch, tiny_artifact: Path, shapes_set: Path) -> None:
     import prunert.runtime as runtime
+    from prunert.config import GraphPrecisions, RuntimeConfig
 
     seen = {}
 
     class Spy(runtime.VLMPipeline):
-        def __init__(self, artifact, backend="onnxruntime", threads=0, precision="fp32"):
-            seen.update(backend=backend, threads=threads, precision=precision)
-            super().__init__(artifact, backend=backend, threads=threads, precision=precision)
+        def __init__(self, artifact, backend="onnxruntime", precision="fp32", runtime=RuntimeConfig()):
+            seen.update(backend=backend, runtime=runtime, precision=precision)
+            super().__init__(artifact, backend=backend, precision=precision, runtime=runtime)
 
     monkeypatch.setattr(runtime, "VLMPipeline", Spy)
-    evaluate_artifact(tiny_artifact, load_records(shapes_set, limit=1), EvalConfig(threads=1), progress=False)
-    assert seen == {"backend": "onnxruntime", "threads": 1, "precision": "fp32"}
+    result = evaluate_artifact(tiny_artifact, load_records(shapes_set, limit=1), EvalConfig(runtime=RuntimeConfig(threads=1)), progress=False)
+    assert seen == {"backend": "onnxruntime", "runtime": RuntimeConfig(threads=1), "precision": GraphPrecisions()}
+    assert result.to_json()["runtime"] == {"threads": 1, "spinning": False}  # recorded in --out
 
 
 def _no_generate(monkeypatch) -> None:
@@ -136,7 +138,6 @@ def test_no_records_is_refused(tiny_artifact: Path) -> None:
 @pytest.mark.parametrize("bad, needle", [
     ({"batch": 0}, "--batch: got 0"),
     ({"batch": 100_000}, "--batch: got 100000"),
-    ({"threads": -1}, "--threads: got -1"),
     ({"max_new_tokens": 0}, "--max-new-tokens: got 0"),
     ({"backend": "cuda"}, "--backend 'cuda': unknown"),
     ({"precision": "fp64"}, "fp64"),
