@@ -148,11 +148,15 @@ def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[s
 class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over one graph of an artifact (CPU by default)."""
 
-    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), threads: int = 0,
+    def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), runtime: Any = None,
                  session_config: dict[str, str] | None = None):
         """providers: names or (name, options) pairs, as ONNX Runtime takes them.
+        runtime: prunert.config.RuntimeConfig (threads, spinning); None = its defaults (ORT's thread count, no spinning).
         session_config: SessionOptions config entries a graph variant needs (its manifest settings say which)."""
+        from prunert.config import RuntimeConfig
+
         super().__init__(spec)
+        runtime = runtime or RuntimeConfig()
         try:
             import onnxruntime as ort
         except ImportError:
@@ -164,9 +168,9 @@ class OnnxRuntimeRunner(Runner):
             raise BackendUnavailableError(f"ONNX Runtime providers {absent} unavailable; this onnxruntime has {available}")
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        for key, value in (session_config or {}).items():
+        if runtime.threads:
+            options.intra_op_num_threads = runtime.threads
+        for key, value in {**runtime.session_config(), **(session_config or {})}.items():
             options.add_session_config_entry(key, str(value))
         self.session = _open_session(ort, Path(path), options, list(providers))
         self.output_names = [o.name for o in spec.outputs]
