@@ -1,0 +1,90 @@
+"""bench/bench_peers.py (prunert's decoder vs ONNX Runtime GenAI, issue 12): the Llama extraction, the floor's byte
+count, the int4 settings handed to ORT-genai, and one end-to-end run on llava-tiny with ORT-genai really built by its
+model builder and really generating (fp32, one round, contexts 8 and 16, 4 steps)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def peers(load_module):
+    return load_module("prunert_bench_peers", REPO / "bench" / "bench_peers.py")
+
+
+def test_extract_llama_keeps_the_decoder_under_llama_names(peers, tiny_artifact: Path, tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    from prunert.adapters import resolve_source
+
+    checkpoint = resolve_source("synthetic:llava-tiny").path
+    out = peers.extract_llama(checkpoint, tmp_path / "llama")
+    config = json.loads((out / "config.json").read_text())
+    text = json.loads((checkpoint / "config.json").read_text())["text_config"]
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["hidden_size"] == text["hidden_size"]
+    with safe_open(out / "model.safetensors", "np") as f:
+        names = set(f.keys())
+    assert {"model.embed_tokens.weight", "lm_head.weight", "model.norm.weight"} <= names
+    assert len(names) == 3 + 9 * text["num_hidden_layers"]  # 2 norms + 7 projections per layer; no vision, no projector
+    assert not any("vision" in n or "projector" in n or n.startswith("language_model.") for n in names)
+    assert (out / "tokenizer.json").is_file()
+    assert peers.extract_llama(checkpoint, out) == out and not (tmp_path / "llama.partial").exists()  # reused
+
+
+def test_bytes_per_step_counts_weights_without_the_embedding_table_and_the_kv_cache(peers) -> None:
+    from peers_genai import Int4Settings
+
+    config = {"hidden_size": 1024, "num_hidden_layers": 24, "vocab_size": 32064, "num_attention_heads": 16,
+              "num_key_value_heads": 16, "intermediate_size": 4096, "head_dim": 64}
+    params = 24 * (4 * 1024 * 1024 + 3 * 1024 * 4096) + 32064 * 1024  # llava-1.5-shaped: 0.44B read per token
+    fp32 = peers.bytes_per_step(config, "fp32", Int4Settings(), 104)
+    assert fp32["weights"] == 4 * params + 49 * 1024 * 4  # + the norms
+    assert fp32["kv_cache"] == 2 * 24 * 16 * 64 * 104 * 4
+    int4 = peers.bytes_per_step(config, "int4", Int4Settings(block_size=32), 104)
+    assert int4["weights"] == params / 2 + params / 32 * 4 + 49 * 1024 * 4  # nibbles + one fp32 scale per 32
+    head_fp32 = peers.bytes_per_step(config, "int4", Int4Settings(quantize_lm_head=False), 104)
+    assert head_fp32["weights"] - int4["weights"] == pytest.approx(32064 * 1024 * (4 - 0.5 - 4 / 32))
+
+
+def test_ort_genai_gets_prunert_int4_settings(peers) -> None:
+    from peers_genai import Int4Settings
+
+    assert peers.int4_settings({}, 64) == Int4Settings(block_size=64)
+    got = peers.int4_settings({"tool": "x", "block_size": 128, "accuracy_level": 4, "symmetric": False}, 32)
+    assert (got.block_size, got.accuracy_level, got.symmetric) == (128, 4, False)
+    assert got.extra_options()[:3] == ["block_size=128", "is_symmetric=false", "accuracy_level=4"]
+    assert "nodes_to_exclude=/lm_head/MatMul" in Int4Settings(quantize_lm_head=False).extra_options()
+
+
+def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_path: Path, capsys) -> None:
+    pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e .[peers])")
+    out = tmp_path / "peers.json"
+    code = peers.main(["--preset", "llava-tiny", "--artifact", str(tiny_artifact), "--precisions", "fp32", "--contexts", "8,16",
+                       "--steps", "4", "--rounds", "1", "--threads", "1", "--probe-gib", "0.05",
+                       "--work", str(tmp_path / "work"), "--out", str(out)])
+    assert code == 0
+    report = json.loads(out.read_text())
+    assert (report["threads"], report["spinning"], report["contexts"], report["precisions"]) == (1, False, [8, 16], ["fp32"])
+    assert report["versions"]["onnxruntime-genai"] and report["machine"]["cores"]
+    for peer in ("prunert", "ort-genai"):
+        for context in ("8", "16"):
+            cell = report["results"][peer]["fp32"][context]
+            assert cell["decode_tok_s"]["median"] > 0 and cell["prefill_s"]["median"] > 0
+            assert len(cell["tokens"]) == 5  # step 0 from the prefill's logits + 4 decoder calls
+    assert report["graphs"]["prunert fp32"]["intra_op_num_threads"] == 1
+    assert report["graphs"]["prunert fp32"]["allow_spinning"] == "0"
+    assert report["graphs"]["ort-genai fp32"]["session_options"]["intra_op_num_threads"] == 1
+    assert report["graphs"]["ort-genai fp32"]["session_options"]["session.intra_op.allow_spinning"] == "0"
+    # the same weights, greedy, fp32: both peers choose the same tokens
+    assert report["agreement"]["fp32"] == {"8": {"same_prefix": 5, "of": 5}, "16": {"same_prefix": 5, "of": 5}}
+    assert set(report["done_when_decode"]["fp32"]) >= {"prunert_over_genai", "slowdown_first_to_last", "decode_at_least_genai"}
+    assert report["floor"]["fp32"]["8"]["tok_s"] > 0 and report["bandwidth"]["gb_s"] > 0
+    assert len(report["noise_probe"]["ms"]) == 2 and len(report["runs"]) == 4
+    printed = capsys.readouterr().out
+    assert "| decode tok/s, context 16 |" in printed and "| prefill s, 8 tokens |" in printed
+    assert report["table_markdown"] in printed
