@@ -21,9 +21,10 @@ READABLE_SCHEMA_VERSIONS = (2, 3)  # a schema-2 manifest reads as one with no va
 # and quantization find the op's nodes by it and keep them in fp32 (argmax decisions are precision-sensitive).
 SELECTION_SCOPE = "selection"
 
-PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8")
+PRECISIONS = ("fp32", "fp16", "bf16", "int8", "fp8", "int4")
 FLOAT_PRECISIONS = ("fp16", "bf16")  # prunert.export.precision: cast weights, fp32 islands
 QUANTIZED_PRECISIONS = ("int8", "fp8")  # prunert.calibration: explicit Q/DQ from a calibration set
+WEIGHT_ONLY_PRECISIONS = ("int4",)  # prunert.calibration.weight_only: block-wise int4 decoder weights, fp32 activations
 GRAPH_NAMES = ("vision", "decoder")  # graph roles, as flags name them
 FUSED_DECODER = "decoder_fused"  # the decoder role's ONNX Runtime form (contrib fused ops, in-place KV); "decoder" is the standard-op form
 
@@ -436,6 +437,57 @@ class CalibrationConfig:
             raise ConfigError(f"max_samples: got {self.max_samples}, expected >= 1")
 
 
+WEIGHT_ONLY_ALGOS = ("rtn", "awq")  # WeightOnlyConfig.algo (GPTQ is not implemented)
+WEIGHT_ONLY_BLOCK_SIZES = (32, 64, 128)
+WEIGHT_ONLY_LM_HEAD = ("int4", "fp32")
+
+
+@dataclass(frozen=True)
+class WeightOnlyConfig:
+    """Int4 weight-only (W4A16) quantization of the decoder role's MatMul weights (`prunert quantize`).
+
+    Symmetric int4 ([-8, 7], no zero point: TensorRT's DequantizeLayer takes zero points of 0 only), one
+    fp32 scale per block of block_size input rows (K) per output column. The same int4 numbers become
+    com.microsoft MatMulNBits (ONNX Runtime) and opset-21 block DequantizeLinear -> MatMul (TensorRT).
+    Defaults follow ONNX Runtime GenAI's model builder for int4: block 32, symmetric, every MatMul
+    including lm_head, accuracy_level 4 (int8 activations inside MatMulNBits) on CPU.
+
+    algo:           "rtn" (round to nearest) or "awq" (activation-aware per-input-channel scales from the
+                    calibration set, grid-searched exponent per group of matmuls sharing an input)
+    lm_head:        "int4" (the builder's default) or "fp32"; the embedding table is the runtime's fp32 file
+    accuracy_level: MatMulNBits' minimum activation precision: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
+    awq_grid:       exponents tried, alpha in {0, 1/grid, ..., (grid-1)/grid} (alpha 0 is RTN)
+    awq_rows:       activation rows kept per matmul input for the grid search
+    """
+
+    precision: str = "int4"
+    algo: str = "rtn"
+    block_size: int = 32
+    graphs: tuple[str, ...] = ("decoder",)
+    lm_head: str = "int4"
+    accuracy_level: int = 4
+    awq_grid: int = 20
+    awq_rows: int = 512
+    max_samples: int = 32
+
+    def __post_init__(self) -> None:
+        check_precision(self.precision, WEIGHT_ONLY_PRECISIONS, "--weights")
+        if self.algo not in WEIGHT_ONLY_ALGOS:
+            raise ConfigError(f"--algo: got {self.algo!r}, expected one of {list(WEIGHT_ONLY_ALGOS)}")
+        if self.block_size not in WEIGHT_ONLY_BLOCK_SIZES:
+            raise ConfigError(f"--block-size: got {self.block_size}, expected one of {list(WEIGHT_ONLY_BLOCK_SIZES)}")
+        if tuple(self.graphs) != ("decoder",):
+            raise ConfigError(f"--graphs: got {list(self.graphs)}, expected ['decoder']: int4 is weight-only for the decoder role "
+                              "(the vision graph stays fp32 so the selection stays exact; use convert/calibrate for it)")
+        if self.lm_head not in WEIGHT_ONLY_LM_HEAD:
+            raise ConfigError(f"--lm-head: got {self.lm_head!r}, expected one of {list(WEIGHT_ONLY_LM_HEAD)}")
+        if not 0 <= self.accuracy_level <= 4:
+            raise ConfigError(f"accuracy_level: got {self.accuracy_level}, expected 0..4")
+        for name in ("awq_grid", "awq_rows", "max_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: got {getattr(self, name)}, expected >= 1")
+
+
 @dataclass(frozen=True)
 class EngineBuildConfig:
     """TensorRT engine build settings (prunert.engines). Sizes default to the manifest's maxima.
@@ -488,6 +540,7 @@ class ParityTolerances:
     logits_min_cosine: float = 0.99999
     tie_margin: float = 1e-3  # a greedy divergence after a top-2 margin at most this is a TIE, not a FAIL
     greedy_tokens: int = 8
+    logits_max_kl: float | None = None  # KL(softmax reference || softmax ours) of the last prefill logits, nats; None: reported only
 
     def __post_init__(self) -> None:
         check_finite(self)
@@ -527,4 +580,7 @@ PRECISION_TOLERANCES: dict[str, dict[str, Any]] = {
              "logits_max_abs": None, "logits_min_cosine": 0.98, "tie_margin": 0.5},
     "fp8": {"kept_min_overlap": 0.90, "tokens_max_abs": None, "tokens_min_cosine": 0.98,
             "logits_max_abs": None, "logits_min_cosine": 0.98, "tie_margin": 0.5},
+    # int4 weight-only: the vision graph (and so the selection) stays fp32, so kept indices and tokens keep the
+    # fp32 bars; the decoder's logits are judged by cosine and KL, greedy divergences by a wide tie margin.
+    "int4": {"logits_max_abs": None, "logits_min_cosine": 0.98, "logits_max_kl": 0.05, "tie_margin": 0.5},
 }

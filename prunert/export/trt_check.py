@@ -18,7 +18,11 @@ in `prunert/data/trt_supported_ops.json` (source: onnx-tensorrt docs/operators.m
 6. Loop: scan outputs without a build-time trip count or with an early-exit condition, the
    iteration counter read without a trip count, loop-carried values that change shape;
 7. integer (int32/int64) data fed to ops whose TensorRT layer takes floating-point data only.
-   int64 graph I/O and int64 constants are NOT flagged: TensorRT >= 9 parses INT64 natively.
+   int64 graph I/O and int64 constants are NOT flagged: TensorRT >= 9 parses INT64 natively;
+8. INT4 / block-quantized DequantizeLinear: only in an int4 weight-only variant's graph (config.int4_weight_only,
+   which `for_int4` sets and the artifact walk uses for WEIGHT_ONLY_PRECISIONS variants), and then only as TensorRT
+   takes it (INT4_WEIGHT_ONLY_RULES): a symmetric int4 initializer (no zero point) with a block_size, feeding a
+   MatMul's weight input, opset >= 21, TensorRT >= 10.0.
 Plus the table's attribute restrictions (ScatterND reduction, Resize modes, ...) and unused-output
 limits (LayerNormalization, MaxPool Indices).
 
@@ -30,7 +34,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path
@@ -50,6 +54,14 @@ _NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUni
 _SMALL_EXTERNAL_BYTES = 1 << 16  # external tensors read back for their value (TopK K, trip counts)
 
 ModelLike = Union[str, Path, onnx.ModelProto]
+
+# INT4 weight-only block quantization as TensorRT's ONNX parser takes it (docs/deploy.md, "int4 weight-only"):
+# opset 21 brings the INT4 type and DequantizeLinear's block_size (ONNX; NVIDIA/TensorRT#4298: block-wise
+# quantization only from opset 21); the parser imports INT4 Q/DQ from TensorRT 10.0 (onnx-tensorrt Changelog,
+# 10.0 EA: "Added support for INT4 quantization"); IDequantizeLayer takes zero points of 0 only and a block
+# scale of the input's rank; weight-only: the DequantizeLinear reads an initializer and feeds a MatMul's B.
+INT4_WEIGHT_ONLY_RULES = {"opset": 21, "trt_version": "10.0"}
+
 
 
 def _version(text: str, what: str = "TensorRT version") -> tuple[int, ...]:
@@ -85,6 +97,11 @@ class TrtCheckConfig:
     trt_version: str = "10.3"
     allow_dynamic_topk_k: bool = False
     assume_constant_folding: bool = False
+    int4_weight_only: bool = False  # INT4 block DequantizeLinear -> MatMul allowed (an int4 variant's graph; for_int4)
+
+    def for_int4(self) -> "TrtCheckConfig":
+        """This config for an int4 weight-only graph: INT4 block DQ allowed, the opset ceiling raised to 21."""
+        return replace(self, int4_weight_only=True, max_opset=max(self.max_opset, INT4_WEIGHT_ONLY_RULES["opset"]))
 
     def __post_init__(self) -> None:
         if not 1 <= self.min_opset <= self.max_opset:
@@ -188,16 +205,30 @@ def check_target(path: str | Path, config: TrtCheckConfig = TrtCheckConfig()) ->
         from prunert.manifest import load_manifest
 
         manifest = load_manifest(path, verify_hashes=False)  # structure only: this is not an integrity check
-        files = [(spec.file, path / spec.file) for spec in manifest.graphs.values()]
+        files = [(spec.file, path / spec.file, config) for spec in manifest.graphs.values()]
+        files += _variant_files(manifest, path, config, {file for file, _, _ in files})
     else:
-        files = [(str(path), path)]
+        files = [(str(path), path, config)]
     from prunert.export.trt_rules import _Checker
 
     results = []
-    for label, file in files:
+    for label, file, graph_config in files:
         model = load_model(file)
-        issues = _Checker(model, config, file.parent).run()
+        issues = _Checker(model, graph_config, file.parent).run()
         if path.is_dir():
             issues = [TrtIssue(f"{label}:{issue.node}", issue.op, issue.why) for issue in issues]
         results.append(TrtCheckResult(label, tuple(issues), op_histogram(model)))
     return results
+
+def _variant_files(manifest, path: Path, config: TrtCheckConfig, seen: set[str]) -> list[tuple[str, Path, TrtCheckConfig]]:
+    """Each variant's own TensorRT graphs (not the fp32 files it points at), int4 weight-only ones with for_int4."""
+    from prunert.config import GRAPH_NAMES, WEIGHT_ONLY_PRECISIONS
+
+    files = []
+    for precision, variant in sorted(manifest.variants.items()):
+        graph_config = config.for_int4() if precision in WEIGHT_ONLY_PRECISIONS else config
+        for name, spec in variant.graphs.items():
+            if name in GRAPH_NAMES and spec.file not in seen:
+                seen.add(spec.file)
+                files.append((spec.file, path / spec.file, graph_config))
+    return files

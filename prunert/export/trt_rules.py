@@ -11,6 +11,7 @@ import onnx
 from onnx import AttributeProto, TensorProto, numpy_helper
 
 from prunert.export.trt_check import (
+    INT4_WEIGHT_ONLY_RULES,
     INT32_MAX,
     MODEL_NODE,
     TrtCheckConfig,
@@ -52,6 +53,7 @@ class _Scope:
         self.kinds: dict[str, str] = {}
         self.weights: dict[str, TensorProto] = {}
         self.types: dict[str, int] = {}
+        self.readers: dict[str, list[tuple[str, int]]] = {}  # name -> (op type, input index) of this graph's readers
 
     def define(self, name: str, kind: str, tensor: TensorProto | None = None) -> None:
         if name:
@@ -129,6 +131,9 @@ class _Checker:
         for init in graph.initializer:  # an initializer also listed as an input stays a weight (IR >= 4)
             scope.define(init.name, "weights", init)
             scope.types[init.name] = init.data_type
+        for node in graph.node:
+            for position, name in enumerate(node.input):
+                scope.readers.setdefault(name, []).append((node.op_type, position))
         for index, node in enumerate(graph.node):
             path = prefix + (node.name or f"{node.op_type}_{index}")
             self._check_node(node, path, scope)
@@ -208,6 +213,35 @@ class _Checker:
             self._check_topk(node, path, scope, entry)
         elif op == "Loop":
             self._check_loop(node, path, scope)
+        elif op == "DequantizeLinear" and (scope.dtype(node.input[0]) in _INT4_TYPES or _attr(node, "block_size", 0)):
+            self._check_int4_weights(node, path, scope)
+
+    def _check_int4_weights(self, node: onnx.NodeProto, path: str, scope: _Scope) -> None:
+        """INT4 / block DequantizeLinear: an int4 weight-only graph's weight, as TensorRT takes it (INT4_WEIGHT_ONLY_RULES)."""
+        op, data = node.op_type, node.input[0]
+        if not self.config.int4_weight_only:
+            self._issue(path, op, "INT4 / block-quantized DequantizeLinear: allowed in an int4 weight-only variant's graphs only "
+                                  "(`prunert quantize ARTIFACT --weights int4`; check-trt ARTIFACT checks them with the int4 rules)")
+            return
+        floor = INT4_WEIGHT_ONLY_RULES["trt_version"]
+        if self.target < _version(floor):
+            self._issue(path, op, f"INT4 block quantization needs TensorRT >= {floor} (target {self.config.trt_version})")
+        if scope.dtype(data) != TensorProto.INT4:
+            self._issue(path, op, f"input '{data}' is {_INT4_TYPES.get(scope.dtype(data), 'not int4')}: TensorRT takes symmetric INT4 weights only")
+        if scope.kind(data) != "weights":
+            self._issue(path, op, f"input '{data}' is not an initializer: TensorRT's INT4 quantization is weight-only")
+        if not _attr(node, "block_size", 0):
+            self._issue(path, op, "INT4 DequantizeLinear without block_size: the int4 weight-only form is block-wise")
+        zero = node.input[2] if len(node.input) > 2 else ""
+        if zero and (scope.kind(zero) != "weights" or _nonzero(scope.tensor(zero))):
+            self._issue(path, op, f"zero point '{zero}' is not a constant 0: TensorRT's DequantizeLayer is symmetric")
+        scale, weight = scope.tensor(node.input[1]), scope.tensor(data)
+        if scale is not None and weight is not None and len(scale.dims) != len(weight.dims):
+            self._issue(path, op, f"block scale of rank {len(scale.dims)} for a rank-{len(weight.dims)} weight: TensorRT needs equal ranks")
+        readers = [reader for out in node.output for reader in scope.readers.get(out, [])]
+        if not readers or any(reader != ("MatMul", 1) for reader in readers):
+            self._issue(path, op, f"feeds {sorted({r[0] for r in readers}) or 'nothing'}, not only a MatMul's weight input: "
+                                  "the int4 form is weight-only (DequantizeLinear -> MatMul B)")
 
     def _check_weights_input(self, node: onnx.NodeProto, path: str, scope: _Scope, index: int, rule: dict) -> None:
         if index >= len(node.input) or not node.input[index]:
@@ -295,6 +329,17 @@ class _Checker:
         except Exception:  # unreadable constant: nothing to compare
             return None
         return int(array.reshape(-1)[0]) if array.size == 1 else None
+
+
+_INT4_TYPES = {TensorProto.INT4: "int4", TensorProto.UINT4: "uint4"}
+
+
+def _nonzero(tensor: TensorProto | None) -> bool:
+    """A zero-point constant that is not all 0 (an unreadable one counts as non-zero)."""
+    try:
+        return tensor is None or bool(np.any(numpy_helper.to_array(tensor).astype(np.float32) != 0))
+    except Exception:
+        return True
 
 
 def _with_types(model: onnx.ModelProto) -> onnx.ModelProto:

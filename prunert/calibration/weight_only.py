@@ -1,0 +1,271 @@
+"""Int4 weight-only (W4A16) quantization of the decoder role's graphs: `prunert quantize A --weights int4`.
+
+Every `MatMul(X [.., K], W [K, N] float initializer)` of a decoder graph gets symmetric int4 weights
+q in [-8, 7], one fp32 scale per block of `block_size` rows of K per output column n:
+    W[k, n] ~= q[k, n] * scale[k // block_size, n]
+The SAME q and scales are written in two forms:
+  - "dq" (TensorRT form, standard ops): DequantizeLinear(q int4 [K, N], scale [ceil(K/B), N], axis=0,
+    block_size=B) -> MatMul. Opset 21 (the INT4 type and DequantizeLinear's block_size attribute).
+    ONNX Runtime CPU fuses this pair into MatMulNBits itself (DQMatMulToMatMulNBits).
+  - "nbits" (ONNX Runtime form): com.microsoft MatMulNBits(X, B uint8 [N, ceil(K/B), B/2], scales [N*ceil(K/B)])
+    with bits=4, no zero-point input (ORT's default zero point 8 for the unsigned nibbles q + 8).
+AWQ (prunert.calibration.awq) scales the weights per input channel first and puts the inverse scales on the
+activations as a Mul before the matmuls that share an input; RTN quantizes the weights as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from prunert.errors import ExportError
+
+INT4_LOW, INT4_HIGH = -8, 7
+INT4_OPSET = 21  # the INT4 tensor type and DequantizeLinear block_size (ONNX opset 21)
+ORT_DOMAIN = "com.microsoft"
+FORMS = ("dq", "nbits")
+_FLOATS = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16)
+
+
+@dataclass(frozen=True)
+class Int4Weight:
+    """One [K, N] weight as block-wise symmetric int4: values [K, N] int8 in [-8, 7], scales [ceil(K/B), N]."""
+
+    values: np.ndarray
+    scales: np.ndarray
+    block_size: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.values.shape  # type: ignore[return-value]
+
+    def dequantize(self) -> np.ndarray:
+        """[K, N] float32: q * scale of its block."""
+        rows = np.repeat(self.scales, self.block_size, axis=0)[: self.values.shape[0]]  # [K, N]
+        return self.values.astype(np.float32) * rows
+
+
+def quantize_blockwise(weight: np.ndarray, block_size: int) -> Int4Weight:
+    """Round-to-nearest block-wise int4 of weight [K, N]: scale = max |w| of the block / 7 (an all-zero block: 1)."""
+    weight = np.asarray(weight, np.float32)
+    k, n = weight.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), np.float32)
+    padded[:k] = weight
+    grouped = padded.reshape(blocks, block_size, n)  # [blocks, B, N]
+    amax = np.abs(grouped).max(axis=1)  # [blocks, N]
+    scales = np.where(amax > 0, amax / INT4_HIGH, 1.0).astype(np.float32)
+    values = np.clip(np.rint(grouped / scales[:, None, :]), INT4_LOW, INT4_HIGH).astype(np.int8)
+    return Int4Weight(values.reshape(-1, n)[:k], scales, block_size)
+
+
+def pack_matmulnbits(weight: Int4Weight) -> tuple[np.ndarray, np.ndarray]:
+    """MatMulNBits' B uint8 [N, blocks, B/2] (element 2i in the low nibble, stored as q + 8) and scales [N * blocks]."""
+    k, n = weight.shape
+    blocks, size = weight.scales.shape[0], weight.block_size
+    padded = np.zeros((blocks * size, n), np.int16)
+    padded[:k] = weight.values
+    nibbles = (padded + 8).astype(np.uint8).T.reshape(n, blocks, size)  # [N, blocks, B]
+    packed = nibbles[..., 0::2] | (nibbles[..., 1::2] << 4)
+    return packed, np.ascontiguousarray(weight.scales.T).reshape(-1)
+
+
+def unpack_matmulnbits(packed: np.ndarray, scales: np.ndarray, k: int, block_size: int) -> Int4Weight:
+    """The inverse of pack_matmulnbits (tests, inspection)."""
+    n, blocks, _ = packed.shape
+    nibbles = np.empty((n, blocks, block_size), np.int16)
+    nibbles[..., 0::2] = packed & 0x0F
+    nibbles[..., 1::2] = packed >> 4
+    values = (nibbles.reshape(n, -1).T[:k] - 8).astype(np.int8)  # [K, N]
+    return Int4Weight(values, scales.reshape(n, blocks).T.astype(np.float32), block_size)
+
+
+@dataclass(frozen=True)
+class MatMulTarget:
+    """A MatMul whose weight is a 2-D float initializer: node index, its activation input, weight name, [K, N]."""
+
+    node: int
+    activation: str
+    weight: str
+    shape: tuple[int, int]
+    dtype: int = TensorProto.FLOAT  # the weight's element type: the int4 scales take it (MatMul's T, MatMulNBits' T1)
+
+
+def matmul_targets(model: onnx.ModelProto, skip_columns: tuple[int, ...] = ()) -> list[MatMulTarget]:
+    """The top-level MatMuls with a 2-D float initializer weight [K, N], except weights with N in skip_columns
+    (the lm_head: N = vocab size) and weights some other node also reads."""
+    inits = {init.name: init for init in model.graph.initializer}
+    readers: dict[str, int] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    targets = []
+    for index, node in enumerate(model.graph.node):
+        if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or node.input[1] not in inits:
+            continue
+        init = inits[node.input[1]]
+        if len(init.dims) != 2 or init.data_type not in _FLOATS or init.dims[1] in skip_columns or readers[init.name] != 1:
+            continue
+        targets.append(MatMulTarget(index, node.input[0], init.name, (int(init.dims[0]), int(init.dims[1])), init.data_type))
+    return targets
+
+
+def weight_array(model: onnx.ModelProto, name: str, base_dir: Path | None = None) -> np.ndarray:
+    init = next(init for init in model.graph.initializer if init.name == name)
+    return numpy_helper.to_array(init, base_dir=str(base_dir) if base_dir else "").astype(np.float32)
+
+
+def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_scales: dict[str, np.ndarray],
+            targets: list[MatMulTarget], form: str, accuracy_level: int) -> onnx.ModelProto:
+    """A copy of `model` whose target MatMuls read `quantized[weight]` in `form` ("dq" or "nbits"); an
+    activation with inverse_scales[activation] [K] is multiplied by them first (AWQ), once for all its readers."""
+    if form not in FORMS:
+        raise ExportError(f"int4 form: got {form!r}, expected one of {list(FORMS)}")
+    out = onnx.ModelProto()
+    out.CopyFrom(model)
+    graph = out.graph
+    by_node = {t.node: t for t in targets}
+    scaled = {name: f"{name}_awq_scaled" for name in inverse_scales}
+    drop = {t.weight for t in targets}
+    kept = [init for init in graph.initializer if init.name not in drop]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    nodes: list[onnx.NodeProto] = []
+    muls_done: set[str] = set()
+    for index, node in enumerate(model.graph.node):
+        target = by_node.get(index)
+        if target is None:
+            nodes.append(node)  # the source model's node (extend copies it)
+            continue
+        x = target.activation
+        if x in scaled:
+            if x not in muls_done:  # [.., K] * [K]
+                inverse = inverse_scales[x].astype(helper.tensor_dtype_to_np_dtype(target.dtype))
+                graph.initializer.append(numpy_helper.from_array(inverse, f"{x}_awq_inverse"))
+                nodes.append(helper.make_node("Mul", [x, f"{x}_awq_inverse"], [scaled[x]], name=f"{x}_awq_mul"))
+                muls_done.add(x)
+            x = scaled[x]
+        nodes.extend(_int4_matmul(graph, node, x, quantized[target.weight], target, form, accuracy_level))
+    del graph.node[:]
+    graph.node.extend(nodes)
+    _set_opsets(out, form)
+    return out
+
+
+def _int4_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, x: str, weight: Int4Weight, target: MatMulTarget,
+                 form: str, accuracy_level: int) -> list[onnx.NodeProto]:
+    import ml_dtypes
+
+    name, k, n = target.weight, target.shape[0], target.shape[1]
+    scale_type = helper.tensor_dtype_to_np_dtype(target.dtype)
+    if form == "dq":  # q [K, N] int4, scales [blocks, N] -> W [K, N] -> MatMul
+        graph.initializer.append(numpy_helper.from_array(weight.values.astype(ml_dtypes.int4), f"{name}_int4"))
+        graph.initializer.append(numpy_helper.from_array(weight.scales.astype(scale_type), f"{name}_int4_scale"))
+        dq = helper.make_node("DequantizeLinear", [f"{name}_int4", f"{name}_int4_scale"], [f"{name}_dequantized"],
+                              name=f"{node.name or name}_dq", axis=0, block_size=weight.block_size)
+        matmul = helper.make_node("MatMul", [x, f"{name}_dequantized"], list(node.output), name=node.name)
+        matmul.metadata_props.extend(node.metadata_props)
+        return [dq, matmul]
+    packed, scales = pack_matmulnbits(weight)  # [N, blocks, B/2] uint8, [N * blocks]
+    graph.initializer.append(numpy_helper.from_array(packed, f"{name}_nbits"))
+    graph.initializer.append(numpy_helper.from_array(scales.astype(scale_type), f"{name}_nbits_scale"))
+    fused = helper.make_node("MatMulNBits", [x, f"{name}_nbits", f"{name}_nbits_scale"], list(node.output), name=node.name,
+                             domain=ORT_DOMAIN, K=k, N=n, bits=4, block_size=weight.block_size, accuracy_level=accuracy_level)
+    fused.metadata_props.extend(node.metadata_props)
+    return [fused]
+
+
+def _set_opsets(model: onnx.ModelProto, form: str) -> None:
+    """dq: default-domain opset >= 21 (the ops between 20 and 21 only gained the int4/uint4 types); nbits: +com.microsoft 1."""
+    if form == "dq":
+        for entry in model.opset_import:
+            if entry.domain in ("", "ai.onnx") and entry.version < INT4_OPSET:
+                entry.version = INT4_OPSET
+    elif not any(entry.domain == ORT_DOMAIN for entry in model.opset_import):
+        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+
+
+def int4_counts(model: onnx.ModelProto) -> dict[str, int]:
+    """Block-quantized DequantizeLinear and MatMulNBits nodes of a graph (what the variant settings record)."""
+    counts = {"DequantizeLinear": 0, "MatMulNBits": 0}
+    for node in model.graph.node:
+        if node.op_type in counts:
+            counts[node.op_type] += 1
+    return counts
+
+
+# ------------------------------------------------------------------------------------------ graphs and artifacts
+
+
+@dataclass(frozen=True)
+class Int4Summary:
+    graph: str  # output file name
+    form: str  # "dq" (TensorRT) or "nbits" (ONNX Runtime)
+    algo: str  # what ran: "rtn", or "awq" (falls back to "rtn" without feeds for the graph)
+    quantized_matmuls: int
+    kept_float_matmuls: int  # MatMuls with a float initializer left as they are (lm_head at --lm-head fp32, shared weights)
+    awq_alphas: dict[str, float]  # activation -> chosen exponent (AWQ only)
+    awq_error_ratio: float | None  # summed output error AWQ / RTN on the sampled rows (AWQ only)
+    nodes: dict[str, int]  # int4_counts
+    external_data: str | None
+    size_bytes: int
+
+
+def quantize_graph_int4(src: Path, outputs: dict[str, Path], config, vocab_size: int,
+                        feeds: list[dict[str, np.ndarray]] = (), log=lambda message: None) -> dict[str, Int4Summary]:
+    """Quantize the float graph at `src` once (config: WeightOnlyConfig) and write it in each form of
+    `outputs` (form -> .onnx path); AWQ statistics come from the feeds that match the graph's inputs."""
+    from prunert.calibration.awq import activation_stats, search_scales
+    from prunert.calibration.quantize import _check_runs, _save
+
+    src = Path(src)
+    structure = onnx.load(str(src), load_external_data=False)
+    external = any(init.data_location == TensorProto.EXTERNAL for init in structure.graph.initializer)
+    targets = matmul_targets(structure, (vocab_size,) if config.lm_head == "fp32" else ())
+    if not targets:
+        raise ExportError(f"{src.name}: no MatMul with a 2-D float initializer weight to quantize to int4")
+    model = onnx.load(str(src))  # with its weights
+    names = {i.name for i in structure.graph.input}
+    feeds = [{k: v for k, v in feed.items() if k in names} for feed in feeds if names <= set(feed)]
+    groups: dict[str, list[MatMulTarget]] = {}
+    for target in targets:
+        groups.setdefault(target.activation, []).append(target)
+    quantized: dict[str, Int4Weight] = {}
+    inverse: dict[str, np.ndarray] = {}
+    alphas: dict[str, float] = {}
+    errors = [0.0, 0.0]
+    algo = config.algo if feeds else "rtn"
+    if algo == "awq":
+        log(f"AWQ: activation statistics of {len(groups)} matmul inputs on {len(feeds)} feeds")
+        stats = activation_stats(structure, str(src.parent) if external else None, list(groups), feeds, config.awq_rows)
+    for activation, members in groups.items():
+        weights = [weight_array(model, t.weight) for t in members]
+        if algo == "awq":
+            choice, ints = search_scales(stats[activation], weights, config.block_size, config.awq_grid)
+            alphas[activation] = choice.alpha
+            errors[0] += choice.rtn_error
+            errors[1] += choice.error
+            if choice.alpha > 0:
+                inverse[activation] = choice.inverse_scales
+        else:
+            ints = [quantize_blockwise(w, config.block_size) for w in weights]
+        quantized.update({t.weight: q for t, q in zip(members, ints)})
+    weights_named = {init.name for init in structure.graph.initializer}
+    floats = sum(1 for n in structure.graph.node if n.op_type == "MatMul" and n.input[1] in weights_named) - len(targets)
+    summaries = {}
+    for form, dst in outputs.items():
+        written = rewrite(model, quantized, inverse, targets, form, config.accuracy_level)
+        _save(written, Path(dst), external)
+        if feeds:
+            _check_runs(Path(dst), config.precision, feeds[0])
+        summaries[form] = Int4Summary(
+            graph=Path(dst).name, form=form, algo=algo, quantized_matmuls=len(targets), kept_float_matmuls=floats,
+            awq_alphas=alphas, awq_error_ratio=(errors[1] / errors[0]) if algo == "awq" and errors[0] > 0 else None,
+            nodes=int4_counts(written), external_data=Path(dst).name + ".data" if external else None,
+            size_bytes=sum(p.stat().st_size for p in Path(dst).parent.glob(Path(dst).name + "*")),
+        )
+    return summaries

@@ -1,0 +1,133 @@
+"""`prunert quantize ARTIFACT --weights int4 [--algo rtn|awq] [--block-size 32|64|128] [--graphs decoder]`.
+
+Adds the `int4` variant like `calibrate` does (prunert.artifact_update: staged, atomic, in the manifest with the
+tool and settings): vision -> the top-level fp32 graph; decoder -> block-wise INT4 DequantizeLinear -> MatMul
+(the TensorRT form, opset 21, checked with check-trt's int4 rules); decoder_fused (FUSED_DECODER, where the
+artifact has it) -> MatMulNBits (the ONNX Runtime form). The drift against fp32 is measured on the
+calibration set and written beside the graphs, as `calibrate` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable
+
+from prunert.config import GRAPH_NAMES, WEIGHT_ONLY_ALGOS, WEIGHT_ONLY_BLOCK_SIZES, WEIGHT_ONLY_LM_HEAD, WeightOnlyConfig
+
+FORM_OF = {"decoder": "dq", "decoder_fused": "nbits"}  # graph -> int4 form (weight_only.FORMS)
+_DRIFT_GREEDY_TOKENS = 8
+
+
+def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
+    defaults = WeightOnlyConfig()
+    p = sub.add_parser("quantize", help="add int4 weight-only decoder graphs (MatMulNBits for ONNX Runtime, INT4 DequantizeLinear for TensorRT)")
+    p.add_argument("artifact", type=Path)
+    p.add_argument("--weights", required=True, help="int4: block-wise symmetric int4 weights, fp32 activations (W4A16)")
+    p.add_argument("--algo", default=defaults.algo, help=f"{' | '.join(WEIGHT_ONLY_ALGOS)}: round to nearest, or activation-aware "
+                   "scales from the calibration set (default %(default)s)")
+    p.add_argument("--block-size", type=int, default=defaults.block_size,
+                   help=f"{' | '.join(map(str, WEIGHT_ONLY_BLOCK_SIZES))}: input rows per scale (default %(default)s, as ONNX Runtime GenAI)")
+    p.add_argument("--graphs", default="decoder", help=f"decoder | vision | all: int4 is for the decoder role (default %(default)s)")
+    p.add_argument("--lm-head", default=defaults.lm_head, help=f"{' | '.join(WEIGHT_ONLY_LM_HEAD)}: the lm_head's weights "
+                   "(default %(default)s, as ONNX Runtime GenAI); the embedding table stays the runtime's fp32 file")
+    p.add_argument("--images", type=Path, help="calibration images for AWQ and the drift report (default: examples/calibration)")
+    p.add_argument("--prompts", type=Path, help="text file, one prompt per line with the artifact's image placeholder once (default: built-in)")
+    p.add_argument("--max-samples", type=int, default=defaults.max_samples, help="image/prompt pairs used")
+    return p
+
+
+def run_quantize(args: argparse.Namespace, sample_set: Callable, source_note: Callable) -> int:
+    """The CLI command: sample_set(artifact, images, prompts, max_samples) is the CLI's calibration-set loader."""
+    graphs = {"decoder": ("decoder",), "vision": ("vision",), "all": GRAPH_NAMES}.get(args.graphs, (args.graphs,))
+    config = WeightOnlyConfig(precision=args.weights, algo=args.algo, block_size=args.block_size, graphs=tuple(graphs),
+                              lm_head=args.lm_head, max_samples=args.max_samples)
+    calibration = sample_set(args.artifact, args.images, args.prompts, config.max_samples)
+    manifest, drift = quantize_artifact(args.artifact, calibration, config)
+    print(drift.table())
+    if source_note(manifest.source):
+        print(source_note(manifest.source))
+    print(f"wrote the {config.precision} graphs into {args.artifact} (listed in its manifest)")
+    return 0
+
+
+def quantize_artifact(directory: Path, calibration_set, config: WeightOnlyConfig = WeightOnlyConfig(),
+                      log: Callable[[str], None] = print):
+    """Quantize the decoder role's graphs to int4 and install them as variants[config.precision].
+
+    -> (the new manifest, the DriftReport against fp32). Atomic: on any failure the staged folder is removed and
+    the manifest is unchanged; quantizing again replaces the old variant."""
+    import onnxruntime
+
+    from prunert.artifact_update import ArtifactUpdate
+    from prunert.calibration.dataset import collect_feeds
+    from prunert.calibration.drift import compare, quantized_pipeline
+    from prunert.calibration.weight_only import quantize_graph_int4
+    from prunert.errors import ExportError
+    from prunert.export.trt_check import TrtCheckConfig, check_trt
+    from prunert.manifest import VariantSpec, load_manifest
+    from prunert.runtime import VLMPipeline
+
+    directory, precision, start = Path(directory), config.precision, time.perf_counter()
+    manifest = load_manifest(directory)
+    if len(calibration_set.samples) > config.max_samples:
+        calibration_set = replace(calibration_set, samples=calibration_set.samples[: config.max_samples])
+    old = manifest.variants.get(precision)
+    drop = sorted({spec.file.split("/")[0] for spec in old.graphs.values() if "/" in spec.file}) if old else []
+    pipe = VLMPipeline(directory)
+    log(f"running the fp32 graphs on {len(calibration_set.samples)} calibration samples")
+    feeds = collect_feeds(pipe, calibration_set)["decoder"]
+    summaries = {}
+    with ArtifactUpdate(directory, precision) as update:
+        graphs = {"vision": manifest.graphs["vision"]}  # fp32: the selection stays exact
+        for name in [name for name in FORM_OF if name in manifest.graphs]:
+            spec, form, dst = manifest.graphs[name], FORM_OF[name], update.staging / f"{name}.onnx"
+            log(f"quantizing {spec.file} to {precision} ({config.algo}, block {config.block_size}, {form} form)")
+            summary = quantize_graph_int4(directory / spec.file, {form: dst}, config, manifest.decoder.vocab_size, feeds, log)[form]
+            if form == "dq":
+                issues = check_trt(dst, TrtCheckConfig().for_int4())
+                if issues:
+                    lines = "; ".join(issue.line() for issue in issues[:5])
+                    raise ExportError(f"{precision} {dst.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
+            summaries[name] = summary
+            external = update.file(summary.external_data) if summary.external_data else None
+            graphs[name] = replace(spec, file=update.file(dst.name), external_data=external)
+        log(f"measuring {precision} drift against fp32 in ONNX Runtime CPU")
+        ran = next(name for name in summaries if manifest.graphs[name].file == pipe.decoder.spec.file)  # the graph the pipeline runs
+        drift = compare(pipe, quantized_pipeline(pipe, {"decoder": update.staging / f"{ran}.onnx"}, {"decoder": graphs[ran]}, precision),
+                        calibration_set, precision, _DRIFT_GREEDY_TOKENS)
+        report_name = f"drift-{precision}.json"
+        drift.write(update.staging / report_name)
+        settings = _settings(config, calibration_set, summaries, manifest, drift, update.file(report_name), len(feeds))
+        tool = f"prunert.calibration.weight_only ({config.algo}); onnxruntime {onnxruntime.__version__} checked"
+        variant = VariantSpec(precision, graphs, tool, settings)
+        new = update.commit(lambda m: replace(m, variants={**m.variants, precision: variant}), drop=drop)
+    log(f"wrote {precision} variant {update.folder}/ in {time.perf_counter() - start:.1f} s")
+    return new, drift
+
+
+def _settings(config: WeightOnlyConfig, calibration_set, summaries, manifest, drift, report: str, feeds: int) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    return {
+        "precision": config.precision,
+        "quantizer": "prunert.calibration.weight_only",
+        "algo": config.algo,
+        "block_size": config.block_size,
+        "scheme": "symmetric int4 [-8, 7], no zero point, one scale per block of block_size K rows per output column; fp32 activations",
+        "forms": {name: s.form for name, s in summaries.items()},
+        "opset": {"dq": "default domain 21 (INT4, DequantizeLinear block_size)", "nbits": "com.microsoft 1 (MatMulNBits)"},
+        "accuracy_level": config.accuracy_level,
+        "lm_head": config.lm_head,
+        "embeddings": "fp32 (the runtime's embedding table file, not in the graphs)",
+        "graphs": list(config.graphs),
+        "fp32_graphs": {"vision": manifest.graphs["vision"].file},
+        "awq": {"grid": config.awq_grid, "rows": config.awq_rows, "decoder_feeds": feeds} if config.algo == "awq" else None,
+        "summaries": {name: asdict(s) for name, s in summaries.items()},
+        "calibration_set": calibration_set.summary(),
+        "max_samples": config.max_samples,
+        "drift": drift.summary(),
+        "drift_report": report,
+    }
