@@ -447,6 +447,8 @@ def build_parser() -> argparse.ArgumentParser:
     from prunert.evaluation.sweep_command import add_sweep_parser
 
     add_sweep_parser(sub).set_defaults(func=_sweep)
+    from prunert.runtime.plan_command import add_plan_parser
+    add_plan_parser(sub)  # `prunert plan`: memory per component and a verdict per device (manifest and file sizes only)
     from prunert.calibration.weight_only_command import add_quantize_parser, run_quantize
     add_quantize_parser(sub).set_defaults(func=lambda args: run_quantize(args, _sample_set, source_note))
     return parser
