@@ -282,12 +282,11 @@ def check_precision(precision: str, allowed: tuple[str, ...] = PRECISIONS, flag:
 
 
 GRAPH_ROLES = {"vision": "vision", "decoder": "decoder", FUSED_DECODER: "decoder"}  # graph name -> its role (GRAPH_NAMES)
-DECODER_ONLY_PRECISIONS = ("int4",)  # weight-only: a decoder-role variant only (the vision role rejects it)
 
 
 def role_precisions(role: str) -> tuple[str, ...]:
-    """The precisions graph role `role` may run at: PRECISIONS, less the decoder-only ones for the vision role."""
-    return PRECISIONS if role == "decoder" else tuple(p for p in PRECISIONS if p not in DECODER_ONLY_PRECISIONS)
+    """The precisions graph role `role` may run at: PRECISIONS, less the weight-only (decoder-only) ones for the vision role."""
+    return PRECISIONS if role == "decoder" else tuple(p for p in PRECISIONS if p not in WEIGHT_ONLY_PRECISIONS)
 
 
 @dataclass(frozen=True)
