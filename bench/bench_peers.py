@@ -137,16 +137,19 @@ def int4_settings(prunert_settings: dict, block_size: int) -> Int4Settings:
 
 
 class PrunertPeer:
-    """prunert's decoder as `prunert run` runs it: make_runner's decoder graph (onnxruntime backend, this precision),
-    its decoder_session, decode_steps with greedy choice over the artifact's embedding table."""
+    """prunert's decoder as `prunert run` runs it: the decoder graph VLMPipeline picks for the onnxruntime backend at
+    this precision (decoder_graph), its runner's decoder_session, decode_steps with greedy choice over the artifact's
+    embedding table."""
 
     def __init__(self, artifact: Path, precision: str, runtime):
+        from prunert.config import GraphPrecisions
         from prunert.runtime import Artifact
         from prunert.runtime.decode import table_embedder
-        from prunert.runtime.pipeline import make_runner
+        from prunert.runtime.pipeline import decoder_graph, make_runner
 
-        self.artifact = Artifact(artifact, verify_hashes=False)
-        self.runner = make_runner(self.artifact, "decoder", "onnxruntime", precision, runtime)
+        self.artifact, precisions = Artifact(artifact, verify_hashes=False), GraphPrecisions.parse(precision)
+        graph = decoder_graph(self.artifact, "onnxruntime", precisions)
+        self.runner = make_runner(self.artifact, graph, "onnxruntime", precisions, runtime)
         self.session = self.runner.decoder_session(self.artifact.manifest.decoder.num_layers)
         spec = self.runner.spec
         self.embeds_dtype, self.mask_dtype = (np.dtype(spec.input(n).dtype) for n in ("inputs_embeds", "attention_mask"))
@@ -280,7 +283,7 @@ def table(report: dict) -> str:
 
     def cell(peer: str, p: str, c: int, key: str, fmt: str) -> str:
         if p not in results.get(peer, {}):
-            return report["unavailable"].get(f"{peer} {p}", "not available")
+            return "not available"  # why: report["unavailable"], printed under the table
         s = results[peer][p][str(c)][key]
         return f"{fmt.format(s['median'])} ({fmt.format(s['min'])}–{fmt.format(s['max'])})"
 
@@ -319,6 +322,8 @@ def build_peers(args: argparse.Namespace, checkpoint: Path, artifact: Path, runt
 
 def print_summary(report: dict) -> None:
     print("\n" + report["table_markdown"] + "\n")
+    for label, reason in report["unavailable"].items():
+        print(f"{label}: {reason}")
     noise = report["noise_probe"]
     print(f"threads {report['threads']}, spinning {'on' if report['spinning'] else 'off'}; cells: median (min–max) of "
           f"{report['rounds']} rounds, {report['steps']} decode steps each; noise probe {noise['min']:.1f}–{noise['max']:.1f} ms "
