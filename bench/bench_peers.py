@@ -126,14 +126,13 @@ def int4_variant(artifact: Path, block_size: int) -> tuple[str | None, dict]:
 
 
 def int4_settings(prunert_settings: dict, block_size: int) -> Int4Settings:
-    """ORT-genai's int4 settings: prunert's int4 variant's where its manifest records them, else the defaults."""
-    s = {k: v for k, v in prunert_settings.items() if not isinstance(v, dict)}
-    flat = {**s, **{k: v for v in prunert_settings.values() if isinstance(v, dict) for k, v in v.items()}}
+    """ORT-genai's int4 settings: those prunert's int4 variant records (block_size, accuracy_level, lm_head "int4" |
+    "fp32"; prunert's int4 is always symmetric), else the defaults with --block-size."""
     defaults = Int4Settings(block_size=block_size)
-    return Int4Settings(block_size=int(flat.get("block_size", defaults.block_size)),
-                        symmetric=bool(flat.get("symmetric", flat.get("is_symmetric", defaults.symmetric))),
-                        accuracy_level=int(flat.get("accuracy_level", defaults.accuracy_level) or 0),
-                        quantize_lm_head=bool(flat.get("quantize_lm_head", defaults.quantize_lm_head)))
+    return Int4Settings(block_size=int(prunert_settings.get("block_size", defaults.block_size)),
+                        symmetric=defaults.symmetric,
+                        accuracy_level=int(prunert_settings.get("accuracy_level", defaults.accuracy_level)),
+                        quantize_lm_head=prunert_settings.get("lm_head", "int4") == "int4")
 
 
 class PrunertPeer:

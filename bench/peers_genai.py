@@ -36,7 +36,7 @@ class Int4Settings:
 
     block_size: int = 32
     symmetric: bool = True
-    accuracy_level: int = 0  # 0: MatMulNBits' default (fp32 activations); 4: int8 activations (ORT-genai's CPU default)
+    accuracy_level: int = 4  # 4: int8 activations inside MatMulNBits (ORT-genai's CPU default and prunert's); 0: unset
     quantize_lm_head: bool = True
 
     def extra_options(self) -> list[str]:

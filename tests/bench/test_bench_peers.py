@@ -55,10 +55,12 @@ def test_ort_genai_gets_prunert_int4_settings(peers) -> None:
     from peers_genai import Int4Settings
 
     assert peers.int4_settings({}, 64) == Int4Settings(block_size=64)
-    got = peers.int4_settings({"tool": "x", "block_size": 128, "accuracy_level": 4, "symmetric": False}, 32)
-    assert (got.block_size, got.accuracy_level, got.symmetric) == (128, 4, False)
-    assert got.extra_options()[:3] == ["block_size=128", "is_symmetric=false", "accuracy_level=4"]
-    assert "nodes_to_exclude=/lm_head/MatMul" in Int4Settings(quantize_lm_head=False).extra_options()
+    # what `prunert quantize --weights int4` records in its variant's settings (prunert.calibration.weight_only_command)
+    got = peers.int4_settings({"tool": "x", "block_size": 128, "accuracy_level": 0, "lm_head": "fp32"}, 32)
+    assert (got.block_size, got.accuracy_level, got.symmetric, got.quantize_lm_head) == (128, 0, True, False)
+    assert got.extra_options() == ["block_size=128", "is_symmetric=true", "accuracy_level=0", "nodes_to_exclude=/lm_head/MatMul"]
+    assert peers.int4_settings({"block_size": 32, "accuracy_level": 4, "lm_head": "int4"}, 64).extra_options() == [
+        "block_size=32", "is_symmetric=true", "accuracy_level=4"]
 
 
 def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_path: Path, capsys) -> None:
