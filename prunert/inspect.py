@@ -8,6 +8,26 @@ from prunert.artifact_publish import Leftover
 from prunert.manifest import Manifest
 
 
+def precision_table(m: Manifest) -> list[str]:
+    """Per graph, the file it runs at each precision the artifact has (`--precision vision=P,decoder=P` picks one per
+    role): "= fp32" where the variant keeps the top-level fp32 file, "-" where the variant has no such graph."""
+    graphs = list(dict.fromkeys([*m.graphs, *(g for v in m.variants.values() for g in v.graphs)]))
+    precisions = ["fp32", *sorted(m.variants)]
+
+    def cell(graph: str, precision: str) -> str:
+        if precision == "fp32":
+            return m.graphs[graph].file if graph in m.graphs else "-"
+        spec = m.variants[precision].graphs.get(graph)
+        if spec is None:
+            return "-"
+        return "= fp32" if graph in m.graphs and spec.file == m.graphs[graph].file else spec.file
+
+    rows = [("graph", *precisions)] + [(graph, *(cell(graph, p) for p in precisions)) for graph in graphs]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    table = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    return ["precision per graph ('= fp32': the variant runs the fp32 file; --precision vision=P,decoder=P picks one per role)"] + table
+
+
 def manifest_table(m: Manifest, leftovers: Sequence[Leftover] = ()) -> str:
     """The manifest as a table; `leftovers` (artifact_publish.leftovers) as a last section when there are any."""
     lines = [
@@ -34,6 +54,7 @@ def manifest_table(m: Manifest, leftovers: Sequence[Leftover] = ()) -> str:
     for precision, variant in sorted(m.variants.items()):
         files = ", ".join(f"{graph}={spec.file}" for graph, spec in sorted(variant.graphs.items()))
         lines.append(f"              {precision} by {variant.tool}: {files}")
+    lines += ["", *precision_table(m)]
     if m.engines:
         lines += ["", "TensorRT engines (not portable: each runs only on its TensorRT version and GPU)"]
         for e in m.engines:
