@@ -13,7 +13,7 @@ import pytest
 
 pytest.importorskip("torch")
 
-from prunert.config import BudgetConfig, ExportConfig  # noqa: E402
+from prunert.config import BudgetConfig, ExportConfig, RuntimeConfig  # noqa: E402
 from prunert.evaluation import EvalConfig, evaluate_artifact, load_records  # noqa: E402
 from prunert.shapes import DEMO_NOTE  # noqa: E402
 from prunert.shapes.dataset import write_eval_set  # noqa: E402
@@ -40,7 +40,7 @@ def unpruned(shapes_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_the_trained_model_meets_the_bars_unpruned_in_ort_fp32(unpruned: Path, held_out) -> None:
-    result = evaluate_artifact(unpruned, held_out, EvalConfig(batch=8, threads=2), progress=False)
+    result = evaluate_artifact(unpruned, held_out, EvalConfig(batch=8, runtime=RuntimeConfig(threads=2)), progress=False)
     assert len(result.predictions) == 1000
     assert result.accuracy >= 0.90, result.by_category
     assert set(result.by_category) == {"color_of_shape", "shape_of_color", "exists", "count"}
@@ -50,9 +50,9 @@ def test_the_trained_model_meets_the_bars_unpruned_in_ort_fp32(unpruned: Path, h
 
 def test_pruning_to_a_few_tokens_costs_answers(shapes_checkpoint: Path, unpruned: Path, held_out, tmp_path: Path) -> None:
     records = held_out[:200]
-    full = evaluate_artifact(unpruned, records, EvalConfig(threads=2), progress=False)
+    full = evaluate_artifact(unpruned, records, EvalConfig(runtime=RuntimeConfig(threads=2)), progress=False)
     pruned = _export(shapes_checkpoint, tmp_path / "uniform8", BudgetConfig(budget=8, method="uniform"))
-    assert evaluate_artifact(pruned, records, EvalConfig(threads=2), progress=False).accuracy < full.accuracy - 0.1
+    assert evaluate_artifact(pruned, records, EvalConfig(runtime=RuntimeConfig(threads=2)), progress=False).accuracy < full.accuracy - 0.1
 
 
 def test_the_checkpoint_records_its_state_dict_hash(shapes_checkpoint: Path) -> None:
