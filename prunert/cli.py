@@ -42,7 +42,8 @@ def _export(args: argparse.Namespace) -> int:
                 raise ConfigError(f"--{f.name.replace('_', '-')}: applies to --method {other}, not {args.method}")
     given = {name: getattr(args, name) for name in own if getattr(args, name, None) is not None}
     budget = BudgetConfig(budget=args.budget, method=args.method, params=config_type(**given))
-    cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch)
+    cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
+                       dtype=args.dtype)
     manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
     if source_note(manifest.source):
         print(source_note(manifest.source))
@@ -96,18 +97,17 @@ def _run(args: argparse.Namespace) -> int:
 
 def _parity(args: argparse.Namespace) -> int:
     from prunert.artifact_publish import refuse_unless_replaceable_file, replace_file
-    from prunert.config import ParityTolerances
-    from prunert.parity.reference import run_parity
+    from prunert.parity.reference import parity_bars, run_parity
 
     out = args.out or Path(args.artifact) / "parity.json"
     report_file = ("--out", frozenset({"artifact", "checks", "verdict"}), "a parity report")  # what --out may replace
     refuse_unless_replaceable_file(out, *report_file)  # before the long run: a directory, link or other file stays
-    tolerances = ParityTolerances.for_precisions(args.precision, greedy_tokens=args.greedy_tokens)
+    bars, tolerances = parity_bars(args.artifact, args.precision, args.greedy_tokens)  # the export dtype's where fp32 graphs run
     report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision,
                         runtime=runtime_config(args))
     replace_file(out, report.write_json, *report_file)
     label = args.precision.label
-    print(f"{args.backend}, {label} graphs; the {label} bars (ParityTolerances.for_precisions, docs/deploy.md)")
+    print(f"{args.backend}, {label} graphs; the {bars.label} bars (ParityTolerances.for_precisions, docs/deploy.md)")
     print(report.table())
     if source_note(report):  # the report carries its source's synthetic flag and note
         print(source_note(report))
@@ -351,6 +351,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-prompt-tokens", type=int, default=ex.max_prompt_tokens, help="longest prompt the artifact accepts")
     p.add_argument("--max-new-tokens", type=int, default=ex.max_new_tokens, help="longest generation the artifact is sized for")
     p.add_argument("--max-batch", type=int, default=ex.max_batch, help="largest batch the graphs declare")
+    p.add_argument("--dtype", help="fp32 | fp16: the dtype the checkpoint is loaded and exported in (graph I/O stays float32, the "
+                   "selection fp32); default: the checkpoint's config.json torch_dtype (fp16 as is, bf16 and fp32 at fp32)")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)

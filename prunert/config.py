@@ -26,7 +26,12 @@ FLOAT_PRECISIONS = ("fp16", "bf16")  # prunert.export.precision: cast weights, f
 QUANTIZED_PRECISIONS = ("int8", "fp8")  # prunert.calibration: explicit Q/DQ from a calibration set
 WEIGHT_ONLY_PRECISIONS = ("int4",)  # prunert.calibration.weight_only: block-wise int4 decoder weights, fp32 activations
 GRAPH_NAMES = ("vision", "decoder")  # graph roles, as flags name them
+TENSORRT_GRAPHS = GRAPH_NAMES  # the graphs TensorRT builds and check-trt checks (decoder_fused is ONNX Runtime's own form)
 FUSED_DECODER = "decoder_fused"  # the decoder role's ONNX Runtime form (contrib fused ops, in-place KV); "decoder" is the standard-op form
+# `export --dtype`: the dtype of the top-level graphs' weights (the torch model is loaded in it; graph I/O stays float32).
+# bf16 is not among them: ONNX Runtime's CPU provider has no bf16 MatMul, so a bf16 graph could be neither
+# validated nor run on the CPU (`prunert convert --precision bf16` makes the TensorRT variant instead).
+EXPORT_DTYPES = ("fp32", "fp16")
 
 
 EPSILON_FLOORS = ("affine", "clip")  # ResPruneConfig.epsilon_floor
@@ -213,8 +218,14 @@ class ExportConfig:
     max_batch: int = 8
     export_batch: int = 2  # example batch used for tracing: never 1
     external_data_threshold_bytes: int = 1 << 30  # larger graphs store weights beside the .onnx
+    dtype: str | None = None  # --dtype (EXPORT_DTYPES); None: the checkpoint's own (hf_loading.checkpoint_dtype)
 
     def __post_init__(self) -> None:
+        if self.dtype == "bf16":
+            raise ConfigError(f"--dtype: got 'bf16', expected one of {list(EXPORT_DTYPES)} (ONNX Runtime's CPU provider has no bf16 "
+                              "MatMul to validate or run a bf16 graph; export at fp16 or fp32, then `prunert convert --precision bf16`)")
+        if self.dtype is not None:
+            check_precision(self.dtype, EXPORT_DTYPES, "--dtype")
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
             raise ConfigError(f"--opset: got {self.opset}, expected {MIN_OPSET}..{MAX_OPSET} (the ONNX opsets torch.onnx exports)")
         for name in ("max_text_tokens", "max_prompt_tokens", "max_new_tokens"):

@@ -13,7 +13,7 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Union
 
-from prunert.config import READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
+from prunert.config import EXPORT_DTYPES, READABLE_SCHEMA_VERSIONS, SCHEMA_VERSION
 from prunert.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
@@ -54,6 +54,13 @@ class SourceSpec:
     revision: str  # fingerprint of the checkpoint's config and weights (prunert.adapters.checkpoint_revision)
     # What commands say about the model (a trained demonstration preset); last and optional: older manifests load "".
     note: str = ""
+    # The dtype of the top-level graphs' weights (`export --dtype`, EXPORT_DTYPES); graph I/O is float32 at every
+    # dtype and the selection op fp32. Optional: manifests written before it load as "fp32", which they are.
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.dtype not in EXPORT_DTYPES:
+            raise ArtifactError(f"{MANIFEST_NAME}: 'source.dtype' is {json.dumps(self.dtype)}, expected one of {list(EXPORT_DTYPES)}")
 
 
 @dataclass(frozen=True)

@@ -9,11 +9,30 @@ from typing import Any
 from prunert.errors import ModelSourceError, ParityError
 
 
-def load_hf_model(model_class: Any, model_dir: Path, architecture: str) -> Any:
-    """model_class.from_pretrained(model_dir): safetensors only (never pickle), eager attention (attention
-    maps are needed), float32, eval mode. A checkpoint that cannot load, or that loads only by initialising
-    weights at random (missing, unexpected or mis-shaped tensors: check_loading_info), is a ModelSourceError naming it."""
+# config.json's torch_dtype (transformers 5 writes "dtype") -> the export dtype (config.EXPORT_DTYPES) it exports at
+# by default: fp16 as it is (llava-hf checkpoints); bf16 at fp32 (ONNX Runtime's CPU provider has no bf16 MatMul,
+# and fp16's range is narrower than bf16's: a bf16 model can overflow in fp16); fp32, or no dtype given, at fp32.
+CHECKPOINT_DTYPES = {"float16": "fp16", "bfloat16": "fp32", "float32": "fp32"}
+
+
+def checkpoint_dtype(config: dict[str, Any]) -> str:
+    """The export dtype a checkpoint exports at without --dtype (CHECKPOINT_DTYPES of its config.json's torch_dtype)."""
+    declared = config.get("torch_dtype", config.get("dtype"))
+    return CHECKPOINT_DTYPES.get(declared, "fp32") if isinstance(declared, str) else "fp32"
+
+
+def torch_dtype(dtype: str) -> Any:
+    """An export dtype ("fp32", "fp16") as the torch dtype."""
     import torch
+
+    return {"fp32": torch.float32, "fp16": torch.float16}[dtype]
+
+
+def load_hf_model(model_class: Any, model_dir: Path, architecture: str, dtype: str = "fp32") -> Any:
+    """model_class.from_pretrained(model_dir): safetensors only (never pickle), eager attention (attention
+    maps are needed), weights in `dtype` (an export dtype: fp32, or fp16 for `export --dtype fp16`), eval mode.
+    A checkpoint that cannot load, or that loads only by initialising weights at random (missing, unexpected or
+    mis-shaped tensors: check_loading_info), is a ModelSourceError naming it."""
     from safetensors import SafetensorError
     from transformers.utils import logging as hf_logging
 
@@ -21,7 +40,7 @@ def load_hf_model(model_class: Any, model_dir: Path, architecture: str) -> Any:
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # transformers' LOAD REPORT table: check_loading_info says it in one line
     try:
-        model, info = model_class.from_pretrained(model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch.float32,
+        model, info = model_class.from_pretrained(model_dir, use_safetensors=True, attn_implementation="eager", dtype=torch_dtype(dtype),
                                                   output_loading_info=True, ignore_mismatched_sizes=True)
     except (OSError, ValueError, KeyError, SafetensorError) as exc:
         raise ModelSourceError(f"--model '{model_dir}': cannot load as {architecture}: {exc}") from None

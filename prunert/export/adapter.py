@@ -27,7 +27,7 @@ PREPROCESSOR_CONFIG = "preprocessor_config.json"
 class ExportAdapter(ABC):
     family: str
     architecture: str
-    model: Any  # the Hugging Face model, eval mode, fp32
+    model: Any  # the Hugging Face model, eval mode, in the export dtype (fp32 unless `export --dtype fp16`)
     num_visual_tokens: int  # N before pruning, per image (the largest, where it varies per image)
     vision_input_names: tuple[str, ...]
 

@@ -73,9 +73,17 @@ class VisionPruneGraph(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
         needs = pruning_ops.method_spec(self.budget.method).needs
+        weights = weights_dtype(self.tower)  # export --dtype fp16: the tower computes in fp16 behind float32 inputs
+        vision_inputs = [value.to(weights) if value.is_floating_point() else value for value in vision_inputs]
         features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] (or [B, T, N, D]) + extras
-        select = self.get_submodule(SELECTION_SCOPE)
+        features = {name: value.float() if value.is_floating_point() else value for name, value in features.items()}
+        select = self.get_submodule(SELECTION_SCOPE)  # fp32 at every export dtype: its decisions are precision-sensitive
         return select({**features, "text": text_embeds, "text_mask": text_mask})  # [B, K, D], [B, K]
+
+
+def weights_dtype(module: torch.nn.Module) -> torch.dtype:
+    """The dtype of a module's floating-point weights (the export dtype it was loaded in)."""
+    return next(p.dtype for p in module.parameters() if p.is_floating_point())
 
 
 class DecoderGraph(torch.nn.Module):
@@ -90,6 +98,8 @@ class DecoderGraph(torch.nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
+        weights = weights_dtype(self.backbone)  # export --dtype fp16: fp16 compute behind the float32 graph I/O
+        inputs_embeds, past = inputs_embeds.to(weights), tuple(value.to(weights) for value in past)
         cache = DynamicCache(config=self.backbone.config)
         for layer in range(self.num_layers):
             cache.update(past[2 * layer], past[2 * layer + 1], layer)
@@ -104,7 +114,7 @@ class DecoderGraph(torch.nn.Module):
         present = []
         for layer in out.past_key_values.layers:
             present += [layer.keys, layer.values]  # [B, kv_heads, past + S, head_dim]
-        return (logits, *present)
+        return (logits.float(), *(value.float() for value in present))  # float32 I/O at every export dtype
 
 
 def decoder_module(adapter: ExportAdapter) -> torch.nn.Module:

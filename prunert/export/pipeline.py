@@ -9,6 +9,7 @@ does the rename: exclusive for a new --out, a journaled swap for --overwrite (wh
 from __future__ import annotations
 
 import contextlib
+import gc
 import importlib.metadata
 import io
 import json
@@ -17,6 +18,7 @@ import os
 import shutil
 import warnings
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -26,19 +28,35 @@ import torch
 import prunert
 from prunert import pruning_ops
 from prunert.adapters import ModelSource, export_adapter_class, resolve_source
+from prunert.adapters.hf_loading import checkpoint_dtype
 from prunert.artifact_publish import PARTIAL, Staging, clean_stale, publish, recover_swap, refuse_unless_artifact
 from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
 from prunert.export.adapter import PREPROCESSOR_CONFIG, ExportAdapter
 from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
-from prunert.export.validate import check_symbolic_dims, validate_decoder, validate_vision
+from prunert.export.validate import check_graph, check_symbolic_dims, reference
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
 
 VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers")
 
 
-def load_export_adapter(source: ModelSource) -> ExportAdapter:
-    return export_adapter_class(source.family)(source.path)
+def load_export_adapter(source: ModelSource, dtype: str = "fp32") -> ExportAdapter:
+    """The family's export adapter on the checkpoint, its torch weights in `dtype` (an export dtype)."""
+    return export_adapter_class(source.family)(source.path, dtype=dtype)
+
+
+def release_weights(model: torch.nn.Module) -> None:
+    """Free the torch weights before ONNX Runtime loads the exported graphs, so the two are never resident together:
+    every parameter and buffer gets an empty tensor (the module cannot run afterwards), the exporter's leftovers are
+    collected, and glibc returns the freed heap pages to the system."""
+    with torch.no_grad():
+        for tensor in (*model.parameters(), *model.buffers()):
+            tensor.data = torch.empty(0, dtype=tensor.dtype)
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: the allocator keeps its pages, nothing breaks
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def fit_budget(adapter: ExportAdapter, budget: BudgetConfig) -> None:
@@ -64,9 +82,10 @@ def export_artifact(
             raise ArtifactError(f"--out '{out_dir}': already exists; choose another directory or pass --overwrite")
         refuse_unless_artifact(out_dir, "--out")  # --overwrite replaces only a prunert artifact
     source = resolve_source(model)
-    log(f"loading {source.label}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else "")
+    cfg = replace(cfg, dtype=cfg.dtype or checkpoint_dtype(source.config))  # None: the checkpoint's own
+    log(f"loading {source.label} at {cfg.dtype}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else "")
         + (f" ({source.note})" if source.note else ""))
-    adapter = load_export_adapter(source)
+    adapter = load_export_adapter(source, cfg.dtype)
     fit_budget(adapter, budget)
     pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
     for name in ("tokenizer.json", "preprocessor_config.json"):
@@ -91,7 +110,11 @@ def export_artifact(
 
 
 def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, budget: BudgetConfig, cfg: ExportConfig, log) -> Manifest:
+    """Every graph is exported and its torch reference outputs kept (a GraphCheck) while the torch model exists;
+    then the torch weights are freed and ONNX Runtime validates the graphs one at a time. cfg.dtype: the resolved
+    export dtype ("fp32" / "fp16"), the dtype of every top-level graph's weights."""
     dims = decoder_dims(adapter)
+    checks: list[Callable[[], object]] = []  # ONNX Runtime validations, run after release_weights: torch and ONNX Runtime never hold the weights together
     low = adapter.min_visual_tokens  # N varies per image for some families
     count = f"{low}..{adapter.num_visual_tokens} per image" if low != adapter.num_visual_tokens else str(low)
     log(f"exporting vision graph (tower + projector + {budget.method}, K={budget.budget} of N={count})")
@@ -101,7 +124,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     vision_spec = _export(vision, args, dynamic, inputs, outputs, staging / "vision.onnx", cfg, hint)
     ranges = adapter.vision_dim_ranges()  # adapter-bounded dims (Qwen2.5-VL: patches, merged)
     vision_spec = replace(vision_spec, dim_ranges={name: tuple(int(v) for v in triple) for name, triple in ranges.items()})
-    validate_vision(vision, args, staging / "vision.onnx", vision_spec)
+    checks.append(partial(check_graph, reference(vision, args, staging / "vision.onnx", vision_spec, cfg.dtype)))
     _check_tensorrt(staging / "vision.onnx", cfg)
 
     log(f"exporting decoder graph ({dims['num_layers']} layers, KV cache)")
@@ -109,7 +132,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     leading = tuple(adapter.position_ids_leading_dims)
     args, dynamic, inputs, outputs = decoder_export_spec(dims, cfg, budget.budget, leading)
     decoder_spec = _export(decoder, args, dynamic, inputs, outputs, staging / "decoder.onnx", cfg)
-    validate_decoder(decoder, args, staging / "decoder.onnx", decoder_spec)
+    checks.append(partial(check_graph, reference(decoder, args, staging / "decoder.onnx", decoder_spec, cfg.dtype)))
     _check_tensorrt(staging / "decoder.onnx", cfg)
 
     table = adapter.embedding_table().detach().float().numpy()  # [V, D]
@@ -117,7 +140,13 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     shutil.copyfile(source.path / "tokenizer.json", staging / "tokenizer.json")
     _write_preprocessor_config(adapter, source.path, staging / "preprocessor_config.json")
 
-    text = adapter.text_info(source.path)
+    text, family_config = adapter.text_info(source.path), adapter.family_config()
+    del vision, decoder
+    release_weights(adapter.model)
+    log(f"validating {len(checks)} graphs with ONNX Runtime, one at a time (torch weights freed)")
+    for check in checks:
+        check()
+
     manifest = Manifest(
         schema_version=SCHEMA_VERSION,
         prunert_version=prunert.__version__,
@@ -125,7 +154,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
         opset=cfg.opset,
         source=SourceSpec(
             model=source.label, family=source.family, architecture=adapter.architecture, synthetic=source.synthetic, revision=source.revision,
-            note=source.note
+            note=source.note, dtype=cfg.dtype
         ),
         budget=BudgetSpec(budget=budget.budget, method=budget.method, params=pruning_ops.method_params(budget), num_visual_tokens=adapter.num_visual_tokens),
         graphs={"vision": vision_spec, "decoder": decoder_spec},
@@ -146,7 +175,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
         ),
         decoder=DecoderSpec(**dims),
         image_preprocessor="preprocessor_config.json",
-        family_config=adapter.family_config(),
+        family_config=family_config,
         files=hash_directory(staging),
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())

@@ -17,7 +17,7 @@ forward with its KV cache and explicit positions (cache length + rope_deltas, HF
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -25,14 +25,24 @@ import torch
 
 from prunert import pruning_ops
 from prunert.adapters import resolve_source
-from prunert.config import GenerationConfig, GraphPrecisions, ParityTolerances, RuntimeConfig
+from prunert.config import GRAPH_NAMES, GenerationConfig, GraphPrecisions, ParityTolerances, RuntimeConfig
 from prunert.export.graphs import selection_module
 from prunert.export.pipeline import fit_budget, load_export_adapter
+from prunert.manifest import load_manifest
 from prunert.metrics import common_rows
 from prunert.parity.report import TIE, Check, ParityReport
 from prunert.runtime.image import load_image
 from prunert.runtime.pipeline import VisionResult, VLMPipeline
 from prunert.runtime.text import text_relevance_inputs
+
+
+def parity_bars(artifact_dir: Path, precision: GraphPrecisions, greedy_tokens: int = ParityTolerances.greedy_tokens
+                ) -> tuple[GraphPrecisions, ParityTolerances]:
+    """The precisions whose bars apply, and those bars: a role at "fp32" runs the top-level graphs, whose weights are
+    in the artifact's export dtype (manifest source.dtype: fp16 after `export --dtype fp16`), so it gets that dtype's."""
+    dtype = load_manifest(artifact_dir, verify_hashes=False).source.dtype
+    exported = replace(precision, **{role: dtype for role in GRAPH_NAMES if getattr(precision, role) == "fp32"})
+    return exported, ParityTolerances.for_precisions(exported, greedy_tokens=greedy_tokens)
 
 
 def run_parity(
@@ -48,7 +58,7 @@ def run_parity(
     """precision: per graph role (or --precision's text). tolerances None: the precisions' own bars
     (ParityTolerances.for_precisions: vision-stage bars from the vision precision, decoder-stage from the decoder's)."""
     precision = GraphPrecisions.parse(precision)
-    tolerances = tolerances or ParityTolerances.for_precisions(precision)
+    tolerances = tolerances or parity_bars(artifact_dir, precision)[1]
     pipe = VLMPipeline(artifact_dir, backend=backend, precision=precision, runtime=runtime)
     manifest = pipe.manifest
     source = resolve_source(model or manifest.source.model)

@@ -284,11 +284,11 @@ def test_interrupt_mid_export_leaves_nothing(tmp_path: Path, monkeypatch: pytest
     """Ctrl-C after the real vision graph was written into the staging dir: nothing survives."""
     seen: list[list[str]] = []
 
-    def interrupted(module, args, path, spec):
-        seen.append(_listing(path.parent))  # the staging directory, mid-export
+    def interrupted(check):
+        seen.append(_listing(check.path.parent))  # the staging directory, mid-export
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(export_pipeline, "validate_vision", interrupted)
+    monkeypatch.setattr(export_pipeline, "check_graph", interrupted)  # validation, after every graph was written
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         export_pipeline.export_artifact(TINY, out, BudgetConfig(budget=8), ExportConfig(max_prompt_tokens=16, max_new_tokens=4), log=lambda m: None)
@@ -309,8 +309,7 @@ def _fast_fake_export(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr(export_pipeline, "_export", fake_export)
-    monkeypatch.setattr(export_pipeline, "validate_vision", lambda *a: None)
-    monkeypatch.setattr(export_pipeline, "validate_decoder", lambda *a: None)
+    monkeypatch.setattr(export_pipeline, "check_graph", lambda *a: None)
     monkeypatch.setattr(export_pipeline, "_check_tensorrt", lambda *a: None)
 
 

@@ -19,10 +19,10 @@ class LlavaExportAdapter(HFTextParts, ExportAdapter):
     architecture = "LlavaForConditionalGeneration"
     vision_input_names = ("pixel_values",)
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype: str = "fp32"):
         from transformers import LlavaForConditionalGeneration
 
-        self.model = load_hf_model(LlavaForConditionalGeneration, model_dir, self.architecture)
+        self.model = load_hf_model(LlavaForConditionalGeneration, model_dir, self.architecture, dtype)
         config = self.model.config
         if not isinstance(config.vision_feature_layer, int):
             raise ModelSourceError(f"--model '{model_dir}': vision_feature_layer must be one layer index")

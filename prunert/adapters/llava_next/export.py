@@ -32,10 +32,10 @@ class LlavaNextExportAdapter(LlavaExportAdapter):
     architecture = "LlavaNextForConditionalGeneration"
     vision_input_names = ("pixel_values", "tile_mask", "token_mask")
 
-    def __init__(self, model_dir: Path, tile_budgets: TileBudgetConfig = TileBudgetConfig()):
+    def __init__(self, model_dir: Path, dtype: str = "fp32", tile_budgets: TileBudgetConfig = TileBudgetConfig()):
         from transformers import LlavaNextForConditionalGeneration
 
-        self.model = load_hf_model(LlavaNextForConditionalGeneration, model_dir, self.architecture)
+        self.model = load_hf_model(LlavaNextForConditionalGeneration, model_dir, self.architecture, dtype)
         config = self.model.config
         if not isinstance(config.vision_feature_layer, int):
             raise ModelSourceError(f"--model '{model_dir}': vision_feature_layer must be one layer index")

@@ -74,11 +74,11 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
     visual_token_dim = "merged"  # N's symbolic dim: the unpruned graph's K (graphs.kept_dim)
     position_ids_leading_dims = (3,)  # M-RoPE: position_ids [3, B, S] (t, h, w)
 
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, dtype: str = "fp32"):
         from transformers import Qwen2_5_VLForConditionalGeneration
 
         model_dir = Path(model_dir)
-        self.model = load_hf_model(Qwen2_5_VLForConditionalGeneration, model_dir, self.architecture)
+        self.model = load_hf_model(Qwen2_5_VLForConditionalGeneration, model_dir, self.architecture, dtype)
         self.visual = self.model.model.visual
         vision = self.model.config.vision_config
         self.merge = vision.spatial_merge_size
