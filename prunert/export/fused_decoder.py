@@ -1,0 +1,202 @@
+"""The decoder's ONNX Runtime form (graph `decoder_fused`), built straight from the checkpoint's tensors.
+
+Per layer, the ops ONNX Runtime fuses for a Llama-like decoder (what its GenAI model builder emits):
+    SkipSimplifiedLayerNormalization -> MatMul (fused QKV, + bias) -> GroupQueryAttention (rotary inside for 1-D RoPE)
+    -> MatMul (o) -> SkipSimplifiedLayerNormalization -> MatMul (fused gate/up) -> SiLU * up -> MatMul (down)
+Every matmul is `MatMul(X [B, S, K], W [K, N] initializer)`, the pattern weight-only quantization rewrites.
+
+KV cache in place (manifest `kv_cache: "shared-buffer"`): past_key_values.{i}.key/value are buffers
+[B, kv_heads, cache, head_dim] allocated once at the capacity the runtime needs (cache <= max_sequence); the
+runtime binds the same buffer as present.{i}.* and GroupQueryAttention writes each step's rows into it. Which
+rows are valid comes from attention_mask [B, total]: total = its length (past + S, the same for every row of a
+left-padded batch), and its zeros (left padding) become an additive attention bias. I/O names are the
+standard decoder's (prunert.export.graphs), so the host feeds both forms the same tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from prunert.config import FUSED_DECODER
+from prunert.export.onnx_writer import MSFT, GraphWriter
+from prunert.manifest import KV_SHARED_BUFFER, GraphSpec, TensorSpec
+
+if TYPE_CHECKING:
+    from prunert.export.adapter import ExportAdapter
+
+MASKED = -1e9  # additive bias on padded key columns (finite: a fully padded query row stays finite)
+FUSED_OPSET = 17  # default-domain ops used here exist at 17; contrib ops are com.microsoft v1
+
+
+@dataclass(frozen=True)
+class RopeSpec:
+    """Rotary embedding of the decoder (ExportAdapter.decoder_rope).
+    inv_freq: [head_dim / 2] float32; scaling: HF's attention_scaling on cos/sin;
+    sections: M-RoPE's frequencies per position stream (Qwen2.5-VL: (t, h, w) counts summing to head_dim / 2),
+    empty for 1-D RoPE (the rotation then runs inside GroupQueryAttention)."""
+
+    inv_freq: np.ndarray
+    scaling: float = 1.0
+    sections: tuple[int, ...] = field(default=())
+
+
+@dataclass(frozen=True)
+class _Dims:
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    hidden: int
+    vocab: int
+    eps: float
+
+
+def build_fused_decoder(adapter: ExportAdapter, max_sequence: int, path: Path, dtype: str = "float32") -> GraphSpec:
+    """Write `path` (+ `path.data`) from the adapter's text backbone and LM head; returns its manifest spec.
+    max_sequence: the longest cache (positions and the buffers' capacity)."""
+    backbone, head = adapter.text_backbone(), adapter.lm_head()
+    config = backbone.config
+    dims = _Dims(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
+                 backbone.layers[0].self_attn.head_dim, config.hidden_size, int(head.weight.shape[0]), float(config.rms_norm_eps))
+    rope = adapter.decoder_rope()
+    leading = tuple(adapter.position_ids_leading_dims)
+    w = GraphWriter(path, FUSED_DECODER)
+    try:
+        inputs, outputs = _io(w, dims, leading, dtype)
+        prelude = _prelude(w, dims, rope, max_sequence, dtype)
+        hidden, residual = "inputs_embeds", ""
+        for i, layer in enumerate(backbone.layers):
+            hidden, residual = _layer(w, i, layer, dims, rope, prelude, hidden, residual, dtype)
+        normed = _norm(w, hidden, residual, backbone.norm.weight, dims, dtype, "/model/norm")[0]
+        w.op("MatMul", [normed, w.weight("lm_head.weight", _t(head.weight, dtype))], ["logits"], name="/lm_head/MatMul")  # [B, S, V]
+        w.save(FUSED_OPSET)
+    finally:
+        w.close()
+    cache_range = {"cache": (1, max_sequence, max_sequence)}
+    return GraphSpec(file=path.name, inputs=tuple(TensorSpec(*t) for t in inputs), outputs=tuple(TensorSpec(*t) for t in outputs),
+                     external_data=w.data_name, dim_ranges=cache_range, kv_cache=KV_SHARED_BUFFER)
+
+
+def _io(w: GraphWriter, d: _Dims, leading: tuple[int, ...], dtype: str):
+    kv = ("batch", d.kv_heads, "cache", d.head_dim)
+    inputs = [("inputs_embeds", dtype, ("batch", "sequence", d.hidden)), ("attention_mask", "int64", ("batch", "total")),
+              ("position_ids", "int64", (*leading, "batch", "sequence"))]
+    outputs = [("logits", dtype, ("batch", "sequence", d.vocab))]
+    for i in range(d.layers):
+        for kind in ("key", "value"):
+            inputs.append((f"past_key_values.{i}.{kind}", dtype, kv))
+            outputs.append((f"present.{i}.{kind}", dtype, kv))
+    for name, type_, shape in inputs:
+        w.add_input(name, type_, shape)
+    for name, type_, shape in outputs:
+        w.add_output(name, type_, shape)
+    return inputs, outputs
+
+
+def _prelude(w: GraphWriter, d: _Dims, rope: RopeSpec, max_sequence: int, dtype: str) -> dict[str, str]:
+    """Tensors every layer shares: seqlens_k [B] int32, total_sequence_length [] int32, the padding bias
+    [B, 1, S, total], and the rotary inputs (1-D: cos/sin caches [max_sequence, head_dim/2] + position ids;
+    M-RoPE: cos/sin [B, S, 1, head_dim/2] for the rotation done before attention)."""
+    mask_shape = w.one("Shape", ["attention_mask"])  # [2]: B, total
+    total64 = w.one("Gather", [mask_shape, w.const(1)], axis=0)  # []
+    total = w.one("Cast", [total64], to=6)  # int32
+    batch = w.one("Slice", [mask_shape, w.const([0]), w.const([1])])  # [1]
+    seqlens = w.one("Expand", [w.one("Sub", [total, w.const(1, "int32")]), batch])  # [B] int32: total - 1 per row
+    seq = w.one("Slice", [w.one("Shape", ["inputs_embeds"]), w.const([1]), w.const([2])])  # [1]
+    padded = w.one("Sub", [w.const(1.0, dtype), w.one("Cast", ["attention_mask"], to=_onnx_type(dtype))])  # [B, total]
+    bias = w.one("Unsqueeze", [w.one("Mul", [padded, w.const(MASKED, dtype)]), w.const([1, 2])])  # [B, 1, 1, total]
+    shape = w.one("Concat", [batch, w.const([1]), seq, w.one("Unsqueeze", [total64, w.const([0])])], axis=0)
+    out = {"seqlens_k": seqlens, "total": total, "bias": w.one("Expand", [bias, shape])}  # [B, 1, S, total]
+    inv_freq = np.asarray(rope.inv_freq, np.float64)
+    if not rope.sections:
+        angles = np.arange(max_sequence, dtype=np.float64)[:, None] * inv_freq[None]  # [max_sequence, head_dim/2]
+        out["cos"] = w.weight("rotary.cos_cache", (np.cos(angles) * rope.scaling).astype(dtype))
+        out["sin"] = w.weight("rotary.sin_cache", (np.sin(angles) * rope.scaling).astype(dtype))
+        return out
+    # M-RoPE: angle[b, s, f] = position[stream(f), b, s] * inv_freq[f]; a one-hot [streams, head_dim/2] matmul picks the stream
+    streams = np.repeat(np.arange(len(rope.sections)), rope.sections)  # [head_dim/2]
+    pick = (np.arange(len(rope.sections))[:, None] == streams[None]) * inv_freq[None].astype(np.float32)
+    positions = w.one("Cast", [w.one("Transpose", ["position_ids"], perm=[1, 2, 0])], to=1)  # [B, S, streams] float32
+    angles = w.one("MatMul", [positions, w.weight("rotary.mrope_inv_freq", pick.astype(np.float32))])  # [B, S, head_dim/2]
+    for name, op in (("cos", "Cos"), ("sin", "Sin")):
+        value = w.one("Mul", [w.one(op, [angles]), w.const(rope.scaling, "float32")])
+        out[name] = w.one("Unsqueeze", [w.one("Cast", [value], to=_onnx_type(dtype)), w.const([2])])  # [B, S, 1, head_dim/2]
+    return out
+
+
+def _layer(w: GraphWriter, i: int, layer: Any, d: _Dims, rope: RopeSpec, pre: dict[str, str], hidden: str, residual: str, dtype: str):
+    """One decoder layer. hidden: the previous layer's output delta (or inputs_embeds); residual: the running sum
+    ("" at layer 0). Returns (this layer's MLP output, the residual it adds to)."""
+    scope = f"/model/layers.{i}"
+    attn, mlp = layer.self_attn, layer.mlp
+    x, residual = _norm(w, hidden, residual, layer.input_layernorm.weight, d, dtype, f"{scope}/input_layernorm")  # [B, S, D]
+    qkv_w = np.concatenate([_t(attn.q_proj.weight, dtype), _t(attn.k_proj.weight, dtype), _t(attn.v_proj.weight, dtype)], axis=1)
+    qkv = w.one("MatMul", [x, w.weight(f"layers.{i}.attn.qkv_proj.weight", qkv_w)], name=f"{scope}/attn/qkv_proj/MatMul")
+    if attn.q_proj.bias is not None:
+        bias = np.concatenate([_np(p.bias, dtype) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
+        qkv = w.one("Add", [qkv, w.weight(f"layers.{i}.attn.qkv_proj.bias", bias)])
+    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
+    q, k, v = w.op("Split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)  # [B, S, H*hd], [B, S, KV*hd] x 2
+    past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
+    present = [f"present.{i}.key", f"present.{i}.value"]
+    common = dict(num_heads=d.heads, kv_num_heads=d.kv_heads)
+    if rope.sections:  # M-RoPE: rotated with standard ops from the streams' cos/sin
+        q, k = _rotate(w, q, d.heads, d.head_dim, pre), _rotate(w, k, d.kv_heads, d.head_dim, pre)
+    else:  # RotaryEmbedding at each row's own position_ids (GroupQueryAttention's rotary would take them from seqlens_k,
+        # wrong for a left-padded row)
+        q, k = (w.one("RotaryEmbedding", [x, "position_ids", pre["cos"], pre["sin"]], domain=MSFT, num_heads=n)
+                for x, n in ((q, d.heads), (k, d.kv_heads)))
+    feeds = [q, k, v, *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
+    attended = w.op("GroupQueryAttention", feeds, [w.fresh("attn"), *present], domain=MSFT, name=f"{scope}/attn/GroupQueryAttention", **common)[0]
+    o = w.one("MatMul", [attended, w.weight(f"layers.{i}.attn.o_proj.weight", _t(attn.o_proj.weight, dtype))], name=f"{scope}/attn/o_proj/MatMul")
+    x, residual = _norm(w, o, residual, layer.post_attention_layernorm.weight, d, dtype, f"{scope}/post_attention_layernorm")
+    gate_up_w = np.concatenate([_t(mlp.gate_proj.weight, dtype), _t(mlp.up_proj.weight, dtype)], axis=1)
+    gate_up = w.one("MatMul", [x, w.weight(f"layers.{i}.mlp.gate_up_proj.weight", gate_up_w)], name=f"{scope}/mlp/gate_up_proj/MatMul")
+    size = int(mlp.gate_proj.weight.shape[0])
+    gate, up = w.op("Split", [gate_up, w.const([size, size])], 2, axis=-1)  # [B, S, I] x 2
+    act = w.one("Mul", [w.one("Mul", [gate, w.one("Sigmoid", [gate])]), up])  # SiLU(gate) * up
+    down = w.one("MatMul", [act, w.weight(f"layers.{i}.mlp.down_proj.weight", _t(mlp.down_proj.weight, dtype))], name=f"{scope}/mlp/down_proj/MatMul")
+    return down, residual
+
+
+def _norm(w: GraphWriter, hidden: str, residual: str, weight: Any, d: _Dims, dtype: str, scope: str) -> tuple[str, str]:
+    """RMSNorm of residual + hidden: (normed [B, S, D], the new residual sum). No residual yet: the plain norm of hidden."""
+    gamma = w.weight(f"{scope.strip('/').replace('/', '.')}.weight", _np(weight, dtype))
+    if not residual:
+        return w.one("SimplifiedLayerNormalization", [hidden, gamma], name=f"{scope}/SimplifiedLayerNorm", axis=-1, epsilon=d.eps), hidden
+    normed, _, _, total = w.op("SkipSimplifiedLayerNormalization", [hidden, residual, gamma], [w.fresh("normed"), "", "", w.fresh("residual")],
+                               domain=MSFT, name=f"{scope}/SkipSimplifiedLayerNorm", epsilon=d.eps)
+    return normed, total
+
+
+def _rotate(w: GraphWriter, x: str, heads: int, head_dim: int, pre: dict[str, str]) -> str:
+    """rotate-half rotary with cos/sin [B, S, 1, hd/2] on x [B, S, heads*hd] -> the same shape."""
+    split = w.one("Reshape", [x, w.const([0, 0, heads, head_dim])])  # [B, S, heads, hd]
+    x1, x2 = w.op("Split", [split, w.const([head_dim // 2, head_dim // 2])], 2, axis=-1)
+    cos, sin = pre["cos"], pre["sin"]
+    first = w.one("Sub", [w.one("Mul", [x1, cos]), w.one("Mul", [x2, sin])])
+    second = w.one("Add", [w.one("Mul", [x2, cos]), w.one("Mul", [x1, sin])])
+    return w.one("Reshape", [w.one("Concat", [first, second], axis=-1), w.const([0, 0, heads * head_dim])])
+
+
+def _np(tensor: Any, dtype: str) -> np.ndarray:
+    return tensor.detach().to(dtype=_torch_dtype(dtype)).cpu().numpy()
+
+
+def _t(weight: Any, dtype: str) -> np.ndarray:
+    """A torch Linear weight [out, in] -> [in, out] for MatMul(X, W)."""
+    return np.ascontiguousarray(_np(weight, dtype).T)
+
+
+def _torch_dtype(dtype: str) -> Any:
+    import torch
+
+    return {"float32": torch.float32, "float16": torch.float16}[dtype]
+
+
+def _onnx_type(dtype: str) -> int:
+    return {"float32": 1, "float16": 10}[dtype]
