@@ -134,7 +134,7 @@ def _sample_feeds(artifact: Path, images: Path | None, prompts: Path | None, max
     from prunert.calibration.dataset import collect_feeds
     from prunert.runtime import VLMPipeline
 
-    return collect_feeds(VLMPipeline(artifact), _sample_set(artifact, images, prompts, max_samples))
+    return collect_feeds(VLMPipeline(artifact, decoder="decoder"), _sample_set(artifact, images, prompts, max_samples))  # convert: the standard form
 
 
 def _convert(args: argparse.Namespace) -> int:

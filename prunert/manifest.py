@@ -18,6 +18,8 @@ from prunert.errors import ArtifactError
 
 MANIFEST_NAME = "manifest.json"
 MAX_JSON_DEPTH = 64  # real manifests nest about 10 deep
+KV_SHARED_BUFFER = "shared-buffer"  # GraphSpec.kv_cache: past and present are one buffer, written in place
+KV_CACHE_LAYOUTS = (None, KV_SHARED_BUFFER)  # None: present = past + the step's rows, a new tensor each step
 Dim = Union[int, str]  # a static size, or a symbolic dim name such as "batch"
 
 
@@ -40,6 +42,9 @@ class GraphSpec:
     # (min, opt, max) of symbolic dims the adapter bounds (Qwen2.5-VL vision: "patches", "merged"); TensorRT
     # profiles use them and runners check inputs against them. Written only when non-empty.
     dim_ranges: dict[str, tuple[int, int, int]] = field(default_factory=dict)
+    # How a decoder graph's past/present relate: None (written only when set) = present is past + this step's rows,
+    # a new tensor each step; "shared-buffer" = past and present are one preallocated buffer the graph writes in place.
+    kv_cache: str | None = None
 
     def input(self, name: str) -> TensorSpec:
         return next(spec for spec in self.inputs if spec.name == name)
@@ -163,7 +168,15 @@ class Manifest:
                 f"{MANIFEST_NAME}: no {precision} graphs (the artifact has {['fp32', *sorted(self.variants)]}); "
                 f"make them with `{make} --precision {precision}`"
             )
+        if graph not in self.variants[precision].graphs:
+            raise ArtifactError(f"{MANIFEST_NAME}: the {precision} variant has no graph {graph!r} (it has {sorted(self.variants[precision].graphs)})")
         return self.variants[precision].graphs[graph]
+
+    def has_graph(self, graph: str, precision: str = "fp32") -> bool:
+        """Whether graph_spec(graph, precision) exists: a variant lists only the graphs it made or points at fp32."""
+        if precision == "fp32" or precision not in self.variants:
+            return graph in self.graphs
+        return graph in self.variants[precision].graphs
 
     def to_json(self) -> str:
         return json.dumps(_drop_empty_dim_ranges(asdict(self)), indent=2, sort_keys=True) + "\n"
@@ -193,9 +206,9 @@ class Manifest:
 
 
 def _drop_empty_dim_ranges(data: Any) -> Any:
-    """An empty GraphSpec.dim_ranges is left out of the JSON (manifests without adapter-bounded dims are unchanged)."""
+    """An empty GraphSpec.dim_ranges and an unset kv_cache are left out of the JSON (manifests without them are unchanged)."""
     if isinstance(data, dict):
-        return {k: _drop_empty_dim_ranges(v) for k, v in data.items() if not (k == "dim_ranges" and v == {})}
+        return {k: _drop_empty_dim_ranges(v) for k, v in data.items() if not (k == "dim_ranges" and v == {}) and not (k == "kv_cache" and v is None)}
     if isinstance(data, list):
         return [_drop_empty_dim_ranges(v) for v in data]
     return data
@@ -275,7 +288,10 @@ def _graph(data: Any, where: str) -> GraphSpec:
         if not ok or not 0 <= triple[0] <= triple[1] <= triple[2]:
             raise ArtifactError(f"{MANIFEST_NAME}: '{where}.dim_ranges.{dim}' is {json.dumps(triple)}, expected [min, opt, max] ints, min <= opt <= max")
         ranges[dim] = tuple(triple)
-    return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data, dim_ranges=ranges)
+    if graph.kv_cache not in KV_CACHE_LAYOUTS:
+        raise ArtifactError(f"{MANIFEST_NAME}: '{where}.kv_cache' is {json.dumps(graph.kv_cache)}, expected one of {list(KV_CACHE_LAYOUTS)}")
+    return GraphSpec(file=graph.file, inputs=inputs, outputs=outputs, external_data=graph.external_data, dim_ranges=ranges,
+                     kv_cache=graph.kv_cache)
 
 
 def _variant(data: Any, where: str) -> VariantSpec:

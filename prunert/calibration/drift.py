@@ -234,7 +234,7 @@ def drift_report(
     files = {
         name: directory / spec.file for name, spec in variant.graphs.items() if spec.file != manifest.graphs[name].file
     }
-    fp32 = VLMPipeline(directory)
+    fp32 = VLMPipeline(directory, decoder="decoder")  # the form the quantized variant has
     report = compare(fp32, quantized_pipeline(fp32, files, variant.graphs, precision), calibration_set, precision, greedy_tokens)
     if out is not None:
         report.write(Path(out))

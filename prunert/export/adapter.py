@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from prunert.config import BudgetConfig
+from prunert.export.fused_decoder import RopeSpec
 from prunert.export.graphs import DecoderGraph, Selection
 
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
@@ -117,6 +118,12 @@ class ExportAdapter(ABC):
     def decoder_module(self) -> torch.nn.Module:
         """The decoder graph module (default: graphs.DecoderGraph(self); Qwen2.5-VL: its M-RoPE wrapper)."""
         return DecoderGraph(self)
+
+    def decoder_rope(self) -> RopeSpec:
+        """The decoder's rotary embedding for the fused decoder graph (prunert.export.fused_decoder). Default: the
+        text backbone's rotary module, 1-D RoPE (Qwen2.5-VL: its M-RoPE sections)."""
+        rotary = self.text_backbone().rotary_emb
+        return RopeSpec(inv_freq=rotary.inv_freq.detach().float().numpy(), scaling=float(rotary.attention_scaling))
 
     def vision_dim_ranges(self) -> dict[str, tuple[int, int, int]]:
         """(min, opt, max) of the vision inputs' own symbolic dims (Qwen2.5-VL: "patches", "merged"), recorded in

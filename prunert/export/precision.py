@@ -54,7 +54,7 @@ import onnx
 import prunert
 from prunert import metrics
 from prunert.artifact_update import ArtifactUpdate
-from prunert.config import ExportConfig, PrecisionConfig
+from prunert.config import TENSORRT_GRAPHS, ExportConfig, PrecisionConfig
 from prunert.errors import ArtifactError, ConfigError, ExportError
 from prunert.export.precision_islands import (
     FINFO_MAX,
@@ -328,7 +328,7 @@ def convert_artifact(
     summaries: dict[str, Any] = {}
     graphs: dict[str, GraphSpec] = {}
     with ArtifactUpdate(directory, config.precision) as update:
-        for name, spec in manifest.graphs.items():
+        for name, spec in ((n, s) for n, s in manifest.graphs.items() if n in TENSORRT_GRAPHS):  # not ONNX Runtime's fused form
             src, dst = directory / spec.file, update.staging / Path(spec.file).name
             log(f"converting {spec.file} to {config.precision}")
             conversion = convert_graph(src, dst, config, feeds.get(name), external_data_threshold_bytes=external_data_threshold_bytes)
@@ -360,7 +360,7 @@ def _check_patterns(directory: Path, manifest: Manifest, config: PrecisionConfig
     import fnmatch
 
     left = set(config.fp32_node_patterns)
-    for spec in manifest.graphs.values():
+    for spec in (s for n, s in manifest.graphs.items() if n in TENSORRT_GRAPHS):
         model = onnx.load(str(directory / spec.file), load_external_data=False)
         for node in model.graph.node:
             keys = [node.name, *name_scopes(node)]

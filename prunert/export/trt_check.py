@@ -63,7 +63,6 @@ ModelLike = Union[str, Path, onnx.ModelProto]
 INT4_WEIGHT_ONLY_RULES = {"opset": 21, "trt_version": "10.0"}
 
 
-
 def _version(text: str, what: str = "TensorRT version") -> tuple[int, ...]:
     try:
         parts = tuple(int(part) for part in str(text).split("."))
@@ -202,10 +201,11 @@ def check_target(path: str | Path, config: TrtCheckConfig = TrtCheckConfig()) ->
     """An .onnx file, or an artifact directory (every graph its manifest lists, in order)."""
     path = Path(path)
     if path.is_dir():
+        from prunert.config import TENSORRT_GRAPHS
         from prunert.manifest import load_manifest
 
         manifest = load_manifest(path, verify_hashes=False)  # structure only: this is not an integrity check
-        files = [(spec.file, path / spec.file, config) for spec in manifest.graphs.values()]
+        files = [(spec.file, path / spec.file, config) for name, spec in manifest.graphs.items() if name in TENSORRT_GRAPHS]
         files += _variant_files(manifest, path, config, {file for file, _, _ in files})
     else:
         files = [(str(path), path, config)]
@@ -220,15 +220,16 @@ def check_target(path: str | Path, config: TrtCheckConfig = TrtCheckConfig()) ->
         results.append(TrtCheckResult(label, tuple(issues), op_histogram(model)))
     return results
 
+
 def _variant_files(manifest, path: Path, config: TrtCheckConfig, seen: set[str]) -> list[tuple[str, Path, TrtCheckConfig]]:
     """Each variant's own TensorRT graphs (not the fp32 files it points at), int4 weight-only ones with for_int4."""
-    from prunert.config import GRAPH_NAMES, WEIGHT_ONLY_PRECISIONS
+    from prunert.config import TENSORRT_GRAPHS, WEIGHT_ONLY_PRECISIONS
 
     files = []
     for precision, variant in sorted(manifest.variants.items()):
         graph_config = config.for_int4() if precision in WEIGHT_ONLY_PRECISIONS else config
         for name, spec in variant.graphs.items():
-            if name in GRAPH_NAMES and spec.file not in seen:
+            if name in TENSORRT_GRAPHS and spec.file not in seen:
                 seen.add(spec.file)
                 files.append((spec.file, path / spec.file, graph_config))
     return files

@@ -14,7 +14,8 @@ from dataclasses import MISSING, fields
 from typing import Any, Mapping
 
 from prunert.errors import ArtifactError, ConfigError
-from prunert.manifest import MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
+from prunert.config import FUSED_DECODER
+from prunert.manifest import KV_SHARED_BUFFER, MANIFEST_NAME, GraphSpec, Manifest, TensorSpec
 from prunert.runtime.runner import LOGITS, cache_names
 
 
@@ -125,7 +126,9 @@ def check_decoder(manifest: Manifest) -> None:
     for name in ("num_layers", "num_kv_heads", "head_dim", "hidden_size", "vocab_size"):
         if getattr(dec, name) < 1:
             raise _fail(f"decoder.{name}", getattr(dec, name), "expected >= 1")
-    for where, spec in _graphs(manifest, "decoder"):
+    for where, spec in _graphs(manifest, "decoder") + _graphs(manifest, FUSED_DECODER):
+        if spec.kv_cache == KV_SHARED_BUFFER and "cache" not in spec.dim_ranges:
+            raise _fail(f"{where}.dim_ranges", sorted(spec.dim_ranges), "a shared-buffer KV cache needs the range of its 'cache' dim")
         _dims_agree(where, _tensor(spec, "inputs_embeds", where), {-1: ("decoder.hidden_size", dec.hidden_size)})
         _dims_agree(where, _tensor(spec, LOGITS, where, output=True), {-1: ("decoder.vocab_size", dec.vocab_size)})
         past = [spec.input(name) for name in cache_names(spec).past]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from prunert.config import GenerationConfig, GraphPrecisions, RuntimeConfig
+from prunert.config import FUSED_DECODER, GenerationConfig, GraphPrecisions, RuntimeConfig
 from prunert.errors import ArtifactError, ConfigError, PromptError
 from prunert.runtime.artifact import Artifact
 from prunert.runtime.host import SpliceLayout
@@ -31,6 +31,10 @@ from prunert.runtime.text import content_word_groups, encode_prompt, text_releva
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
 BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
+# The decoder graphs each backend runs, best first: the first the artifact has at the decoder's precision is used.
+# ONNX Runtime's CPU kernels run the fused form (contrib ops, KV cache in place; prunert.export.fused_decoder);
+# CUDA's GroupQueryAttention has no fp32 kernel and TensorRT parses standard ops only, so they run "decoder".
+DECODER_GRAPHS = {"onnxruntime": (FUSED_DECODER, "decoder"), "ort-cuda": ("decoder",), "ort-trt": ("decoder",), "trt": ("decoder",)}
 
 
 @dataclass
@@ -116,16 +120,25 @@ def make_runner(artifact: Artifact, graph: str, backend: str, precision: GraphPr
     raise ConfigError(f"--backend {backend!r}: unknown; expected one of {list(BACKENDS)}")
 
 
+def decoder_graph(artifact: Artifact, backend: str, precision: GraphPrecisions) -> str:
+    """The decoder graph `backend` runs at the decoder's precision (DECODER_GRAPHS): a variant made by `convert` or
+    `calibrate` has only the standard form, so the fused one is used where the variant has it."""
+    forms = DECODER_GRAPHS.get(backend, ("decoder",))  # an unknown backend fails in make_runner, naming BACKENDS
+    return next((graph for graph in forms if artifact.manifest.has_graph(graph, precision.of(graph))), "decoder")
+
+
 class VLMPipeline:
     def __init__(self, artifact: Artifact | Path | str, backend: str = "onnxruntime", precision: GraphPrecisions | str = "fp32",
-                 runtime: RuntimeConfig = RuntimeConfig()):
+                 runtime: RuntimeConfig = RuntimeConfig(), decoder: str | None = None):
         """precision: per graph role (GraphPrecisions, or --precision's text: "fp16", "vision=fp16,decoder=int8");
-        runtime: threads and spinning of every ONNX Runtime session."""
+        runtime: threads and spinning of every ONNX Runtime session; decoder: the decoder graph to run (None: the
+        backend's, decoder_graph(); calibration passes "decoder", the form it quantizes and records feeds of)."""
         self.artifact = artifact if isinstance(artifact, Artifact) else Artifact(artifact)
         self.manifest = self.artifact.manifest
         self.backend, self.precision, self.runtime = backend, GraphPrecisions.parse(precision), runtime
         self.vision = make_runner(self.artifact, "vision", backend, self.precision, runtime)
-        self.decoder = make_runner(self.artifact, "decoder", backend, self.precision, runtime)
+        graph = decoder or decoder_graph(self.artifact, backend, self.precision)
+        self.decoder = make_runner(self.artifact, graph, backend, self.precision, runtime)
         self.timings = Timings()
 
     # ---- stages (public so parity can compare each one) ----------------------------------------

@@ -11,7 +11,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from prunert.errors import ArtifactError, BackendUnavailableError, InputShapeError
-from prunert.manifest import GraphSpec
+from prunert.manifest import KV_SHARED_BUFFER, GraphSpec
 
 # The decoder graph's declared tensor names (prunert.export.graphs writes them; Optimum / onnxruntime-genai use the same)
 HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # what the host feeds every step
@@ -184,6 +184,8 @@ class OnnxRuntimeRunner(Runner):
         # On the GPU, IOBinding keeps the cache on the device. On the CPU it measured no faster than the
         # numpy round trip (21.4 vs 21.9 tok/s, llava-1.5-shaped K=64, best of 4): decode there is bound
         # by reading the weights, not by copying the cache, so the simpler session stays the default.
+        if self.spec.kv_cache == KV_SHARED_BUFFER:
+            return SharedBufferKVSession(self, num_layers)
         if self.device == "cuda":
             return OrtBoundKVSession(self, num_layers)
         return HostKVSession(self, num_layers)
@@ -236,3 +238,52 @@ class OrtBoundKVSession(DecoderSession):
 
     def present(self) -> list[np.ndarray]:
         return [value.numpy() for value in self.cache]
+
+
+class SharedBufferKVSession(DecoderSession):
+    """A graph whose past and present are one buffer (manifest kv_cache "shared-buffer", prunert.export.fused_decoder):
+    past_key_values.{i}.* are preallocated once per batch at the cache capacity, [B, kv_heads, capacity, head_dim],
+    and bound as both the input and the present.{i}.* output, so each step writes only its own rows (no copy of
+    the cache). The valid length is the attention mask's: each step's mask is [B, cached + S]."""
+
+    runner: OnnxRuntimeRunner
+
+    def __init__(self, runner: Runner, num_layers: int):
+        super().__init__(runner, num_layers)
+        self.capacity = runner.spec.dim_ranges["cache"][2]  # the artifact's max_sequence
+        self.buffers: list[Any] = []
+        self.length = 0
+
+    def reset(self, batch: int) -> None:
+        import onnxruntime as ort
+
+        self.length = 0
+        if self.buffers and self.buffers[0].shape()[0] == batch:
+            return  # rows past `length` are never read: the old contents need no clearing
+        specs = [self.runner.spec.input(name) for name in self.past_names]
+        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type((batch, spec.shape[1], self.capacity, spec.shape[3]),
+                                                                 np.dtype(spec.dtype), self.runner.device, 0) for spec in specs]
+
+    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
+        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
+        check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
+        batch, new = self.buffers[0].shape()[0], inputs_embeds.shape[1]
+        if attention_mask.shape != (batch, self.length + new):
+            raise InputShapeError(f"input 'attention_mask': got {attention_mask.shape}, expected ({batch}, {self.length + new}) "
+                                  f"(cached {self.length} + new {new} positions)")
+        if self.length + new > self.capacity:
+            raise InputShapeError(f"input 'inputs_embeds': {self.length} cached + {new} new positions exceed the KV cache's "
+                                  f"{self.capacity} (the artifact's max_sequence)")
+        binding = self.runner.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(LOGITS)  # host
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            binding.bind_ortvalue_input(past, buffer)
+            binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
+        self.runner.session.run_with_iobinding(binding)
+        self.length += new
+        return binding.get_outputs()[0].numpy()  # logits [B, S, V], bound first
+
+    def present(self) -> list[np.ndarray]:
+        return [buffer.numpy()[:, :, : self.length] for buffer in self.buffers]

@@ -163,8 +163,8 @@ def _npz(path: Path, table: np.ndarray) -> None:
 CORRUPTIONS = {
     "vision-garbage": ("vision.onnx", _garbage, "ONNX Runtime cannot load it"),
     "vision-truncated": ("vision.onnx", _truncate, "ONNX Runtime cannot load it"),
-    "decoder-truncated": ("decoder.onnx", _truncate, "ONNX Runtime cannot load it"),
-    "decoder-empty": ("decoder.onnx", lambda p: p.write_bytes(b""), "ONNX Runtime cannot load it"),
+    # the CPU backend runs the fused decoder (decoder.onnx is TensorRT's and the GPU backends' form)
+    "fused-decoder-truncated": ("decoder_fused.onnx", _truncate, "ONNX Runtime cannot load it"),
     "embeddings-garbage": ("embed_tokens.npy", _garbage, "cannot read embed_tokens.npy"),
     "embeddings-truncated": ("embed_tokens.npy", _truncate, "cannot read embed_tokens.npy"),
     "embeddings-pickled": ("embed_tokens.npy", lambda p: np.save(p, np.array([{"a": 1}], dtype=object)), "cannot read embed_tokens.npy"),

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from prunert.errors import ArtifactError, BackendUnavailableError, ConfigError, InputShapeError
+from prunert.runtime.pipeline import make_runner
 from prunert.runtime.runner import HostKVSession, OrtBoundKVSession
 
 PROMPT = "<image>\nWhat is in the cup?"
@@ -37,12 +38,18 @@ def _steps(session, pipe, embeds, mask, positions, steps: int = 4):
     return logits, session.present()
 
 
-def test_bound_session_equals_host_round_trip(tiny_pipeline, prefill_inputs) -> None:
+@pytest.fixture(scope="module")
+def standard_decoder(tiny_pipeline):
+    """The standard-op decoder graph (TensorRT's and the GPU backends' form) on ONNX Runtime CPU."""
+    return make_runner(tiny_pipeline.artifact, "decoder", "onnxruntime")
+
+
+def test_bound_session_equals_host_round_trip(tiny_pipeline, standard_decoder, prefill_inputs) -> None:
     layers = tiny_pipeline.manifest.decoder.num_layers
-    assert isinstance(tiny_pipeline.decoder.decoder_session(layers), HostKVSession)  # CPU default (see runner.py)
-    bound = OrtBoundKVSession(tiny_pipeline.decoder, layers)  # what ort-cuda uses, here with CPU OrtValues
+    assert isinstance(standard_decoder.decoder_session(layers), HostKVSession)  # CPU default for this graph (see runner.py)
+    bound = OrtBoundKVSession(standard_decoder, layers)  # what ort-cuda uses, here with CPU OrtValues
     ours, ours_cache = _steps(bound, tiny_pipeline, *prefill_inputs)
-    ref, ref_cache = _steps(HostKVSession(tiny_pipeline.decoder, layers), tiny_pipeline, *prefill_inputs)
+    ref, ref_cache = _steps(HostKVSession(standard_decoder, layers), tiny_pipeline, *prefill_inputs)
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
     assert [c.shape for c in ours_cache] == [c.shape for c in ref_cache]
@@ -52,9 +59,9 @@ def test_bound_session_equals_host_round_trip(tiny_pipeline, prefill_inputs) -> 
         np.testing.assert_array_equal(a, b)
 
 
-def test_bound_session_checks_host_inputs(tiny_pipeline, prefill_inputs) -> None:
+def test_bound_session_checks_host_inputs(tiny_pipeline, standard_decoder, prefill_inputs) -> None:
     embeds, mask, positions = prefill_inputs
-    session = OrtBoundKVSession(tiny_pipeline.decoder, tiny_pipeline.manifest.decoder.num_layers)
+    session = OrtBoundKVSession(standard_decoder, tiny_pipeline.manifest.decoder.num_layers)
     session.reset(2)
     with pytest.raises(InputShapeError, match="input 'inputs_embeds': got dtype float64"):
         session.run(embeds.astype(np.float64), mask, positions)

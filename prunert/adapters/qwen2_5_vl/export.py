@@ -36,6 +36,7 @@ import torch
 from torch.export import Dim
 
 from prunert.adapters.hf_loading import HFTextParts, load_hf_model
+from prunert.export.fused_decoder import RopeSpec
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
 from prunert.config import BudgetConfig
 from prunert.errors import ConfigError, ImageError, ModelSourceError
@@ -200,6 +201,10 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
 
     def decoder_module(self) -> torch.nn.Module:
         return QwenDecoderGraph(self)
+
+    def decoder_rope(self) -> RopeSpec:
+        """M-RoPE: the (t, h, w) streams' frequency counts (the rotary module's mrope_section)."""
+        return replace(super().decoder_rope(), sections=tuple(int(n) for n in self.text_backbone().rotary_emb.mrope_section))
 
     # --- text ---------------------------------------------------------------------------------
     def text_info(self, model_dir: Path) -> dict[str, Any]:
