@@ -163,10 +163,11 @@ class Manifest:
         if precision == "fp32":
             return self.graphs[graph]
         if precision not in self.variants:
-            make = "prunert calibrate ARTIFACT --images DIR" if precision in ("int8", "fp8") else "prunert convert ARTIFACT"
+            make = {"int8": "prunert calibrate ARTIFACT --images DIR --precision", "fp8": "prunert calibrate ARTIFACT --images DIR --precision",
+                    "int4": "prunert quantize ARTIFACT --weights"}.get(precision, "prunert convert ARTIFACT --precision")
             raise ArtifactError(
                 f"{MANIFEST_NAME}: no {precision} graphs (the artifact has {['fp32', *sorted(self.variants)]}); "
-                f"make them with `{make} --precision {precision}`"
+                f"make them with `{make} {precision}`"
             )
         if graph not in self.variants[precision].graphs:
             raise ArtifactError(f"{MANIFEST_NAME}: the {precision} variant has no graph {graph!r} (it has {sorted(self.variants[precision].graphs)})")

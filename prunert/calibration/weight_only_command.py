@@ -57,18 +57,13 @@ def quantize_artifact(directory: Path, calibration_set, config: WeightOnlyConfig
                       log: Callable[[str], None] = print):
     """Quantize the decoder role's graphs to int4 and install them as variants[config.precision].
 
-    -> (the new manifest, the DriftReport against fp32). Atomic: on any failure the staged folder is removed and
-    the manifest is unchanged; quantizing again replaces the old variant."""
+    -> (the new manifest, the DriftReport against fp32 of the standard decoder). Atomic: on any failure the
+    staged folder is removed and the manifest is unchanged; quantizing again replaces the old variant."""
     import onnxruntime
 
     from prunert.artifact_update import ArtifactUpdate
-    from prunert.calibration.dataset import collect_feeds
-    from prunert.calibration.drift import compare, quantized_pipeline
-    from prunert.calibration.weight_only import quantize_graph_int4
-    from prunert.errors import ExportError
-    from prunert.export.trt_check import TrtCheckConfig, check_trt
+    from prunert.config import FUSED_DECODER
     from prunert.manifest import VariantSpec, load_manifest
-    from prunert.runtime import VLMPipeline
 
     directory, precision, start = Path(directory), config.precision, time.perf_counter()
     manifest = load_manifest(directory)
@@ -76,39 +71,72 @@ def quantize_artifact(directory: Path, calibration_set, config: WeightOnlyConfig
         calibration_set = replace(calibration_set, samples=calibration_set.samples[: config.max_samples])
     old = manifest.variants.get(precision)
     drop = sorted({spec.file.split("/")[0] for spec in old.graphs.values() if "/" in spec.file}) if old else []
-    pipe = VLMPipeline(directory)
-    log(f"running the fp32 graphs on {len(calibration_set.samples)} calibration samples")
-    feeds = collect_feeds(pipe, calibration_set)["decoder"]
-    summaries = {}
     with ArtifactUpdate(directory, precision) as update:
         graphs = {"vision": manifest.graphs["vision"]}  # fp32: the selection stays exact
+        summaries, drifts, plan = {}, {}, None
         for name in [name for name in FORM_OF if name in manifest.graphs]:
-            spec, form, dst = manifest.graphs[name], FORM_OF[name], update.staging / f"{name}.onnx"
-            log(f"quantizing {spec.file} to {precision} ({config.algo}, block {config.block_size}, {form} form)")
-            summary = quantize_graph_int4(directory / spec.file, {form: dst}, config, manifest.decoder.vocab_size, feeds, log)[form]
-            if form == "dq":
-                issues = check_trt(dst, TrtCheckConfig().for_int4())
-                if issues:
-                    lines = "; ".join(issue.line() for issue in issues[:5])
-                    raise ExportError(f"{precision} {dst.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
+            plan, summary = _quantize_role_graph(directory, manifest, name, calibration_set, config, update.staging, plan, log)
             summaries[name] = summary
             external = update.file(summary.external_data) if summary.external_data else None
-            graphs[name] = replace(spec, file=update.file(dst.name), external_data=external)
-        log(f"measuring {precision} drift against fp32 in ONNX Runtime CPU")
-        ran = next(name for name in summaries if manifest.graphs[name].file == pipe.decoder.spec.file)  # the graph the pipeline runs
-        drift = compare(pipe, quantized_pipeline(pipe, {"decoder": update.staging / f"{ran}.onnx"}, {"decoder": graphs[ran]}, precision),
-                        calibration_set, precision, _DRIFT_GREEDY_TOKENS)
+            graphs[name] = replace(manifest.graphs[name], file=update.file(summary.graph), external_data=external)
+            if name != FUSED_DECODER:  # calibration's pipelines record and compare the standard form (dataset.collect_feeds)
+                drifts[name] = _drift(directory, name, update.staging / summary.graph, graphs[name], calibration_set, precision, log)
         report_name = f"drift-{precision}.json"
-        drift.write(update.staging / report_name)
-        settings = _settings(config, calibration_set, summaries, manifest, drift, update.file(report_name), len(feeds))
-        tool = f"prunert.calibration.weight_only ({config.algo}); onnxruntime {onnxruntime.__version__} checked"
+        drifts["decoder"].write(update.staging / report_name)
+        settings = _settings(config, calibration_set, summaries, manifest, drifts, update.file(report_name))
+        tool = f"prunert.calibration.weight_only ({config.algo}), checked in onnxruntime {onnxruntime.__version__}"
         variant = VariantSpec(precision, graphs, tool, settings)
         new = update.commit(lambda m: replace(m, variants={**m.variants, precision: variant}), drop=drop)
     log(f"wrote {precision} variant {update.folder}/ in {time.perf_counter() - start:.1f} s")
-    return new, drift
+    return new, drifts["decoder"]
 
 
-def _settings(config: WeightOnlyConfig, calibration_set, summaries, manifest, drift, report: str, feeds: int) -> dict[str, Any]:
+def _quantize_role_graph(directory: Path, manifest, name: str, calibration_set, config: WeightOnlyConfig, staging: Path, plan, log):
+    """One decoder-role graph in its int4 form (FORM_OF). The standard decoder is planned from the feeds the fp32
+    pipeline gives it and checked with check-trt's int4 rules; the fused one takes that plan (int4_plan.transfer_plan).
+    -> (the standard decoder's plan, the Int4Summary)."""
+    import onnx
+    from onnx import TensorProto
+
+    from prunert.calibration.dataset import collect_feeds
+    from prunert.calibration.int4_plan import plan_int4, transfer_plan, write_int4
+    from prunert.errors import ExportError
+    from prunert.export.trt_check import TrtCheckConfig, check_trt
+    from prunert.runtime import VLMPipeline
+
+    spec, form, dst = manifest.graphs[name], FORM_OF[name], staging / f"{name}.onnx"
+    src, vocab = directory / spec.file, manifest.decoder.vocab_size
+    model = onnx.load(str(src))  # with its weights
+    external = any(init.data_location == TensorProto.EXTERNAL for init in onnx.load(str(src), load_external_data=False).graph.initializer)
+    log(f"quantizing {spec.file} to {config.precision} ({config.algo}, block {config.block_size}, {form} form)")
+    if plan is None:
+        log(f"running the fp32 graphs on {len(calibration_set.samples)} calibration samples")
+        inputs = {i.name for i in model.graph.input}
+        feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in collect_feeds(VLMPipeline(directory, decoder=name), calibration_set)["decoder"]]
+        plan = plan_int4(src, model, config, vocab, feeds, log)
+        summary = write_int4(model, plan, form, dst, config, external, feeds[0])
+        issues = check_trt(dst, TrtCheckConfig().for_int4()) if form == "dq" else []
+        if issues:
+            lines = "; ".join(issue.line() for issue in issues[:5])
+            raise ExportError(f"{config.precision} {dst.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
+        return plan, summary
+    source = onnx.load(str(directory / manifest.graphs["decoder"].file))
+    carried = transfer_plan(plan, source, src, model, config, vocab)
+    if carried is None:  # the graphs do not hold the same matrices in pairable groups
+        raise ExportError(f"{spec.file}: its matmul weights do not pair with decoder.onnx's; cannot give it the same int4 numbers")
+    return plan, write_int4(model, carried, form, dst, config, external)
+
+
+def _drift(directory: Path, name: str, path: Path, spec, calibration_set, precision: str, log):
+    from prunert.calibration.drift import compare, quantized_pipeline
+    from prunert.runtime import VLMPipeline
+
+    log(f"measuring the {precision} {name} drift against fp32 in ONNX Runtime CPU")
+    pipe = VLMPipeline(directory, decoder=name)
+    return compare(pipe, quantized_pipeline(pipe, {"decoder": path}, {"decoder": spec}, precision), calibration_set, precision, _DRIFT_GREEDY_TOKENS)
+
+
+def _settings(config: WeightOnlyConfig, calibration_set, summaries, manifest, drifts, report: str) -> dict[str, Any]:
     from dataclasses import asdict
 
     return {
@@ -124,10 +152,10 @@ def _settings(config: WeightOnlyConfig, calibration_set, summaries, manifest, dr
         "embeddings": "fp32 (the runtime's embedding table file, not in the graphs)",
         "graphs": list(config.graphs),
         "fp32_graphs": {"vision": manifest.graphs["vision"].file},
-        "awq": {"grid": config.awq_grid, "rows": config.awq_rows, "decoder_feeds": feeds} if config.algo == "awq" else None,
+        "awq": {"grid": config.awq_grid, "rows": config.awq_rows} if config.algo == "awq" else None,
         "summaries": {name: asdict(s) for name, s in summaries.items()},
         "calibration_set": calibration_set.summary(),
         "max_samples": config.max_samples,
-        "drift": drift.summary(),
+        "drift": {name: drift.summary() for name, drift in drifts.items()},
         "drift_report": report,
     }
