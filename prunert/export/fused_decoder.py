@@ -139,18 +139,18 @@ def _layer(w: GraphWriter, i: int, layer: Any, d: _Dims, rope: RopeSpec, pre: di
     if attn.q_proj.bias is not None:
         bias = np.concatenate([_np(p.bias, dtype) for p in (attn.q_proj, attn.k_proj, attn.v_proj)])
         qkv = w.one("Add", [qkv, w.weight(f"layers.{i}.attn.qkv_proj.bias", bias)])
-    q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
-    q, k, v = w.op("Split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)  # [B, S, H*hd], [B, S, KV*hd] x 2
     past = [f"past_key_values.{i}.key", f"past_key_values.{i}.value"]
     present = [f"present.{i}.key", f"present.{i}.value"]
     common = dict(num_heads=d.heads, kv_num_heads=d.kv_heads)
-    if rope.sections:  # M-RoPE: rotated with standard ops from the streams' cos/sin
+    if rope.sections:  # M-RoPE: q and k rotated with standard ops from the streams' cos/sin, attention without rotary
+        q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
+        q, k, v = w.op("Split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)  # [B, S, H*hd], [B, S, KV*hd] x 2
         q, k = _rotate(w, q, d.heads, d.head_dim, pre), _rotate(w, k, d.kv_heads, d.head_dim, pre)
-    else:  # RotaryEmbedding at each row's own position_ids (GroupQueryAttention's rotary would take them from seqlens_k,
-        # wrong for a left-padded row)
-        q, k = (w.one("RotaryEmbedding", [x, "position_ids", pre["cos"], pre["sin"]], domain=MSFT, num_heads=n)
-                for x, n in ((q, d.heads), (k, d.kv_heads)))
-    feeds = [q, k, v, *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
+        feeds = [q, k, v, *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
+    else:  # 1-D RoPE inside attention, on packed QKV. It rotates at cache slots (slot j of a left-padded row is position
+        # j - pad): every score is shifted by the same `pad` in query and key, and RoPE scores depend only on the difference
+        feeds = [qkv, "", "", *past, pre["seqlens_k"], pre["total"], pre["cos"], pre["sin"], "", pre["bias"]]
+        common["do_rotary"] = 1
     attended = w.op("GroupQueryAttention", feeds, [w.fresh("attn"), *present], domain=MSFT, name=f"{scope}/attn/GroupQueryAttention", **common)[0]
     o = w.one("MatMul", [attended, w.weight(f"layers.{i}.attn.o_proj.weight", _t(attn.o_proj.weight, dtype))], name=f"{scope}/attn/o_proj/MatMul")
     x, residual = _norm(w, o, residual, layer.post_attention_layernorm.weight, d, dtype, f"{scope}/post_attention_layernorm")
