@@ -33,11 +33,14 @@ class ExportTolerance:
 
 
 # fp32 graph vs fp32 eager on random inputs: 1e-3 and equal sets. fp16: ONNX Runtime's CPU provider computes the fp16
-# graph's MatMuls in fp32 (it casts around kernels it has only in fp32) while torch computes in fp16: the fp16 parity bars.
+# graph's MatMuls in fp32 (it casts around kernels it has only in fp32) while torch computes in fp16, so outputs are
+# judged by the fp16 parity cosine, tokens on the rows both kept. The selection itself is fp32, but on the export's
+# random-noise example its near-ties flip on fp16-level feature differences and a greedy method cascades (llava-tiny,
+# K=16: 14/16 in common): the bar only catches a broken selection (a random one keeps ~K/N in common); parity's fp16
+# kept-index bar (0.98, on a real image) judges the selection, as for `prunert convert`'s fp16 variants.
 EXPORT_TOLERANCES = {
     "fp32": ExportTolerance(max_abs=1e-3, min_cosine=None, kept_min_overlap=1.0),
-    "fp16": ExportTolerance(max_abs=None, min_cosine=PRECISION_TOLERANCES["fp16"]["logits_min_cosine"],
-                            kept_min_overlap=PRECISION_TOLERANCES["fp16"]["kept_min_overlap"]),
+    "fp16": ExportTolerance(max_abs=None, min_cosine=PRECISION_TOLERANCES["fp16"]["logits_min_cosine"], kept_min_overlap=0.5),
 }
 MAX_ABS = EXPORT_TOLERANCES["fp32"].max_abs
 
@@ -71,8 +74,17 @@ def check_graph(check: GraphCheck) -> None:
     for name, expected in check.expected.items():  # integer outputs first: a kept-index mismatch is the real cause
         if not np.issubdtype(expected.dtype, np.floating):
             _same_sets(check.path, name, expected, got[name], tolerance.kept_min_overlap)
+    kept = next((n for n, v in check.expected.items() if v.ndim == 2 and np.issubdtype(v.dtype, np.integer)), None)  # [B, K]
     for name, expected in check.expected.items():
-        if np.issubdtype(expected.dtype, np.floating):
+        if not np.issubdtype(expected.dtype, np.floating):
+            continue
+        if kept and tolerance.kept_min_overlap < 1 and expected.shape[:2] == check.expected[kept].shape:  # tokens [B, K, D] it gathered
+            pairs = zip(check.expected[kept], expected, got[kept], got[name])
+            cosine = min((value for value in (metrics.matched_token_cosine(*pair) for pair in pairs) if value is not None), default=1.0)
+            if not cosine >= tolerance.min_cosine:
+                raise ExportError(f"{check.path.name}: output '{name}' has cosine {cosine:.6f} to torch on the tokens both kept "
+                                  f"(min {tolerance.min_cosine})")
+        else:
             _close(check.path, name, expected, got[name], tolerance)
 
 
