@@ -263,6 +263,11 @@ class SharedBufferKVSession(DecoderSession):
         specs = [self.runner.spec.input(name) for name in self.past_names]
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type((batch, spec.shape[1], self.capacity, spec.shape[3]),
                                                                  np.dtype(spec.dtype), self.runner.device, 0) for spec in specs]
+        self.binding = self.runner.session.io_binding()  # bound once; each step rebinds only the host inputs
+        self.binding.bind_output(LOGITS)  # host; rebound by each run (allocated by it)
+        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
+            self.binding.bind_ortvalue_input(past, buffer)
+            self.binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
         feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
@@ -274,16 +279,12 @@ class SharedBufferKVSession(DecoderSession):
         if self.length + new > self.capacity:
             raise InputShapeError(f"input 'inputs_embeds': {self.length} cached + {new} new positions exceed the KV cache's "
                                   f"{self.capacity} (the artifact's max_sequence)")
-        binding = self.runner.session.io_binding()
         for name, value in feeds.items():
-            binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output(LOGITS)  # host
-        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
-            binding.bind_ortvalue_input(past, buffer)
-            binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
-        self.runner.session.run_with_iobinding(binding)
+            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        self.binding.bind_output(LOGITS)  # unallocated again: its shape changes from prefill to decode
+        self.runner.session.run_with_iobinding(self.binding)
         self.length += new
-        return binding.get_outputs()[0].numpy()  # logits [B, S, V], bound first
+        return self.binding.get_outputs()[0].numpy()  # logits [B, S, V], bound first
 
     def present(self) -> list[np.ndarray]:
         return [buffer.numpy()[:, :, : self.length] for buffer in self.buffers]
