@@ -1,6 +1,6 @@
-"""The whole GPU path in one command: export -> convert / calibrate -> build engines at every precision
+"""The whole GPU path in one command: export -> convert / calibrate / quantize (int4) -> build engines at every precision
 -> parity against PyTorch on the engines -> timings (vision engine, selection step, TTFT, decode tok/s)
-for K=64 vs unpruned and each precision vs fp32. Writes one JSON report; exits 1 if any parity fails.
+for K=64 vs unpruned, each precision vs fp32, and per-graph mixes (vision=fp16,decoder=int4). One JSON report; exits 1 if any parity fails.
 
     bash bench/gpu_check.sh                                  # llava-1.5-shaped (realistic shapes)
     bash bench/gpu_check.sh --preset llava-tiny --budget 16  # a smoke run in about a minute
@@ -32,7 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llava-1.5-shaped")
     p.add_argument("--budget", type=int, default=64, help="K of the pruned artifact (default: %(default)s)")
-    p.add_argument("--precisions", default="fp32,fp16,bf16,int8,fp8", help="fp8 is skipped below compute capability 8.9")
+    p.add_argument("--precisions", default="fp32,fp16,bf16,int8,fp8,int4", help="fp8 is skipped below compute capability 8.9")
+    p.add_argument("--mixed", action="append", default=None, metavar="SPEC",
+                   help="a per-graph precision also checked, e.g. vision=fp16,decoder=int4 (repeat; default: that one)")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--work", type=Path, default=ROOT / "bench/results/gpu_artifacts")
@@ -75,29 +77,52 @@ def export(preset: str, budget: int, method: str, work: Path, log) -> Path:
     return out
 
 
-def prepare_precision(artifact: Path, precision: str, log) -> dict:
-    """Make the precision's graphs (convert or calibrate) and build its engines; record the costs."""
+def make_variant(artifact: Path, precision: str, log) -> dict:
+    """Make one precision's graphs if the artifact lacks them (convert, calibrate or quantize); record the costs."""
     from prunert.calibration.dataset import collect_feeds, load_calibration_set
     from prunert.calibration.quantize import calibrate_artifact
-    from prunert.config import CalibrationConfig, EngineBuildConfig, PrecisionConfig
-    from prunert.engines.builder import build_engines
+    from prunert.calibration.weight_only_command import quantize_artifact
+    from prunert.config import CalibrationConfig, PrecisionConfig
     from prunert.export.precision import convert_artifact
+    from prunert.manifest import load_manifest
     from prunert.runtime import VLMPipeline
 
     record: dict = {}
+    if precision == "fp32" or precision in load_manifest(artifact, verify_hashes=False).variants:
+        return record
     start = time.perf_counter()
     calibration = load_calibration_set(CALIBRATION, None, 16)
     if precision in ("fp16", "bf16"):
-        convert_artifact(artifact, PrecisionConfig(precision=precision), collect_feeds(VLMPipeline(artifact), calibration), log=log)
+        feeds = collect_feeds(VLMPipeline(artifact, decoder="decoder"), calibration)
+        convert_artifact(artifact, PrecisionConfig(precision=precision), feeds, log=log)
     elif precision in ("int8", "fp8"):
         _, drift = calibrate_artifact(artifact, calibration, CalibrationConfig(precision=precision), log=log)
         record["cpu_drift"] = drift.to_dict()
-    record["graphs_s"] = time.perf_counter() - start
+    elif precision == "int4":
+        _, drift = quantize_artifact(artifact, calibration, log=log)
+        record["cpu_drift"] = drift.to_dict()
+    record[f"{precision}_graphs_s"] = time.perf_counter() - start
+    return record
+
+
+def prepare_precision(artifact: Path, spec: str, log) -> dict:
+    """Make the graphs of a precision spec ("fp16", or per graph "vision=fp16,decoder=int4") and build each graph's
+    engine from its own variant; record the costs."""
+    from prunert.config import GRAPH_NAMES, EngineBuildConfig, GraphPrecisions
+    from prunert.engines.builder import build_engines
+
+    precisions = GraphPrecisions.parse(spec)
+    record: dict = {}
+    for precision in sorted({precisions.of(role) for role in GRAPH_NAMES}):
+        record.update(make_variant(artifact, precision, log))
     start = time.perf_counter()
-    manifest = build_engines(artifact, EngineBuildConfig(precision=precision), log=log)
+    engines = {}
+    for role in GRAPH_NAMES:
+        manifest = build_engines(artifact, EngineBuildConfig(precision=precisions.of(role), graphs=(role,)), log=log)
+        engines.update({e.graph: {"precision": e.precision, "bytes": (artifact / e.file).stat().st_size, "build_s": e.build_seconds}
+                        for e in manifest.engines if e.graph == role and e.precision == precisions.of(role)})
     record["build_s"] = time.perf_counter() - start
-    record["engines"] = {e.graph: {"bytes": (artifact / e.file).stat().st_size, "build_s": e.build_seconds}
-                         for e in manifest.engines if e.precision == precision}
+    record["engines"] = engines
     return record
 
 
@@ -155,6 +180,7 @@ def main(argv=None) -> int:
                     "image": str(IMAGE.relative_to(ROOT)), "artifacts": {}}
     cc = float(report["environment"]["compute_capability"])
     precisions = [p for p in args.precisions.split(",") if p and not (p == "fp8" and cc < 8.9)]
+    precisions += args.mixed if args.mixed is not None else ["vision=fp16,decoder=int4"]
     report["skipped"] = [] if "fp8" in precisions else [f"fp8: compute capability {cc} < 8.9"]
     from prunert.adapters import resolve_source
     from prunert.errors import PrunertError

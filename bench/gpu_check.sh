@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The whole GPU path in one command (see bench/gpu_check.py): export, convert/calibrate, build engines at
+# The whole GPU path in one command (see bench/gpu_check.py): export, convert/calibrate/quantize (int4), build engines at
 # every precision, parity on the engines, timings; writes bench/results/gpu_check.json.
 #   bash bench/gpu_check.sh [--preset llava-tiny --budget 16] [--precisions fp32,fp16]
 # Needs: an NVIDIA GPU, tensorrt >= 10.3 (JetPack, NGC container or NVIDIA's wheel index) and cuda-python.

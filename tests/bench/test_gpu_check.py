@@ -22,21 +22,24 @@ def test_gpu_check_runs_the_whole_path_on_the_fake_gpu(fake_trt, tmp_path: Path,
     gpu_check = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gpu_check)
     out = tmp_path / "report.json"
-    code = gpu_check.main(["--preset", "llava-tiny", "--budget", "16", "--precisions", "fp32,fp16,int8,fp8",
+    code = gpu_check.main(["--preset", "llava-tiny", "--budget", "16", "--precisions", "fp32,fp16,int8,fp8,int4",
                            "--repeats", "1", "--new-tokens", "4", "--work", str(tmp_path / "work"), "--out", str(out)])
     report = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert report["skipped"] == ["fp8: compute capability 8.7 < 8.9"]  # Orin has no FP8
     for label in ("pruned", "unpruned"):
         rows = report["artifacts"][label]["precisions"]
-        assert sorted(rows) == ["fp16", "fp32", "int8"]
+        assert sorted(rows) == ["fp16", "fp32", "int4", "int8", "vision=fp16,decoder=int4"]  # the default --mixed
         for precision, row in rows.items():
             assert "error" not in row, (label, precision, row.get("error"))
             assert set(row["engines"]) == {"vision", "decoder"}
-            assert row["parity"]["tolerances"]["kept_min_overlap"] == (1.0 if precision == "fp32" else 0.98 if precision == "fp16" else 0.9)
+            vision = precision.split(",")[0].removeprefix("vision=")
+            assert row["parity"]["tolerances"]["kept_min_overlap"] == {"fp32": 1.0, "int4": 1.0, "fp16": 0.98, "int8": 0.9}[vision]
+        mixed = rows["vision=fp16,decoder=int4"]["engines"]
+        assert (mixed["vision"]["precision"], mixed["decoder"]["precision"]) == ("fp16", "int4")
             assert row["timings"]["decode_tok_per_s"]["best"] > 0
     assert report["artifacts"]["pruned"]["precisions"]["fp32"]["parity"]["verdict"] == "PASS"
-    assert set(report["ratios"]) == {"fp32", "fp16", "int8"}
+    assert set(report["ratios"]) == {"fp32", "fp16", "int8", "int4", "vision=fp16,decoder=int4"}
     assert "ttft_fp32_over_this" in report["ratios"]["fp16"]
     verdicts = [row["parity"]["verdict"] for rows in report["artifacts"].values() for row in rows["precisions"].values()]
     assert code == (0 if all(v == "PASS" for v in verdicts) else 1)
