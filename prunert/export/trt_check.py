@@ -127,6 +127,7 @@ class TrtCheckResult:
     label: str
     issues: tuple[TrtIssue, ...]
     op_counts: dict[str, int] = field(default_factory=dict)
+    config: TrtCheckConfig | None = None  # the rules it was checked with, where not the command's (an int4 variant's graph)
 
     @property
     def ok(self) -> bool:
@@ -136,7 +137,8 @@ class TrtCheckResult:
         nodes = sum(self.op_counts.values())
         ranked = sorted(self.op_counts.items(), key=lambda item: (-item[1], item[0]))
         shown = ", ".join(f"{op} {count}" for op, count in ranked[:8]) + (", ..." if len(ranked) > 8 else "")
-        target = f"TensorRT >= {config.trt_version}, opset <= {config.max_opset}"
+        config = self.config or config
+        target = f"TensorRT >= {config.trt_version}, opset <= {config.max_opset}" + (", int4 weight-only rules" if config.int4_weight_only else "")
         if self.ok:
             return f"OK  {self.label}: {nodes} nodes, {len(ranked)} op types ({shown}); {target}"
         return f"FAIL  {self.label}: {len(self.issues)} problem(s) in {nodes} nodes; {target}"
@@ -217,7 +219,7 @@ def check_target(path: str | Path, config: TrtCheckConfig = TrtCheckConfig()) ->
         issues = _Checker(model, graph_config, file.parent).run()
         if path.is_dir():
             issues = [TrtIssue(f"{label}:{issue.node}", issue.op, issue.why) for issue in issues]
-        results.append(TrtCheckResult(label, tuple(issues), op_histogram(model)))
+        results.append(TrtCheckResult(label, tuple(issues), op_histogram(model), None if graph_config == config else graph_config))
     return results
 
 
