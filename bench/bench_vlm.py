@@ -65,6 +65,8 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
                    help="JSON report (default: %(default)s)" if defaults["out"] else "JSON report (default: bench/results/<preset>.json)")
     p.add_argument("--work", type=Path, default=ROOT / "bench/results/artifacts", help="artifact directory")
     p.add_argument("--skip-hf", action="store_true", help="skip the Hugging Face eager baseline")
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads of the ONNX Runtime sessions (default 0: its own choice)")
+    p.add_argument("--spin", action="store_true", help="let ONNX Runtime's idle threads spin (default: off, as `prunert run`)")
     p.add_argument("--no-unpruned", action="store_true",
                    help="no unpruned baseline (method none): time the budgets K (and Hugging Face) only")
     args = p.parse_args(argv)
@@ -75,6 +77,9 @@ def parse_args(argv=None, defaults: dict | None = None, description: str | None 
         p.error("--repeats must be >= 1 and --new-tokens >= 2")
     if not args.budgets:
         p.error("--budgets: expected at least one K")
+    from prunert.config import RuntimeConfig
+
+    args.runtime = RuntimeConfig(threads=args.threads, spinning=args.spin)  # recorded in the report's "runtime"
     return args
 
 
@@ -253,13 +258,13 @@ def ort_decode(pipe, state, steps: int) -> float:
     return time.perf_counter() - start
 
 
-def ort_round(row: dict, new_tokens: int, selection_inputs: bool) -> dict:
+def ort_round(row: dict, new_tokens: int, selection_inputs: bool, runtime) -> dict:
     """Load the artifact's pipeline, warm up, time one request, unload (memory: one artifact at a time).
-    selection_inputs: keep what step 4 times the selection op on (the unpruned row, first round)."""
+    selection_inputs: keep what step 4 times the selection op on (the unpruned row, first round); runtime: RuntimeConfig."""
     from prunert.runtime import Artifact, VLMPipeline
 
     start = time.perf_counter()
-    pipe = VLMPipeline(Artifact(row["artifact"], verify_hashes=False))  # hashes were checked in prepare_artifacts
+    pipe = VLMPipeline(Artifact(row["artifact"], verify_hashes=False), runtime=runtime)  # hashes were checked in prepare_artifacts
     load_s = time.perf_counter() - start
     prompt = user_prompt(pipe.manifest.text)
     ort_request(pipe, prompt, 2)  # warm-up: the first run allocates
@@ -327,7 +332,7 @@ def measure(args: argparse.Namespace, rows: list[dict], checkpoint: Path, keep_s
     hf, hf_runs = (None if args.skip_hf else HFEager(reference["artifact"], checkpoint, IMAGE, QUESTION)), []
     for round_ in range(1, args.repeats + 1):
         for row in rows[::-1]:  # unpruned first: it also yields the real projector outputs for step 4
-            run = ort_round(row, args.new_tokens, keep_selection and row is base)
+            run = ort_round(row, args.new_tokens, keep_selection and row is base, args.runtime)
             row.setdefault("ort_runs", []).append(run)
             log(f"round {round_}/{args.repeats} ORT {row['label']}: TTFT {run['ttft_s'] * 1e3:.0f} ms (vision "
                 f"{run['vision_s'] * 1e3:.0f}, prefill {run['prefill_s'] * 1e3:.0f}), decode {args.new_tokens / run['decode_s']:.2f} "
@@ -492,7 +497,7 @@ def main(argv=None, defaults: dict | None = None, description: str | None = None
     presets = synthetic_presets()
     if args.preset not in presets:
         raise SystemExit(f"bench: error: --preset {args.preset!r}: expected one of {sorted(presets)}")
-    environment = {"machine": machine(), "versions": versions()}  # at the start: the code that exports
+    environment = {"machine": machine(), "versions": versions(), "runtime": args.runtime.record()}  # at the start: the code that exports
     log(f"preset {args.preset} ({presets[args.preset]}): budgets {args.budgets}" + ("" if args.no_unpruned else " + unpruned")
         + f", {args.repeats} rounds, {args.new_tokens} new tokens")
     checkpoint = checkpoint_dir(args.preset)

@@ -59,6 +59,14 @@ def test_bench_vlm_needs_a_preset_and_names_its_report_after_it(vlm) -> None:
         vlm.parse_args(["--preset", "llava-tiny", "--new-tokens", "1"])
 
 
+def test_bench_vlm_runtime_flags_become_the_recorded_runtime_config(vlm) -> None:
+    from prunert.config import RuntimeConfig
+
+    assert vlm.parse_args(["--preset", "llava-tiny"]).runtime == RuntimeConfig()  # ORT's thread count, no spinning
+    args = vlm.parse_args(["--preset", "llava-tiny", "--threads", "2", "--spin"])
+    assert args.runtime == RuntimeConfig(threads=2, spinning=True) and args.runtime.record() == {"threads": 2, "spinning": True}
+
+
 def test_the_prompt_is_the_manifest_placeholder_then_the_question(vlm) -> None:
     qwen = "<|vision_start|><|image_pad|><|vision_end|>"
     assert vlm.user_prompt(SimpleNamespace(image_placeholder=qwen, image_token="<|image_pad|>")) == qwen + QUESTION
