@@ -73,7 +73,7 @@ class VisionPruneGraph(torch.nn.Module):
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         *vision_inputs, text_embeds, text_mask = inputs
         needs = pruning_ops.method_spec(self.budget.method).needs
-        weights = weights_dtype(self.tower)  # export --dtype fp16: the tower computes in fp16 behind float32 inputs
+        weights = weights_dtype(self)  # export --dtype fp16: the tower computes in fp16 behind float32 inputs
         vision_inputs = [value.to(weights) if value.is_floating_point() else value for value in vision_inputs]
         features = self.adapter.vision_features(*vision_inputs, extras=needs)  # tokens [B, N, D] (or [B, T, N, D]) + extras
         features = {name: value.float() if value.is_floating_point() else value for name, value in features.items()}
@@ -82,8 +82,8 @@ class VisionPruneGraph(torch.nn.Module):
 
 
 def weights_dtype(module: torch.nn.Module) -> torch.dtype:
-    """The dtype of a module's floating-point weights (the export dtype it was loaded in)."""
-    return next(p.dtype for p in module.parameters() if p.is_floating_point())
+    """The dtype of a module's floating-point weights (the export dtype it was loaded in); float32 without any."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.float32)
 
 
 class DecoderGraph(torch.nn.Module):
@@ -98,7 +98,7 @@ class DecoderGraph(torch.nn.Module):
     def forward(self, inputs_embeds, attention_mask, position_ids, past):
         from transformers import DynamicCache
 
-        weights = weights_dtype(self.backbone)  # export --dtype fp16: fp16 compute behind the float32 graph I/O
+        weights = weights_dtype(self)  # export --dtype fp16: fp16 compute behind the float32 graph I/O
         inputs_embeds, past = inputs_embeds.to(weights), tuple(value.to(weights) for value in past)
         cache = DynamicCache(config=self.backbone.config)
         for layer in range(self.num_layers):
