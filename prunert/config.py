@@ -447,7 +447,7 @@ class CalibrationConfig:
             raise ConfigError(f"max_samples: got {self.max_samples}, expected >= 1")
 
 
-WEIGHT_ONLY_ALGOS = ("rtn", "awq")  # WeightOnlyConfig.algo (GPTQ is not implemented)
+WEIGHT_ONLY_ALGOS = ("rtn", "awq", "gptq")  # WeightOnlyConfig.algo
 WEIGHT_ONLY_BLOCK_SIZES = (32, 64, 128)
 WEIGHT_ONLY_LM_HEAD = ("int4", "fp32")
 
@@ -462,12 +462,14 @@ class WeightOnlyConfig:
     Defaults follow ONNX Runtime GenAI's model builder for int4: block 32, symmetric, every MatMul
     including lm_head, accuracy_level 4 (int8 activations inside MatMulNBits) on CPU.
 
-    algo:           "rtn" (round to nearest) or "awq" (activation-aware per-input-channel scales from the
-                    calibration set, grid-searched exponent per group of matmuls sharing an input)
+    algo:           "rtn" (round to nearest), "awq" (activation-aware per-input-channel scales from the
+                    calibration set, grid-searched exponent per group of matmuls sharing an input) or "gptq"
+                    (rounding errors pushed onto the rows not yet quantized through the inverse Hessian X^T X)
     lm_head:        "int4" (the builder's default) or "fp32"; the embedding table is the runtime's fp32 file
     accuracy_level: MatMulNBits' minimum activation precision: 0 unset, 1 fp32, 2 fp16, 3 bf16, 4 int8
     awq_grid:       exponents tried, alpha in {0, 1/grid, ..., (grid-1)/grid} (alpha 0 is RTN)
-    awq_rows:       activation rows kept per matmul input for the grid search
+    sample_rows:    calibration activation rows kept per matmul input (AWQ's error search, GPTQ's Hessian)
+    gptq_damp:      GPTQ's damping, a fraction of the Hessian's mean diagonal added to it
     """
 
     precision: str = "int4"
@@ -477,7 +479,8 @@ class WeightOnlyConfig:
     lm_head: str = "int4"
     accuracy_level: int = 4
     awq_grid: int = 20
-    awq_rows: int = 512
+    sample_rows: int = 512
+    gptq_damp: float = 0.01
     max_samples: int = 32
 
     def __post_init__(self) -> None:
@@ -493,7 +496,10 @@ class WeightOnlyConfig:
             raise ConfigError(f"--lm-head: got {self.lm_head!r}, expected one of {list(WEIGHT_ONLY_LM_HEAD)}")
         if not 0 <= self.accuracy_level <= 4:
             raise ConfigError(f"accuracy_level: got {self.accuracy_level}, expected 0..4")
-        for name in ("awq_grid", "awq_rows", "max_samples"):
+        check_finite(self)
+        if not 0 < self.gptq_damp <= 1:
+            raise ConfigError(f"gptq_damp: got {self.gptq_damp}, expected 0 < damp <= 1")
+        for name in ("awq_grid", "sample_rows", "max_samples"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: got {getattr(self, name)}, expected >= 1")
 

@@ -43,7 +43,7 @@ class Int4Summary:
     quantized_matmuls: int
     kept_float_matmuls: int  # MatMuls with a float initializer weight left as they are (lm_head at --lm-head fp32)
     awq_alphas: dict[str, float]
-    awq_error_ratio: float | None
+    error_ratio: float | None  # AWQ / GPTQ summed output error over RTN's on the sampled rows
     nodes: dict[str, int]  # int4_counts
     external_data: str | None
     size_bytes: int
@@ -64,8 +64,9 @@ def _targets(structure: onnx.ModelProto, config, vocab_size: int, where: str) ->
 
 
 def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds: list[dict[str, np.ndarray]], log) -> Int4Plan:
-    """The int4 numbers of the graph at `src` (`model`: it with its weights): RTN, or AWQ from the feeds."""
+    """The int4 numbers of the graph at `src` (`model`: it with its weights): RTN, or AWQ / GPTQ from the feeds."""
     from prunert.calibration.awq import activation_stats, search_scales
+    from prunert.calibration.gptq import gptq_quantize
 
     structure = onnx.load(str(src), load_external_data=False)
     groups = _groups(_targets(structure, config, vocab_size, Path(src).name))
@@ -73,8 +74,18 @@ def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds:
         quantized = {t.weight: quantize_blockwise(weight_array(model, t.weight), config.block_size) for g in groups for t in g}
         return Int4Plan(groups, quantized)
     external = any(init.data_location == TensorProto.EXTERNAL for init in structure.graph.initializer)
-    log(f"AWQ: activation statistics of {len(groups)} matmul inputs on {len(feeds)} feeds")
-    stats = activation_stats(structure, str(Path(src).parent) if external else None, [g[0].activation for g in groups], feeds, config.awq_rows)
+    log(f"{config.algo.upper()}: activation statistics of {len(groups)} matmul inputs on {len(feeds)} feeds")
+    stats = activation_stats(structure, str(Path(src).parent) if external else None, [g[0].activation for g in groups], feeds, config.sample_rows)
+    if config.algo == "gptq":
+        quantized, errors = {}, [0.0, 0.0]
+        for group in groups:
+            rows = stats[group[0].activation].rows  # [R, K]
+            for t in group:
+                weight = weight_array(model, t.weight)
+                quantized[t.weight] = gptq_quantize(weight, rows, config.block_size, config.gptq_damp)
+                errors[0] += float(np.square(rows @ (weight - quantize_blockwise(weight, config.block_size).dequantize())).sum())
+                errors[1] += float(np.square(rows @ (weight - quantized[t.weight].dequantize())).sum())
+        return Int4Plan(groups, quantized, algo="gptq", error_ratio=errors[1] / errors[0] if errors[0] > 0 else None)
     quantized, scales, alphas, errors = {}, {}, {}, [0.0, 0.0]
     for group in groups:
         activation = group[0].activation
@@ -130,7 +141,7 @@ def write_int4(model: onnx.ModelProto, plan: Int4Plan, form: str, dst: Path, con
     floats = sum(1 for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits) - len(plan.targets)
     return Int4Summary(
         graph=dst.name, form=form, algo=plan.algo, quantized_matmuls=len(plan.targets), kept_float_matmuls=floats,
-        awq_alphas=dict(plan.alphas), awq_error_ratio=plan.error_ratio, nodes=int4_counts(written),
+        awq_alphas=dict(plan.alphas), error_ratio=plan.error_ratio, nodes=int4_counts(written),
         external_data=dst.name + ".data" if external else None,
         size_bytes=sum(p.stat().st_size for p in dst.parent.glob(dst.name + "*")),
     )

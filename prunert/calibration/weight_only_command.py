@@ -26,8 +26,8 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", help="add int4 weight-only decoder graphs (MatMulNBits for ONNX Runtime, INT4 DequantizeLinear for TensorRT)")
     p.add_argument("artifact", type=Path)
     p.add_argument("--weights", required=True, help="int4: block-wise symmetric int4 weights, fp32 activations (W4A16)")
-    p.add_argument("--algo", default=defaults.algo, help=f"{' | '.join(WEIGHT_ONLY_ALGOS)}: round to nearest, or activation-aware "
-                   "scales from the calibration set (default %(default)s)")
+    p.add_argument("--algo", default=defaults.algo, help=f"{' | '.join(WEIGHT_ONLY_ALGOS)}: round to nearest, activation-aware "
+                   "scales (AWQ) or error feedback (GPTQ) from the calibration set (default %(default)s)")
     p.add_argument("--block-size", type=int, default=defaults.block_size,
                    help=f"{' | '.join(map(str, WEIGHT_ONLY_BLOCK_SIZES))}: input rows per scale (default %(default)s, as ONNX Runtime GenAI)")
     p.add_argument("--graphs", default="decoder", help=f"decoder | vision | all: int4 is for the decoder role (default %(default)s)")
@@ -152,7 +152,8 @@ def _settings(config: WeightOnlyConfig, calibration_set, summaries, manifest, dr
         "embeddings": "fp32 (the runtime's embedding table file, not in the graphs)",
         "graphs": list(config.graphs),
         "fp32_graphs": {"vision": manifest.graphs["vision"].file},
-        "awq": {"grid": config.awq_grid, "rows": config.awq_rows} if config.algo == "awq" else None,
+        "awq": {"grid": config.awq_grid, "rows": config.sample_rows} if config.algo == "awq" else None,
+        "gptq": {"damp": config.gptq_damp, "rows": config.sample_rows, "act_order": False} if config.algo == "gptq" else None,
         "summaries": {name: asdict(s) for name, s in summaries.items()},
         "calibration_set": calibration_set.summary(),
         "max_samples": config.max_samples,

@@ -110,6 +110,20 @@ def test_awq_lowers_the_output_error_on_outlier_channels() -> None:
     assert choice.alpha > 0 and awq < 0.7 * rtn
 
 
+def test_gptq_lowers_the_output_error_on_correlated_activations() -> None:
+    from prunert.calibration.gptq import gptq_quantize
+
+    rng = np.random.default_rng(4)
+    mix = rng.normal(size=(96, 96)).astype(np.float32)
+    x = rng.normal(size=(512, 96)).astype(np.float32) @ mix  # correlated input channels
+    weight = rng.normal(size=(96, 48)).astype(np.float32)
+    gptq = gptq_quantize(weight, x, 32)
+    rtn = quantize_blockwise(weight, 32)
+    assert gptq.values.min() >= -8 and gptq.values.max() <= 7 and gptq.scales.shape == rtn.scales.shape
+    error = lambda q: float(np.square(x @ weight - x @ q.dequantize()).sum())
+    assert error(gptq) < 0.8 * error(rtn)
+
+
 def test_lm_head_fp32_keeps_the_vocab_matmul_and_shared_weights_stay_float() -> None:
     model = _matmul_model(np.ones((32, 1000), np.float32))
     assert [t.weight for t in matmul_targets(model)] == ["w"]
@@ -174,7 +188,8 @@ def test_int4_parity_bars_live_with_the_other_precisions() -> None:
 @pytest.mark.parametrize("field, value, needle", [
     ("block_size", 48, "--block-size: got 48, expected one of [32, 64, 128]"),
     ("precision", "int3", "--weights: got 'int3', expected one of ['int4']"),
-    ("algo", "gptq", "--algo: got 'gptq', expected one of ['rtn', 'awq']"),
+    ("algo", "sq", "--algo: got 'sq', expected one of ['rtn', 'awq', 'gptq']"),
+    ("gptq_damp", 0.0, "gptq_damp: got 0.0"),
     ("graphs", ("vision",), "--graphs: got ['vision'], expected ['decoder']"),
     ("lm_head", "int8", "--lm-head: got 'int8'"),
 ])

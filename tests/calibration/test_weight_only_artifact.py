@@ -56,7 +56,7 @@ def test_quantize_adds_the_int4_variant_with_its_settings(int4_artifact: Path) -
     assert variant.tool.startswith("prunert.calibration.weight_only (awq)")
     settings = variant.settings
     assert (settings["algo"], settings["block_size"], settings["lm_head"], settings["accuracy_level"]) == ("awq", 64, "int4", 4)
-    assert settings["summaries"]["decoder"]["algo"] == "awq" and settings["summaries"]["decoder"]["awq_error_ratio"] <= 1.0
+    assert settings["summaries"]["decoder"]["algo"] == "awq" and settings["summaries"]["decoder"]["error_ratio"] <= 1.0
     assert settings["calibration_set"]["samples"] == 3 and settings["drift"]["decoder"]["kept_overlap_min"] == 1.0
     assert variant.graphs["vision"] == manifest.graphs["vision"]  # fp32: the selection stays exact
     folder = variant.graphs["decoder"].file.split("/")[0]
@@ -110,19 +110,20 @@ def test_quantizing_again_replaces_the_old_folder(int4_artifact: Path, tmp_path:
     copy = tmp_path / "again"
     shutil.copytree(int4_artifact, copy)
     before = load_manifest(copy).variants["int4"].graphs["decoder"].file.split("/")[0]
-    code, out, err = prunert_main("quantize", copy, "--weights", "int4", "--algo", "rtn", "--lm-head", "fp32", "--max-samples", "1")
+    code, out, err = prunert_main("quantize", copy, "--weights", "int4", "--algo", "gptq", "--lm-head", "fp32", "--max-samples", "2")
     assert code == 0, err
     variant = load_manifest(copy).variants["int4"]
     after = variant.graphs["decoder"].file.split("/")[0]
     assert after != before and not (copy / before).exists() and (copy / after).is_dir()
     assert variant.settings["lm_head"] == "fp32" and variant.settings["summaries"]["decoder"]["kept_float_matmuls"] == 1
+    assert variant.settings["algo"] == "gptq" and variant.settings["summaries"]["decoder"]["error_ratio"] < 1.0
 
 
 @pytest.mark.parametrize("args, needle", [
     (["--weights", "int4", "--block-size", "48"], "--block-size: got 48, expected one of [32, 64, 128]"),
     (["--weights", "int3"], "--weights: got 'int3', expected one of ['int4']"),
     (["--weights", "int4", "--graphs", "foo"], "--graphs: got ['foo'], expected ['decoder']"),
-    (["--weights", "int4", "--algo", "gptq"], "--algo: got 'gptq', expected one of ['rtn', 'awq']"),
+    (["--weights", "int4", "--algo", "sq"], "--algo: got 'sq', expected one of ['rtn', 'awq', 'gptq']"),
     (["--weights", "int4", "--images", "/nonexistent/dir"], "/nonexistent/dir"),
 ])
 def test_bad_input_is_one_line_and_leaves_the_artifact_alone(artifact_copy: Path, prunert_main, error_line, args, needle) -> None:
