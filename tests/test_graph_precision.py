@@ -128,6 +128,24 @@ def test_host_inputs_follow_the_decoder_graphs_declared_dtype(tiny_pipeline, mon
     assert {p.dtype for p in tiny_pipeline.empty_past(1)} == {np.dtype(np.float16)}
 
 
+def test_text_embeds_follow_the_vision_graphs_declared_dtype(tiny_pipeline, monkeypatch) -> None:
+    from dataclasses import replace
+
+    vision = tiny_pipeline.vision
+    spec = vision.spec
+    half = replace(spec, inputs=tuple(replace(t, dtype="float16") if t.name == "text_embeds" else t for t in spec.inputs))
+    fed, run = {}, vision._run
+
+    def spy(feeds):  # the real graph is fp32: record what the host fed, then run it at fp32
+        fed.update(feeds)
+        return run({**feeds, "text_embeds": feeds["text_embeds"].astype(np.float32)})
+
+    monkeypatch.setattr(vision, "spec", half)
+    monkeypatch.setattr(vision, "_run", spy)
+    tiny_pipeline.encode_images([PHOTO], [PROMPT])
+    assert fed["text_embeds"].dtype == np.float16
+
+
 # ---- parity: bars per stage from its graph's precision ----------------------------------------------------------
 
 def test_for_precisions_takes_vision_bars_from_vision_and_decoder_bars_from_decoder() -> None:

@@ -179,6 +179,7 @@ class VLMPipeline:
         for call_images, call_groups in calls:
             inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ the host's own data)
             text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
+            text_embeds = text_embeds.astype(self.vision.spec.input("text_embeds").dtype, copy=False)  # [B, M, D] as the graph declares
             feeds = {name: value for name, value in inputs.items() if name in names}
             start = time.perf_counter()
             out = self.vision.infer({**feeds, "text_embeds": text_embeds, "text_mask": text_mask})
