@@ -187,6 +187,16 @@ def test_eval_records_the_per_graph_label_and_threads(prunert_main, fp16_artifac
     assert {options.intra_op_num_threads for _, options in opened} == {2}
 
 
+@pytest.mark.parametrize("precision", ["fp16", "vision=fp32,decoder=fp16"])
+def test_eval_runs_a_variant_without_the_fused_decoder(prunert_main, fp16_artifact: Path, tmp_path: Path, precision: str) -> None:
+    """convert's fp16 variant has only the standard decoder: eval's up-front manifest check asks each role's standard graph
+    (the runtime falls back to it), not every top-level graph such as decoder_fused."""
+    from prunert.shapes.dataset import write_eval_set
+
+    code, _, err = prunert_main("eval", fp16_artifact, "--data", write_eval_set(tmp_path / "set", 1, 3), "--precision", precision)
+    assert code == 0, err
+
+
 def test_inspect_shows_a_precision_per_graph_table(prunert_main, fp16_artifact: Path) -> None:
     manifest = load_manifest(fp16_artifact)
     code, out, err = prunert_main("inspect", fp16_artifact)

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 from typing import Any, Callable
 
-from prunert.config import GraphPrecisions
+from prunert.config import GRAPH_NAMES, GraphPrecisions
 from prunert.errors import ConfigError
 from prunert.evaluation.data import check_limit, load_records
 from prunert.evaluation.report import OUT_KEYS, ArtifactResult, category_table, results_table, write_results
@@ -92,8 +92,8 @@ def opened_manifest(artifact: Path, precision: GraphPrecisions):
 
     manifest = load_manifest(artifact, verify_hashes=False)
     try:
-        for graph in manifest.graphs:
-            manifest.graph_spec(graph, precision.of(graph))
+        for role in GRAPH_NAMES:  # each role's standard graph: every variant has it (the fused decoder is used where it also exists)
+            manifest.graph_spec(role, precision.of(role))
     except ArtifactError as exc:
         raise ArtifactError(f"artifact '{artifact}': {exc}") from None
     return manifest
