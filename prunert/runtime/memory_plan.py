@@ -19,14 +19,16 @@ from pathlib import Path
 
 import numpy as np
 
-from prunert.config import FUSED_DECODER, GRAPH_ROLES, EngineBuildConfig, GraphPrecisions, role_precisions
+from prunert.config import FUSED_DECODER, GRAPH_ROLES, WEIGHT_ONLY_PRECISIONS, EngineBuildConfig, GraphPrecisions, role_precisions
 from prunert.errors import ConfigError
-from prunert.manifest import GraphSpec, Manifest
+from prunert.manifest import KV_SHARED_BUFFER, GraphSpec, Manifest
+from prunert.runtime.pipeline import DECODER_GRAPHS
 from prunert.runtime.runner import PAST_PREFIX
 
 MIB, GIB = 1 << 20, 1 << 30
 DEVICES_FILE = Path(__file__).resolve().parents[1] / "data" / "devices.json"
 PATHS = ("tensorrt", "onnxruntime-cpu")
+PATH_BACKENDS = {"tensorrt": "trt", "onnxruntime-cpu": "onnxruntime"}  # the pipeline backend each path plans for
 FP32 = 4  # bytes per fp32 value: activations, logits and attention scores are counted in fp32
 # Bytes per parameter of a weight graph at a precision it has not been made at yet (a made one is measured from its files).
 # int8/fp8: 1 B + one fp32 scale per output channel (taken as one per hidden_size weights); int4: 0.5 B + per block of
@@ -181,8 +183,7 @@ def weight_cell(directory: Path, manifest: Manifest, graph: str, precision: str,
         engines = [e for e in manifest.engines if e.graph == graph and e.precision == precision]
         if engines:
             return WeightCell(graph, precision, max((directory / e.file).stat().st_size for e in engines), True)
-    variant = manifest.variants.get(precision)
-    if precision == "fp32" or (variant is not None and graph in variant.graphs):
+    if made(manifest, graph, precision):
         return WeightCell(graph, precision, graph_bytes(directory, manifest.graph_spec(graph, precision)), True)
     params = parameter_count(directory, manifest, graph)
     return WeightCell(graph, precision, estimated_bytes(params, precision, path, manifest.decoder.hidden_size, config.int4_block), False)
@@ -191,24 +192,40 @@ def weight_cell(directory: Path, manifest: Manifest, graph: str, precision: str,
 def weight_table(directory: Path, manifest: Manifest, config: PlanConfig) -> tuple[WeightCell, ...]:
     """Every graph of the artifact at every precision its role may run at (the ONNX files, as the CPU path loads them)."""
     return tuple(weight_cell(directory, manifest, graph, precision, "onnxruntime-cpu", config)
-                 for graph in manifest.graphs for precision in role_precisions(GRAPH_ROLES[graph]))
+                 for graph in manifest.graphs for precision in role_precisions(GRAPH_ROLES[graph]) if has_form(manifest, graph, precision))
 
 
 def decoder_graph(manifest: Manifest, path: str, precision: str) -> str:
-    """The decoder form a path runs: the CPU path the fused graph where the precision's graph set has it."""
-    if path == "onnxruntime-cpu" and FUSED_DECODER in manifest.graphs:
-        variant = manifest.variants.get(precision)
-        if precision == "fp32" or variant is None or FUSED_DECODER in variant.graphs:
-            return FUSED_DECODER
-    return "decoder"
+    """The decoder form a path runs at a precision, as the pipeline picks it (pipeline.DECODER_GRAPHS: the CPU the fused
+    form where the precision's graph set has it). A variant not made yet has the fused form only if it is weight-only
+    (int4); `convert` / `calibrate` variants have the standard form alone."""
+    forms = DECODER_GRAPHS[PATH_BACKENDS[path]]
+    return next((graph for graph in forms if has_form(manifest, graph, precision)), "decoder")
+
+
+def made(manifest: Manifest, graph: str, precision: str) -> bool:
+    """The artifact has the graph at the precision (fp32, or a variant that lists it)."""
+    return (precision == "fp32" or precision in manifest.variants) and manifest.has_graph(graph, precision)
+
+
+def has_form(manifest: Manifest, graph: str, precision: str) -> bool:
+    """Whether a graph exists at a precision, or (a variant not made yet) would."""
+    if precision == "fp32" or precision in manifest.variants:
+        return manifest.has_graph(graph, precision)
+    return graph in manifest.graphs and (graph != FUSED_DECODER or precision in WEIGHT_ONLY_PRECISIONS)
+
+
+def shared_kv(manifest: Manifest, graph: str, precision: str) -> bool:
+    """Past and present are one buffer preallocated at S (GraphSpec.kv_cache), as the graph (or its fp32 form) declares."""
+    spec = manifest.graph_spec(graph, precision) if made(manifest, graph, precision) else manifest.graphs[graph]
+    return spec.kv_cache == KV_SHARED_BUFFER
 
 
 # ---- KV cache and activations ------------------------------------------------------------------------------------
 def kv_itemsize(manifest: Manifest, graph: str, precision: str, path: str) -> int:
     """Bytes per KV value: what the graph's past inputs declare; for a variant not made yet, fp16 for 16-bit floats
     and (on the GPU) int4, else fp32."""
-    variant = manifest.variants.get(precision)
-    if precision == "fp32" or (variant is not None and graph in variant.graphs):
+    if made(manifest, graph, precision):
         spec = manifest.graph_spec(graph, precision)
         past = next(t for t in spec.inputs if t.name.startswith(PAST_PREFIX))
         return np.dtype(past.dtype).itemsize
@@ -292,7 +309,7 @@ def estimate_path(directory: Path, manifest: Manifest, config: PlanConfig, path:
                       "`prunert build --workspace-gb`), counted in full"),
             _embeddings(directory, manifest, batch, seq)))
     weight_bytes = sum(c.bytes for c in weights)
-    shared = decoder == FUSED_DECODER  # past and present are one buffer preallocated at S
+    shared = shared_kv(manifest, decoder, decoder_p)  # past and present are one buffer preallocated at S
     prefill_peak = 2 * logits + 2 * scores + (kv_one if shared else kv_prefill)
     decode_peak = int(config.arena_factor * (logits + (1 if shared else 2) * kv_one))
     if decode_peak >= prefill_peak:

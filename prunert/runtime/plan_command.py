@@ -79,8 +79,8 @@ def plan_text(result: Any, artifact: Path, manifest: Any) -> str:
         lines.append(f"  {graph:<14}{row}")
     for estimate, verdict in zip(result.paths, result.verdicts):
         lines += ["", f"{estimate.path}: MiB, how it is counted"]
-        lines += [f"  {c.name:<24}{_mib(c.bytes):>10}  {c.how[:ONE_LINE]}" for c in estimate.components]
-        lines.append(f"  {'total':<24}{_mib(estimate.total):>10}  of {_mib(verdict.usable)} usable")
+        lines += [f"  {c.name:<30}{_mib(c.bytes):>10}  {c.how[:ONE_LINE]}" for c in estimate.components]
+        lines.append(f"  {'total':<30}{_mib(estimate.total):>10}  of {_mib(verdict.usable)} usable")
         if verdict.fits:
             lines.append(f"  verdict: fits ({estimate.total / verdict.usable:.0%} of the usable memory)")
         else:
