@@ -252,7 +252,7 @@ def ort_decode(pipe, state, steps: int) -> float:
                          f"at most {max_sequence} (prompt + generated)")
     positions = pipe.artifact.host.next_position_ids(state.position_ids, mask)
     start = time.perf_counter()
-    for _ in decode_steps(state.session, state.logits[:, -1], mask, positions, table_embedder(pipe.artifact.embeddings), greedy,
+    for _ in decode_steps(state.session, state.logits[:, -1], mask, positions, table_embedder(pipe.artifact.embeddings, pipe.embeds_dtype), greedy,
                           steps + 1):  # step 0 chooses from the prefill's logits: steps + 1 steps make `steps` decoder calls
         pass
     return time.perf_counter() - start

@@ -165,7 +165,7 @@ def _request(pipe, new_tokens: int) -> dict:
     ttft = time.perf_counter() - start
     positions = pipe.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [1, 1] (M-RoPE: [3, 1, 1]), as VLMPipeline decodes
     start = time.perf_counter()
-    for _ in decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(pipe.artifact.embeddings),
+    for _ in decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(pipe.artifact.embeddings, pipe.embeds_dtype),
                           greedy, new_tokens + 1):  # greedy, EOS ignored: new_tokens decoder calls after the prefill's choice
         pass
     decode = time.perf_counter() - start
