@@ -31,11 +31,11 @@ PATHS = ("tensorrt", "onnxruntime-cpu")
 PATH_BACKENDS = {"tensorrt": "trt", "onnxruntime-cpu": "onnxruntime"}  # the pipeline backend each path plans for
 FP32 = 4  # bytes per fp32 value: activations, logits and attention scores are counted in fp32
 # Bytes per parameter of a weight graph at a precision it has not been made at yet (a made one is measured from its files).
-# int8/fp8: 1 B + one fp32 scale per output channel (taken as one per hidden_size weights); int4: 0.5 B + per block of
-# PlanConfig.int4_block weights a scale (fp16 in the TensorRT DequantizeLinear form, fp32 in ONNX Runtime's MatMulNBits,
-# which also packs a 4-bit zero point per block). The fp32 norms, biases and selection op are left at these rates (< 1%).
+# int8/fp8: 1 B + one fp32 scale per output channel (taken as one per hidden_size weights); int4: 0.5 B + one fp32 scale
+# per block of PlanConfig.int4_block weights, as `prunert quantize --weights int4` writes both forms (symmetric, no zero
+# point; lm_head included). The fp32 norms, biases and selection op are left at these rates (< 1% of a real graph).
 FLOAT_BYTES = {"fp32": 4.0, "fp16": 2.0, "bf16": 2.0}
-INT4_SCALE_BYTES = {"tensorrt": 2.0, "onnxruntime-cpu": 4.5}  # scale (+ zero point) bytes per int4 block
+INT4_SCALE_BYTES = 4.0  # an fp32 scale per int4 block
 
 
 @dataclass(frozen=True)
@@ -172,7 +172,7 @@ def estimated_bytes(params: int, precision: str, path: str, hidden: int, block: 
     if precision in FLOAT_BYTES:
         return int(params * FLOAT_BYTES[precision])
     if precision == "int4":
-        return int(params * (0.5 + INT4_SCALE_BYTES[path] / block))
+        return int(params * (0.5 + INT4_SCALE_BYTES / block))
     return int(params * (1.0 + FP32 / hidden))  # int8 / fp8: per-channel scales
 
 
