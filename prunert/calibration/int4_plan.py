@@ -1,10 +1,11 @@
-"""The int4 numbers of one decoder graph (Int4Plan: RTN or AWQ), carried over to the graph's other form, and
+"""The int4 numbers of one decoder graph (Int4Plan: RTN, AWQ or GPTQ), carried over to the graph's other form, and
 written out (`prunert quantize`). prunert.calibration.weight_only holds the int4 primitives and the rewrite.
 
 The standard decoder is planned from its own calibration feeds. The fused decoder (FUSED_DECODER: fused QKV and
 gate/up weights, the same matrices concatenated along N) takes the standard plan through `transfer_plan`:
-its matmul groups pair with the standard ones in graph order, each pair checked to hold the same weight columns;
-block quantization runs along K per output column, so the fused weights get the very same int4 numbers and scales.
+its matmul groups pair with the standard ones in graph order, and each fused weight column takes the int4 numbers
+and block scales of its identical column in the pair (every algorithm here quantizes each output column on its
+own), so both forms hold the very same int4 numbers.
 """
 
 from __future__ import annotations
@@ -99,31 +100,30 @@ def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds:
 
 def transfer_plan(plan: Int4Plan, model: onnx.ModelProto, other_src: Path, other: onnx.ModelProto, config, vocab_size: int) -> Int4Plan | None:
     """`plan` (of `model`) for the graph `other` holding the same matrices in other groupings (fused QKV): groups
-    paired in order, each pair's weight columns checked equal (as multisets). None where they do not pair."""
+    paired in order; each of `other`'s weight columns takes the int4 column and scales of the identical column of
+    its pair (RTN, AWQ and GPTQ quantize each output column on its own). None where a column has no twin."""
     structure = onnx.load(str(other_src), load_external_data=False)
     groups = _groups(_targets(structure, config, vocab_size, Path(other_src).name))
     if len(groups) != len(plan.groups):
         return None
-    quantized, scales = {}, {}
+    quantized, scales, alphas = {}, {}, {}
     for mine, theirs in zip(plan.groups, groups):
         ours = np.concatenate([weight_array(model, t.weight) for t in mine], axis=1)  # [K, sum N]
-        weights = [weight_array(other, t.weight) for t in theirs]
-        if not _same_columns(ours, np.concatenate(weights, axis=1)):
-            return None
-        s = plan.scales.get(mine[0].activation)
-        if s is not None:
-            scales[theirs[0].activation] = s
-        quantized.update({t.weight: quantize_blockwise(w if s is None else w * s[:, None], config.block_size) for t, w in zip(theirs, weights)})
-    alphas = {theirs[0].activation: plan.alphas[mine[0].activation] for mine, theirs in zip(plan.groups, groups) if mine[0].activation in plan.alphas}
+        values = np.concatenate([plan.quantized[t.weight].values for t in mine], axis=1)  # [K, sum N]
+        blocks = np.concatenate([plan.quantized[t.weight].scales for t in mine], axis=1)  # [K/B, sum N]
+        column = {ours[:, j].tobytes(): j for j in range(ours.shape[1])}
+        for t in theirs:
+            weight = weight_array(other, t.weight)  # [K, N]
+            picks = [column.get(weight[:, j].tobytes()) for j in range(weight.shape[1])] if weight.shape[0] == ours.shape[0] else [None]
+            if None in picks:
+                return None
+            quantized[t.weight] = Int4Weight(values[:, picks], blocks[:, picks], config.block_size)
+        activation = mine[0].activation
+        if activation in plan.scales:
+            scales[theirs[0].activation] = plan.scales[activation]
+        if activation in plan.alphas:
+            alphas[theirs[0].activation] = plan.alphas[activation]
     return Int4Plan(groups, quantized, scales, alphas, plan.algo, plan.error_ratio)
-
-
-def _same_columns(a: np.ndarray, b: np.ndarray) -> bool:
-    """[K, N] matrices with the same columns in any order (compared through sorted column sums and norms)."""
-    if a.shape != b.shape:
-        return False
-    keys = [lambda m: np.sort(m.sum(axis=0)), lambda m: np.sort(np.square(m).sum(axis=0))]
-    return all(np.allclose(key(a), key(b), rtol=1e-4, atol=1e-6) for key in keys)
 
 
 def write_int4(model: onnx.ModelProto, plan: Int4Plan, form: str, dst: Path, config, external: bool,

@@ -117,6 +117,11 @@ def test_quantizing_again_replaces_the_old_folder(int4_artifact: Path, tmp_path:
     assert after != before and not (copy / before).exists() and (copy / after).is_dir()
     assert variant.settings["lm_head"] == "fp32" and variant.settings["summaries"]["decoder"]["kept_float_matmuls"] == 1
     assert variant.settings["algo"] == "gptq" and variant.settings["summaries"]["decoder"]["error_ratio"] < 1.0
+    if FUSED_DECODER in variant.graphs:  # GPTQ's numbers, not a re-rounding, in the fused form too
+        dq = _int4_values(copy / variant.graphs["decoder"].file, "dq")
+        nbits = _int4_values(copy / variant.graphs[FUSED_DECODER].file, "nbits")
+        np.testing.assert_array_equal(dq[0], nbits[0])
+        np.testing.assert_allclose(dq[1], nbits[1], rtol=1e-6)
 
 
 @pytest.mark.parametrize("args, needle", [
