@@ -123,6 +123,18 @@ def test_bad_flags_are_one_error_line(tiny_artifact: Path, prunert_main, error_l
     error_line(err, needle)
 
 
+def test_plan_needs_neither_torch_nor_onnx_nor_onnxruntime(tiny_artifact: Path, python_without) -> None:
+    """The plan reads the manifest and file sizes: it runs where not even ONNX Runtime is installed."""
+    result = python_without("""
+        from prunert.cli import main
+        code = main(["plan", sys.argv[1], "--device", "orin-nx-16gb", "--json"])
+        assert_no_heavy_modules()
+        assert code == 0
+        """, tiny_artifact, blocked=("torch", "transformers", "onnx", "onnxruntime"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["device"]["name"] == "orin-nx-16gb"
+
+
 def test_the_device_table_names_a_source_per_row() -> None:
     table = devices()
     assert {name: d.memory_bytes // GIB for name, d in table.items()} == {"orin-nano-8gb": 8, "orin-nx-16gb": 16, "agx-orin-64gb": 64,
