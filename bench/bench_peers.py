@@ -51,6 +51,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--spin", action="store_true", help="let both peers' ONNX Runtime threads spin (default: off, as prunert's)")
     p.add_argument("--block-size", type=int, default=Int4Settings.block_size, help="int4 block size (default: %(default)s)")
     p.add_argument("--probe-gib", type=float, default=1.0, help="array size of the bandwidth probe, GiB (default: %(default)s)")
+    p.add_argument("--prepare-only", action="store_true", help="export / quantize / build what the run needs, then stop")
     p.add_argument("--work", type=Path, default=ROOT / "bench/results/peers", help="artifacts and builds (cached)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/bench_peers.json", help="JSON report")
     args = p.parse_args(argv)
@@ -295,20 +296,26 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def build_peers(args: argparse.Namespace, checkpoint: Path, artifact: Path, runtime, int4: Int4Settings,
-                unavailable: dict) -> tuple[dict, dict, dict]:
-    """(peer, precision) -> peer, what each runs (graph file, nodes, session settings), ORT-genai's builds."""
-    from prunert.manifest import load_manifest
-
+def genai_builds(args: argparse.Namespace, checkpoint: Path, int4: Int4Settings) -> dict:
+    """precision -> ORT-genai's model built from the checkpoint's Llama (cached in --work)."""
     llama = extract_llama(checkpoint, args.work / f"llama-{checkpoint.name}")
-    capacity = load_manifest(artifact, verify_hashes=False).text.max_sequence  # ORT-genai's KV capacity = prunert's
-    peers, graphs, builds = {}, {}, {}
+    builds = {}
     for precision in args.precisions:
         settings = int4 if precision == "int4" else None
         out = args.work / f"genai-{checkpoint.name}-{precision}-{settings_key(settings)}"
         model_dir, seconds = build_genai(llama, out, precision, int4, log)
         builds[precision] = {"dir": str(model_dir), "build_s": seconds, "int4": asdict(settings) if settings else None}
-        genai = peers[("ort-genai", precision)] = GenaiPeer(model_dir, args.threads, runtime.session_config(), capacity)
+    return builds
+
+
+def open_peers(args: argparse.Namespace, artifact: Path, builds: dict, runtime, unavailable: dict) -> tuple[dict, dict]:
+    """(peer, precision) -> peer, and what each runs (graph file, nodes, session settings)."""
+    from prunert.manifest import load_manifest
+
+    capacity = load_manifest(artifact, verify_hashes=False).text.max_sequence  # ORT-genai's KV capacity = prunert's
+    peers, graphs = {}, {}
+    for precision in args.precisions:
+        genai = peers[("ort-genai", precision)] = GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
         graphs[f"ort-genai {precision}"] = {"nodes": genai.graph_nodes(), "session_options": genai.session_options,
                                             "max_length": capacity}
         if f"prunert {precision}" not in unavailable:
@@ -316,7 +323,7 @@ def build_peers(args: argparse.Namespace, checkpoint: Path, artifact: Path, runt
             graphs[f"prunert {precision}"] = peers[("prunert", precision)].graph()
     for label, facts in graphs.items():
         log(f"{label}: {facts}")
-    return peers, graphs, builds
+    return peers, graphs
 
 
 def print_summary(report: dict) -> None:
@@ -355,7 +362,11 @@ def main(argv=None) -> int:
         if reason:
             unavailable["prunert int4"] = reason
     int4 = int4_settings(prunert_int4, args.block_size)
-    peers, graphs, builds = build_peers(args, checkpoint, artifact, runtime, int4, unavailable)
+    builds = genai_builds(args, checkpoint, int4)
+    if args.prepare_only:
+        log(f"prepared: prunert {artifact}, ORT-genai {[b['dir'] for b in builds.values()]}; unavailable: {unavailable or 'none'}")
+        return 0
+    peers, graphs = open_peers(args, artifact, builds, runtime, unavailable)
     special = next((peer.artifact.special_ids for (name, _), peer in peers.items() if name == "prunert"), set())
     prompts = {c: prompt_ids(c, text_config["vocab_size"], special) for c in args.contexts}
     bandwidth = bandwidth_probe(args.threads, args.probe_gib)
