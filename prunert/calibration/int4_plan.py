@@ -130,11 +130,14 @@ def write_int4(model: onnx.ModelProto, plan: Int4Plan, form: str, dst: Path, con
                feed: dict[str, np.ndarray] | None = None) -> Int4Summary:
     """`model` with the plan's int4 weights in `form`, saved at dst (external data like the source), run once on `feed`."""
     from prunert.calibration.quantize import _check_runs, _save
+    from prunert.staged_dir import _umask
 
     inverse = {activation: (1.0 / s).astype(np.float32) for activation, s in plan.scales.items()}
     written = rewrite(model, plan.quantized, inverse, plan.targets, form, config.accuracy_level)
     dst = Path(dst)
     _save(written, dst, external)
+    for path in dst.parent.glob(dst.name + "*"):  # onnx writes external data 0600: give it a plain file's mode
+        path.chmod(0o666 & ~_umask())
     if feed is not None:
         _check_runs(dst, config.precision, feed)
     inits = {init.name for init in model.graph.initializer}

@@ -74,6 +74,8 @@ def test_the_fused_form_holds_the_same_int4_numbers(int4_artifact: Path) -> None
     variant = manifest.variants["int4"]
     fused = onnx.load(str(int4_artifact / variant.graphs[FUSED_DECODER].file), load_external_data=False)
     assert any(n.op_type == "MatMulNBits" and n.domain == "com.microsoft" for n in fused.graph.node)
+    modes = {path.name: path.stat().st_mode & 0o777 for path in (int4_artifact / variant.graphs["decoder"].file).parent.iterdir()}
+    assert len(set(modes.values())) == 1, modes  # external data too: not onnx's 0600
     assert not any(n.op_type == "MatMul" and n.input[1] in {i.name for i in fused.graph.initializer} for n in fused.graph.node)
     dq_values, dq_scales = _int4_values(int4_artifact / variant.graphs["decoder"].file, "dq")
     nb_values, nb_scales = _int4_values(int4_artifact / variant.graphs[FUSED_DECODER].file, "nbits")
