@@ -168,7 +168,7 @@ def parameter_count(directory: Path, manifest: Manifest, graph: str) -> int:
     return graph_bytes(directory, manifest.graphs[graph]) // FP32
 
 
-def estimated_bytes(params: int, precision: str, path: str, hidden: int, block: int) -> int:
+def estimated_bytes(params: int, precision: str, hidden: int, block: int) -> int:
     if precision in FLOAT_BYTES:
         return int(params * FLOAT_BYTES[precision])
     if precision == "int4":
@@ -186,7 +186,7 @@ def weight_cell(directory: Path, manifest: Manifest, graph: str, precision: str,
     if made(manifest, graph, precision):
         return WeightCell(graph, precision, graph_bytes(directory, manifest.graph_spec(graph, precision)), True)
     params = parameter_count(directory, manifest, graph)
-    return WeightCell(graph, precision, estimated_bytes(params, precision, path, manifest.decoder.hidden_size, config.int4_block), False)
+    return WeightCell(graph, precision, estimated_bytes(params, precision, manifest.decoder.hidden_size, config.int4_block), False)
 
 
 def weight_table(directory: Path, manifest: Manifest, config: PlanConfig) -> tuple[WeightCell, ...]:
@@ -222,14 +222,12 @@ def shared_kv(manifest: Manifest, graph: str, precision: str) -> bool:
 
 
 # ---- KV cache and activations ------------------------------------------------------------------------------------
-def kv_itemsize(manifest: Manifest, graph: str, precision: str, path: str) -> int:
-    """Bytes per KV value: what the graph's past inputs declare; for a variant not made yet, fp16 for 16-bit floats
-    and (on the GPU) int4, else fp32."""
-    if made(manifest, graph, precision):
-        spec = manifest.graph_spec(graph, precision)
-        past = next(t for t in spec.inputs if t.name.startswith(PAST_PREFIX))
-        return np.dtype(past.dtype).itemsize
-    return 2 if precision in ("fp16", "bf16") or (precision == "int4" and path == "tensorrt") else FP32
+def kv_itemsize(manifest: Manifest, graph: str, precision: str) -> int:
+    """Bytes per KV value, as the graph's past inputs declare it (the runtime feeds what the graph declares); a variant
+    not made yet keeps its fp32 graph's KV I/O, as `convert`, `calibrate` and `quantize` write them today."""
+    spec = manifest.graph_spec(graph, precision) if made(manifest, graph, precision) else manifest.graphs[graph]
+    past = next(t for t in spec.inputs if t.name.startswith(PAST_PREFIX))
+    return np.dtype(past.dtype).itemsize
 
 
 def kv_bytes(manifest: Manifest, batch: int, seq: int, itemsize: int) -> int:
@@ -290,8 +288,8 @@ def estimate_path(directory: Path, manifest: Manifest, config: PlanConfig, path:
     prefill = prefill_length(manifest, seq)
     vision_p, decoder_p = config.precisions.vision, config.precisions.decoder
     decoder = decoder_graph(manifest, path, decoder_p)
-    kv_one = kv_bytes(manifest, batch, seq, kv_itemsize(manifest, decoder, decoder_p, path))
-    kv_prefill = kv_bytes(manifest, batch, prefill, kv_itemsize(manifest, decoder, decoder_p, path))
+    itemsize = kv_itemsize(manifest, decoder, decoder_p)
+    kv_one, kv_prefill = kv_bytes(manifest, batch, seq, itemsize), kv_bytes(manifest, batch, prefill, itemsize)
     logits, scores = decoder_activations(manifest, batch, prefill)
     vision = vision_activations(manifest, batch, config.vision_head_dim)
     weights = [_weights(directory, manifest, "vision", vision_p, path, config), _weights(directory, manifest, decoder, decoder_p, path, config)]
@@ -302,7 +300,7 @@ def estimate_path(directory: Path, manifest: Manifest, config: PlanConfig, path:
                       f"host process {config.process_bytes / MIB:.0f} MiB (measured, CPU) + CUDA/TensorRT runtime "
                       f"{config.gpu_runtime_bytes / GIB:.1f} GiB (assumed)"),
             *weights,
-            Component("KV cache", 2 * kv_one, f"2 x {kv_one / MIB:.1f} MiB: front and back buffers [B, kv_heads, S, head_dim] (ping-pong)"),
+            Component("KV cache", 2 * kv_one, f"2 x {kv_one / MIB:.1f} MiB: front and back buffers [B, kv_heads, S, head_dim] of {itemsize} B values (ping-pong)"),
             Component("activations", 2 * logits + 2 * scores + vision, f"{scores_how}, the logits copied to the host; vision graph "
                       "inputs, scores and MLP of one layer"),
             Component("TensorRT workspace", config.workspace_bytes, "the builder's tactic scratch cap (EngineBuildConfig.workspace_bytes; "
@@ -315,11 +313,11 @@ def estimate_path(directory: Path, manifest: Manifest, config: PlanConfig, path:
     if decode_peak >= prefill_peak:
         kv = Component("KV cache", decode_peak - int(config.arena_factor * logits),
                        f"{'1 x preallocated' if shared else '2 x (past and present at the last step)'} {kv_one / MIB:.1f} MiB "
-                       f"x arena {config.arena_factor}")
+                       f"({itemsize} B values) x arena {config.arena_factor}")
         act = int(config.arena_factor * logits)
         act_how = f"decode peak: the prefill's logits B x P x V (P = {prefill}) kept, x arena {config.arena_factor}"
     else:
-        kv = Component("KV cache", kv_one if shared else kv_prefill, f"{'preallocated at S' if shared else f'present at the prefill ({prefill})'}")
+        kv = Component("KV cache", kv_one if shared else kv_prefill, f"{'preallocated at S' if shared else f'present at the prefill ({prefill})'}, {itemsize} B values")
         act, act_how = 2 * logits + 2 * scores, f"prefill peak: 2 x logits B x P x V and 2 x attention scores B x heads x P x P (P = {prefill})"
     return PathEstimate(path, (
         Component("runtime overhead", config.process_bytes + 2 * config.session_bytes,
