@@ -147,3 +147,18 @@ def test_not_an_artifact_is_one_line(tmp_path: Path, prunert_main, error_line) -
     assert code == 2
     error_line(err, str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_build_takes_the_tensorrt_form(int4_artifact: Path, tmp_path: Path, fake_trt) -> None:
+    import shutil
+
+    from prunert.config import EngineBuildConfig
+    from prunert.engines.builder import build_engines
+
+    copy = tmp_path / "build"
+    shutil.copytree(int4_artifact, copy)
+    before = load_manifest(copy)
+    manifest = build_engines(copy, EngineBuildConfig(precision="int4", workspace_bytes=1 << 28), log=lambda message: None)
+    built = {engine.graph: engine.onnx_sha256 for engine in manifest.engines if engine.precision == "int4"}
+    variant = before.variants["int4"]
+    assert built == {"vision": before.files[variant.graphs["vision"].file], "decoder": before.files[variant.graphs["decoder"].file]}
