@@ -28,7 +28,8 @@ from prunert.manifest import KV_SHARED_BUFFER, GraphSpec, TensorSpec
 if TYPE_CHECKING:
     from prunert.export.adapter import ExportAdapter
 
-MASKED = -1e9  # additive bias on padded key columns (finite: a fully padded query row stays finite)
+MASKED_FRACTION = 0.5  # additive bias on padded key columns: half the dtype's lowest value (finite: a fully padded query
+# row stays finite, and 0 x bias is 0 on unpadded columns)
 FUSED_OPSET = 17  # default-domain ops used here exist at 17; contrib ops are com.microsoft v1
 
 
@@ -57,7 +58,8 @@ class _Dims:
 
 def build_fused_decoder(adapter: ExportAdapter, max_sequence: int, path: Path, dtype: str = "float32") -> GraphSpec:
     """Write `path` (+ `path.data`) from the adapter's text backbone and LM head; returns its manifest spec.
-    max_sequence: the longest cache (positions and the buffers' capacity)."""
+    max_sequence: the longest cache (positions and the buffers' capacity). dtype: weights, compute and KV buffers
+    ("float32", or "float16" for an fp16 export); inputs_embeds and logits stay float32 like the standard decoder's."""
     backbone, head = adapter.text_backbone(), adapter.lm_head()
     config = backbone.config
     dims = _Dims(config.num_hidden_layers, config.num_attention_heads, config.num_key_value_heads,
@@ -68,11 +70,15 @@ def build_fused_decoder(adapter: ExportAdapter, max_sequence: int, path: Path, d
     try:
         inputs, outputs = _io(w, dims, leading, dtype)
         prelude = _prelude(w, dims, rope, max_sequence, dtype)
-        hidden, residual = "inputs_embeds", ""
+        hidden, residual = ("inputs_embeds" if dtype == "float32" else w.one("Cast", ["inputs_embeds"], to=_onnx_type(dtype))), ""
         for i, layer in enumerate(backbone.layers):
             hidden, residual = _layer(w, i, layer, dims, rope, prelude, hidden, residual, dtype)
         normed = _norm(w, hidden, residual, backbone.norm.weight, dims, dtype, "/model/norm")[0]
-        w.op("MatMul", [normed, w.weight("lm_head.weight", _t(head.weight, dtype))], ["logits"], name="/lm_head/MatMul")  # [B, S, V]
+        low = dtype != "float32"
+        logits = w.op("MatMul", [normed, w.weight("lm_head.weight", _t(head.weight, dtype))], [w.fresh("logits") if low else "logits"],
+                      name="/lm_head/MatMul")  # [B, S, V]
+        if low:
+            w.op("Cast", logits, ["logits"], to=1)  # float32 logits, as the standard decoder's
         w.save(FUSED_OPSET)
     finally:
         w.close()
@@ -83,9 +89,9 @@ def build_fused_decoder(adapter: ExportAdapter, max_sequence: int, path: Path, d
 
 def _io(w: GraphWriter, d: _Dims, leading: tuple[int, ...], dtype: str):
     kv = ("batch", d.kv_heads, "cache", d.head_dim)
-    inputs = [("inputs_embeds", dtype, ("batch", "sequence", d.hidden)), ("attention_mask", "int64", ("batch", "total")),
+    inputs = [("inputs_embeds", "float32", ("batch", "sequence", d.hidden)), ("attention_mask", "int64", ("batch", "total")),
               ("position_ids", "int64", (*leading, "batch", "sequence"))]
-    outputs = [("logits", dtype, ("batch", "sequence", d.vocab))]
+    outputs = [("logits", "float32", ("batch", "sequence", d.vocab))]
     for i in range(d.layers):
         for kind in ("key", "value"):
             inputs.append((f"past_key_values.{i}.{kind}", dtype, kv))
@@ -108,7 +114,8 @@ def _prelude(w: GraphWriter, d: _Dims, rope: RopeSpec, max_sequence: int, dtype:
     seqlens = w.one("Expand", [w.one("Sub", [total, w.const(1, "int32")]), batch])  # [B] int32: total - 1 per row
     seq = w.one("Slice", [w.one("Shape", ["inputs_embeds"]), w.const([1]), w.const([2])])  # [1]
     padded = w.one("Sub", [w.const(1.0, dtype), w.one("Cast", ["attention_mask"], to=_onnx_type(dtype))])  # [B, total]
-    bias = w.one("Unsqueeze", [w.one("Mul", [padded, w.const(MASKED, dtype)]), w.const([1, 2])])  # [B, 1, 1, total]
+    masked = float(np.finfo(np.dtype(dtype)).min) * MASKED_FRACTION
+    bias = w.one("Unsqueeze", [w.one("Mul", [padded, w.const(masked, dtype)]), w.const([1, 2])])  # [B, 1, 1, total]
     shape = w.one("Concat", [batch, w.const([1]), seq, w.one("Unsqueeze", [total64, w.const([0])])], axis=0)
     out = {"seqlens_k": seqlens, "total": total, "bias": w.one("Expand", [bias, shape])}  # [B, 1, S, total]
     inv_freq = np.asarray(rope.inv_freq, np.float64)
@@ -117,11 +124,12 @@ def _prelude(w: GraphWriter, d: _Dims, rope: RopeSpec, max_sequence: int, dtype:
         out["cos"] = w.weight("rotary.cos_cache", (np.cos(angles) * rope.scaling).astype(dtype))
         out["sin"] = w.weight("rotary.sin_cache", (np.sin(angles) * rope.scaling).astype(dtype))
         return out
-    # M-RoPE: angle[b, s, f] = position[stream(f), b, s] * inv_freq[f]; a one-hot [streams, head_dim/2] matmul picks the stream
+    # M-RoPE: angle[b, s, f] = position[stream(f), b, s] * inv_freq[f]; a one-hot [streams, head_dim/2] weight picks the stream
     streams = np.repeat(np.arange(len(rope.sections)), rope.sections)  # [head_dim/2]
     pick = (np.arange(len(rope.sections))[:, None] == streams[None]) * inv_freq[None].astype(np.float32)
-    positions = w.one("Cast", [w.one("Transpose", ["position_ids"], perm=[1, 2, 0])], to=1)  # [B, S, streams] float32
-    angles = w.one("MatMul", [positions, w.weight("rotary.mrope_inv_freq", pick.astype(np.float32))])  # [B, S, head_dim/2]
+    positions = w.one("Unsqueeze", [w.one("Cast", ["position_ids"], to=1), w.const([-1])])  # [streams, B, S, 1] float32
+    picked = w.one("Mul", [positions, w.weight("rotary.mrope_inv_freq", pick.astype(np.float32)[:, None, None])])  # [streams, B, S, hd/2]
+    angles = w.one("ReduceSum", [picked, w.const([0])], keepdims=0)  # [B, S, head_dim/2]: one nonzero term per frequency
     for name, op in (("cos", "Cos"), ("sin", "Sin")):
         value = w.one("Mul", [w.one(op, [angles]), w.const(rope.scaling, "float32")])
         out[name] = w.one("Unsqueeze", [w.one("Cast", [value], to=_onnx_type(dtype)), w.const([2])])  # [B, S, 1, head_dim/2]
@@ -146,7 +154,8 @@ def _layer(w: GraphWriter, i: int, layer: Any, d: _Dims, rope: RopeSpec, pre: di
         q_size, kv_size = d.heads * d.head_dim, d.kv_heads * d.head_dim
         q, k, v = w.op("Split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)  # [B, S, H*hd], [B, S, KV*hd] x 2
         q, k = _rotate(w, q, d.heads, d.head_dim, pre), _rotate(w, k, d.kv_heads, d.head_dim, pre)
-        feeds = [q, k, v, *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
+        packed = w.one("Concat", [q, k, v], axis=-1)  # [B, S, (H + 2 KV) * hd]: packed, as on the 1-D path
+        feeds = [packed, "", "", *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
     else:  # 1-D RoPE inside attention, on packed QKV. It rotates at cache slots (slot j of a left-padded row is position
         # j - pad): every score is shifted by the same `pad` in query and key, and RoPE scores depend only on the difference
         feeds = [qkv, "", "", *past, pre["seqlens_k"], pre["total"], pre["cos"], pre["sin"], "", pre["bias"]]
