@@ -135,11 +135,14 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
     del graph.initializer[:]
     graph.initializer.extend(kept)
     nodes: list[onnx.NodeProto] = []
-    muls_done: set[str] = set()
+    folded = {x: _fold_into_producer(model, graph, x, inverse_scales[x], targets) for x in inverse_scales}
+    replaced = {index: node for index, node in folded.values() if index is not None}  # producer index -> its rescaled copy
+    muls_done = {x for x, (index, _) in folded.items() if index is not None}
+    scaled = {x: name for x, name in scaled.items() if x not in muls_done} | {x: x for x in muls_done}
     for index, node in enumerate(model.graph.node):
         target = by_node.get(index)
         if target is None:
-            nodes.append(node)  # the source model's node (extend copies it)
+            nodes.append(replaced.get(index, node))  # the source model's node (extend copies it)
             continue
         x = target.activation
         if x in scaled:
@@ -154,6 +157,42 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
     graph.node.extend(nodes)
     _set_opsets(out, form)
     return out
+
+
+# Producers whose output is (normalised x) * weights (+ bias) with [K] initializers at these inputs: dividing them by
+# s is exact. Skip* norms' pre-norm bias (input + skip + bias) is not among them.
+_SCALE_INPUTS = {"SimplifiedLayerNormalization": (1,), "SkipSimplifiedLayerNormalization": (2,), "RMSNormalization": (1,),
+                 "LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)}
+
+
+def _fold_into_producer(model: onnx.ModelProto, graph: onnx.GraphProto, x: str, inverse: np.ndarray,
+                        targets: list[MatMulTarget]) -> tuple[int | None, onnx.NodeProto | None]:
+    """Fold the AWQ inverse scales [K] of activation x into the norm (or Mul by a [K] initializer) producing it, where
+    exact: x feeds only target matmuls. Its scale initializers are copied, rescaled, into `graph` (the copy being
+    written; the originals may be shared with other nodes). -> (the producer's index, its new node), or (None, None):
+    not folded, a Mul goes before the matmuls."""
+    readers = [node for node in model.graph.node if x in node.input]
+    matmuls = {id(model.graph.node[t.node]) for t in targets if t.activation == x}
+    if any(id(node) not in matmuls for node in readers) or x in {o.name for o in model.graph.output}:
+        return None, None
+    index = next((i for i, node in enumerate(model.graph.node) if x in node.output), None)
+    producer = model.graph.node[index] if index is not None else None
+    if producer is None or producer.domain not in ("", "ai.onnx", "com.microsoft") or producer.output[0] != x:
+        return None, None
+    inits = {init.name: init for init in graph.initializer}
+    if producer.op_type == "Mul":
+        positions = tuple(i for i, name in enumerate(producer.input) if name in inits)
+    else:
+        positions = tuple(i for i in _SCALE_INPUTS.get(producer.op_type, ()) if i < len(producer.input) and producer.input[i])
+    if not positions or any(producer.input[i] not in inits or tuple(inits[producer.input[i]].dims) != inverse.shape for i in positions):
+        return None, None
+    node = onnx.NodeProto()
+    node.CopyFrom(producer)
+    for i in positions:
+        value = numpy_helper.to_array(inits[producer.input[i]])
+        node.input[i] = f"{producer.input[i]}_awq_{x}"
+        graph.initializer.append(numpy_helper.from_array((value.astype(np.float32) * inverse).astype(value.dtype), node.input[i]))
+    return index, node
 
 
 def _int4_matmul(graph: onnx.GraphProto, node: onnx.NodeProto, x: str, weight: Int4Weight, target: MatMulTarget,

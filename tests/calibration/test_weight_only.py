@@ -98,6 +98,39 @@ def test_awq_mul_scales_the_activation_and_keeps_the_product() -> None:
     np.testing.assert_allclose(_run(out, x), (x / s) @ int4["w"].dequantize(), rtol=1e-4, atol=1e-4)
 
 
+def _norm_matmul_model(weight: np.ndarray, gamma: np.ndarray, extra_reader: bool) -> onnx.ModelProto:
+    """y = (h * gamma) @ W, an RMSNorm's last Mul feeding the matmul; extra_reader: z = h * gamma + h too."""
+    k = weight.shape[0]
+    nodes = [helper.make_node("Mul", ["h", "gamma"], ["x"], name="norm_scale"), helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if extra_reader:
+        nodes.append(helper.make_node("Add", ["x", "h"], ["z"], name="other"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, None))
+    inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(gamma, "gamma")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT, [None, k])], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+
+
+@pytest.mark.parametrize("extra_reader", [False, True])
+def test_awq_scales_fold_into_the_norm_weight_where_exact(extra_reader: bool) -> None:
+    rng = np.random.default_rng(5)
+    weight, gamma = rng.normal(size=(64, 16)).astype(np.float32), rng.uniform(0.5, 1.5, size=64).astype(np.float32)
+    s = rng.uniform(0.5, 2.0, size=64).astype(np.float32)
+    h = rng.normal(size=(3, 64)).astype(np.float32)
+    model = _norm_matmul_model(weight, gamma, extra_reader)
+    int4 = {"w": quantize_blockwise(weight * s[:, None], 32)}
+    out = rewrite(model, int4, {"x": 1 / s}, matmul_targets(model), "nbits", accuracy_level=0)
+    muls = [n.name for n in out.graph.node if n.name.endswith("_awq_mul")]
+    scale_input = next(n for n in out.graph.node if n.name == "norm_scale").input[1]
+    folded = next(numpy_helper.to_array(i) for i in out.graph.initializer if i.name == scale_input)
+    if extra_reader:  # x is read by another node: the scales cannot go into gamma
+        assert muls == ["x_awq_mul"] and scale_input == "gamma" and np.array_equal(folded, gamma)
+    else:  # a rescaled copy (the original gamma may be shared with other norms)
+        assert muls == [] and scale_input != "gamma" and np.allclose(folded, gamma / s)
+    session = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(["y"], {"h": h})[0], ((h * gamma) / s) @ int4["w"].dequantize(), rtol=1e-4, atol=1e-4)
+
+
 def test_awq_lowers_the_output_error_on_outlier_channels() -> None:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(256, 128)).astype(np.float32)
