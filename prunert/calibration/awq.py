@@ -6,7 +6,8 @@ For each activation X [.., K] read by quantized matmuls (q/k/v share theirs, gat
      Q(diag(s) W_i) (block-wise int4 RTN) and X becomes X / s; keep the alpha whose summed output error
      sum_i ||X W_i - (X / s) Q(diag(s) W_i)||^2 over sampled rows is smallest (alpha 0 is plain RTN, so AWQ
      never does worse than RTN on those rows);
-  3. the weights are stored scaled, and 1/s is a Mul on X before its matmuls (weight_only.rewrite).
+  3. the weights are stored scaled; 1/s goes into the norm weight producing X where exact, else a Mul on X
+     before its matmuls (weight_only.rewrite).
 """
 
 from __future__ import annotations

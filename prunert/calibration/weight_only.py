@@ -9,8 +9,9 @@ The SAME q and scales are written in two forms:
     ONNX Runtime CPU fuses this pair into MatMulNBits itself (DQMatMulToMatMulNBits).
   - "nbits" (ONNX Runtime form): com.microsoft MatMulNBits(X, B uint8 [N, ceil(K/B), B/2], scales [N*ceil(K/B)])
     with bits=4, no zero-point input (ORT's default zero point 8 for the unsigned nibbles q + 8).
-AWQ (prunert.calibration.awq) scales the weights per input channel first and puts the inverse scales on the
-activations as a Mul before the matmuls that share an input; RTN quantizes the weights as they are.
+AWQ (prunert.calibration.awq) scales the weights per input channel first and puts the inverse scales into the
+norm weight producing their input where exact, else a Mul before the matmuls that share it; RTN and GPTQ
+(prunert.calibration.gptq) quantize the weights as they are.
 """
 
 from __future__ import annotations
