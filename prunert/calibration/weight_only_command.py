@@ -114,7 +114,7 @@ def _quantize_role_graph(directory: Path, manifest, name: str, calibration_set, 
         inputs = {i.name for i in model.graph.input}
         feeds = [{k: v for k, v in feed.items() if k in inputs} for feed in collect_feeds(VLMPipeline(directory, decoder=name), calibration_set)["decoder"]]
         plan = plan_int4(src, model, config, vocab, feeds, log)
-        summary = write_int4(model, plan, form, dst, config, external, feeds[0])
+        summary = write_int4(model, plan, form, dst, config, external, feeds[0] if feeds else None)
         issues = check_trt(dst, TrtCheckConfig().for_int4()) if form == "dq" else []
         if issues:
             lines = "; ".join(issue.line() for issue in issues[:5])

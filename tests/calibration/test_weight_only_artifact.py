@@ -162,3 +162,14 @@ def test_build_takes_the_tensorrt_form(int4_artifact: Path, tmp_path: Path, fake
     built = {engine.graph: engine.onnx_sha256 for engine in manifest.engines if engine.precision == "int4"}
     variant = before.variants["int4"]
     assert built == {"vision": before.files[variant.graphs["vision"].file], "decoder": before.files[variant.graphs["decoder"].file]}
+
+
+def test_eval_runs_the_int4_variant(int4_artifact: Path, tmp_path: Path, prunert_main) -> None:
+    data = tmp_path / "questions.jsonl"
+    data.write_text("".join(json.dumps({"image": str(EXAMPLES / name), "question": "What is shown?", "answer": "cat"}) + "\n"
+                            for name in ("astronaut.jpg", "coffee.jpg")))
+    out = tmp_path / "eval.json"
+    code, stdout, err = prunert_main("eval", int4_artifact, "--data", data, "--precision", "int4", "--max-new-tokens", "2", "--out", out)
+    assert code == 0, err
+    row = json.loads(out.read_text())["artifacts"][0]
+    assert row["precision"] == "int4" and len(row["predictions"]) == 2
