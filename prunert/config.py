@@ -454,7 +454,7 @@ WEIGHT_ONLY_LM_HEAD = ("int4", "fp32")
 
 @dataclass(frozen=True)
 class WeightOnlyConfig:
-    """Int4 weight-only (W4A16) quantization of the decoder role's MatMul weights (`prunert quantize`).
+    """Int4 weight-only quantization of the decoder role's MatMul weights (`prunert quantize`).
 
     Symmetric int4 ([-8, 7], no zero point: TensorRT's DequantizeLayer takes zero points of 0 only), one
     fp32 scale per block of block_size input rows (K) per output column. The same int4 numbers become

@@ -1,4 +1,4 @@
-"""Int4 weight-only (W4A16) quantization of the decoder role's graphs: `prunert quantize A --weights int4`.
+"""Int4 weight-only quantization of the decoder role's graphs: `prunert quantize A --weights int4`.
 
 Every `MatMul(X [.., K], W [K, N] float initializer)` of a decoder graph gets symmetric int4 weights
 q in [-8, 7], one fp32 scale per block of `block_size` rows of K per output column n:

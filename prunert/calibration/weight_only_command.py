@@ -25,12 +25,13 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     defaults = WeightOnlyConfig()
     p = sub.add_parser("quantize", help="add int4 weight-only decoder graphs (MatMulNBits for ONNX Runtime, INT4 DequantizeLinear for TensorRT)")
     p.add_argument("artifact", type=Path)
-    p.add_argument("--weights", required=True, help="int4: block-wise symmetric int4 weights, fp32 activations (W4A16)")
+    p.add_argument("--weights", required=True, help="int4: block-wise symmetric int4 weights; activations stay in the graph's float dtype (weight-only)")
     p.add_argument("--algo", default=defaults.algo, help=f"{' | '.join(WEIGHT_ONLY_ALGOS)}: round to nearest, activation-aware "
                    "scales (AWQ) or error feedback (GPTQ) from the calibration set (default %(default)s)")
     p.add_argument("--block-size", type=int, default=defaults.block_size,
                    help=f"{' | '.join(map(str, WEIGHT_ONLY_BLOCK_SIZES))}: input rows per scale (default %(default)s, as ONNX Runtime GenAI)")
-    p.add_argument("--graphs", default="decoder", help=f"decoder | vision | all: int4 is for the decoder role (default %(default)s)")
+    p.add_argument("--graphs", default="decoder", help="decoder (both decoder forms; default). vision and all are refused: int4 is "
+                   "weight-only for the decoder role, the vision graph stays fp32 so the selection stays exact")
     p.add_argument("--lm-head", default=defaults.lm_head, help=f"{' | '.join(WEIGHT_ONLY_LM_HEAD)}: the lm_head's weights "
                    "(default %(default)s, as ONNX Runtime GenAI); the embedding table stays the runtime's fp32 file")
     p.add_argument("--images", type=Path, help="calibration images for AWQ and the drift report (default: examples/calibration)")
