@@ -9,7 +9,6 @@ does the rename: exclusive for a new --out, a journaled swap for --overwrite (wh
 from __future__ import annotations
 
 import contextlib
-import gc
 import importlib.metadata
 import io
 import json
@@ -35,6 +34,7 @@ from prunert.errors import ArtifactError, ExportError, ModelSourceError, Prunert
 from prunert.export.adapter import PREPROCESSOR_CONFIG, ExportAdapter
 from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
 from prunert.export.validate import check_graph, check_symbolic_dims, reference
+from prunert.export.weights import own_weights, release_weights
 from prunert.manifest import MANIFEST_NAME, DecoderSpec, GraphSpec, Manifest, SourceSpec, TensorSpec, TextSpec, BudgetSpec, hash_directory
 
 VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntime", "numpy", "tokenizers")
@@ -43,20 +43,6 @@ VERSIONED_PACKAGES = ("torch", "transformers", "onnx", "onnxscript", "onnxruntim
 def load_export_adapter(source: ModelSource, dtype: str = "fp32") -> ExportAdapter:
     """The family's export adapter on the checkpoint, its torch weights in `dtype` (an export dtype)."""
     return export_adapter_class(source.family)(source.path, dtype=dtype)
-
-
-def release_weights(model: torch.nn.Module) -> None:
-    """Free the torch weights before ONNX Runtime loads the exported graphs, so the two are never resident together:
-    every parameter and buffer gets an empty tensor (the module cannot run afterwards), the exporter's leftovers are
-    collected, and glibc returns the freed heap pages to the system."""
-    with torch.no_grad():
-        for tensor in (*model.parameters(), *model.buffers()):
-            tensor.data = torch.empty(0, dtype=tensor.dtype)
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):  # not glibc: the allocator keeps its pages, nothing breaks
-        import ctypes
-
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def fit_budget(adapter: ExportAdapter, budget: BudgetConfig) -> None:
@@ -86,6 +72,7 @@ def export_artifact(
     log(f"loading {source.label} at {cfg.dtype}" + (" (synthetic checkpoint: seeded random weights)" if source.synthetic else "")
         + (f" ({source.note})" if source.note else ""))
     adapter = load_export_adapter(source, cfg.dtype)
+    own_weights(adapter.model)  # held once, as the graphs read them: no transposed copy in the exporter, no file pages beside
     fit_budget(adapter, budget)
     pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
     for name in ("tokenizer.json", "preprocessor_config.json"):
