@@ -121,3 +121,27 @@ def test_manifest_dtype_is_strict(artifact_copy: Path, edit_manifest) -> None:
         load_manifest(artifact_copy)
     edit_manifest(artifact_copy, lambda data: data["source"].pop("dtype"))
     assert load_manifest(artifact_copy).source.dtype == "fp32"
+
+
+def test_own_weights_keeps_the_model_and_leaves_nothing_in_the_checkpoint_mapping() -> None:
+    """Linears become MatMulLinear (weights [in, out]: the exporter folds no transposed copy), every tensor is copied
+    out of the safetensors mapping, and the model computes what it did."""
+    import torch
+
+    from prunert.adapters import resolve_source
+    from prunert.export.pipeline import load_export_adapter
+    from prunert.export.weights import MatMulLinear, _inside, _mapped_checkpoint_ranges, own_weights
+
+    adapter = load_export_adapter(resolve_source(TINY), "fp32")
+    pixels = adapter.example_vision_inputs(2)
+    head = adapter.model.lm_head.weight.detach().clone()  # [V, D]
+    with torch.no_grad():
+        before = adapter.vision_features(*pixels)["tokens"]  # [B, N, D]
+    assert any(_inside(p, _mapped_checkpoint_ranges()) for p in adapter.model.parameters())  # transformers maps the file
+    assert own_weights(adapter.model) > 0
+    assert not [m for m in adapter.model.modules() if type(m) is torch.nn.Linear]
+    assert isinstance(adapter.model.lm_head, MatMulLinear) and torch.equal(adapter.model.lm_head.weight, head)
+    assert not [n for n, p in adapter.model.named_parameters() if _inside(p, _mapped_checkpoint_ranges())]
+    with torch.no_grad():
+        after = adapter.vision_features(*pixels)["tokens"]
+    torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
