@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import helper
 
 from prunert.calibration.weight_only import Int4Weight, quantize_blockwise
 
@@ -35,16 +35,17 @@ class ScaleChoice:
     error: float  # at the chosen alpha
 
 
-def activation_stats(model: onnx.ModelProto, external_dir: str | None, activations: list[str],
+def activation_stats(model: onnx.ModelProto, external_dir: str | None, activations: dict[str, int],
                      feeds: list[dict[str, np.ndarray]], rows: int, seed: int = 0) -> dict[str, ActivationStats]:
-    """Run the fp32 graph (`model` loaded without external data; its weights files in external_dir) on the
-    feeds with `activations` as extra outputs: their mean |x| per channel and up to `rows` sampled rows each."""
+    """Run the float graph (`model` loaded without external data; its weights files in external_dir) on the feeds
+    with `activations` (name -> element type) as extra outputs: their mean |x| per channel and up to `rows` sampled
+    rows each (float32)."""
     import onnxruntime as ort
 
     probe = onnx.ModelProto()
     probe.CopyFrom(model)
     present = {out.name for out in probe.graph.output}
-    probe.graph.output.extend(helper.make_tensor_value_info(name, TensorProto.FLOAT, None) for name in activations if name not in present)
+    probe.graph.output.extend(helper.make_tensor_value_info(name, kind, None) for name, kind in activations.items() if name not in present)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if external_dir:
@@ -57,7 +58,7 @@ def activation_stats(model: onnx.ModelProto, external_dir: str | None, activatio
     counts: dict[str, int] = {}
     samples: dict[str, list[np.ndarray]] = {name: [] for name in activations}
     for feed in feeds:
-        values = session.run(activations, {k: v for k, v in feed.items() if k in inputs})
+        values = session.run(list(activations), {k: v for k, v in feed.items() if k in inputs})
         for name, value in zip(activations, values):
             flat = np.asarray(value, np.float32).reshape(-1, value.shape[-1])  # [rows, K]
             sums[name] = sums.get(name, 0) + np.abs(flat).sum(axis=0)

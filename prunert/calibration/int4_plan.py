@@ -76,7 +76,7 @@ def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds:
         return Int4Plan(groups, quantized)
     external = any(init.data_location == TensorProto.EXTERNAL for init in structure.graph.initializer)
     log(f"{config.algo.upper()}: activation statistics of {len(groups)} matmul inputs on {len(feeds)} feeds")
-    stats = activation_stats(structure, str(Path(src).parent) if external else None, [g[0].activation for g in groups], feeds, config.sample_rows)
+    stats = activation_stats(structure, str(Path(src).parent) if external else None, {g[0].activation: g[0].dtype for g in groups}, feeds, config.sample_rows)
     if config.algo == "gptq":
         quantized, errors = {}, [0.0, 0.0]
         for group in groups:

@@ -230,3 +230,30 @@ def test_weight_only_config_validates(field: str, value, needle: str) -> None:
     with pytest.raises(ConfigError, match=None) as caught:
         WeightOnlyConfig(**{field: value})
     assert needle in str(caught.value)
+
+
+def test_fp16_graphs_get_fp16_scales_and_statistics() -> None:
+    """An fp16 export: AWQ's probe outputs take the activation's type, the int4 scales and Muls the weights' (W4A16)."""
+    from prunert.calibration.awq import activation_stats
+
+    rng = np.random.default_rng(6)
+    weight, gamma = rng.normal(size=(64, 16)).astype(np.float16), rng.uniform(0.5, 1.5, size=64).astype(np.float16)
+    nodes = [helper.make_node("Mul", ["h", "gamma"], ["x"], name="norm_scale"), helper.make_node("MatMul", ["x", "w"], ["y"], name="proj")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("h", TensorProto.FLOAT16, [None, 64])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT16, None)],
+                              [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(gamma, "gamma")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    targets = matmul_targets(model)
+    assert targets[0].dtype == TensorProto.FLOAT16
+    h = rng.normal(size=(5, 64)).astype(np.float16)
+    stats = activation_stats(model, None, {"x": TensorProto.FLOAT16}, [{"h": h}], rows=8)
+    np.testing.assert_allclose(stats["x"].mean_abs, np.abs((h * gamma).astype(np.float32)).mean(axis=0), rtol=1e-2)
+    for form in ("nbits", "dq"):
+        out = rewrite(model, {"w": quantize_blockwise(weight, 32)}, {}, targets, form, accuracy_level=0)
+        scale = next(i for i in out.graph.initializer if i.name.endswith("_scale"))
+        assert scale.data_type == TensorProto.FLOAT16
+        assert _run_fp16(out, h).dtype == np.float16
+
+
+def _run_fp16(model: onnx.ModelProto, h: np.ndarray) -> np.ndarray:
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"h": h})[0]
