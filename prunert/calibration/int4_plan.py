@@ -10,7 +10,8 @@ own), so both forms hold the very same int4 numbers.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import hashlib
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +31,7 @@ class Int4Plan:
     alphas: dict[str, float] = field(default_factory=dict)
     algo: str = "rtn"  # what ran
     error_ratio: float | None = None  # AWQ / RTN summed output error on the sampled rows
+    column_keys: tuple[tuple[bytes, ...], ...] = ()  # per group, a digest of each float weight column (transfer_plan)
 
     @property
     def targets(self) -> list[MatMulTarget]:
@@ -66,11 +68,22 @@ def _targets(structure: onnx.ModelProto, config, vocab_size: int, where: str) ->
 
 def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds: list[dict[str, np.ndarray]], log) -> Int4Plan:
     """The int4 numbers of the graph at `src` (`model`: it with its weights): RTN, or AWQ / GPTQ from the feeds."""
+    structure = onnx.load(str(src), load_external_data=False)
+    groups = _groups(_targets(structure, config, vocab_size, Path(src).name))
+    plan = _plan(src, structure, model, groups, config, feeds, log)
+    keys = tuple(tuple(key for t in group for key in _column_keys(weight_array(model, t.weight))) for group in groups)
+    return replace(plan, column_keys=keys)
+
+
+def _column_keys(weight: np.ndarray) -> list[bytes]:
+    """A digest of each column of weight [K, N] (float32 bytes)."""
+    return [hashlib.blake2b(column.tobytes(), digest_size=16).digest() for column in np.ascontiguousarray(weight.T)]
+
+
+def _plan(src: Path, structure: onnx.ModelProto, model: onnx.ModelProto, groups, config, feeds, log) -> Int4Plan:
     from prunert.calibration.awq import activation_stats, search_scales
     from prunert.calibration.gptq import gptq_quantize
 
-    structure = onnx.load(str(src), load_external_data=False)
-    groups = _groups(_targets(structure, config, vocab_size, Path(src).name))
     if config.algo == "rtn" or not feeds:
         quantized = {t.weight: quantize_blockwise(weight_array(model, t.weight), config.block_size) for g in groups for t in g}
         return Int4Plan(groups, quantized)
@@ -98,23 +111,22 @@ def plan_int4(src: Path, model: onnx.ModelProto, config, vocab_size: int, feeds:
     return Int4Plan(groups, quantized, scales, alphas, "awq", errors[1] / errors[0] if errors[0] > 0 else None)
 
 
-def transfer_plan(plan: Int4Plan, model: onnx.ModelProto, other_src: Path, other: onnx.ModelProto, config, vocab_size: int) -> Int4Plan | None:
-    """`plan` (of `model`) for the graph `other` holding the same matrices in other groupings (fused QKV): groups
-    paired in order; each of `other`'s weight columns takes the int4 column and scales of the identical column of
-    its pair (RTN, AWQ and GPTQ quantize each output column on its own). None where a column has no twin."""
+def transfer_plan(plan: Int4Plan, other_src: Path, other: onnx.ModelProto, config, vocab_size: int) -> Int4Plan | None:
+    """`plan` for the graph `other` holding the same matrices in other groupings (fused QKV): groups paired in
+    order; each of `other`'s weight columns takes the int4 column and scales of the identical column of its pair
+    (plan.column_keys; RTN, AWQ and GPTQ quantize each output column on its own). None where a column has no twin."""
     structure = onnx.load(str(other_src), load_external_data=False)
     groups = _groups(_targets(structure, config, vocab_size, Path(other_src).name))
     if len(groups) != len(plan.groups):
         return None
     quantized, scales, alphas = {}, {}, {}
-    for mine, theirs in zip(plan.groups, groups):
-        ours = np.concatenate([weight_array(model, t.weight) for t in mine], axis=1)  # [K, sum N]
+    for mine, theirs, keys in zip(plan.groups, groups, plan.column_keys):
         values = np.concatenate([plan.quantized[t.weight].values for t in mine], axis=1)  # [K, sum N]
         blocks = np.concatenate([plan.quantized[t.weight].scales for t in mine], axis=1)  # [K/B, sum N]
-        column = {ours[:, j].tobytes(): j for j in range(ours.shape[1])}
+        column = {key: j for j, key in enumerate(keys)}
         for t in theirs:
             weight = weight_array(other, t.weight)  # [K, N]
-            picks = [column.get(weight[:, j].tobytes()) for j in range(weight.shape[1])] if weight.shape[0] == ours.shape[0] else [None]
+            picks = [column.get(key) for key in _column_keys(weight)] if weight.shape[0] == values.shape[0] else [None]
             if None in picks:
                 return None
             quantized[t.weight] = Int4Weight(values[:, picks], blocks[:, picks], config.block_size)

@@ -126,15 +126,10 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
     activation with inverse_scales[activation] [K] is multiplied by them first (AWQ), once for all its readers."""
     if form not in FORMS:
         raise ExportError(f"int4 form: got {form!r}, expected one of {list(FORMS)}")
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
+    out = _copy_without(model, {t.weight for t in targets})  # not a second copy of the float weights
     graph = out.graph
     by_node = {t.node: t for t in targets}
     scaled = {name: f"{name}_awq_scaled" for name in inverse_scales}
-    drop = {t.weight for t in targets}
-    kept = [init for init in graph.initializer if init.name not in drop]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
     nodes: list[onnx.NodeProto] = []
     folded = {x: _fold_into_producer(model, graph, x, inverse_scales[x], targets) for x in inverse_scales}
     replaced = {index: node for index, node in folded.values() if index is not None}  # producer index -> its rescaled copy
@@ -157,6 +152,24 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
     del graph.node[:]
     graph.node.extend(nodes)
     _set_opsets(out, form)
+    return out
+
+
+def _copy_without(model: onnx.ModelProto, drop: set[str]) -> onnx.ModelProto:
+    """A copy of `model` without the graph initializers named in `drop` (never copied: a 7B decoder's weights)."""
+    out = onnx.ModelProto()
+    for source, target in ((model, out), (model.graph, out.graph)):
+        for field_desc, value in source.ListFields():
+            if field_desc.name == "graph" and source is model:
+                continue
+            if field_desc.name == "initializer":
+                target.initializer.extend(init for init in value if init.name not in drop)
+            elif field_desc.is_repeated:
+                getattr(target, field_desc.name).extend(value)
+            elif field_desc.type == field_desc.TYPE_MESSAGE:
+                getattr(target, field_desc.name).CopyFrom(value)
+            else:
+                setattr(target, field_desc.name, value)
     return out
 
 

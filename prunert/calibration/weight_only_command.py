@@ -121,8 +121,7 @@ def _quantize_role_graph(directory: Path, manifest, name: str, calibration_set, 
             lines = "; ".join(issue.line() for issue in issues[:5])
             raise ExportError(f"{config.precision} {dst.name}: {len(issues)} TensorRT-compatibility problem(s): {lines}")
         return plan, summary
-    source = onnx.load(str(directory / manifest.graphs["decoder"].file))
-    carried = transfer_plan(plan, source, src, model, config, vocab)
+    carried = transfer_plan(plan, src, model, config, vocab)
     if carried is None:  # the graphs do not hold the same matrices in pairable groups
         raise ExportError(f"{spec.file}: its matmul weights do not pair with decoder.onnx's; cannot give it the same int4 numbers")
     return plan, write_int4(model, carried, form, dst, config, external)
