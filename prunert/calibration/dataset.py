@@ -26,6 +26,7 @@ import numpy as np
 from prunert.config import GenerationConfig
 from prunert.errors import ConfigError, ImageError, PromptError
 from prunert.runtime.image import load_image
+from prunert.runtime.pipeline import make_runner
 from prunert.runtime.runner import DecoderSession, HostKVSession
 
 IMAGE_PLACEHOLDER = "<image>"  # the placeholder BUILTIN_PROMPTS use; swapped for manifest.text.placeholder
@@ -191,7 +192,8 @@ def collect_feeds(
     vision: list[dict[str, np.ndarray]] = []
     decoder: list[dict[str, np.ndarray]] = []
     runners = pipe.vision, pipe.decoder
-    pipe.vision, pipe.decoder = _Recorder(runners[0], vision), _Recorder(runners[1], decoder)
+    standard = runners[1] if runners[1].spec.kv_cache is None else make_runner(pipe.artifact, "decoder", pipe.backend, pipe.precision, pipe.runtime)
+    pipe.vision, pipe.decoder = _Recorder(runners[0], vision), _Recorder(standard, decoder)  # the standard decoder: the form calibrated
     head, tail = calibration_set.samples[:decode_samples], calibration_set.samples[decode_samples:]
     try:
         for samples, tokens in ((head, decode_steps + 1), (tail, 1)):
