@@ -251,13 +251,16 @@ def decoder_activations(manifest: Manifest, batch: int, prefill: int) -> tuple[i
 
 
 def vision_activations(manifest: Manifest, batch: int, head_dim: int) -> int:
-    """The vision graph's largest live tensors per call, fp32: its inputs, attention scores [b, heads, T, T] and the
-    MLP [b, T, 4 D] of one layer. b = B where the graph has a batch axis, else 1 (one image per call); T = the largest
-    bounded dim (dim_ranges, e.g. Qwen2.5-VL's patches), else N + 1; D = the decoder's hidden size, the tower's own
-    width not being in the manifest (heads = D / head_dim)."""
+    """The vision graph's largest live tensors per call, fp32: its inputs, attention scores [n, heads, T, T] and the
+    MLP [n, T, 4 D] of one layer over its n sequences. With a batch axis, n = B x tiles (the static axes of the first
+    input before its [C, H, W]; LLaVA-NeXT: 5) and T = N / tiles + 1; without one (one image per call), n = 1 and
+    T = the largest bounded dim (dim_ranges, Qwen2.5-VL's patches). D = the decoder's hidden size, the tower's own width
+    not being in the manifest (heads = D / head_dim): an over-estimate for a tower narrower than its decoder."""
     spec = manifest.graphs["vision"]
-    per_call = batch if spec.inputs[0].shape[0] == "batch" else 1
-    tokens = max((high for _, _, high in spec.dim_ranges.values()), default=manifest.budget.num_visual_tokens + 1)
+    first = spec.inputs[0].shape  # [batch, (tiles,) C, H, W] or [patches, ...]
+    per_call = batch if first[0] == "batch" else 1
+    tiles = math.prod(d for d in first[1:-3] if isinstance(d, int)) if first[0] == "batch" else 1
+    tokens = max((high for _, _, high in spec.dim_ranges.values()), default=-(-manifest.budget.num_visual_tokens // tiles) + 1)
     width = manifest.decoder.hidden_size
 
     def size(dim: int | str) -> int | None:  # a static size, the batch, a bounded dim's maximum; None: unbounded
@@ -265,7 +268,7 @@ def vision_activations(manifest: Manifest, batch: int, head_dim: int) -> int:
 
     sizes = [[size(d) for d in t.shape] for t in spec.inputs]
     inputs = sum(math.prod(dims) * np.dtype(t.dtype).itemsize for t, dims in zip(spec.inputs, sizes) if None not in dims)
-    return inputs + per_call * (max(1, width // head_dim) * tokens * tokens + tokens * 4 * width) * FP32
+    return inputs + per_call * tiles * (max(1, width // head_dim) * tokens * tokens + tokens * 4 * width) * FP32
 
 
 # ---- the two paths ------------------------------------------------------------------------------------------------
