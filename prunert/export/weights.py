@@ -18,13 +18,17 @@ import torch
 
 
 class MatMulLinear(torch.nn.Module):
-    """`nn.Linear` with its weight stored transposed, [in, out] (`weight_t`): forward is x @ weight_t (+ bias), which the
-    exporter writes as MatMul on the initializer. `weight` is the [out, in] view every reader of a Linear expects."""
+    """`nn.Linear` whose parameter is the weight's transpose, [in, out] (`weight_t`): forward is x @ weight_t (+ bias),
+    which the exporter writes as MatMul on that initializer. weight_t is a transposed VIEW of the [out, in] storage: no
+    copy, and torch's CPU fp16 matmul takes its fast path on it (on a contiguous [in, out] copy it is ~70x slower).
+    `weight` is the [out, in] tensor every reader of a Linear expects."""
 
-    def __init__(self, linear: torch.nn.Linear):
+    def __init__(self, linear: torch.nn.Linear, weight: torch.Tensor | None = None):
+        """weight: the [out, in] storage to view (default: the Linear's own)."""
         super().__init__()
         self.in_features, self.out_features = linear.in_features, linear.out_features
-        self.weight_t = torch.nn.Parameter(linear.weight.detach().t().contiguous(), requires_grad=False)  # [in, out]
+        source = linear.weight.detach() if weight is None else weight
+        self.weight_t = torch.nn.Parameter(source.t(), requires_grad=False)  # [in, out], strides of the [out, in] storage
         self.bias = linear.bias
 
     @property
@@ -38,7 +42,7 @@ class MatMulLinear(torch.nn.Module):
 
 def own_weights(model: torch.nn.Module) -> int:
     """Give the model its weights in its own memory, in the layout the graphs read: every `nn.Linear` becomes a
-    MatMulLinear, every other tensor still mapped from the checkpoint file is copied. One tensor at a time, each
+    MatMulLinear (a view: no copy), every tensor still mapped from the checkpoint file is copied out of it. One tensor at a time, each
     source's file pages dropped once copied (drop_file_pages): transformers maps the safetensors file, and every page
     the exporter reads would otherwise stay resident beside the copy. A Linear whose weight another module shares (a
     tied LM head) keeps its layout: the copy would not free it. Returns how many Linears were replaced."""
@@ -49,9 +53,11 @@ def own_weights(model: torch.nn.Module) -> int:
             for name, child in list(module.named_children()):
                 if type(child) is torch.nn.Linear and id(child.weight) not in shared:
                     source = child.weight.detach()
-                    setattr(module, name, MatMulLinear(child))
-                    child.weight = None  # the original [out, in] storage is freed with `source`
-                    drop_file_pages(source, mapped)
+                    own = source.clone() if _inside(source, mapped) else source  # out of the file mapping: the one copy
+                    setattr(module, name, MatMulLinear(child, own))
+                    child.weight = None
+                    if own is not source:
+                        drop_file_pages(source, mapped)
                     replaced += 1
         for tensor in (*model.parameters(), *model.buffers()):
             if _inside(tensor, mapped):
