@@ -36,13 +36,14 @@ from peers_genai import GenaiPeer, Int4Settings, build_genai, extract_llama, gen
 PEERS = ("prunert", "ort-genai")
 STATEMENT = "weights are synthetic (seeded random): only speed is measured, not accuracy"
 BUDGET = 64  # the artifact's K: the decoder does not depend on it (the prompt here is text ids, no image)
-EXPORT_SOURCES = ("prunert/export", "prunert/adapters")  # a cached artifact is re-exported when these changed since
+EXPORT_SOURCES = ("prunert/export", "prunert/adapters", "prunert/calibration")  # a cached artifact is re-made when these change
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="llava-1.5-shaped", help="synthetic LLaVA preset (default: %(default)s)")
-    p.add_argument("--artifact", type=Path, help="an exported prunert artifact of the preset to use (default: export into --work)")
+    p.add_argument("--artifact", type=Path, help="an exported prunert artifact of the preset to use (default: export into --work); "
+                   "int4 adds its variant with `prunert quantize` when it has none")
     p.add_argument("--precisions", default="fp32,int4", help="comma-separated, of fp32 and int4 (default: %(default)s)")
     p.add_argument("--contexts", default="104,616,1500", help="prefill lengths C (default: %(default)s)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed after each prefill (default: %(default)s)")
@@ -99,10 +100,11 @@ def prunert_artifact(args: argparse.Namespace, checkpoint: Path, max_sequence: i
                "--max-prompt-tokens", str(prompt_tokens), "--max-new-tokens", str(max(new_tokens, 1)),
                "--out", str(directory), "--overwrite"]
     log(f"prunert: exporting {directory}")
+    clean = not git("status", "--porcelain", "--", *EXPORT_SOURCES).stdout.strip()  # a dirty tree's export is never reused
     start, done = time.perf_counter(), subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode:
         raise SystemExit(f"bench: error: prunert export failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
-    facts = {"checkpoint": checkpoint.name, "git_commit": git("rev-parse", "HEAD").stdout.strip(), "command": command[2:],
+    facts = {"checkpoint": checkpoint.name, "git_commit": git("rev-parse", "HEAD").stdout.strip() if clean else None, "command": command[2:],
              "export_s": time.perf_counter() - start}
     record.write_text(json.dumps(facts) + "\n")
     return directory, {**facts, "reused": False}
