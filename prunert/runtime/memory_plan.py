@@ -6,8 +6,9 @@ Two paths are planned, each with its own total and verdict:
 - "tensorrt": the standard-op `decoder` graph on the device's GPU (TensorRT engines, or ORT-CUDA), KV ping-pong buffers;
 - "onnxruntime-cpu": `decoder_fused` where the precision's graph set has it (in-place KV preallocated at S), else `decoder`.
 Jetson memory is one pool shared by CPU and GPU, so both totals count the process, the host arrays and the embedding table.
-The CPU terms are calibrated against peak RSS (ru_maxrss) of the ONNX Runtime CPU pipeline (tests/runtime/test_memory_plan.py,
-the measured table in the issue-12 note); the GPU-only terms (CUDA/TensorRT runtime) are assumptions, not measurements.
+The CPU terms are calibrated against the peak RSS (VmHWM) of the ONNX Runtime CPU pipeline, within 15% in
+tests/runtime/test_memory_plan.py (-8% .. +3% on the points measured: fused, standard and int4 decoders, a mid-size
+and the llava-1.5-shaped artifact); the GPU-only terms (CUDA/TensorRT runtime) are assumptions, not measurements.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ class PlanConfig:
     batch, max_seq: B and S (None: the manifest's text.max_sequence); precisions: per graph role.
     os_reserve_bytes: taken off the device's memory for firmware carve-outs and the OS. An ASSUMPTION: the datasheets
         give no figure (a headless L4T); pass the free memory your device reports as --device GB instead.
-    CPU terms, measured here with ru_maxrss (x86-64 Linux, CPython 3.12, onnxruntime 1.32, numpy 2.4):
+    CPU terms, measured here as peak RSS (x86-64 Linux, CPython 3.11, onnxruntime 1.32, numpy 2.4):
     process_bytes: python + numpy + onnxruntime + tokenizers + pillow imported, nothing loaded (60 MB).
     session_bytes: one ONNX Runtime CPU session beyond its weights (tiny artifact: 17 MB for two sessions).
     load_transient: while a session loads, its graph file is resident a second time in part (the largest initializers
