@@ -29,9 +29,11 @@ from prunert import pruning_ops
 from prunert.adapters import ModelSource, export_adapter_class, resolve_source
 from prunert.adapters.hf_loading import checkpoint_dtype
 from prunert.artifact_publish import PARTIAL, Staging, clean_stale, publish, recover_swap, refuse_unless_artifact
-from prunert.config import SCHEMA_VERSION, BudgetConfig, ExportConfig
+from prunert.config import FUSED_DECODER, SCHEMA_VERSION, BudgetConfig, ExportConfig
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
 from prunert.export.adapter import PREPROCESSOR_CONFIG, ExportAdapter
+from prunert.export.fused_decoder import build_fused_decoder
+from prunert.export.fused_validate import check_fused_decoder, fused_reference
 from prunert.export.graphs import VisionPruneGraph, decoder_dims, decoder_export_spec, decoder_module, kept_dim, vision_export_spec
 from prunert.export.validate import check_graph, check_symbolic_dims, reference
 from prunert.export.weights import own_weights, release_weights
@@ -122,6 +124,12 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     checks.append(partial(check_graph, reference(decoder, args, staging / "decoder.onnx", decoder_spec, cfg.dtype)))
     _check_tensorrt(staging / "decoder.onnx", cfg)
 
+    log("building the fused decoder graph (ONNX Runtime's fused ops, KV cache written in place)")
+    fused_dtype = {"fp32": "float32", "fp16": "float16"}[cfg.dtype]  # its weights, compute and KV buffers (I/O stays float32)
+    fused_spec = build_fused_decoder(adapter, cfg.max_sequence(budget.budget), staging / "decoder_fused.onnx", fused_dtype)
+    checks.append(partial(check_fused_decoder, fused_reference(decoder, dims, leading), staging / "decoder_fused.onnx", fused_spec, dims,
+                          cfg.dtype))
+
     table = adapter.embedding_table().detach().float().numpy()  # [V, D]
     np.save(staging / "embed_tokens.npy", table)
     shutil.copyfile(source.path / "tokenizer.json", staging / "tokenizer.json")
@@ -144,7 +152,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
             note=source.note, dtype=cfg.dtype
         ),
         budget=BudgetSpec(budget=budget.budget, method=budget.method, params=pruning_ops.method_params(budget), num_visual_tokens=adapter.num_visual_tokens),
-        graphs={"vision": vision_spec, "decoder": decoder_spec},
+        graphs={"vision": vision_spec, "decoder": decoder_spec, FUSED_DECODER: fused_spec},
         text=TextSpec(
             embeddings="embed_tokens.npy",
             tokenizer="tokenizer.json",

@@ -310,6 +310,7 @@ def _fast_fake_export(monkeypatch: pytest.MonkeyPatch) -> None:
 
     monkeypatch.setattr(export_pipeline, "_export", fake_export)
     monkeypatch.setattr(export_pipeline, "check_graph", lambda *a: None)
+    monkeypatch.setattr(export_pipeline, "check_fused_decoder", lambda *a: None)
     monkeypatch.setattr(export_pipeline, "_check_tensorrt", lambda *a: None)
 
 
