@@ -217,7 +217,9 @@ class ExportConfig:
     max_new_tokens: int = 256  # decode steps the artifact is sized for
     max_batch: int = 8
     export_batch: int = 2  # example batch used for tracing: never 1
-    external_data_threshold_bytes: int = 1 << 30  # larger graphs store weights beside the .onnx
+    # Larger graphs store weights beside the .onnx: every reader then loads the graph without them (an inline graph is
+    # read whole, parsed, and copied again by each checker and by ONNX Runtime: 3x its weights during export).
+    external_data_threshold_bytes: int = 1 << 28
     dtype: str | None = None  # --dtype (EXPORT_DTYPES); None: the checkpoint's own (hf_loading.checkpoint_dtype)
 
     def __post_init__(self) -> None:
