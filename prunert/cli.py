@@ -160,11 +160,15 @@ def _calibrate(args: argparse.Namespace) -> int:
     config = CalibrationConfig(precision=args.precision, method=args.calibration_method, max_samples=args.max_samples,
                                graphs=tuple(args.graph) if args.graph else CalibrationConfig().graphs)
     calibration = _sample_set(args.artifact, args.images, args.prompts, config.max_samples)
-    manifest, drift = calibrate_artifact(args.artifact, calibration, config)
+    return variant_written(*calibrate_artifact(args.artifact, calibration, config), args.precision, args.artifact)
+
+
+def variant_written(manifest, drift, precision: str, artifact: Path) -> int:
+    """What `calibrate` and `quantize` print after adding a variant: its drift table, the source note, where it went."""
     print(drift.table())
     if source_note(manifest.source):
         print(source_note(manifest.source))
-    print(f"wrote the {args.precision} graphs into {args.artifact} (listed in its manifest)")
+    print(f"wrote the {precision} graphs into {artifact} (listed in its manifest)")
     return 0
 
 
@@ -455,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
     from prunert.runtime.plan_command import add_plan_parser
     add_plan_parser(sub)  # `prunert plan`: memory per component and a verdict per device (manifest and file sizes only)
     from prunert.calibration.weight_only_command import add_quantize_parser, run_quantize
-    add_quantize_parser(sub).set_defaults(func=lambda args: run_quantize(args, _sample_set, source_note))
+    add_quantize_parser(sub).set_defaults(func=lambda args: run_quantize(args, _sample_set, variant_written))
     return parser
 
 

@@ -252,3 +252,23 @@ def assert_one_error_line(stderr: str, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+@pytest.fixture(scope="session")
+def greedy_steps():
+    """session, embedding table, prefill (embeds, mask, positions) -> (logits per call, the session's cache, final mask):
+    a prefill then `steps` greedy decode steps through DecoderSession.run (the sessions' tests compare two of them)."""
+    import numpy as np
+
+    def run(session, table, embeds, mask, positions, steps: int = 4):
+        session.reset(embeds.shape[0])
+        logits = [session.run(embeds, mask, positions)]
+        positions = positions[:, -1:]
+        for _ in range(steps):
+            token = logits[-1][:, -1].argmax(-1)
+            mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
+            positions = positions + 1
+            logits.append(session.run(np.asarray(table[token], np.float32)[:, None], mask, positions))
+        return logits, session.present(), mask
+
+    return run

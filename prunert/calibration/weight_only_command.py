@@ -40,18 +40,14 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     return p
 
 
-def run_quantize(args: argparse.Namespace, sample_set: Callable, source_note: Callable) -> int:
-    """The CLI command: sample_set(artifact, images, prompts, max_samples) is the CLI's calibration-set loader."""
+def run_quantize(args: argparse.Namespace, sample_set: Callable, report: Callable) -> int:
+    """The CLI command: sample_set(artifact, images, prompts, max_samples) is the CLI's calibration-set loader;
+    report(manifest, drift, precision, artifact) prints what `calibrate` prints (cli.variant_written)."""
     graphs = {"decoder": ("decoder",), "vision": ("vision",), "all": GRAPH_NAMES}.get(args.graphs, (args.graphs,))
     config = WeightOnlyConfig(precision=args.weights, algo=args.algo, block_size=args.block_size, graphs=tuple(graphs),
                               lm_head=args.lm_head, max_samples=args.max_samples)
     calibration = sample_set(args.artifact, args.images, args.prompts, config.max_samples)
-    manifest, drift = quantize_artifact(args.artifact, calibration, config)
-    print(drift.table())
-    if source_note(manifest.source):
-        print(source_note(manifest.source))
-    print(f"wrote the {config.precision} graphs into {args.artifact} (listed in its manifest)")
-    return 0
+    return report(*quantize_artifact(args.artifact, calibration, config), config.precision, args.artifact)
 
 
 def quantize_artifact(directory: Path, calibration_set, config: WeightOnlyConfig = WeightOnlyConfig(),

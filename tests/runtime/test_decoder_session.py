@@ -25,31 +25,19 @@ def prefill_inputs(tiny_pipeline):
     return tiny_pipeline.splice(tiny_pipeline.tokenize([PROMPT, "<image> a cat?"]), vision.visual_tokens)
 
 
-def _steps(session, pipe, embeds, mask, positions, steps: int = 4):
-    table = pipe.artifact.embeddings
-    session.reset(embeds.shape[0])
-    logits = [session.run(embeds, mask, positions)]
-    positions = positions[:, -1:]
-    for _ in range(steps):
-        token = logits[-1][:, -1].argmax(-1)
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        positions = positions + 1
-        logits.append(session.run(np.asarray(table[token], np.float32)[:, None], mask, positions))
-    return logits, session.present()
-
-
 @pytest.fixture(scope="module")
 def standard_decoder(tiny_pipeline):
     """The standard-op decoder graph (TensorRT's and the GPU backends' form) on ONNX Runtime CPU."""
     return make_runner(tiny_pipeline.artifact, "decoder", "onnxruntime")
 
 
-def test_bound_session_equals_host_round_trip(tiny_pipeline, standard_decoder, prefill_inputs) -> None:
+def test_bound_session_equals_host_round_trip(tiny_pipeline, standard_decoder, prefill_inputs, greedy_steps) -> None:
     layers = tiny_pipeline.manifest.decoder.num_layers
     assert isinstance(standard_decoder.decoder_session(layers), HostKVSession)  # CPU default for this graph (see runner.py)
     bound = OrtBoundKVSession(standard_decoder, layers)  # what ort-cuda uses, here with CPU OrtValues
-    ours, ours_cache = _steps(bound, tiny_pipeline, *prefill_inputs)
-    ref, ref_cache = _steps(HostKVSession(standard_decoder, layers), tiny_pipeline, *prefill_inputs)
+    table = tiny_pipeline.artifact.embeddings
+    ours, ours_cache, _ = greedy_steps(bound, table, *prefill_inputs)
+    ref, ref_cache, _ = greedy_steps(HostKVSession(standard_decoder, layers), table, *prefill_inputs)
     for a, b in zip(ours, ref):
         np.testing.assert_array_equal(a, b)
     assert [c.shape for c in ours_cache] == [c.shape for c in ref_cache]

@@ -28,29 +28,17 @@ def prefill_inputs(tiny_pipeline):
     return embeds, mask, positions
 
 
-def _greedy_steps(session, table, embeds, mask, positions, steps: int = 4):
-    session.reset(embeds.shape[0])
-    logits = [session.run(embeds, mask, positions)]
-    positions = positions[:, -1:]
-    for _ in range(steps):
-        token = logits[-1][:, -1].argmax(-1)
-        mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], axis=1)
-        positions = positions + 1
-        logits.append(session.run(np.asarray(table[token], np.float32)[:, None], mask, positions))
-    return logits, session.present(), mask
-
-
 def test_the_cpu_pipeline_runs_the_fused_decoder_in_place(tiny_pipeline) -> None:
     assert tiny_pipeline.decoder.spec.file == "decoder_fused.onnx"
     assert isinstance(tiny_pipeline.decoder.decoder_session(tiny_pipeline.manifest.decoder.num_layers), SharedBufferKVSession)
 
 
-def test_fused_session_equals_the_standard_graph_step_by_step(tiny_pipeline, prefill_inputs) -> None:
+def test_fused_session_equals_the_standard_graph_step_by_step(tiny_pipeline, prefill_inputs, greedy_steps) -> None:
     layers, table = tiny_pipeline.manifest.decoder.num_layers, tiny_pipeline.artifact.embeddings
     standard = make_runner(tiny_pipeline.artifact, "decoder", "onnxruntime")
-    ref, ref_cache, mask = _greedy_steps(HostKVSession(standard, layers), table, *prefill_inputs)
+    ref, ref_cache, mask = greedy_steps(HostKVSession(standard, layers), table, *prefill_inputs)
     fused = SharedBufferKVSession(tiny_pipeline.decoder, layers)
-    ours, ours_cache, _ = _greedy_steps(fused, table, *prefill_inputs)
+    ours, ours_cache, _ = greedy_steps(fused, table, *prefill_inputs)
     real = mask.astype(bool)
     for step, (a, b) in enumerate(zip(ours, ref)):
         rows = real[:, : prefill_inputs[1].shape[1]] if step == 0 else real[:, -1:]  # padded query rows are undefined
