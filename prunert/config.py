@@ -573,13 +573,23 @@ class ParityTolerances:
     @classmethod
     def for_precisions(cls, precisions: GraphPrecisions, greedy_tokens: int = 8) -> "ParityTolerances":
         """Per-graph precision: the vision-stage bars (VISION_STAGE_BARS: pixels, kept indices, kept tokens) from the
-        vision precision's PRECISION_TOLERANCES, every other bar (logits, greedy tie margin) from the decoder's.
+        vision precision's PRECISION_TOLERANCES; every other bar (logits, KL, greedy tie margin) the looser of the two
+        precisions' (the decoder reads the vision graph's tokens: an fp16 tower moves fp32 logits past fp32's bars).
         Uniform precisions are exactly for_precision's."""
         if precisions.is_uniform:
             return cls.for_precision(precisions.decoder, greedy_tokens)
-        vision = {k: v for k, v in PRECISION_TOLERANCES[precisions.vision].items() if k in VISION_STAGE_BARS}
-        decoder = {k: v for k, v in PRECISION_TOLERANCES[precisions.decoder].items() if k not in VISION_STAGE_BARS}
-        return cls(greedy_tokens=greedy_tokens, **vision, **decoder)
+        vision, decoder = (cls.for_precision(p, greedy_tokens) for p in (precisions.vision, precisions.decoder))
+        bars = {f.name: getattr(vision, f.name) if f.name in VISION_STAGE_BARS else _looser(f.name, getattr(vision, f.name), getattr(decoder, f.name))
+                for f in fields(cls) if f.name != "greedy_tokens"}
+        return cls(greedy_tokens=greedy_tokens, **bars)
+
+
+def _looser(name: str, a: Any, b: Any) -> Any:
+    """The looser of two values of a ParityTolerances bar: a *_max_* bar's larger (None: not checked, the loosest),
+    a *_min_* bar's smaller, the larger tie margin."""
+    if "_min_" in name:
+        return min(a, b)
+    return None if a is None or b is None else max(a, b)
 
 
 # ParityTolerances fields judged on the vision graph's outputs; the rest judge the decoder's (for_precisions).

@@ -18,7 +18,6 @@ from prunert.manifest import GraphSpec
 
 PREFILL_MASK = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]], np.int64)  # [2, 5]: row 0 left-padded by 2
 DECODE_STEPS = 2
-MAX_ABS = 1e-3  # fp32 graph against fp32 torch (the standard decoder's bar, prunert.export.validate)
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class FusedReference:
 def validate_fused_decoder(module: torch.nn.Module, path: Path, spec: GraphSpec, dims: dict[str, int],
                            position_leading: tuple[int, ...]) -> float:
     """module: the torch decoder (graphs.DecoderGraph or the adapter's); returns the largest logits difference.
-    An ExportError names the step and the difference above MAX_ABS. Both halves at once (the module stays alive)."""
+    An ExportError names the step and the difference above the export dtype's bar. Both halves at once (the module stays alive)."""
     return check_fused_decoder(fused_reference(module, dims, position_leading), path, spec, dims)
 
 
@@ -61,11 +60,11 @@ def check_fused_decoder(reference: FusedReference, path: Path, spec: GraphSpec, 
     """The ONNX Runtime half: the graph, driven by the runtime's shared-buffer session, on the reference's steps.
     dtype: the export dtype of the torch reference (fp16: judged by cosine, prunert.export.validate.EXPORT_TOLERANCES)."""
     from prunert import metrics
-    from prunert.config import RuntimeConfig
-    from prunert.export.validate import EXPORT_TOLERANCES
+    from prunert.export.validate import EXPORT_TOLERANCES, ort_session
     from prunert.runtime.runner import OnnxRuntimeRunner
 
-    session = OnnxRuntimeRunner(path, spec, runtime=RuntimeConfig(threads=1)).decoder_session(dims["num_layers"])
+    lean = ort_session(path)  # the graph's weights held once, as for the other graphs' checks
+    session = OnnxRuntimeRunner(path, spec, session=lean).decoder_session(dims["num_layers"])
     session.reset(PREFILL_MASK.shape[0])
     worst = 0.0
     for step, (embeds, mask, positions, expected) in enumerate(reference.steps):

@@ -149,10 +149,12 @@ class OnnxRuntimeRunner(Runner):
     """ONNX Runtime session over one graph of an artifact (CPU by default)."""
 
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), runtime: Any = None,
-                 session_config: dict[str, str] | None = None):
+                 session_config: dict[str, str] | None = None, session: Any = None):
         """providers: names or (name, options) pairs, as ONNX Runtime takes them.
         runtime: prunert.config.RuntimeConfig (threads, spinning); None = its defaults (ORT's thread count, no spinning).
-        session_config: SessionOptions config entries a graph variant needs (its manifest settings say which)."""
+        session_config: SessionOptions config entries a graph variant needs (its manifest settings say which).
+        session: an InferenceSession already open over `path` with options of the caller's (export validation's lean
+        one, prunert.export.validate.ort_session); providers, runtime and session_config then do not apply."""
         from prunert.config import RuntimeConfig
 
         super().__init__(spec)
@@ -172,7 +174,7 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = runtime.threads
         for key, value in {**runtime.session_config(), **(session_config or {})}.items():
             options.add_session_config_entry(key, str(value))
-        self.session = _open_session(ort, Path(path), options, list(providers))
+        self.session = session or _open_session(ort, Path(path), options, list(providers))
         self.output_names = [o.name for o in spec.outputs]
         self.device = "cuda" if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
 

@@ -103,7 +103,7 @@ def test_decode_positions_come_from_the_host_adapter(vlm) -> None:
             return np.zeros((1, 1, 5), np.float32)
 
     host = SimpleNamespace(next_position_ids=lambda positions, mask: positions.max(axis=-1, keepdims=True) + 7)  # [3, B, 1]
-    pipe = SimpleNamespace(artifact=SimpleNamespace(embeddings=np.zeros((5, 4), np.float32), host=host),
+    pipe = SimpleNamespace(artifact=SimpleNamespace(embeddings=np.zeros((5, 4), np.float32), host=host), embeds_dtype=np.dtype(np.float32),
                            manifest=SimpleNamespace(text=SimpleNamespace(max_sequence=16)))
     state = SimpleNamespace(logits=np.zeros((1, 6, 5), np.float32), session=Session(), attention_mask=np.ones((1, 6), np.int64),
                             position_ids=np.arange(18).reshape(3, 1, 6))

@@ -76,7 +76,7 @@ def test_manifest_has_every_required_field(tiny_artifact: Path, tiny_settings: d
 def test_manifest_io_names_and_symbolic_dims(tiny_artifact: Path, tiny_settings: dict) -> None:
     manifest = load_manifest(tiny_artifact)
     budget = tiny_settings["budget"]
-    assert set(manifest.graphs) == {"vision", "decoder"}
+    assert set(manifest.graphs) == {"vision", "decoder", "decoder_fused"}
     vision, decoder = manifest.graphs["vision"], manifest.graphs["decoder"]
 
     assert [t.name for t in vision.inputs] == ["pixel_values", "text_embeds", "text_mask"]
@@ -327,7 +327,7 @@ def test_crash_while_saving_leaves_nothing(tmp_path: Path, monkeypatch: pytest.M
     out = tmp_path / "out"
     with pytest.raises(type(exc)):
         export_pipeline.export_artifact(TINY, out, BudgetConfig(budget=8), log=lambda m: None)
-    assert staged == [["decoder.onnx", "vision.onnx"]]
+    assert staged == [["decoder.onnx", "decoder_fused.onnx", "decoder_fused.onnx.data", "vision.onnx"]]
     assert not out.exists()
     assert _listing(tmp_path) == []
 

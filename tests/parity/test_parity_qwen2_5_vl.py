@@ -123,7 +123,7 @@ def test_placeholder_in_manifest_calibration_and_cli(error_line, capsys, artifac
 
 def test_dim_ranges_are_checked(artifact: Path, pipe: VLMPipeline, tmp_path: Path) -> None:
     text = (artifact / "manifest.json").read_text()
-    assert text.count('"dim_ranges"') == 1  # the vision graph's; empty ones are not written (LLaVA manifests unchanged)
+    assert text.count('"dim_ranges"') == 2  # the vision graph's and the fused decoder's cache; empty ones are not written
     feeds = pipe.artifact.host.vision_inputs([_noise(20, 20)], pipe.artifact.preprocessor_config)
     small = {name: value[: len(value) // 2] for name, value in feeds.items() if name != "image_grid_thw"}  # 8 merged < 16
     embeds, mask = np.zeros((1, 1, 64), np.float32), np.zeros((1, 1), np.int64)
