@@ -1,7 +1,8 @@
-"""`prunert` command line: export, run, parity, inspect, check-trt, visualize, convert, calibrate, build, eval.
+"""`prunert` command line: export, run, parity, inspect, check-trt, visualize, convert, calibrate, quantize, build, eval,
+sweep, plan.
 
-`run`, `inspect`, `visualize`, `build` and `eval` (but for `--reference hf`) stay on the runtime path (no torch import); `export` and
-`parity` import torch; `convert` and `calibrate` need onnx (prunert[export]).
+`run`, `inspect`, `visualize`, `build`, `plan` and `eval` (but for `--reference hf`) stay on the runtime path (no torch import);
+`export` and `parity` import torch; `convert`, `calibrate` and `quantize` need onnx (prunert[export]).
 Bad input prints one line `prunert: error: ...` and exits 2; a parity FAIL exits 1.
 """
 
