@@ -236,15 +236,15 @@ class VLMPipeline:
     def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
         """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers, in the
         order of the graph's past_key_values.* inputs; the cache tensors are found by name, runner.cache_names).
-        From an empty past it runs a fresh decoder session, whatever the graph's KV layout; a non-empty past needs a
-        graph whose present is past + new (kv_cache unset): a shared-buffer graph keeps its cache in its session."""
-        if all(p.shape[2] == 0 for p in past):
+        A shared-buffer graph (the fused decoder) keeps its cache in a session: from an empty past it runs a fresh
+        one; a non-empty past needs a graph whose present is past + new (kv_cache unset)."""
+        if self.decoder.spec.kv_cache is not None:
+            if any(p.shape[2] for p in past):
+                raise ConfigError(f"{self.decoder.spec.file}: its KV cache is a {self.decoder.spec.kv_cache} buffer; a past of "
+                                  f"{past[0].shape[2]} positions is fed through a decoder session (prefill), not run_decoder")
             session = self.decoder.decoder_session(self.manifest.decoder.num_layers)
             session.reset(embeds.shape[0])
             return session.run(embeds, mask, positions), session.present()
-        if self.decoder.spec.kv_cache is not None:
-            raise ConfigError(f"{self.decoder.spec.file}: its KV cache is a {self.decoder.spec.kv_cache} buffer; a past of "
-                              f"{past[0].shape[2]} positions is fed through a decoder session (prefill), not run_decoder")
         names = cache_names(self.decoder.spec)
         out = self.decoder.infer({**dict(zip(HOST_INPUTS, (embeds, mask, positions))), **dict(zip(names.past, past))})
         return out[LOGITS], [out[name] for name in names.present]
