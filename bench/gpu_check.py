@@ -93,7 +93,7 @@ def make_variant(artifact: Path, precision: str, log) -> dict:
     start = time.perf_counter()
     calibration = load_calibration_set(CALIBRATION, None, 16)
     if precision in ("fp16", "bf16"):
-        feeds = collect_feeds(VLMPipeline(artifact, decoder="decoder"), calibration)
+        feeds = collect_feeds(VLMPipeline(artifact), calibration)
         convert_artifact(artifact, PrecisionConfig(precision=precision), feeds, log=log)
     elif precision in ("int8", "fp8"):
         _, drift = calibrate_artifact(artifact, calibration, CalibrationConfig(precision=precision), log=log)

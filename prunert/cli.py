@@ -103,9 +103,6 @@ def _parity(args: argparse.Namespace) -> int:
     out = args.out or Path(args.artifact) / "parity.json"
     report_file = ("--out", frozenset({"artifact", "checks", "verdict"}), "a parity report")  # what --out may replace
     refuse_unless_replaceable_file(out, *report_file)  # before the long run: a directory, link or other file stays
-    from prunert.config import ParityTolerances
-
-    ParityTolerances(greedy_tokens=args.greedy_tokens)  # a bad --greedy-tokens is the error, before the artifact is read
     bars, tolerances = parity_bars(args.artifact, args.precision, args.greedy_tokens)  # the export dtype's where fp32 graphs run
     report = run_parity(args.artifact, args.image, args.prompt, tolerances, model=args.model, backend=args.backend, precision=args.precision,
                         runtime=runtime_config(args))
@@ -138,7 +135,7 @@ def _sample_feeds(artifact: Path, images: Path | None, prompts: Path | None, max
     from prunert.calibration.dataset import collect_feeds
     from prunert.runtime import VLMPipeline
 
-    return collect_feeds(VLMPipeline(artifact, decoder="decoder"), _sample_set(artifact, images, prompts, max_samples))  # convert: the standard form
+    return collect_feeds(VLMPipeline(artifact), _sample_set(artifact, images, prompts, max_samples))
 
 
 def _convert(args: argparse.Namespace) -> int:

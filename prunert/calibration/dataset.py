@@ -187,7 +187,8 @@ def collect_feeds(
 
     Every sample gives one vision feed and one decoder prefill feed; the first `decode_samples` samples
     also give `decode_steps` greedy decode-step feeds each. Those carry the whole KV cache (hundreds of
-    MB per feed for a 7B decoder), hence the cap.
+    MB per feed for a 7B decoder), hence the cap. The decoder feeds are the standard decoder's (the form
+    convert and calibrate rewrite), whichever form the pipeline runs.
     """
     vision: list[dict[str, np.ndarray]] = []
     decoder: list[dict[str, np.ndarray]] = []

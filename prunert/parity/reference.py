@@ -39,7 +39,9 @@ from prunert.runtime.text import text_relevance_inputs
 def parity_bars(artifact_dir: Path, precision: GraphPrecisions, greedy_tokens: int = ParityTolerances.greedy_tokens
                 ) -> tuple[GraphPrecisions, ParityTolerances]:
     """The precisions whose bars apply, and those bars: a role at "fp32" runs the top-level graphs, whose weights are
-    in the artifact's export dtype (manifest source.dtype: fp16 after `export --dtype fp16`), so it gets that dtype's."""
+    in the artifact's export dtype (manifest source.dtype: fp16 after `export --dtype fp16`), so it gets that dtype's.
+    A bad greedy_tokens is the error before the artifact is read."""
+    ParityTolerances(greedy_tokens=greedy_tokens)
     dtype = load_manifest(artifact_dir, verify_hashes=False).source.dtype
     exported = replace(precision, **{role: dtype for role in GRAPH_NAMES if getattr(precision, role) == "fp32"})
     return exported, ParityTolerances.for_precisions(exported, greedy_tokens=greedy_tokens)
@@ -56,7 +58,7 @@ def run_parity(
     runtime: RuntimeConfig = RuntimeConfig(),
 ) -> ParityReport:
     """precision: per graph role (or --precision's text). tolerances None: the precisions' own bars
-    (ParityTolerances.for_precisions: vision-stage bars from the vision precision, decoder-stage from the decoder's)."""
+    (ParityTolerances.for_precisions: vision-stage bars from the vision precision, decoder-stage the looser of both)."""
     precision = GraphPrecisions.parse(precision)
     tolerances = tolerances or parity_bars(artifact_dir, precision)[1]
     pipe = VLMPipeline(artifact_dir, backend=backend, precision=precision, runtime=runtime)

@@ -85,6 +85,18 @@ class DecoderSession(ABC):
     @abstractmethod
     def present(self) -> list[np.ndarray]: ...
 
+    def host_feeds(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, batch: int,
+                   cached: int) -> dict[str, np.ndarray]:
+        """The step's host inputs by name, checked against the spec, and the mask against the cache a session holds
+        itself ([batch, cached + S]): the sessions that keep the cache on their side feed only these."""
+        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
+        check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
+        new = inputs_embeds.shape[1]
+        if attention_mask.shape != (batch, cached + new):
+            raise InputShapeError(f"input 'attention_mask': got {attention_mask.shape}, expected ({batch}, {cached + new}) "
+                                  f"(cached {cached} + new {new} positions)")
+        return feeds
+
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Zero-length past tensors [B, kv_heads, 0, head_dim] with the manifest's dtype and sizes."""
         specs = [self.runner.spec.input(name) for name in self.past_names]
@@ -217,14 +229,7 @@ class OrtBoundKVSession(DecoderSession):
         self.cache = [ort.OrtValue.ortvalue_from_numpy(past, self.runner.device, 0) for past in self.empty_past(batch)]
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
-        check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
-        past_len, batch = self.cache[0].shape()[2], self.cache[0].shape()[0]
-        if attention_mask.shape != (batch, past_len + inputs_embeds.shape[1]):
-            raise InputShapeError(
-                f"input 'attention_mask': got {attention_mask.shape}, expected ({batch}, {past_len + inputs_embeds.shape[1]}) "
-                f"(cached {past_len} + new {inputs_embeds.shape[1]} positions)"
-            )
+        feeds = self.host_feeds(inputs_embeds, attention_mask, position_ids, self.cache[0].shape()[0], self.cache[0].shape()[2])
         binding = self.runner.session.io_binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
@@ -272,12 +277,8 @@ class SharedBufferKVSession(DecoderSession):
             self.binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
 
     def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = dict(zip(HOST_INPUTS, (inputs_embeds, attention_mask, position_ids)))
-        check_inputs(self.runner.spec, feeds, only=HOST_INPUTS)
-        batch, new = self.buffers[0].shape()[0], inputs_embeds.shape[1]
-        if attention_mask.shape != (batch, self.length + new):
-            raise InputShapeError(f"input 'attention_mask': got {attention_mask.shape}, expected ({batch}, {self.length + new}) "
-                                  f"(cached {self.length} + new {new} positions)")
+        feeds = self.host_feeds(inputs_embeds, attention_mask, position_ids, self.buffers[0].shape()[0], self.length)
+        new = inputs_embeds.shape[1]
         if self.length + new > self.capacity:
             raise InputShapeError(f"input 'inputs_embeds': {self.length} cached + {new} new positions exceed the KV cache's "
                                   f"{self.capacity} (the artifact's max_sequence)")
