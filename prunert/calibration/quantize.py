@@ -376,7 +376,7 @@ def calibrate_artifact(
     drop = sorted({spec.file.split("/")[0] for spec in old.graphs.values() if "/" in spec.file}) if old else []
     total = time.perf_counter()
     log(f"running the fp32 graphs on {len(calibration_set.samples)} calibration samples")
-    pipe = VLMPipeline(directory)
+    pipe = VLMPipeline(directory, decoder="decoder")  # the standard form: the one quantized here, and the drift reference
     feeds = collect_feeds(pipe, calibration_set)
     vision_model = onnx.load(str(directory / manifest.graphs["vision"].file), load_external_data=False)
     exclude = {"vision": selection_nodes(vision_model), "decoder": set()}

@@ -25,7 +25,7 @@ from prunert.runtime.host import SpliceLayout
 from prunert.runtime.image import load_image
 from prunert.runtime.decode import decode_steps, table_embedder
 from prunert.runtime.finite import check_finite_outputs
-from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names
+from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names, empty_past
 from prunert.runtime.sampling import next_tokens
 from prunert.runtime.text import content_word_groups, encode_prompt, text_relevance_inputs
 
@@ -230,8 +230,7 @@ class VLMPipeline:
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         """Zero-length past tensors [B, kv_heads, 0, head_dim] in the decoder graph's declared KV dtype, in its past_key_values order."""
-        dec, spec = self.manifest.decoder, self.decoder.spec
-        return [np.zeros((batch, dec.num_kv_heads, 0, dec.head_dim), np.dtype(spec.input(name).dtype)) for name in cache_names(spec).past]
+        return empty_past(self.decoder.spec, batch)
 
     def run_decoder(self, embeds: np.ndarray, mask: np.ndarray, positions: np.ndarray, past: list[np.ndarray]):
         """One stateless decoder call with the cache in numpy: -> logits [B, S, V], present (2 x layers, in the

@@ -98,9 +98,14 @@ class DecoderSession(ABC):
         return feeds
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
-        """Zero-length past tensors [B, kv_heads, 0, head_dim] with the manifest's dtype and sizes."""
-        specs = [self.runner.spec.input(name) for name in self.past_names]
-        return [np.zeros((batch, spec.shape[1], 0, spec.shape[3]), np.dtype(spec.dtype)) for spec in specs]
+        return empty_past(self.runner.spec, batch)
+
+
+def empty_past(spec: GraphSpec, batch: int) -> list[np.ndarray]:
+    """Zero-length past tensors [B, kv_heads, 0, head_dim] of a decoder graph, in its past_key_values.* order, with the
+    dtype and sizes it declares."""
+    tensors = [spec.input(name) for name in cache_names(spec).past]
+    return [np.zeros((batch, t.shape[1], 0, t.shape[3]), np.dtype(t.dtype)) for t in tensors]
 
 
 class HostKVSession(DecoderSession):
