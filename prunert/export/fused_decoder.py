@@ -7,10 +7,12 @@ Every matmul is `MatMul(X [B, S, K], W [K, N] initializer)`, the pattern weight-
 
 KV cache in place (manifest `kv_cache: "shared-buffer"`): past_key_values.{i}.key/value are buffers
 [B, kv_heads, cache, head_dim] allocated once at the capacity the runtime needs (cache <= max_sequence); the
-runtime binds the same buffer as present.{i}.* and GroupQueryAttention writes each step's rows into it. Which
-rows are valid comes from attention_mask [B, total]: total = its length (past + S, the same for every row of a
-left-padded batch), and its zeros (left padding) become an additive attention bias. I/O names are the
-standard decoder's (prunert.export.graphs), so the host feeds both forms the same tensors.
+runtime binds the same buffer as present.{i}.* and GroupQueryAttention writes each step's rows into it. Each row's
+tokens sit at slots 0 .. length - 1 of its buffer row (no padding inside the cache, as ONNX Runtime GenAI keeps it):
+the graph reads from attention_mask [B, total] only its width (total) and each row's count of ones (its length, so
+seqlens_k = length - 1 and a step's new rows go to slots length - S ..). The host's left-padded prefill is aligned
+to slot 0 by the runtime's session (prunert.runtime.runner.SharedBufferKVSession); RoPE then rotates at the tokens'
+own positions and no key is masked by a bias. I/O names are the standard decoder's (prunert.export.graphs).
 """
 
 from __future__ import annotations
@@ -28,8 +30,6 @@ from prunert.manifest import KV_SHARED_BUFFER, GraphSpec, TensorSpec
 if TYPE_CHECKING:
     from prunert.export.adapter import ExportAdapter
 
-MASKED_FRACTION = 0.5  # additive bias on padded key columns: half the dtype's lowest value (finite: a fully padded query
-# row stays finite, and 0 x bias is 0 on unpadded columns)
 FUSED_OPSET = 17  # default-domain ops used here exist at 17; contrib ops are com.microsoft v1
 
 
@@ -104,20 +104,13 @@ def _io(w: GraphWriter, d: _Dims, leading: tuple[int, ...], dtype: str):
 
 
 def _prelude(w: GraphWriter, d: _Dims, rope: RopeSpec, max_sequence: int, dtype: str) -> dict[str, str]:
-    """Tensors every layer shares: seqlens_k [B] int32, total_sequence_length [] int32, the padding bias
-    [B, 1, S, total], and the rotary inputs (1-D: cos/sin caches [max_sequence, head_dim/2] + position ids;
-    M-RoPE: cos/sin [B, S, 1, head_dim/2] for the rotation done before attention)."""
-    mask_shape = w.one("Shape", ["attention_mask"])  # [2]: B, total
-    total64 = w.one("Gather", [mask_shape, w.const(1)], axis=0)  # []
-    total = w.one("Cast", [total64], to=6)  # int32
-    batch = w.one("Slice", [mask_shape, w.const([0]), w.const([1])])  # [1]
-    seqlens = w.one("Expand", [w.one("Sub", [total, w.const(1, "int32")]), batch])  # [B] int32: total - 1 per row
-    seq = w.one("Slice", [w.one("Shape", ["inputs_embeds"]), w.const([1]), w.const([2])])  # [1]
-    padded = w.one("Sub", [w.const(1.0, dtype), w.one("Cast", ["attention_mask"], to=_onnx_type(dtype))])  # [B, total]
-    masked = float(np.finfo(np.dtype(dtype)).min) * MASKED_FRACTION
-    bias = w.one("Unsqueeze", [w.one("Mul", [padded, w.const(masked, dtype)]), w.const([1, 2])])  # [B, 1, 1, total]
-    shape = w.one("Concat", [batch, w.const([1]), seq, w.one("Unsqueeze", [total64, w.const([0])])], axis=0)
-    out = {"seqlens_k": seqlens, "total": total, "bias": w.one("Expand", [bias, shape])}  # [B, 1, S, total]
+    """Tensors every layer shares: seqlens_k [B] int32 (each row's length - 1), total_sequence_length [] int32 (the
+    mask's width), and the rotary inputs (1-D: cos/sin caches [max_sequence, head_dim/2], indexed by GroupQueryAttention
+    at each row's slots; M-RoPE: cos/sin [B, S, 1, head_dim/2] for the rotation done before attention)."""
+    total64 = w.one("Gather", [w.one("Shape", ["attention_mask"]), w.const(1)], axis=0)  # []
+    lengths = w.one("ReduceSum", ["attention_mask", w.const([1])], keepdims=0)  # [B] int64: each row's count of ones
+    seqlens = w.one("Cast", [w.one("Sub", [lengths, w.const(1)])], to=6)  # [B] int32
+    out = {"seqlens_k": seqlens, "total": w.one("Cast", [total64], to=6)}
     inv_freq = np.asarray(rope.inv_freq, np.float64)
     if not rope.sections:
         angles = np.arange(max_sequence, dtype=np.float64)[:, None] * inv_freq[None]  # [max_sequence, head_dim/2]
@@ -155,10 +148,9 @@ def _layer(w: GraphWriter, i: int, layer: Any, d: _Dims, rope: RopeSpec, pre: di
         q, k, v = w.op("Split", [qkv, w.const([q_size, kv_size, kv_size])], 3, axis=-1)  # [B, S, H*hd], [B, S, KV*hd] x 2
         q, k = _rotate(w, q, d.heads, d.head_dim, pre), _rotate(w, k, d.kv_heads, d.head_dim, pre)
         packed = w.one("Concat", [q, k, v], axis=-1)  # [B, S, (H + 2 KV) * hd]: packed, as on the 1-D path
-        feeds = [packed, "", "", *past, pre["seqlens_k"], pre["total"], "", "", "", pre["bias"]]
-    else:  # 1-D RoPE inside attention, on packed QKV. It rotates at cache slots (slot j of a left-padded row is position
-        # j - pad): every score is shifted by the same `pad` in query and key, and RoPE scores depend only on the difference
-        feeds = [qkv, "", "", *past, pre["seqlens_k"], pre["total"], pre["cos"], pre["sin"], "", pre["bias"]]
+        feeds = [packed, "", "", *past, pre["seqlens_k"], pre["total"]]
+    else:  # 1-D RoPE inside attention, on packed QKV, at cache slots: a row's slot j holds its position j
+        feeds = [qkv, "", "", *past, pre["seqlens_k"], pre["total"], pre["cos"], pre["sin"]]
         common["do_rotary"] = 1
     attended = w.op("GroupQueryAttention", feeds, [w.fresh("attn"), *present], domain=MSFT, name=f"{scope}/attn/GroupQueryAttention", **common)[0]
     o = w.one("MatMul", [attended, w.weight(f"layers.{i}.attn.o_proj.weight", _t(attn.o_proj.weight, dtype))], name=f"{scope}/attn/o_proj/MatMul")

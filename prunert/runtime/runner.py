@@ -256,7 +256,9 @@ class SharedBufferKVSession(DecoderSession):
     """A graph whose past and present are one buffer (manifest kv_cache "shared-buffer", prunert.export.fused_decoder):
     past_key_values.{i}.* are preallocated once per batch at the cache capacity, [B, kv_heads, capacity, head_dim],
     and bound as both the input and the present.{i}.* output, so each step writes only its own rows (no copy of
-    the cache). The valid length is the attention mask's: each step's mask is [B, cached + S]."""
+    the cache). The graph keeps each row's tokens from slot 0 and reads its length from the mask's count of ones;
+    the host's protocol is the standard graph's (a left-padded prefill, then one mask column more per step), so
+    the prefill's rows are shifted to slot 0 on the way in and their logits back on the way out."""
 
     runner: OnnxRuntimeRunner
 
@@ -265,13 +267,14 @@ class SharedBufferKVSession(DecoderSession):
         self.capacity = runner.spec.dim_ranges["cache"][2]  # the artifact's max_sequence
         self.buffers: list[Any] = []
         self.length = 0
+        self.padding = np.zeros(0, np.int64)  # [B] the prefill's left padding per row
 
     def reset(self, batch: int) -> None:
         import onnxruntime as ort
 
-        self.length = 0
+        self.length, self.padding = 0, np.zeros(batch, np.int64)
         if self.buffers and self.buffers[0].shape()[0] == batch:
-            return  # rows past `length` are never read: the old contents need no clearing
+            return  # slots past a row's length are never read: the old contents need no clearing
         specs = [self.runner.spec.input(name) for name in self.past_names]
         self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type((batch, spec.shape[1], self.capacity, spec.shape[3]),
                                                                  np.dtype(spec.dtype), self.runner.device, 0) for spec in specs]
@@ -287,12 +290,50 @@ class SharedBufferKVSession(DecoderSession):
         if self.length + new > self.capacity:
             raise InputShapeError(f"input 'inputs_embeds': {self.length} cached + {new} new positions exceed the KV cache's "
                                   f"{self.capacity} (the artifact's max_sequence)")
+        first = self.length == 0
+        if first:  # [B, S, D] and positions [..., B, S]: each row's tokens from slot 0
+            self.padding = left_padding(attention_mask)
+            feeds[HOST_INPUTS[0]] = shift_rows(inputs_embeds, -self.padding, axis=1)
+            feeds[HOST_INPUTS[2]] = shift_rows(position_ids, -self.padding, axis=-1)
         for name, value in feeds.items():
             self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
         self.binding.bind_output(LOGITS)  # unallocated again: its shape changes from prefill to decode
         self.runner.session.run_with_iobinding(self.binding)
         self.length += new
-        return self.binding.get_outputs()[0].numpy()  # logits [B, S, V], bound first
+        logits = self.binding.get_outputs()[0].numpy()  # [B, S, V], bound first
+        return shift_rows(logits, self.padding, axis=1) if first else logits  # the host's layout: each row's last token at -1
 
     def present(self) -> list[np.ndarray]:
-        return [buffer.numpy()[:, :, : self.length] for buffer in self.buffers]
+        """The cache in the host's left-padded layout, [B, kv_heads, length, head_dim]: zeros where a row is padded."""
+        out = []
+        for buffer in self.buffers:
+            held = buffer.numpy()[:, :, : self.length]
+            cache = np.zeros_like(held)
+            for row, pad in enumerate(self.padding):
+                cache[row, :, pad:] = held[row, :, : self.length - pad]
+            out.append(cache)
+        return out
+
+
+def left_padding(mask: np.ndarray) -> np.ndarray:
+    """mask [B, S] of a prefill -> each row's count of leading zeros [B]; a row whose zeros are not all leading is an
+    InputShapeError (the host pads on the left only)."""
+    pad = mask.shape[1] - mask.sum(axis=1)  # [B]
+    aligned = np.arange(mask.shape[1])[None] >= pad[:, None]  # [B, S]: the mask a left-padded row has
+    if not (mask.astype(bool) == aligned).all():
+        row = int(np.flatnonzero((mask.astype(bool) != aligned).any(axis=1))[0])
+        raise InputShapeError(f"input 'attention_mask': row {row} of the prefill is not left-padded (expected zeros, then ones)")
+    return pad.astype(np.int64)
+
+
+def shift_rows(x: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
+    """Roll each batch row of x along `axis` by its own shift (> 0: towards the end); the batch axis is the one before
+    `axis` ([B, S, ...] with axis 1, or [..., B, S] with axis -1). No shift: x itself."""
+    if not shift.any():
+        return x
+    axis = axis % x.ndim
+    size = x.shape[axis]
+    index = (np.arange(size)[None] - shift[:, None]) % size  # [B, S]: source of each destination slot
+    shape = [1] * x.ndim
+    shape[axis - 1], shape[axis] = index.shape
+    return np.take_along_axis(x, index.reshape(shape), axis=axis)

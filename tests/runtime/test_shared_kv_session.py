@@ -11,7 +11,7 @@ import pytest
 from prunert.config import FUSED_DECODER
 from prunert.errors import InputShapeError
 from prunert.runtime.pipeline import make_runner
-from prunert.runtime.runner import HostKVSession, SharedBufferKVSession
+from prunert.runtime.runner import HostKVSession, SharedBufferKVSession, left_padding, shift_rows
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["<image>\nWhat is in the cup?", "<image> a cat?"]
@@ -44,12 +44,11 @@ def test_fused_session_equals_the_standard_graph_step_by_step(tiny_pipeline, pre
         rows = real[:, : prefill_inputs[1].shape[1]] if step == 0 else real[:, -1:]  # padded query rows are undefined
         np.testing.assert_allclose(a[rows], b[rows], atol=2e-4, rtol=0)
         assert (a[:, -1].argmax(-1) == b[:, -1].argmax(-1)).all()
-    unpadded = real.all(axis=1)  # [B]: keys of a left-padded row are rotated at cache slots, not positions (fused_decoder)
-    assert unpadded.any() and not unpadded.all()
-    for j, (a, b) in enumerate(zip(ours_cache, ref_cache)):  # past_key_values order: key, value per layer
+    assert not real.all()  # one row is left-padded: the session holds it from slot 0, rotated at its own positions
+    for a, b in zip(ours_cache, ref_cache):  # past_key_values order: key, value per layer; in the host's layout
         assert a.shape == b.shape
-        rows = real & unpadded[:, None] if j % 2 == 0 else real
-        np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[rows], b.transpose(0, 2, 1, 3)[rows], atol=2e-4, rtol=0)
+        np.testing.assert_allclose(a.transpose(0, 2, 1, 3)[real], b.transpose(0, 2, 1, 3)[real], atol=2e-4, rtol=0)
+        assert not a.transpose(0, 2, 1, 3)[~real].any()  # padded slots of present() are zeros
 
 
 def test_the_cache_is_one_buffer_written_in_place(tiny_pipeline, prefill_inputs) -> None:
@@ -82,6 +81,10 @@ def test_shape_errors_name_the_cache(tiny_pipeline, prefill_inputs) -> None:
         session.run(embeds, mask[:, :3], positions)
     with pytest.raises(InputShapeError, match="input 'inputs_embeds': got dtype float64"):
         session.run(embeds.astype(np.float64), mask, positions)
+    holes = mask.copy()
+    holes[1, -2] = 0  # a zero after a one: not left padding
+    with pytest.raises(InputShapeError, match=r"input 'attention_mask': row 1 of the prefill is not left-padded"):
+        session.run(embeds, holes, positions)
     capacity = session.capacity
     long = np.zeros((2, capacity + 1, embeds.shape[2]), np.float32)
     with pytest.raises(InputShapeError, match=rf"exceed the KV cache's {capacity} \(the artifact's max_sequence\)"):
@@ -107,3 +110,18 @@ def test_a_variant_without_the_fused_form_runs_the_standard_decoder(tiny_artifac
     pipe = VLMPipeline(copy)
     assert pipe.decoder.spec.file == "decoder.onnx"
     assert isinstance(pipe.decoder.decoder_session(manifest.decoder.num_layers), HostKVSession)
+
+
+def test_rows_are_shifted_by_their_own_padding() -> None:
+    mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]], np.int64)  # [3, 4]
+    pad = left_padding(mask)
+    assert pad.tolist() == [2, 0, 1]
+    x = np.arange(3 * 4 * 2).reshape(3, 4, 2)  # [B, S, D]
+    aligned = shift_rows(x, -pad, axis=1)
+    for row, p in enumerate(pad):
+        assert aligned[row, : 4 - p].tolist() == x[row, p:].tolist()  # the real tokens from slot 0
+    assert shift_rows(aligned, pad, axis=1).tolist() == x.tolist()
+    positions = np.stack([np.arange(12).reshape(3, 4)] * 3)  # [3, B, S] (M-RoPE)
+    moved = shift_rows(positions, -pad, axis=-1)
+    assert moved[:, 0, :2].tolist() == positions[:, 0, 2:].tolist() and (moved[:, 1] == positions[:, 1]).all()
+    assert shift_rows(x, np.zeros(3, np.int64), axis=1) is x
