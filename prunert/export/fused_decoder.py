@@ -2,7 +2,7 @@
 
 Per layer, the ops ONNX Runtime fuses for a Llama-like decoder (what its GenAI model builder emits):
     SkipSimplifiedLayerNormalization -> MatMul (fused QKV, + bias) -> GroupQueryAttention (rotary inside for 1-D RoPE)
-    -> MatMul (o) -> SkipSimplifiedLayerNormalization -> MatMul (fused gate/up) -> SiLU * up -> MatMul (down)
+    -> MatMul (o) -> SkipSimplifiedLayerNormalization -> MatMul (gate), MatMul (up) -> SiLU(gate) * up -> MatMul (down)
 Every matmul is `MatMul(X [B, S, K], W [K, N] initializer)`, the pattern weight-only quantization rewrites.
 
 KV cache in place (manifest `kv_cache: "shared-buffer"`): past_key_values.{i}.key/value are buffers
@@ -11,7 +11,7 @@ runtime binds the same buffer as present.{i}.* and GroupQueryAttention writes ea
 tokens sit at slots 0 .. length - 1 of its buffer row (no padding inside the cache, as ONNX Runtime GenAI keeps it):
 the graph reads from attention_mask [B, total] only its width (total) and each row's count of ones (its length, so
 seqlens_k = length - 1 and a step's new rows go to slots length - S ..). The host's left-padded prefill is aligned
-to slot 0 by the runtime's session (prunert.runtime.runner.SharedBufferKVSession); RoPE then rotates at the tokens'
+to slot 0 by the runtime's session (prunert.runtime.shared_kv.SharedBufferKVSession); RoPE then rotates at the tokens'
 own positions and no key is masked by a bias. I/O names are the standard decoder's (prunert.export.graphs).
 """
 
@@ -155,10 +155,9 @@ def _layer(w: GraphWriter, i: int, layer: Any, d: _Dims, rope: RopeSpec, pre: di
     attended = w.op("GroupQueryAttention", feeds, [w.fresh("attn"), *present], domain=MSFT, name=f"{scope}/attn/GroupQueryAttention", **common)[0]
     o = w.one("MatMul", [attended, w.weight(f"layers.{i}.attn.o_proj.weight", _t(attn.o_proj.weight, dtype))], name=f"{scope}/attn/o_proj/MatMul")
     x, residual = _norm(w, o, residual, layer.post_attention_layernorm.weight, d, dtype, f"{scope}/post_attention_layernorm")
-    gate_up_w = np.concatenate([_t(mlp.gate_proj.weight, dtype), _t(mlp.up_proj.weight, dtype)], axis=1)
-    gate_up = w.one("MatMul", [x, w.weight(f"layers.{i}.mlp.gate_up_proj.weight", gate_up_w)], name=f"{scope}/mlp/gate_up_proj/MatMul")
-    size = int(mlp.gate_proj.weight.shape[0])
-    gate, up = w.op("Split", [gate_up, w.const([size, size])], 2, axis=-1)  # [B, S, I] x 2
+    # gate and up as two MatMuls (as ORT-GenAI's builder): one fused [D, 2I] MatMul needs a Split that copies [B, S, 2I]
+    gate, up = (w.one("MatMul", [x, w.weight(f"layers.{i}.mlp.{name}.weight", _t(proj.weight, dtype))], name=f"{scope}/mlp/{name}/MatMul")
+                for name, proj in (("gate_proj", mlp.gate_proj), ("up_proj", mlp.up_proj)))  # [B, S, I] x 2
     act = w.one("Mul", [w.one("Mul", [gate, w.one("Sigmoid", [gate])]), up])  # SiLU(gate) * up
     down = w.one("MatMul", [act, w.weight(f"layers.{i}.mlp.down_proj.weight", _t(mlp.down_proj.weight, dtype))], name=f"{scope}/mlp/down_proj/MatMul")
     return down, residual

@@ -284,16 +284,11 @@ class VLMPipeline:
 
     def decode(self, state: Prefill, config: GenerationConfig = GenerationConfig(), on_token: TokenCallback | None = None) -> list[list[int]]:
         """Each row's token ids after a prefill (its EOS id last where one ended it), through the one decode loop
-        (prunert.runtime.decode.decode_steps): at most config.max_new_tokens, capped by the artifact's max_sequence."""
-        text = self.manifest.text
-        rng = np.random.default_rng(config.seed)
+        (prunert.runtime.decode.decode_steps): at most config.max_new_tokens, capped by the artifact's max_sequence.
+        Each row samples from its own generator seeded with config.seed, so its tokens do not depend on the batch."""
         out: list[list[int]] = [[] for _ in range(state.attention_mask.shape[0])]
-        positions = self.artifact.host.next_position_ids(state.position_ids, state.attention_mask)  # [B, 1] (M-RoPE: [3, B, 1])
-        steps = decode_steps(state.session, state.logits[:, -1], state.attention_mask, positions, table_embedder(self.artifact.embeddings, self.embeds_dtype),
-                             lambda logits: next_tokens(logits, config, rng), min(config.max_new_tokens, text.max_sequence - state.attention_mask.shape[1]),
-                             text.eos_token_ids, text.pad_token_id)
         start, calls = time.perf_counter(), 0
-        for step in steps:
+        for step in decode_steps(state.session, state.logits[:, -1], *self.decode_inputs(state, config)):
             for row in np.flatnonzero(step.active):
                 out[row].append(int(step.tokens[row]))
                 if on_token is not None:  # the row's final token flushes held-back text
@@ -303,6 +298,21 @@ class VLMPipeline:
         self.timings.decode_s = time.perf_counter() - start
         return out
 
+    def decode_inputs(self, state: Prefill, config: GenerationConfig) -> tuple:
+        """What the decode loop needs after `state`, in decode_steps' order from `mask`: the prefill's mask, each row's
+        next positions, the embedder, one chooser per row (its own generator), each row's step budget (max_new_tokens,
+        capped so its own length stays within max_sequence), the EOS ids and the pad id."""
+        text, mask = self.manifest.text, state.attention_mask
+        positions = self.artifact.host.next_position_ids(state.position_ids, mask)  # [B, 1] (M-RoPE: [3, B, 1])
+        choosers = [_chooser(config) for _ in range(mask.shape[0])]
+        budgets = [int(min(config.max_new_tokens, text.max_sequence - length)) for length in mask.sum(axis=1)]
+        return (mask, positions, table_embedder(self.artifact.embeddings, self.embeds_dtype), choosers, budgets,
+                text.eos_token_ids, text.pad_token_id)
+
+    def text_of(self, ids: Sequence[int]) -> str:
+        """Generated ids (EOS ids excluded) as text, special tokens skipped."""
+        return self.artifact.tokenizer.decode(list(ids), skip_special_tokens=True)
+
     def _new_text(self, ids: list[int], last: bool = False) -> str:
         """Text added by the last token. A character split over byte-level tokens decodes to U+FFFD
         until complete, so trailing U+FFFD is held back (and emitted later) unless this is the last token."""
@@ -310,6 +320,12 @@ class VLMPipeline:
         before = decode(ids[:-1], skip_special_tokens=True).rstrip("\ufffd")
         now = decode(ids, skip_special_tokens=True)
         return (now if last else now.rstrip("\ufffd"))[len(before) :]
+
+
+def _chooser(config: GenerationConfig) -> Callable[[np.ndarray], np.ndarray]:
+    """A row's chooser: logits [1, V] -> [1], sampling with a generator of its own seeded by config.seed."""
+    rng = np.random.default_rng(config.seed)
+    return lambda logits: next_tokens(logits, config, rng)
 
 
 def _stack_calls(tokens: list[np.ndarray], kept: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -68,6 +68,11 @@ class DecoderSession(ABC):
     run(embeds, mask, positions) -> logits [B, S, V]; appends the step's keys/values to the cache
                       embeds [B, S, D], mask [B, past + S], positions [B, S] (or the family's layout, [3, B, S])
     present()         host copy of the cache: 2 x layers arrays [B, kv_heads, T, head_dim] (parity, tests)
+    rows              the rows it holds
+    merge(other)      append the rows another session of the same graph holds (continuous batching: a request's own
+                      prefill joins the running batch); the shorter side is left-padded to the longer's T
+    keep(rows, trim)  only these rows stay, in this order, without their first `trim` positions (padding of every row)
+    The cache is left-padded like the host's attention mask, so the mask the host keeps beside it stays valid.
     """
 
     def __init__(self, runner: Runner, num_layers: int):
@@ -85,6 +90,16 @@ class DecoderSession(ABC):
     @abstractmethod
     def present(self) -> list[np.ndarray]: ...
 
+    @property
+    @abstractmethod
+    def rows(self) -> int: ...
+
+    @abstractmethod
+    def merge(self, other: DecoderSession) -> None: ...
+
+    @abstractmethod
+    def keep(self, rows: Sequence[int], trim: int = 0) -> None: ...
+
     def host_feeds(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray, batch: int,
                    cached: int) -> dict[str, np.ndarray]:
         """The step's host inputs by name, checked against the spec, and the mask against the cache a session holds
@@ -99,6 +114,22 @@ class DecoderSession(ABC):
 
     def empty_past(self, batch: int) -> list[np.ndarray]:
         return empty_past(self.runner.spec, batch)
+
+
+def merge_caches(mine: list[np.ndarray], theirs: list[np.ndarray]) -> list[np.ndarray]:
+    """Two left-padded caches [B1, H, T1, hd] and [B2, H, T2, hd] as one [B1 + B2, H, max T, hd] (zeros on the left)."""
+    width = max(mine[0].shape[2], theirs[0].shape[2])
+
+    def pad(cache: np.ndarray) -> np.ndarray:
+        return np.pad(cache, [(0, 0), (0, 0), (width - cache.shape[2], 0), (0, 0)])
+
+    return [np.concatenate([pad(a), pad(b)]) for a, b in zip(mine, theirs)]
+
+
+def keep_caches(cache: list[np.ndarray], rows: Sequence[int], trim: int) -> list[np.ndarray]:
+    """DecoderSession.keep on host caches [B, H, T, hd] -> [len(rows), H, T - trim, hd]."""
+    index = np.asarray(rows, np.int64)
+    return [np.ascontiguousarray(c[index][:, :, trim:]) for c in cache]
 
 
 def empty_past(spec: GraphSpec, batch: int) -> list[np.ndarray]:
@@ -122,6 +153,16 @@ class HostKVSession(DecoderSession):
 
     def present(self) -> list[np.ndarray]:
         return list(self.cache)
+
+    @property
+    def rows(self) -> int:
+        return self.cache[0].shape[0]
+
+    def merge(self, other: DecoderSession) -> None:
+        self.cache = merge_caches(self.cache, other.present())
+
+    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
+        self.cache = keep_caches(self.cache, rows, trim)
 
 
 def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[str] | None = None) -> None:
@@ -204,6 +245,8 @@ class OnnxRuntimeRunner(Runner):
         # numpy round trip (21.4 vs 21.9 tok/s, llava-1.5-shaped K=64, best of 4): decode there is bound
         # by reading the weights, not by copying the cache, so the simpler session stays the default.
         if self.spec.kv_cache == KV_SHARED_BUFFER:
+            from prunert.runtime.shared_kv import SharedBufferKVSession
+
             return SharedBufferKVSession(self, num_layers)
         if self.device == "cuda":
             return OrtBoundKVSession(self, num_layers)
@@ -251,89 +294,17 @@ class OrtBoundKVSession(DecoderSession):
     def present(self) -> list[np.ndarray]:
         return [value.numpy() for value in self.cache]
 
+    @property
+    def rows(self) -> int:
+        return self.cache[0].shape()[0]
 
-class SharedBufferKVSession(DecoderSession):
-    """A graph whose past and present are one buffer (manifest kv_cache "shared-buffer", prunert.export.fused_decoder):
-    past_key_values.{i}.* are preallocated once per batch at the cache capacity, [B, kv_heads, capacity, head_dim],
-    and bound as both the input and the present.{i}.* output, so each step writes only its own rows (no copy of
-    the cache). The graph keeps each row's tokens from slot 0 and reads its length from the mask's count of ones;
-    the host's protocol is the standard graph's (a left-padded prefill, then one mask column more per step), so
-    the prefill's rows are shifted to slot 0 on the way in and their logits back on the way out."""
+    def merge(self, other: DecoderSession) -> None:  # through the host: one copy per admitted request
+        self._load(merge_caches(self.present(), other.present()))
 
-    runner: OnnxRuntimeRunner
+    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
+        self._load(keep_caches(self.present(), rows, trim))
 
-    def __init__(self, runner: Runner, num_layers: int):
-        super().__init__(runner, num_layers)
-        self.capacity = runner.spec.dim_ranges["cache"][2]  # the artifact's max_sequence
-        self.buffers: list[Any] = []
-        self.length = 0
-        self.padding = np.zeros(0, np.int64)  # [B] the prefill's left padding per row
-
-    def reset(self, batch: int) -> None:
+    def _load(self, cache: list[np.ndarray]) -> None:
         import onnxruntime as ort
 
-        self.length, self.padding = 0, np.zeros(batch, np.int64)
-        if self.buffers and self.buffers[0].shape()[0] == batch:
-            return  # slots past a row's length are never read: the old contents need no clearing
-        specs = [self.runner.spec.input(name) for name in self.past_names]
-        self.buffers = [ort.OrtValue.ortvalue_from_shape_and_type((batch, spec.shape[1], self.capacity, spec.shape[3]),
-                                                                 np.dtype(spec.dtype), self.runner.device, 0) for spec in specs]
-        self.binding = self.runner.session.io_binding()  # bound once; each step rebinds only the host inputs
-        self.binding.bind_output(LOGITS)  # host; rebound by each run (allocated by it)
-        for past, present, buffer in zip(self.past_names, self.present_names, self.buffers):
-            self.binding.bind_ortvalue_input(past, buffer)
-            self.binding.bind_ortvalue_output(present, buffer)  # the same buffer: written in place
-
-    def run(self, inputs_embeds: np.ndarray, attention_mask: np.ndarray, position_ids: np.ndarray) -> np.ndarray:
-        feeds = self.host_feeds(inputs_embeds, attention_mask, position_ids, self.buffers[0].shape()[0], self.length)
-        new = inputs_embeds.shape[1]
-        if self.length + new > self.capacity:
-            raise InputShapeError(f"input 'inputs_embeds': {self.length} cached + {new} new positions exceed the KV cache's "
-                                  f"{self.capacity} (the artifact's max_sequence)")
-        first = self.length == 0
-        if first:  # [B, S, D] and positions [..., B, S]: each row's tokens from slot 0
-            self.padding = left_padding(attention_mask)
-            feeds[HOST_INPUTS[0]] = shift_rows(inputs_embeds, -self.padding, axis=1)
-            feeds[HOST_INPUTS[2]] = shift_rows(position_ids, -self.padding, axis=-1)
-        for name, value in feeds.items():
-            self.binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        self.binding.bind_output(LOGITS)  # unallocated again: its shape changes from prefill to decode
-        self.runner.session.run_with_iobinding(self.binding)
-        self.length += new
-        logits = self.binding.get_outputs()[0].numpy()  # [B, S, V], bound first
-        return shift_rows(logits, self.padding, axis=1) if first else logits  # the host's layout: each row's last token at -1
-
-    def present(self) -> list[np.ndarray]:
-        """The cache in the host's left-padded layout, [B, kv_heads, length, head_dim]: zeros where a row is padded."""
-        out = []
-        for buffer in self.buffers:
-            held = buffer.numpy()[:, :, : self.length]
-            cache = np.zeros_like(held)
-            for row, pad in enumerate(self.padding):
-                cache[row, :, pad:] = held[row, :, : self.length - pad]
-            out.append(cache)
-        return out
-
-
-def left_padding(mask: np.ndarray) -> np.ndarray:
-    """mask [B, S] of a prefill -> each row's count of leading zeros [B]; a row whose zeros are not all leading is an
-    InputShapeError (the host pads on the left only)."""
-    pad = mask.shape[1] - mask.sum(axis=1)  # [B]
-    aligned = np.arange(mask.shape[1])[None] >= pad[:, None]  # [B, S]: the mask a left-padded row has
-    if not (mask.astype(bool) == aligned).all():
-        row = int(np.flatnonzero((mask.astype(bool) != aligned).any(axis=1))[0])
-        raise InputShapeError(f"input 'attention_mask': row {row} of the prefill is not left-padded (expected zeros, then ones)")
-    return pad.astype(np.int64)
-
-
-def shift_rows(x: np.ndarray, shift: np.ndarray, axis: int) -> np.ndarray:
-    """Roll each batch row of x along `axis` by its own shift (> 0: towards the end); the batch axis is the one before
-    `axis` ([B, S, ...] with axis 1, or [..., B, S] with axis -1). No shift: x itself."""
-    if not shift.any():
-        return x
-    axis = axis % x.ndim
-    size = x.shape[axis]
-    index = (np.arange(size)[None] - shift[:, None]) % size  # [B, S]: source of each destination slot
-    shape = [1] * x.ndim
-    shape[axis - 1], shape[axis] = index.shape
-    return np.take_along_axis(x, index.reshape(shape), axis=axis)
+        self.cache = [ort.OrtValue.ortvalue_from_numpy(c, self.runner.device, 0) for c in cache]

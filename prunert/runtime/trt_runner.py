@@ -26,7 +26,7 @@ from prunert.engines.profiles import Profile, select_profile
 from prunert.errors import ArtifactError, InputShapeError, PrunertError
 from prunert.manifest import MANIFEST_NAME, EngineSpec, GraphSpec
 from prunert.runtime import cuda as cuda_rt
-from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, Runner, check_inputs
+from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, Runner, check_inputs, keep_caches, merge_caches
 
 _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
                 "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
@@ -281,6 +281,27 @@ class TensorRTDecoderSession(DecoderSession):
         self._front, self._back = self._back, self._front
         self.length = total
         return logits
+
+    @property
+    def rows(self) -> int:
+        return self.batch
+
+    def merge(self, other: DecoderSession) -> None:  # through the host: one copy per admitted request
+        self._load(merge_caches(self.present(), other.present()))
+
+    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
+        self._load(keep_caches(self.present(), rows, trim))
+
+    def _load(self, cache: list[np.ndarray]) -> None:
+        """The front buffers from host caches [B, H, T, hd] (B >= 1; an empty batch holds nothing on the device)."""
+        batch, length = cache[0].shape[0], cache[0].shape[2]
+        if batch:
+            self.reset(batch)
+            held = [np.ascontiguousarray(array, self.dtype) for array in cache]  # alive until the stream syncs
+            for array, buffer in zip(held, self._front):
+                buffer.copy_from_host(array, self.runner.stream)
+            self.runner.stream.synchronize()
+        self.batch, self.length = batch, length if batch else 0
 
     def present(self) -> list[np.ndarray]:
         if self.length == 0:

@@ -42,7 +42,8 @@ def test_the_graph_is_fused_and_keeps_no_cache_copy(built) -> None:
     ops = Counter(node.op_type for node in model.graph.node)
     assert ops["GroupQueryAttention"] == layers
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * layers and ops["SimplifiedLayerNormalization"] == 1
-    assert ops["MatMul"] == 4 * layers + 1  # fused QKV, o, fused gate/up, down; lm_head
+    assert ops["MatMul"] == 5 * layers + 1  # fused QKV, o, gate, up, down; lm_head
+    assert ops["Split"] == (3 * layers if preset.startswith("qwen") else 0)  # M-RoPE: q/k/v and the halves of q and k; none in the MLP
     kv_inputs = {i.name for i in model.graph.input if i.name.startswith("past_key_values.")}
     readers = [node for node in model.graph.node if kv_inputs & set(node.input)]
     assert {node.op_type for node in readers} == {"GroupQueryAttention"}  # nothing else reads (or copies) the cache

@@ -21,17 +21,22 @@ class ScriptedSession:
     """Logits that make token `script[row][call]` win on decoder call `call` (call 0: the prefill's)."""
 
     def __init__(self, script: list[list[int]]):
-        self.script, self.calls = script, []
+        self.script, self.calls, self.live, self.kept = script, [], list(range(len(script))), []
 
     def logits(self, call: int) -> np.ndarray:
-        out = np.zeros((len(self.script), VOCAB), np.float32)
-        for row, tokens in enumerate(self.script):
-            out[row, tokens[min(call, len(tokens) - 1)]] = 1.0
+        out = np.zeros((len(self.live), VOCAB), np.float32)
+        for i, row in enumerate(self.live):
+            tokens = self.script[row]
+            out[i, tokens[min(call, len(tokens) - 1)]] = 1.0
         return out
 
     def run(self, embeds, mask, positions):
         self.calls.append((embeds.copy(), mask.copy(), positions.copy()))
         return self.logits(len(self.calls))[:, None]  # [B, 1, V]
+
+    def keep(self, rows, trim=0):  # DecoderSession.keep: finished rows leave
+        self.kept.append((list(rows), trim))
+        self.live = [self.live[i] for i in rows]
 
 
 def _steps(script, steps, eos=(5,), pad=0):
@@ -48,9 +53,11 @@ def test_eos_finishes_its_row_and_pads_it_after() -> None:
     assert [s.active.tolist() for s in out] == [[True, True], [True, True], [False, True], [False, True]]
     assert [s.last.tolist() for s in out] == [[False, False], [True, False], [False, False], [False, True]]
     assert len(session.calls) == 3  # n steps, n - 1 decoder calls: step 0 chose from the prefill
-    assert [c[1].shape for c in session.calls] == [(2, 4), (2, 5), (2, 6)]  # the mask one column longer each call
-    assert [c[2][:, 0].tolist() for c in session.calls] == [[3, 3], [4, 4], [5, 5]]  # positions one further
-    np.testing.assert_array_equal(session.calls[2][0][:, 0], [[0, 1], [8, 9]])  # step 2's pad (0) and token 4, embedded
+    assert session.kept == [([1], 0)]  # row 0 left the session after its EOS (no padding column to trim)
+    assert [c[1].shape for c in session.calls] == [(2, 4), (1, 5), (1, 6)]  # one column longer each call, row 0 gone
+    assert [c[2][:, 0].tolist() for c in session.calls] == [[3, 3], [4], [5]]  # positions one further
+    np.testing.assert_array_equal(session.calls[2][0][:, 0], [[8, 9]])  # step 2 runs only row 1's token 4, embedded
+    assert not out[2].logits[0].any() and out[2].logits[1].argmax() == 4  # a finished row's logits are zeros
 
 
 def test_all_rows_finished_stops_early() -> None:

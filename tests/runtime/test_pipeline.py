@@ -99,10 +99,10 @@ def test_eos_stops_its_row_only(tiny_pipeline, monkeypatch: pytest.MonkeyPatch) 
     eos = tiny_pipeline.manifest.text.eos_token_ids[0]
     calls = []
 
-    def eos_on_third_step_for_row_0(logits, config, rng):
+    def eos_on_third_step_for_row_0(logits, config, rng):  # each row chooses on its own, [1, V]: rows 0, 1 per step
         chosen = next_tokens(logits, config, rng)
         calls.append(1)
-        if len(calls) == 3:
+        if len(calls) == 5:
             chosen = chosen.copy()
             chosen[0] = eos
         return chosen

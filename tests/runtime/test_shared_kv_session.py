@@ -11,7 +11,8 @@ import pytest
 from prunert.config import FUSED_DECODER
 from prunert.errors import InputShapeError
 from prunert.runtime.pipeline import make_runner
-from prunert.runtime.runner import HostKVSession, SharedBufferKVSession, left_padding, shift_rows
+from prunert.runtime.runner import HostKVSession
+from prunert.runtime.shared_kv import SharedBufferKVSession, left_padding, shift_rows
 
 REPO = Path(__file__).resolve().parents[2]
 PROMPTS = ["<image>\nWhat is in the cup?", "<image> a cat?"]
@@ -59,18 +60,18 @@ def test_the_cache_is_one_buffer_written_in_place(tiny_pipeline, prefill_inputs)
     buffers = list(session.buffers)
     capacity = tiny_pipeline.decoder.spec.dim_ranges["cache"][2]
     assert capacity == tiny_pipeline.manifest.text.max_sequence
-    assert [b.shape() for b in buffers] == [[2, tiny_pipeline.manifest.decoder.num_kv_heads, capacity, tiny_pipeline.manifest.decoder.head_dim]] * 2 * layers
-    pointers = [b.data_ptr() for b in buffers]
+    assert [list(b.shape) for b in buffers] == [[2, tiny_pipeline.manifest.decoder.num_kv_heads, capacity, tiny_pipeline.manifest.decoder.head_dim]] * 2 * layers
+    pointers = [b.ctypes.data for b in buffers]
     session.run(embeds, mask, positions)
     before = session.present()[0].copy()  # [B, H, L, hd]
     mask = np.concatenate([mask, np.ones((2, 1), np.int64)], axis=1)
     session.run(embeds[:, -1:], mask, positions[:, -1:] + 1)
-    assert [b.data_ptr() for b in session.buffers] == pointers  # no new cache tensors: the same memory, written in place
+    assert [b.ctypes.data for b in session.buffers] == pointers  # no new cache tensors: the same memory, written in place
     after = session.present()[0]
     assert after.shape[2] == before.shape[2] + 1
     np.testing.assert_array_equal(after[:, :, :-1], before)  # earlier rows untouched
     session.reset(2)  # same batch: the buffers are reused
-    assert [b.data_ptr() for b in session.buffers] == pointers and session.present()[0].shape[2] == 0
+    assert [b.ctypes.data for b in session.buffers] == pointers and session.present()[0].shape[2] == 0
 
 
 def test_shape_errors_name_the_cache(tiny_pipeline, prefill_inputs) -> None:
