@@ -163,13 +163,13 @@ def test_cli_visualize(capsys, tiny_artifact: Path, tmp_path: Path) -> None:
         assert png.width == 2 * CROP * auto_scale((CROP, CROP)) + 3 * PAD
 
 
-@pytest.mark.parametrize("kind", ["missing", "not_image", "grayscale"])
+@pytest.mark.parametrize("kind", ["missing", "not_image", "tiny"])
 def test_cli_visualize_bad_image(kind: str, error_line, capsys, tiny_artifact: Path, tmp_path: Path) -> None:
     image = tmp_path / f"{kind}.png"
     if kind == "not_image":
         image.write_text("not an image")
-    elif kind == "grayscale":
-        Image.new("L", (64, 64), 128).save(image)
+    elif kind == "tiny":
+        Image.new("RGB", (8, 8)).save(image)
     out = tmp_path / "o.png"
     code = cli.main(["visualize", str(tiny_artifact), "--image", str(image), "--prompt", PROMPT, "--out", str(out)])
     assert code == 2

@@ -112,7 +112,7 @@ def load_calibration_set(
         prompts, builtin = _read_prompts(Path(prompts_file), placeholder), False
     count = min(max_samples, max(len(images), len(prompts)))
     for path in images[:count]:
-        load_image(path)  # ImageError naming the file: unreadable, grayscale, transparent, tiny
+        load_image(path)  # ImageError naming the file: unreadable, too large, tiny
     samples = tuple(CalibrationSample(images[i % len(images)], prompts[i % len(prompts)]) for i in range(count))
     return CalibrationSet(samples, images, tuple(prompts), builtin, str(images_dir))
 

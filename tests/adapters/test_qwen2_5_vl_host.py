@@ -80,8 +80,8 @@ def test_config_from_hf_processor_round_trip() -> None:
 def test_bad_images_and_configs() -> None:
     with pytest.raises(ImageError, match="aspect ratio"):
         host.vision_inputs([_noise(20, 4100)], {})
-    with pytest.raises(ImageError, match="grayscale"):
-        host.vision_inputs([_noise(64, 64, mode="L")], {})
+    with pytest.raises(ImageError, match="too small"):
+        host.vision_inputs([_noise(8, 64, mode="L")], {})
     with pytest.raises(ImageError, match="no images"):
         host.vision_inputs([], {})
     with pytest.raises(ConfigError, match="min_pixels"):

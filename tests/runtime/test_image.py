@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
+import struct
 import subprocess
 import sys
 import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +17,7 @@ from PIL import Image
 
 from prunert.errors import ConfigError, ImageError
 from prunert.adapters.llava.host import ImagePreprocessConfig, center_crop, preprocess, resize_output_size
-from prunert.runtime.image import check_image, load_image
+from prunert.runtime.image import MAX_IMAGE_PIXELS, check_image, decode_image_bytes, load_image
 
 REPO = Path(__file__).resolve().parents[2]
 PHOTOS = sorted((REPO / "examples" / "images").glob("*.jpg"))
@@ -209,25 +212,50 @@ def test_truncated_jpeg(tmp_path):
     _raises_with_path(path)
 
 
-def test_grayscale_png(tmp_path):
-    path = _save(tmp_path, "gray.png", Image.new("L", (64, 64), 128))
-    _raises_with_path(path, "'L'", "grayscale", "RGB", "convert('RGB')")
+def test_grayscale_png_is_replicated(tmp_path):
+    """HF's do_convert_rgb, llama.cpp and ollama: grayscale becomes three equal channels (it was refused before)."""
+    path = _save(tmp_path, "gray.png", Image.new("L", (64, 48), 128))
+    image = load_image(path)
+    assert image.mode == "RGB" and image.size == (64, 48)
+    assert image.getpixel((3, 5)) == (128, 128, 128)
 
 
-def test_rgba_png(tmp_path):
-    path = _save(tmp_path, "rgba.png", Image.new("RGBA", (64, 64), (1, 2, 3, 4)))
-    _raises_with_path(path, "'RGBA'", "alpha", "RGB")
+def test_rgba_png_is_composited_on_white(tmp_path):
+    pixels = np.zeros((32, 32, 4), np.uint8)
+    pixels[:, :16] = (10, 20, 30, 0)  # fully transparent: white
+    pixels[:, 16:] = (10, 20, 30, 255)  # opaque: itself
+    pixels[:8] = (200, 100, 0, 128)  # half: 200 * 128/255 + 255 * 127/255, ...
+    image = load_image(_save(tmp_path, "rgba.png", Image.fromarray(pixels, "RGBA")))
+    assert image.mode == "RGB"
+    assert image.getpixel((2, 20)) == (255, 255, 255)
+    assert image.getpixel((20, 20)) == (10, 20, 30)
+    assert image.getpixel((2, 2)) == (227, 177, 127)
 
 
-def test_grayscale_alpha_png(tmp_path):
-    _raises_with_path(_save(tmp_path, "la.png", Image.new("LA", (64, 64))), "'LA'", "alpha")
+def test_grayscale_alpha_and_transparent_palette_are_composited(tmp_path):
+    assert load_image(_save(tmp_path, "la.png", Image.new("LA", (32, 32), (0, 0)))).getpixel((1, 1)) == (255, 255, 255)
+    image = Image.new("P", (32, 32), 0)
+    image.putpalette([0, 0, 0, 255, 0, 0] * 128)
+    image.paste(1, (16, 0, 32, 32))
+    converted = load_image(_save(tmp_path, "trans.png", image, transparency=0))
+    assert converted.getpixel((1, 1)) == (255, 255, 255) and converted.getpixel((20, 1)) == (255, 0, 0)
 
 
-def test_palette_with_transparency(tmp_path):
-    image = Image.new("P", (64, 64), 0)
-    image.putpalette([0, 0, 0, 255, 255, 255] * 128)
-    path = _save(tmp_path, "trans.png", image, transparency=0)
-    _raises_with_path(path, "'P'", "transparency")
+def test_sixteen_bit_grayscale_keeps_its_top_bits(tmp_path):
+    """A 16-bit PNG: Pillow's own conversion clips every value above 255 to white; stb_image (llama.cpp) shifts."""
+    pixels = np.repeat(np.array([[0, 65535, 30000, 255]] * 16, np.uint16), 16, axis=1)  # [16, 64]
+    image = load_image(_save(tmp_path, "gray16.png", Image.fromarray(pixels)))
+    assert [image.getpixel((x, 0))[0] for x in (0, 16, 32, 48)] == [0, 255, 117, 0]
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGBA", "P", "PA", "CMYK", "1"])
+def test_conversion_matches_hf_convert_to_rgb(mode):
+    image_transforms = pytest.importorskip("transformers.image_transforms")
+    rng = np.random.default_rng(9)
+    image = Image.fromarray(rng.integers(0, 256, (24, 40, 4), np.uint8), "RGBA").convert(mode)
+    ours = np.asarray(check_image(image, "mem"))
+    theirs = np.asarray(image_transforms.convert_to_rgb(image))
+    np.testing.assert_array_equal(ours, theirs)
 
 
 def test_tiny_image(tmp_path):
@@ -254,12 +282,86 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_check_image_in_memory():
     assert check_image(_noise(32, 32, seed=5), "mem").mode == "RGB"
-    with pytest.raises(ImageError, match="'mem'.*grayscale"):
-        check_image(Image.new("L", (32, 32)), "mem")
+    assert check_image(Image.new("L", (32, 32)), "mem").mode == "RGB"
+    with pytest.raises(ImageError, match="'mem'.*expected a PIL.Image.Image"):
+        check_image(np.zeros((32, 32, 3), np.uint8), "mem")
     with pytest.raises(ImageError, match="too small"):
         preprocess([_noise(30, 30, seed=6)], ImagePreprocessConfig(min_side=31))
     with pytest.raises(ImageError, match="no images"):
         preprocess([], ImagePreprocessConfig())
+
+
+# ------------------------------------------------------------------------------- bytes from a server
+
+
+def png_bomb(width: int, height: int, complete: bool = True) -> bytes:
+    """A valid 8-bit grayscale PNG of width x height black pixels: a few hundred KB that decode to width * height
+    bytes (complete=False: only the first rows' data, for sizes too big to compress in a test)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    packer, row = zlib.compressobj(9), bytes(width + 1)  # filter byte 0 + the row's pixels
+    data = b"".join(packer.compress(row) for _ in range(height if complete else 16)) + packer.flush()
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+def _encoded(image: Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format)
+    return buffer.getvalue()
+
+
+def test_decode_image_bytes_converts_and_orients():
+    rgba = Image.new("RGBA", (40, 30), (0, 0, 0, 0))
+    image = decode_image_bytes(_encoded(rgba))
+    assert image.mode == "RGB" and image.size == (40, 30) and image.getpixel((0, 0)) == (255, 255, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    _noise(60, 40, seed=8).save(buffer, "JPEG", exif=exif)
+    assert decode_image_bytes(buffer.getvalue()).size == (40, 60)
+
+
+@pytest.mark.parametrize(
+    "data, needle",
+    [
+        (b"", "no data"),
+        (b"this is not a picture", "not a recognised image"),
+        (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 64\n", "not a recognised image"),  # Pillow reads EPS, not from bytes
+        (_encoded(_noise(64, 64, seed=1))[:300], "could not be read"),
+        (_encoded(_noise(8, 8, seed=1)), "too small"),
+    ],
+    ids=["empty", "text", "eps", "truncated", "tiny"],
+)
+def test_decode_image_bytes_refuses(data, needle):
+    with pytest.raises(ImageError, match=needle) as info:
+        decode_image_bytes(data, "messages[0].content[1]")
+    assert str(info.value).startswith("messages[0].content[1]: ") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("side", [8193, 100_000], ids=["over-ours", "over-pillows"])
+def test_decompression_bomb_is_refused_before_decoding(monkeypatch, tmp_path, side):
+    """The pixel limit is checked from the header: no pixel is decoded (Image.load would fail the test)."""
+    bomb = png_bomb(side, side, complete=side < 10_000)
+    assert len(bomb) < 200_000 and side * side > MAX_IMAGE_PIXELS
+
+    def no_decoding(self):
+        raise AssertionError("the bomb was decoded")
+
+    Image.init()  # Pillow's plugins load (and draw) before the patch
+    monkeypatch.setattr(Image.Image, "load", no_decoding)
+    monkeypatch.setattr("PIL.ImageFile.ImageFile.load", no_decoding)
+    with pytest.raises(ImageError, match=f"at most {MAX_IMAGE_PIXELS:,} pixels"):
+        decode_image_bytes(bomb)
+    path = tmp_path / "bomb.png"
+    path.write_bytes(bomb)
+    _raises_with_path(path, "decompression bomb")
+
+
+def test_png_bomb_helper_is_a_real_image():
+    """The bomb above is a valid PNG: at a size under the limit the same construction decodes."""
+    assert decode_image_bytes(png_bomb(64, 48)).size == (64, 48)
 
 
 # --------------------------------------------------------------------------------------- import hygiene

@@ -129,7 +129,7 @@ def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixe
 
 def preprocess_image(image: Image.Image, cfg: QwenPreprocessConfig, name: str = "image") -> tuple[np.ndarray, tuple[int, ...]]:
     """One image -> (patches float32 [gh * gw, C * T * p * p] in HF order, grid (1, gh, gw))."""
-    image = check_image(image, name)  # RGB; grayscale / transparent images are rejected, as for LLaVA
+    image = check_image(image, name)  # RGB (runtime.image.to_rgb: alpha on white, grayscale replicated), as for LLaVA
     if cfg.do_resize:
         height, width = smart_resize(image.height, image.width, cfg.factor, cfg.min_pixels, cfg.max_pixels)
         image = image.resize((width, height), resample=cfg.resample)
