@@ -93,6 +93,9 @@ class TextSpec:
     # What a user's prompt carries once, around image_token (Qwen2.5-VL: "<|vision_start|><|image_pad|><|vision_end|>").
     # Last and optional: manifests written before it load with "" (read `placeholder`, never this field directly).
     image_placeholder: str = ""
+    # The source checkpoint's own chat template, a Jinja file of the artifact ("chat_template.jinja"), hashed in `files`
+    # like every file. Optional: "" (manifests written before it, or a checkpoint without one) = the family's default.
+    chat_template: str = ""
 
     @property
     def placeholder(self) -> str:
@@ -369,6 +372,7 @@ def referenced_files(manifest: Manifest) -> list[tuple[str, str]]:
     """(manifest key, file name) of every file the manifest points the runtime and the tools at."""
     refs = [("text.tokenizer", manifest.text.tokenizer), ("text.embeddings", manifest.text.embeddings),
             ("image_preprocessor", manifest.image_preprocessor)]
+    refs += [("text.chat_template", manifest.text.chat_template)] if manifest.text.chat_template else []
     graphs = [(f"graphs.{name}", spec) for name, spec in manifest.graphs.items()]
     graphs += [(f"variants.{p}.graphs.{name}", spec) for p, variant in manifest.variants.items() for name, spec in variant.graphs.items()]
     for where, spec in graphs:

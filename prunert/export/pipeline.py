@@ -136,6 +136,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     _write_preprocessor_config(adapter, source.path, staging / "preprocessor_config.json")
 
     text, family_config = adapter.text_info(source.path), adapter.family_config()
+    chat_template = _copy_chat_template(source, text.get("image_placeholder", text["image_token"]), staging, log)
     del vision, decoder
     release_weights(adapter.model)
     log(f"validating {len(checks)} graphs with ONNX Runtime, one at a time (torch weights freed)")
@@ -167,6 +168,7 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
             max_sequence=cfg.max_sequence(budget.budget),
             max_text_tokens=cfg.max_text_tokens,
             max_batch=cfg.max_batch,
+            chat_template=chat_template,
         ),
         decoder=DecoderSpec(**dims),
         image_preprocessor="preprocessor_config.json",
@@ -175,6 +177,25 @@ def _write_artifact(staging: Path, source: ModelSource, adapter: ExportAdapter, 
     )
     (staging / MANIFEST_NAME).write_text(manifest.to_json())
     return manifest
+
+
+def _copy_chat_template(source: ModelSource, placeholder: str, staging: Path, log: Callable[[str], None]) -> str:
+    """The checkpoint's own chat template (chat_template.jinja / .json / tokenizer_config.json) into the artifact as
+    chat_template.jinja -> the name for the manifest's text.chat_template; "" where it has none, or one that cannot
+    render an image as the placeholder (a note says so): the runtime then uses its family's default."""
+    from prunert.runtime.chat import ARTIFACT_CHAT_TEMPLATE, ChatFormat, checkpoint_chat_template, user_turn
+
+    found = checkpoint_chat_template(source.path)
+    if found is None:
+        return ""
+    template, name = found
+    try:  # the sandboxed render the runtime does, on one user turn with an image
+        ChatFormat(template, f"the checkpoint's {name}", placeholder).render(user_turn("Describe the image."))
+    except PrunertError as exc:
+        log(f"note: the checkpoint's chat template is not stored ({exc}); the artifact uses its family's default")
+        return ""
+    (staging / ARTIFACT_CHAT_TEMPLATE).write_text(template, encoding="utf-8")
+    return ARTIFACT_CHAT_TEMPLATE
 
 
 def _write_preprocessor_config(adapter: ExportAdapter, model_dir: Path, path: Path) -> None:

@@ -21,7 +21,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from prunert.errors import ConfigError
+from prunert.errors import ArtifactError, ConfigError
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,13 @@ class HostAdapter(ABC):
     def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray], num_images: int) -> np.ndarray:
         """Each image's own N (visual tokens before pruning), int64 [num_images]. Default: the manifest's N."""
         return np.full(num_images, self.num_visual_tokens, np.int64)  # [B]
+
+    def default_chat_template(self) -> str:
+        """The family's documented chat template (Jinja, Hugging Face's conventions: `messages` with content parts,
+        `add_generation_prompt`), rendered where the checkpoint has none of its own (prunert.runtime.chat). It renders
+        an {"type": "image"} part as the manifest's image placeholder, where the family's chat format puts the image.
+        Default: none (an ArtifactError)."""
+        raise ArtifactError(f"{type(self).__name__}: the artifact has no chat template of its own and its family declares no default")
 
     def model_view(self, image: Any, preprocessor_config: Mapping[str, Any]) -> Any:
         """The RGB PIL image the model sees (resized and cropped, not normalised), for `prunert visualize`.

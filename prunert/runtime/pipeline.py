@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
@@ -27,7 +27,8 @@ from prunert.runtime.decode import decode_steps, table_embedder
 from prunert.runtime.finite import check_finite_outputs
 from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner, cache_names, empty_past
 from prunert.runtime.sampling import next_tokens
-from prunert.runtime.text import content_word_groups, encode_prompt, text_relevance_inputs
+from prunert.runtime.chat import chat_format, user_turn
+from prunert.runtime.text import ChatPrompt, content_word_groups, encode_prompt, text_relevance_inputs
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
 BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
@@ -143,16 +144,21 @@ class VLMPipeline:
 
     # ---- stages (public so parity can compare each one) ----------------------------------------
     def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
+        """Token ids of each prompt: a user's prompt in the manifest's prompt_template, with the image placeholder once
+        where the user put it, or none: then the image goes where the chat format puts it (the prompt as one user turn
+        through chat_prompt, as llama.cpp's mtmd-cli and ollama do); a ChatPrompt (chat_prompt's) as rendered."""
         text = self.manifest.text
         sequences = []
         for prompt in prompts:
-            count = prompt.count(text.placeholder)  # Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>
-            if count != 1:
+            count = 1 if isinstance(prompt, ChatPrompt) else prompt.count(text.placeholder)  # Qwen2.5-VL: <|vision_start|>...
+            if count > 1:
                 raise PromptError(
-                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.placeholder!r} {count} times, expected exactly once"
+                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.placeholder!r} {count} times, expected at most "
+                    "once (none: the image goes where the chat template puts it)"
                 )
+            rendered = self.chat_prompt(user_turn(prompt)) if count == 0 else prompt
             # typed special tokens (`</s>`, `<|im_end|>`) are text; the template's and the placeholder's stay special
-            ids = encode_prompt(self.artifact.tokenizer, prompt, text.placeholder, self.artifact.special_ids, text.prompt_template).ids
+            ids = encode_prompt(self.artifact.tokenizer, rendered, text.placeholder, self.artifact.special_ids, text.prompt_template).ids
             if ids.count(text.image_token_id) != 1:
                 raise PromptError(f"prompt {prompt[:60]!r}: tokenizes to {ids.count(text.image_token_id)} image tokens, expected 1")
             if len(ids) > text.max_prompt_tokens:
@@ -161,6 +167,19 @@ class VLMPipeline:
                 )
             sequences.append(ids)
         return sequences
+
+    def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
+        """OpenAI-shaped messages ({"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text": ...},
+        {"type": "image"}]}) rendered with the artifact's chat template (the checkpoint's own, else the family's default;
+        prunert.runtime.chat): the prompt text with the image placeholder once where the image part was, ending with the
+        generation prompt. A ChatPrompt, a str that tokenize, generate and the serving engine take as rendered (pass it on
+        unchanged). PromptError: an unknown role, a part type other than text / image, no image part, or more than one."""
+        return chat_format(self.artifact).render(messages)
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], image: Any, config: GenerationConfig = GenerationConfig(),
+             on_token: TokenCallback | None = None) -> Generation:
+        """The assistant's answer to `messages` (chat_prompt) about `image` (a path or an RGB PIL image)."""
+        return self.generate([image], [self.chat_prompt(messages)], config, on_token)[0]
 
     def content_words(self, prompts: Sequence[str]) -> list[list[list[int]]]:
         """Per prompt, the token ids of each content word (text relevance's input; runtime.text.content_word_groups)."""

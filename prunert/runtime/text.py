@@ -8,6 +8,8 @@ symbol run, or a stop word. Each remaining word's embedding is the mean of its w
 Special tokens typed in a prompt (`</s>`, `<s>`, `<pad>`, `<|im_end|>`, a second `<image>`) are text, as a
 chat server encodes user content: only the template's own special tokens and the prompt's one image
 placeholder are special (`encode_prompt`; parity's Hugging Face reference applies the same `plain_text_runs`).
+A rendered chat template (`ChatPrompt`, prunert.runtime.chat) is encoded the same way: the messages' own text is
+user text, everything else (role markers, the image placeholder the template put there) is the template's.
 """
 
 from __future__ import annotations
@@ -40,6 +42,27 @@ def user_spans(template: str, prompt: str, placeholder: str) -> tuple[str, Span,
     return template.format(prompt=prompt), (len(head), len(head) + len(prompt)), keep
 
 
+class ChatPrompt(str):
+    """A rendered chat template (prunert.runtime.chat.ChatFormat.render): the prompt text itself, plus what its
+    encoding needs. Pass it on unchanged: a str made from it (slicing, concatenation, .strip()) is a plain prompt
+    again, which tokenize wraps in the manifest's prompt_template.
+
+    user_spans:          [start, end) of each message text in it (typed special tokens there are text).
+    query:               the user messages' text, joined by newlines: the content words of text relevance.
+    add_special_tokens:  whether the tokenizer adds its own BOS (False where the template wrote it, as HF's
+                         apply_chat_template(tokenize=True) does).
+    """
+
+    user_spans: tuple[Span, ...]
+    query: str
+    add_special_tokens: bool
+
+    def __new__(cls, text: str = "", user_spans: Sequence[Span] = (), query: str = "", add_special_tokens: bool = True) -> "ChatPrompt":
+        prompt = super().__new__(cls, text)
+        prompt.user_spans, prompt.query, prompt.add_special_tokens = tuple(user_spans), query, add_special_tokens
+        return prompt
+
+
 def plain_text_runs(offsets: Sequence[Span], special: Sequence[bool], user: Span, keep: Span, length: int) -> list[int | Span] | None:
     """How to re-encode a prompt whose user text holds special tokens other than its one placeholder.
 
@@ -49,9 +72,15 @@ def plain_text_runs(offsets: Sequence[Span], special: Sequence[bool], user: Span
     stands. Else the runs that replace it, in order: the index of each legitimate special token, and between
     them (start, end) spans of the text to encode with special-token parsing off.
     """
+    return text_runs(offsets, special, (user,), keep, length)
+
+
+def text_runs(offsets: Sequence[Span], special: Sequence[bool], users: Sequence[Span], keep: Span, length: int) -> list[int | Span] | None:
+    """plain_text_runs with several user spans (a chat's message texts): a special token inside any is typed text."""
 
     def legitimate(span: Span) -> bool:
-        return span[1] <= user[0] or span[0] >= user[1] or keep[0] <= span[0] <= span[1] <= keep[1]
+        outside = all(span[1] <= user[0] or span[0] >= user[1] for user in users)
+        return outside or keep[0] <= span[0] <= span[1] <= keep[1]
 
     if all(legitimate(span) for span, is_special in zip(offsets, special) if is_special):
         return None
@@ -78,12 +107,19 @@ def encode_prompt(tokenizer: Any, prompt: str, placeholder: str, special_ids: se
                   add_special_tokens: bool = True) -> PromptTokens:
     """`template` formatted with `prompt`, tokenized (a `tokenizers.Tokenizer`) with the template's own special
     tokens and the prompt's first `placeholder` as special tokens, and the rest of the prompt as plain text
-    (plain_text_runs). A prompt without typed special tokens encodes exactly as tokenizer.encode(text)."""
-    text, user, keep = user_spans(template, prompt, placeholder)
+    (plain_text_runs). A prompt without typed special tokens encodes exactly as tokenizer.encode(text).
+    A ChatPrompt is already rendered: `template` is not applied, its user_spans are the user text and its
+    add_special_tokens (ANDed with the argument) says whether the tokenizer adds BOS/EOS."""
+    if isinstance(prompt, ChatPrompt):
+        text, users, keep = str(prompt), prompt.user_spans, (-1, -1)  # its placeholder is the template's, outside users
+        add_special_tokens = add_special_tokens and prompt.add_special_tokens
+    else:
+        text, user, keep = user_spans(template, prompt, placeholder)
+        users = (user,)
     encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     ids, words, offsets = encoding.ids, encoding.word_ids, encoding.offsets
     body = [i for i, sequence in enumerate(encoding.sequence_ids) if sequence is not None]  # BOS/EOS of the post-processor: None
-    runs = plain_text_runs([offsets[i] for i in body], [ids[i] in special_ids for i in body], user, keep, len(text))
+    runs = text_runs([offsets[i] for i in body], [ids[i] in special_ids for i in body], users, keep, len(text))
     if runs is None:
         return PromptTokens(list(ids), list(words), list(offsets))
     first, last = (body[0], body[-1] + 1) if body else (len(ids), len(ids))
@@ -111,7 +147,9 @@ def _encode_plain(tokenizer: Any, text: str) -> Any:
 
 def content_word_groups(tokenizer, prompt: str, special_ids: set[int], placeholder: str) -> list[list[int]]:
     """Token ids of each content word of `prompt`, in order. Special tokens typed in the prompt are text, as in
-    encode_prompt (`Stop</s>dog` keeps `dog`); the artifact's one `placeholder` stays special and is no word."""
+    encode_prompt (`Stop</s>dog` keeps `dog`); the artifact's one `placeholder` stays special and is no word.
+    A ChatPrompt's words are those of its query (the user messages' text), not of the template around them."""
+    prompt = prompt.query if isinstance(prompt, ChatPrompt) else prompt
     encoding = encode_prompt(tokenizer, prompt, placeholder, special_ids, add_special_tokens=False)
     groups: dict[Any, list[int]] = {}
     spans: dict[Any, list[int]] = {}

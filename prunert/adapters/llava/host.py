@@ -272,6 +272,18 @@ def model_view(image: Image.Image, cfg: ImagePreprocessConfig) -> Image.Image:
 
 # ------------------------------------------------------------------------------------------- the host
 
+# llava-hf's chat template of LLaVA-1.5 (llava-hf/llava-1.5-7b-hf), also llava-v1.6-vicuna's: "USER: <image>\n{text} ASSISTANT:",
+# images before the text of their message.
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{# Render all images first #}{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{# Render all text next #}{% if message['role'] != 'assistant' %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}{{ content['text'] + ' '}}{% endfor %}"
+    "{% else %}{% for content in message['content'] | selectattr('type', 'equalto', 'text') %}"
+    "{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
+)
+
 
 class LlavaHostAdapter(HostAdapter):
     """CLIP pixels [B, 3, H, W]; consecutive 1-D positions (kept visual tokens take consecutive positions in
@@ -289,6 +301,10 @@ class LlavaHostAdapter(HostAdapter):
 
     def model_view(self, image: Any, preprocessor_config: Mapping[str, Any]) -> Image.Image:
         return model_view(image, ImagePreprocessConfig.from_hf_dict(preprocessor_config))
+
+    def default_chat_template(self) -> str:
+        """llava-hf's LLaVA-1.5 template (LLaVA-NeXT inherits it: llava-v1.6-vicuna's is the same)."""
+        return LLAVA_CHAT_TEMPLATE
 
 
 HOST_ADAPTER = LlavaHostAdapter  # the registry's entry (prunert.adapters.host_adapter_class)

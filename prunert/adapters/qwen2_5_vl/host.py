@@ -44,6 +44,22 @@ DEFAULT_MIN_PIXELS = 56 * 56  # Qwen2VLImageProcessor size["shortest_edge"]
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280  # size["longest_edge"]
 MAX_ASPECT_RATIO = 200
 PAD = -100  # HF's filler in the padded window grid
+# Qwen2.5-VL-Instruct's chat template (images and videos; `add_vision_id` numbers them): the default system prompt,
+# <|im_start|>role ... <|im_end|> turns, an image part as <|vision_start|><|image_pad|><|vision_end|> where it stands.
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
+    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
+    "{% else %}{% for content in message['content'] %}"
+    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
+    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
+    "<|vision_start|><|image_pad|><|vision_end|>"
+    "{% elif content['type'] == 'video' or 'video' in content %}"
+    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
+    "<|vision_start|><|video_pad|><|vision_end|>"
+    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
 
 
 # ------------------------------------------------------------------------------------------ preprocess
@@ -340,6 +356,10 @@ class QwenHostAdapter(HostAdapter):
     def next_position_ids(self, position_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
         """First decode step: valid tokens so far + HF's rope_deltas = max prefill position + 1. [3, B, 1]"""
         return decode_position_ids(rope_deltas(position_ids, attention_mask), np.asarray(attention_mask).sum(axis=1))
+
+    def default_chat_template(self) -> str:
+        """Qwen2.5-VL-Instruct's template (the checkpoint ships it: this is for one exported without)."""
+        return QWEN_CHAT_TEMPLATE
 
 
 HOST_ADAPTER = QwenHostAdapter  # the registry's entry (prunert.adapters.host_adapter_class)
