@@ -66,18 +66,19 @@ def test_cli_run_and_inspect_without_torch(python_without, tiny_artifact: Path) 
         assert_no_heavy_modules()
         inspect_code = cli.main(["inspect", artifact])
         json_code = cli.main(["inspect", artifact, "--json"])
-        bad_code = cli.main(["run", artifact, "--image", photo, "--prompt", "no placeholder"])
+        chat_code = cli.main(["run", artifact, "--image", photo, "--prompt", "no placeholder", "--max-new-tokens", "2"])  # chat template
+        bad_code = cli.main(["run", artifact, "--image", photo, "--prompt", "<image> twice <image>"])
         assert_no_heavy_modules()
-        print(f"CODES {run_code} {inspect_code} {json_code} {bad_code}")
+        print(f"CODES {run_code} {inspect_code} {json_code} {chat_code} {bad_code}")
         """,
         tiny_artifact,
         PHOTO,
         PROMPT,
     )
     assert result.returncode == 0, result.stderr
-    assert "CODES 0 0 0 2" in result.stdout, result.stdout + result.stderr
+    assert "CODES 0 0 0 0 2" in result.stdout, result.stdout + result.stderr
     assert "kept 16/100 visual tokens (resprune)" in result.stderr
     assert "K=16 of N=100" in result.stdout  # the inspect table
     assert f'"schema_version": {SCHEMA_VERSION}' in result.stdout  # inspect --json
-    assert "prunert: error: prompt 'no placeholder'" in result.stderr
+    assert "prunert: error: prompt '<image> twice <image>'" in result.stderr
     assert "Traceback" not in result.stderr
