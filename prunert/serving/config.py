@@ -27,3 +27,34 @@ class EngineConfig:
             raise ConfigError(f"--max-queue: got {self.max_queue}, expected >= 1")
         if not self.drain_s >= 0:
             raise ConfigError(f"--drain-s: got {self.drain_s}, expected >= 0 seconds")
+
+
+@dataclass(frozen=True)
+class TritonConfig:
+    """`prunert serve --triton`: the engine as Triton models (prunert.serving.triton), through PyTriton.
+
+    http_port, grpc_port, metrics_port:  Triton's KServe v2 HTTP and gRPC ports and its Prometheus port (Triton's
+                        defaults); each binds --host.
+    max_queue_delay_us: how long Triton's dynamic batcher holds a request for others to batch it with (microseconds).
+    instances:          executes of the batched model in flight at once: each holds one of Triton's batches until its
+                        answers are done, so a second batch joins the engine's running decode batch instead of waiting.
+    """
+
+    http_port: int = 8000
+    grpc_port: int = 8001
+    metrics_port: int = 8002
+    max_queue_delay_us: int = 2000
+    instances: int = 4
+
+    def __post_init__(self) -> None:
+        ports = {"--http-port": self.http_port, "--grpc-port": self.grpc_port, "--metrics-port": self.metrics_port}
+        for flag, port in ports.items():
+            if isinstance(port, bool) or not 1 <= port <= 65535:
+                raise ConfigError(f"{flag}: got {port}, expected a TCP port 1..65535")
+        if len(set(ports.values())) < len(ports):
+            raise ConfigError(f"--http-port, --grpc-port, --metrics-port: got {', '.join(map(str, ports.values()))}, "
+                              "expected three different ports")
+        if self.max_queue_delay_us < 0:
+            raise ConfigError(f"max_queue_delay_us: got {self.max_queue_delay_us}, expected >= 0")
+        if self.instances < 1:
+            raise ConfigError(f"instances: got {self.instances}, expected >= 1")
