@@ -68,7 +68,8 @@ def _run(args: argparse.Namespace) -> int:
         prompts = prompts * len(images)
     if len(images) != len(prompts):
         raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
-    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                              seed=_run_seed(args))
     pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision,
                        runtime=runtime_config(args))
     stream = args.stream and len(images) == 1
@@ -94,6 +95,20 @@ def _run(args: argparse.Namespace) -> int:
     if note:
         print(note, file=sys.stderr)
     return 0
+
+
+def _run_seed(args: argparse.Namespace) -> int:
+    """--seed, else for a sampled run (--temperature > 0) a fresh one, printed on stderr so the run can be repeated;
+    greedy decoding draws nothing (GenerationConfig's seed)."""
+    from prunert.config import GenerationConfig, fresh_seed
+
+    if args.seed is not None:
+        return args.seed
+    if args.temperature <= 0:
+        return GenerationConfig().seed
+    seed = fresh_seed()
+    print(f"seed: {seed} (pass --seed {seed} to repeat)", file=sys.stderr)
+    return seed
 
 
 def _parity(args: argparse.Namespace) -> int:
@@ -313,7 +328,7 @@ def _add_precision_flag(parser: argparse.ArgumentParser, help_text: str) -> None
 
     parser.add_argument("--precision", type=GraphPrecisions.parse, default=GraphPrecisions(), metavar="P | ROLE=P,...",
                         help=f"{' | '.join(PRECISIONS)} for every graph, or per graph role ({', '.join(GRAPH_NAMES)}), e.g. "
-                        f"vision=fp16,decoder=int8 (a role not named: fp32); {help_text}")
+                        f"vision=fp16,decoder=int8 (a role not named: fp32; default fp32 for every graph); {help_text}")
 
 
 def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
@@ -342,20 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
     from prunert.config import (FLOAT_PRECISIONS, GRAPH_NAMES, PRECISIONS, QUANTIZED_PRECISIONS, TRT_MAX_TOPK, BudgetConfig, CalibrationConfig,
                                 EngineBuildConfig, ExportConfig, GenerationConfig, ParityTolerances, PrecisionConfig)
 
+    import prunert
+
     parser = argparse.ArgumentParser(prog="prunert", description="Static-budget visual-token pruning for VLMs: export, run, parity.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {prunert.__version__}", help="print prunert's version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
     ex, gen = ExportConfig(), GenerationConfig()
 
     p = sub.add_parser("export", help="export a checkpoint to an artifact directory (ONNX graphs + manifest.json)")
     p.add_argument("--model", required=True, help="synthetic:<preset> (llava-tiny, llava-1.5-shaped, llava-next-tiny, llava-next-shaped, "
                    "qwen2.5-vl-tiny, qwen2.5-vl-shaped) or a local Hugging Face LLaVA-1.5 / LLaVA-NeXT / Qwen2.5-VL directory (safetensors)")
-    p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K)")
+    p.add_argument("--budget", type=int, default=BudgetConfig().budget, help="visual tokens kept per image (K; default %(default)s)")
     p.add_argument("--method", default=BudgetConfig().method, help="selection method: " + ", ".join(pruning_ops.methods()) + " (default: %(default)s)")
     _add_method_flags(p)
     p.add_argument("--opset", type=int, default=ex.opset, help="ONNX opset (default: %(default)s)")
-    p.add_argument("--max-prompt-tokens", type=int, default=ex.max_prompt_tokens, help="longest prompt the artifact accepts")
-    p.add_argument("--max-new-tokens", type=int, default=ex.max_new_tokens, help="longest generation the artifact is sized for")
-    p.add_argument("--max-batch", type=int, default=ex.max_batch, help="largest batch the graphs declare")
+    p.add_argument("--max-prompt-tokens", type=int, default=ex.max_prompt_tokens, help="longest prompt the artifact accepts, in tokens (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=ex.max_new_tokens, help="longest generation the artifact is sized for (default %(default)s)")
+    p.add_argument("--max-batch", type=int, default=ex.max_batch, help="largest batch the graphs declare (default %(default)s)")
     p.add_argument("--dtype", help="fp32 | fp16: the dtype the checkpoint is loaded and exported in (graph I/O stays float32, the "
                    "selection fp32); default: the checkpoint's config.json torch_dtype (fp16 as is, bf16 and fp32 at fp32)")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
@@ -363,69 +381,74 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("run", help="answer a prompt about an image with an exported artifact (no torch needed)")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (from `prunert export`)")
     p.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
-    p.add_argument("--prompt", action="append", required=True, help="prompt with the artifact's image placeholder once (<image>; Qwen2.5-VL: "
-                   "<|vision_start|><|image_pad|><|vision_end|>); repeat per image (one prompt is shared)")
-    p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens)
-    p.add_argument("--temperature", type=float, default=gen.temperature, help="0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=gen.top_p)
-    p.add_argument("--seed", type=int, default=gen.seed)
+    p.add_argument("--prompt", action="append", required=True,
+                   help="the question; the image goes where the model's chat template puts it, or where the prompt has the "
+                   "artifact's image placeholder (<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) once; "
+                   "repeat per image (one prompt is shared)")
+    p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, help="most tokens generated (default %(default)s)")
+    p.add_argument("--temperature", type=float, default=gen.temperature, help="sampling temperature; 0 = greedy (default %(default)s)")
+    p.add_argument("--top-p", type=float, default=gen.top_p, help="nucleus sampling: keep the tokens of this probability mass (default %(default)s)")
+    p.add_argument("--seed", type=int, default=None,
+                   help="sampling seed, to repeat a run (default: a fresh one when --temperature > 0, printed on stderr)")
     _add_backend_flags(p)
     p.add_argument("--no-stream", dest="stream", action="store_false", help="print the answer at the end instead of streaming")
     p.add_argument("--no-verify", action="store_true", help="skip the sha256 check of the artifact's files (seconds on multi-GB artifacts)")
     p.set_defaults(func=_run)
 
     p = sub.add_parser("parity", help="compare the exported pipeline with the PyTorch reference, stage by stage")
-    p.add_argument("artifact", type=Path)
-    p.add_argument("--image", type=Path, required=True)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("artifact", type=Path, help="artifact directory (from `prunert export`)")
+    p.add_argument("--image", type=Path, required=True, help="image file")
+    p.add_argument("--prompt", required=True, help="prompt with the artifact's image placeholder once (<image>; Qwen2.5-VL: "
+                   "<|vision_start|><|image_pad|><|vision_end|>)")
     p.add_argument("--model", help="source checkpoint, if it moved since export (default: the manifest's)")
-    p.add_argument("--greedy-tokens", type=int, default=ParityTolerances().greedy_tokens, help="greedy steps compared")
+    p.add_argument("--greedy-tokens", type=int, default=ParityTolerances().greedy_tokens, help="greedy steps compared (default %(default)s)")
     p.add_argument("--out", type=Path, help="parity.json path (default: ARTIFACT/parity.json)")
     _add_backend_flags(p)
     p.set_defaults(func=_parity)
 
     p = sub.add_parser("convert", help="add fp16/bf16 graphs (cast weights, fp32 islands) to an artifact, for strongly typed engines")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (the graphs are added to it)")
     p.add_argument("--precision", required=True, help=" | ".join(FLOAT_PRECISIONS))
     p.add_argument("--fp32-layer", action="append", metavar="PATTERN",
-                   help="keep nodes whose name or name scope matches this fnmatch pattern in fp32 (repeat), e.g. '*layers.23.mlp.fc2*'")
+                   help="keep nodes whose name or name scope matches this fnmatch pattern in fp32 (repeat), e.g. '*layers.23.mlp.fc2*' "
+                   "(default: none)")
     p.add_argument("--fp32-op", action="append", metavar="OP_TYPE",
                    help=f"op types kept in fp32 (repeat; default: {', '.join(PrecisionConfig().fp32_op_types)})")
     p.add_argument("--no-auto-islands", dest="auto_islands", action="store_false",
                    help="skip the fp32 run that keeps every node whose outputs would overflow in fp16")
     p.add_argument("--images", type=Path, help="images for the overflow run (default: examples/calibration)")
-    p.add_argument("--max-samples", type=int, default=4, help="images used for the overflow run")
+    p.add_argument("--max-samples", type=int, default=4, help="images used for the overflow run (default %(default)s)")
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("calibrate", help="add int8/fp8 Q/DQ graphs (explicit quantization) calibrated on images and prompts")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (the graphs are added to it)")
     p.add_argument("--images", type=Path, help="folder of calibration images (default: the real set in examples/calibration)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line, each with the artifact's image placeholder once "
                    "(<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) (default: built-in prompts)")
     p.add_argument("--precision", required=True, help=" | ".join(QUANTIZED_PRECISIONS))
     p.add_argument("--calibration-method", default=CalibrationConfig().method, help="activation ranges: minmax (default) | percentile | entropy")
-    p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used")
+    p.add_argument("--max-samples", type=int, default=CalibrationConfig().max_samples, help="image/prompt pairs used (default %(default)s)")
     p.add_argument("--graph", action="append",
                    help=f"{' | '.join(GRAPH_NAMES)}: quantize only this graph (repeat; default: all). On ONNX Runtime CPU "
                    "only the vision graph gains (docs/deploy.md); TensorRT gains on both")
     p.set_defaults(func=_calibrate)
 
     p = sub.add_parser("build", help="build TensorRT engines for an artifact on this GPU (strongly typed; needs tensorrt)")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (the engines are added to it)")
     _add_precision_flag(p, "the graphs each engine is built from: fp16/bf16 are converted first if missing; int8/fp8 need `prunert calibrate`")
     p.add_argument("--max-batch", type=int, help="largest batch of the engine profiles (default and ceiling: the manifest's)")
     p.add_argument("--max-seq", type=int, help="longest decoder sequence of the profiles (default and ceiling: the manifest's)")
-    p.add_argument("--opt-batch", type=int, default=EngineBuildConfig().opt_batch, help="batch the profiles are tuned for")
+    p.add_argument("--opt-batch", type=int, default=EngineBuildConfig().opt_batch, help="batch the profiles are tuned for (default %(default)s)")
     p.add_argument("--graph", action="append", help=f"{' | '.join(GRAPH_NAMES)}: build only this graph (repeat); default: all")
-    p.add_argument("--workspace-gb", type=float, default=EngineBuildConfig().workspace_bytes / (1 << 30), help="builder workspace limit")
-    p.add_argument("--opt-level", type=int, default=EngineBuildConfig().optimization_level, help="builder optimization level 0..5")
-    p.add_argument("--images", type=Path, help="images for the fp16 overflow run when converting first")
+    p.add_argument("--workspace-gb", type=float, default=EngineBuildConfig().workspace_bytes / (1 << 30), help="builder workspace limit in GiB (default %(default)s)")
+    p.add_argument("--opt-level", type=int, default=EngineBuildConfig().optimization_level, help="builder optimization level 0..5 (default %(default)s)")
+    p.add_argument("--images", type=Path, help="images for the fp16 overflow run when converting first (default: examples/calibration)")
     p.set_defaults(func=_build)
 
     p = sub.add_parser("inspect", help="print an artifact's manifest as a table")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.set_defaults(func=_inspect)
@@ -443,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("visualize", help="draw the visual tokens each artifact keeps on a photo, as a PNG (no torch needed)")
     p.add_argument("artifact", type=Path, nargs="+", help="one or more artifact directories; one panel each, side by side")
     p.add_argument("--image", type=Path, required=True, help="image file")
-    p.add_argument("--prompt", required=True, help="prompt with the artifact's image placeholder once (<image>; text-aware methods use it)")
+    p.add_argument("--prompt", required=True, help="prompt, as `run` takes it (the image placeholder once, or none; text-aware methods use its words)")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write (its directory is created)")
     p.add_argument("--scale", type=int, help="integer zoom of each panel (default: enough for a panel >= 300 px)")
     p.set_defaults(func=_visualize)

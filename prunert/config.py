@@ -278,6 +278,17 @@ def check_seed(where: str, seed: int) -> None:
         raise ConfigError(f"{where}: got {seed}, expected an integer >= 0")
 
 
+FRESH_SEED_BITS = 31  # fresh seeds are 0 .. 2**31 - 1: short enough to retype
+
+
+def fresh_seed() -> int:
+    """A new GenerationConfig.seed from the OS's randomness (secrets): what a sampled run without a seed uses, printed
+    so it can be repeated (`prunert run` says `seed: N (pass --seed N to repeat)`)."""
+    import secrets
+
+    return secrets.randbits(FRESH_SEED_BITS)
+
+
 MAX_PANEL_SCALE = 16  # `prunert visualize --scale`: a 336 px crop becomes 5376 px square (~90 MB of RGB per panel)
 
 

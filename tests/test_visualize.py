@@ -187,9 +187,9 @@ def test_cli_visualize_missing_artifact_subprocess(error_line, cli_subprocess, t
 
 
 def test_cli_visualize_bad_prompt_and_out(error_line, capsys, tiny_artifact: Path, tmp_path: Path) -> None:
-    code = cli.main(["visualize", str(tiny_artifact), "--image", str(PHOTO), "--prompt", "no placeholder", "--out", str(tmp_path / "o.png")])
+    code = cli.main(["visualize", str(tiny_artifact), "--image", str(PHOTO), "--prompt", "<image> twice <image>", "--out", str(tmp_path / "o.png")])
     assert code == 2
-    error_line(capsys.readouterr().err, "prompt 'no placeholder'")
+    error_line(capsys.readouterr().err, "prompt '<image> twice <image>'", "2 times")
     code = cli.main(["visualize", str(tiny_artifact), "--image", str(PHOTO), "--prompt", PROMPT, "--out", str(tmp_path)])
     assert code == 2
     error_line(capsys.readouterr().err, "is a directory")

@@ -24,7 +24,7 @@ _DRIFT_GREEDY_TOKENS = 8
 def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
     defaults = WeightOnlyConfig()
     p = sub.add_parser("quantize", help="add int4 weight-only decoder graphs (MatMulNBits for ONNX Runtime, INT4 DequantizeLinear for TensorRT)")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (the graphs are added to it)")
     p.add_argument("--weights", required=True, help="int4: block-wise symmetric int4 weights; activations stay in the graph's float dtype (weight-only)")
     p.add_argument("--algo", default=defaults.algo, help=f"{' | '.join(WEIGHT_ONLY_ALGOS)}: round to nearest, activation-aware "
                    "scales (AWQ) or error feedback (GPTQ) from the calibration set (default %(default)s)")
@@ -36,7 +36,7 @@ def add_quantize_parser(sub: Any) -> argparse.ArgumentParser:
                    "(default %(default)s, as ONNX Runtime GenAI); the embedding table stays the runtime's fp32 file")
     p.add_argument("--images", type=Path, help="calibration images for AWQ and the drift report (default: examples/calibration)")
     p.add_argument("--prompts", type=Path, help="text file, one prompt per line with the artifact's image placeholder once (default: built-in)")
-    p.add_argument("--max-samples", type=int, default=defaults.max_samples, help="image/prompt pairs used")
+    p.add_argument("--max-samples", type=int, default=defaults.max_samples, help="image/prompt pairs used (default %(default)s)")
     return p
 
 

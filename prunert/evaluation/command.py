@@ -27,15 +27,15 @@ def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentPars
     p.add_argument("--data", type=Path, required=True,
                    help='JSONL, one record a line: {"image": path (relative to the file, or absolute), "question": ..., "answer": ...}; '
                    'optional "answers": [...] (any counts) and "category" (per-category breakdown)')
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     p.add_argument("--batch", type=int, default=defaults.batch,
                    help="records per generate call (default %(default)s); silently capped at each artifact's max_batch")
     p.add_argument("--max-new-tokens", type=int, default=defaults.max_new_tokens,
                    help="greedy tokens per answer (default %(default)s; capped by the artifact's max_sequence)")
     add_backend_flags(p)  # --backend, --precision (per graph), --threads, --spin
-    p.add_argument("--out", type=Path, help="write every prediction and the summary as JSON here")
+    p.add_argument("--out", type=Path, help="write every prediction and the summary as JSON here (default: not written)")
     p.add_argument("--reference", choices=REFERENCES,
-                   help="hf: also run the PyTorch checkpoint the artifacts were exported from (needs prunert[export])")
+                   help="hf: also run the PyTorch checkpoint the artifacts were exported from (needs prunert[export]; default: not run)")
     p.add_argument("--model", help="--reference hf: the checkpoint, if it moved since export (default: the manifest's source)")
     return p
 

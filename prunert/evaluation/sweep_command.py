@@ -24,7 +24,7 @@ def add_sweep_parser(sub: Any) -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True,
                    help="sweep folder: artifacts/, sweep.json, sweep.md, accuracy_vs_k.png, accuracy_vs_ttft.png "
                    "(a rerun reuses matching artifacts)")
-    p.add_argument("--limit", type=int, help="evaluate only the first N records")
+    p.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     p.add_argument("--batch", type=int, default=defaults.batch, help="records per generate call (default %(default)s)")
     p.add_argument("--threads", type=int, default=defaults.runtime.threads, help="ONNX Runtime intra-op threads (default 0: its own choice)")
     p.add_argument("--backend", default="onnxruntime", help="runtime backend for the evaluation (default %(default)s)")

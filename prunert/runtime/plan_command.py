@@ -20,13 +20,13 @@ def add_plan_parser(sub: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="the memory an artifact needs on a device at batch B and sequence S, and whether it fits "
                        "(reads the manifest and file sizes only)")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory")
     p.add_argument("--device", required=True, help=f"{' | '.join(devices())} (prunert/data/devices.json, with sources), "
                    "or a memory size in GiB, e.g. 12.5")
     p.add_argument("--batch", default="1", help="images (prompts) per generate call (default %(default)s)")
     p.add_argument("--max-seq", help="prompt with its visual tokens + generated tokens (default: the artifact's max_sequence)")
     p.add_argument("--precision", default="fp32", help=f"{' | '.join(PRECISIONS)}, or per graph role: vision=fp16,decoder=int4 "
-                   "(a variant the artifact lacks is estimated)")
+                   "(a variant the artifact lacks is estimated; default %(default)s)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)
     return p
