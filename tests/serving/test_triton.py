@@ -251,7 +251,7 @@ def ask(client, client_module, index: int) -> tuple[str, list[int], str, str]:
 
 # ---- the tests -------------------------------------------------------------------------------------------------
 def test_health_readiness_and_model_metadata(server) -> None:
-    import tritonclient.grpc as grpcclient
+    import grpc as grpcio  # Kubernetes' native gRPC probe speaks grpc.health.v1
 
     http, grpc = server.http(), server.grpc()
     assert http.is_server_live() and http.is_server_ready()
@@ -270,7 +270,9 @@ def test_health_readiness_and_model_metadata(server) -> None:
     assert "dynamic_batching" in config and config["max_batch_size"] >= 1, config
     stream_config = grpc.get_model_config(STREAM_MODEL, as_json=True)["config"]
     assert stream_config["model_transaction_policy"]["decoupled"] is True, stream_config
-    assert isinstance(grpc, grpcclient.InferenceServerClient)
+    with grpcio.insecure_channel(f"127.0.0.1:{server.grpc_port}") as channel:
+        check = channel.unary_unary("/grpc.health.v1.Health/Check", request_serializer=bytes, response_deserializer=bytes)
+        assert check(b"", timeout=TIMEOUT_S) == b"\x08\x01"  # HealthCheckResponse(status=SERVING)
 
 
 def test_http_and_grpc_answer_as_the_pipeline_alone(server, expected) -> None:
