@@ -101,6 +101,12 @@ def test_text_spans_survive_a_template_that_trims() -> None:
     assert [prompt[a:b] for a, b in prompt.user_spans] == ["hi </s> there"]
 
 
+def test_a_template_that_rewrites_the_text_renders_as_hugging_face_without_spans() -> None:
+    template = "{% for m in messages %}{% for c in m['content'] %}{% if c['type'] == 'image' %}<image>{% else %}{{ c['text'] | upper }}{% endif %}{% endfor %}{% endfor %}"
+    prompt = ChatFormat(template, "test", "<image>").render(user_turn("hi"))
+    assert prompt == "<image>HI" and prompt.user_spans == () and prompt.query == "hi"
+
+
 BAD_MESSAGES = {
     "unknown role": ([{"role": "tool", "content": [IMAGE, text("x")]}], "messages[0]: role 'tool', expected one of system, user, assistant"),
     "part type": ([{"role": "user", "content": [IMAGE, {"type": "image_url", "image_url": {"url": "x"}}]}],
