@@ -302,3 +302,28 @@ def test_export_uses_a_template_from_tokenizer_config(tiny_checkpoint: Path, tmp
     assert pipe.tokenize([QUESTION])[0] == pipe.artifact.tokenizer.encode(expected).ids
     code, _, err = prunert_main("run", artifact, "--image", PHOTO, "--prompt", QUESTION, "--max-new-tokens", "2")
     assert code == 0, err
+
+
+def test_a_chat_prompt_goes_through_the_serving_engine_as_rendered(tiny_pipeline) -> None:
+    """The serving engine takes chat_prompt's result as its Request.prompt: the same answer as VLMPipeline.chat."""
+    import threading
+
+    from prunert.serving.config import EngineConfig
+    from prunert.serving.engine import Engine, Request
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": [IMAGE, text(f"{QUESTION} </s>")]}]
+    events, done = [], threading.Event()
+
+    def deliver(event) -> None:
+        events.append(event)
+        if event.finish is not None:
+            done.set()
+
+    engine = Engine(tiny_pipeline, EngineConfig()).start()
+    try:
+        engine.submit(Request(PHOTO, tiny_pipeline.chat_prompt(messages), GREEDY), deliver)
+        assert done.wait(60)
+    finally:
+        engine.shutdown(0)
+    assert events[-1].finish in ("stop", "length"), events[-1]
+    assert "".join(event.text for event in events) == tiny_pipeline.chat(messages, PHOTO, GREEDY).text
