@@ -30,6 +30,9 @@ Models (KServe v2 tensors; `[1]` is one value per row):
 A request's own failure (an undecodable image, a prompt the artifact cannot take, a full queue) is its response's
 `error`, not a Triton error: PyTriton answers an execute with one list of outputs or one exception, so an exception
 would fail every request batched with the bad one, and would carry the Python traceback as its message.
+
+Not passed on: Triton's request cancellation. PyTriton 0.7 does not tell the callable that a client cancelled its
+gRPC stream or timed out, so that row decodes to its end (at most max_tokens) before its place is free.
 """
 
 from __future__ import annotations

@@ -120,13 +120,13 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
 class Server:
     """A `prunert serve ART --triton` subprocess (its own process group) and clients for it."""
 
-    def __init__(self, python: Path, artifact: Path, log: Path):
+    def __init__(self, python: Path, artifact: Path, log: Path, *flags: str):
         self.http_port, self.grpc_port, self.metrics_port = free_ports(3)
         self.log = log
         self.clients: list = []
         command = [str(python), "-m", "prunert.cli", "serve", str(artifact), "--triton", "--host", "127.0.0.1",
                    "--http-port", str(self.http_port), "--grpc-port", str(self.grpc_port),
-                   "--metrics-port", str(self.metrics_port)]
+                   "--metrics-port", str(self.metrics_port), *flags]
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
@@ -426,6 +426,35 @@ def test_sigterm_stops_the_server_and_the_artifact_is_untouched(server, served_a
         urllib.request.urlopen(f"http://127.0.0.1:{server.http_port}/v2/health/live", timeout=5)
     artifact, before = served_artifact
     assert snapshot(artifact) == before
+
+
+def test_a_full_queue_refuses_the_surplus_rows_by_name(triton_python: Path, served_artifact, expected,
+                                                      tmp_path: Path) -> None:
+    """One decode row and one queue place (--max-batch 1 --max-queue 1), 16 requests at once: each is answered as alone
+    or refused with an error saying the queue is full (none lost, none a Triton error), and the server answers after."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    full = Server(triton_python, served_artifact[0], tmp_path / "serve.log", "--max-batch", "1", "--max-queue", "1")
+    try:
+        full.wait_ready()
+        barrier = threading.Barrier(16, timeout=TIMEOUT_S)
+
+        def one(i: int):
+            client = full.http()
+            barrier.wait()
+            return i % len(PROMPTS), ask(client, httpclient, i % len(PROMPTS))
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(one, range(16), timeout=4 * TIMEOUT_S))
+        refused = [answer for _, answer in answers if answer[2] == "error"]
+        assert all(answer[:3] == ("", [], "error") and "queue is full" in answer[3] for answer in refused), refused
+        assert all(answer == (*expected[index], "") for index, answer in answers if answer[2] != "error"), answers
+        assert 0 < len(refused) < 16, answers
+        assert ask(full.grpc(), grpcclient, 0) == (*expected[0], "")
+    finally:
+        full.close_clients()
+        full.kill()
 
 
 def test_triton_without_pytriton_is_one_error_line(cli_subprocess, error_line, tiny_artifact: Path) -> None:
