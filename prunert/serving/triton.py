@@ -43,6 +43,7 @@ import logging
 import os
 import secrets
 import signal
+import socket
 import sys
 import sysconfig
 import threading
@@ -81,6 +82,8 @@ def serve_triton(args: argparse.Namespace, engine: Engine) -> int:
     """Serve the started `engine` as Triton models on args.host until SIGTERM (-> 0; Triton finishes in-flight
     requests for up to the engine's drain_s, at most PyTriton's 30 s) or Ctrl-C (-> KeyboardInterrupt: 130)."""
     config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
+    _check_free(args.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port,
+                            "--metrics-port": config.metrics_port})
     pytriton = _pytriton()
     server = pytriton.Triton(config=pytriton.TritonConfig(
         http_address=args.host, http_port=config.http_port, grpc_address=args.host, grpc_port=config.grpc_port,
@@ -131,6 +134,19 @@ def bind_models(server: Any, model: "TritonModel", max_batch: int, config: Trito
                 config=pytriton.ModelConfig(batching=True, max_batch_size=max_batch, batcher=batcher))
     server.bind(STREAM_MODEL, model.stream, inputs, outputs, strict=True,
                 config=pytriton.ModelConfig(batching=False, decoupled=True))
+
+
+def _check_free(host: str, ports: dict[str, int]) -> None:
+    """ConfigError naming the flag of a port something already listens on (tritonserver would exit, and PyTriton
+    wait for it in vain, or talk to the other listener)."""
+    for flag, port in ports.items():
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as tritonserver binds: TIME_WAIT is free
+            try:
+                probe.bind(address)
+            except OSError as exc:
+                raise ConfigError(f"{flag} {port}: cannot listen on {host}:{port} ({exc.strerror}), expected a free port")
 
 
 def _own_libpython_first() -> None:

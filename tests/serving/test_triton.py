@@ -459,10 +459,24 @@ def test_a_full_queue_refuses_the_surplus_rows_by_name(triton_python: Path, serv
 
 def test_triton_without_pytriton_is_one_error_line(cli_subprocess, error_line, tiny_artifact: Path) -> None:
     """In the default environment (no PyTriton) --triton says how to get it, in one line, exit 2."""
-    done = cli_subprocess("serve", tiny_artifact, "--triton", "--http-port", "18000", "--grpc-port", "18001",
-                          "--metrics-port", "18002")
+    ports = [str(port) for port in free_ports(3)]
+    done = cli_subprocess("serve", tiny_artifact, "--triton", "--http-port", ports[0], "--grpc-port", ports[1],
+                          "--metrics-port", ports[2])
     assert done.returncode == 2, done.stderr
     error_line(done.stderr, "--triton", "PyTriton", "prunert[triton]")
+
+
+@pytest.mark.parametrize("flag", ["--http-port", "--grpc-port", "--metrics-port"])
+def test_a_port_in_use_is_one_error_line(cli_subprocess, error_line, tiny_artifact: Path, flag: str) -> None:
+    """A port something listens on is refused before Triton starts (it would exit, and PyTriton wait for it)."""
+    ports = dict(zip(["--http-port", "--grpc-port", "--metrics-port"], free_ports(3)))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[flag]))
+        taken.listen()
+        done = cli_subprocess("serve", tiny_artifact, "--triton", "--host", "127.0.0.1",
+                              *(item for pair in ports.items() for item in map(str, pair)))
+    assert done.returncode == 2, done.stderr
+    error_line(done.stderr, f"{flag} {ports[flag]}", "expected a free port")
 
 
 def test_triton_ports_must_differ(cli_subprocess, error_line, tiny_artifact: Path) -> None:
