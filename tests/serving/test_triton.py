@@ -10,6 +10,7 @@ instead. Every server is killed at the end (its process group), every client cal
 from __future__ import annotations
 
 import concurrent.futures
+import ctypes
 import fcntl
 import hashlib
 import importlib.util
@@ -117,6 +118,11 @@ def snapshot(directory: Path) -> dict[str, tuple[int, int, str]]:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
+def _die_with_parent() -> None:
+    """(in the child) SIGTERM when the test process dies, however it dies: tritonserver follows its parent likewise."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 class Server:
     """A `prunert serve ART --triton` subprocess (its own process group) and clients for it."""
 
@@ -130,7 +136,7 @@ class Server:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
         with open(log, "wb") as out:
             self.process = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                            stdin=subprocess.DEVNULL, start_new_session=True)
+                                            stdin=subprocess.DEVNULL, start_new_session=True, preexec_fn=_die_with_parent)
 
     def log_tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:]
