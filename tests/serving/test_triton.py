@@ -440,7 +440,8 @@ def test_sigterm_stops_the_server_and_the_artifact_is_untouched(server, served_a
 def test_a_full_queue_refuses_the_surplus_rows_by_name(triton_python: Path, served_artifact, expected,
                                                       tmp_path: Path) -> None:
     """One decode row and one queue place (--max-batch 1 --max-queue 1), 16 requests at once: each is answered as alone
-    or refused with an error saying the queue is full (none lost, none a Triton error), and the server answers after."""
+    or refused with an error saying the queue is full (none lost, none a Triton error), and the server answers after;
+    then Ctrl-C stops it (130)."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
 
@@ -461,6 +462,10 @@ def test_a_full_queue_refuses_the_surplus_rows_by_name(triton_python: Path, serv
         assert all(answer == (*expected[index], "") for index, answer in answers if answer[2] != "error"), answers
         assert 0 < len(refused) < 16, answers
         assert ask(full.grpc(), grpcclient, 0) == (*expected[0], "")
+        full.close_clients()
+        full.process.send_signal(signal.SIGINT)  # Ctrl-C: the same shutdown, exit 130
+        assert full.process.wait(timeout=90) == 130, full.log_tail()
+        assert full.log_tail().rstrip().endswith("prunert: interrupted"), full.log_tail()
     finally:
         full.close_clients()
         full.kill()
