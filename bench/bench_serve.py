@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
-from bench_peers import prunert_artifact  # noqa: E402
-from bench_vlm import checkpoint_dir, log, machine, speed_probe, versions  # noqa: E402
+from bench_peers import EXPORT_SOURCES, export_unchanged, git  # noqa: E402
+from bench_vlm import artifact_matches, checkpoint_dir, export_record, log, machine, speed_probe, versions  # noqa: E402
 
 STATEMENT = "weights are synthetic (seeded random): only speed is measured, not accuracy"
 IMAGES = sorted((ROOT / "examples" / "images").glob("*.jpg"))
 QUESTIONS = ("What is in the picture?", "Describe the colours you see.", "What is on the left?", "Is it day or night?",
              "How many objects are there?", "What is the main subject doing?", "Describe the background.", "Any text?")
-MAX_SEQUENCE = 1535  # the bench_peers artifact's: reused when it is there
+BUDGET, MAX_BATCH = 64, 16  # the exported artifact: K, and rows it may decode at once (the most clients measured)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -50,13 +50,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request (default: %(default)s)")
     p.add_argument("--rounds", type=int, default=3, help="rounds of every mode (default: %(default)s)")
     p.add_argument("--threads", type=int, required=True, help="intra-op threads of the server's and the pipeline's sessions")
-    p.add_argument("--work", type=Path, default=ROOT / "bench/results/peers", help="artifacts (cached; shared with bench_peers)")
+    p.add_argument("--work", type=Path, default=ROOT / "bench/results/serve", help="the exported artifact (cached)")
     p.add_argument("--out", type=Path, default=ROOT / "bench/results/bench_serve.json", help="JSON report")
     args = p.parse_args(argv)
     args.clients = sorted({int(x) for x in args.clients.split(",") if x.strip()})
     if not args.clients or args.clients[0] < 1 or min(args.requests, args.max_tokens, args.rounds, args.threads) < 1:
         p.error("--clients, --requests, --max-tokens, --rounds and --threads must be >= 1")
     return args
+
+
+def exported(args: argparse.Namespace) -> Path:
+    """--artifact, or the preset exported into --work with K=64 and max_batch 16 (reused while the checkpoint and the
+    export code are unchanged)."""
+    if args.artifact:
+        return args.artifact
+    directory, checkpoint = args.work / f"{args.preset}-k{BUDGET}-b{MAX_BATCH}", checkpoint_dir(args.preset).name
+    record = export_record(directory)
+    if artifact_matches(directory, args.preset, BUDGET, "resprune", checkpoint) and export_unchanged(
+            json.loads(record.read_text()).get("git_commit")):
+        log(f"prunert: reusing {directory}")
+        return directory
+    command = [sys.executable, "-m", "prunert", "export", "--model", f"synthetic:{args.preset}", "--budget", str(BUDGET),
+               "--max-batch", str(MAX_BATCH), "--out", str(directory), "--overwrite"]
+    log(f"prunert: exporting {directory}")
+    clean = not git("status", "--porcelain", "--", *EXPORT_SOURCES).stdout.strip()
+    done = subprocess.run(command, capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise SystemExit(f"bench: error: prunert export failed (exit {done.returncode}): {done.stderr.strip()[-2000:]}")
+    commit = git("rev-parse", "HEAD").stdout.strip() if clean else None
+    record.write_text(json.dumps({"checkpoint": checkpoint, "git_commit": commit, "command": command[2:]}) + "\n")
+    return directory
 
 
 def requests(count: int) -> list[tuple[Path, str]]:
@@ -212,11 +235,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
     log(STATEMENT)
-    if args.artifact:
-        artifact = args.artifact
-    else:
-        args.artifact = None
-        artifact, _ = prunert_artifact(args, checkpoint_dir(args.preset), MAX_SEQUENCE)
+    artifact = exported(args)
     runs, probes, same = measure(args, artifact)
     rows = report_rows(runs)
     print("\n| mode | tok/s median (min–max) | × sequential | TTFT p50 / p99 s |\n|---|---|---|---|")
