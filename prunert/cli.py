@@ -481,6 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_plan_parser(sub)  # `prunert plan`: memory per component and a verdict per device (manifest and file sizes only)
     from prunert.calibration.weight_only_command import add_quantize_parser, run_quantize
     add_quantize_parser(sub).set_defaults(func=lambda args: run_quantize(args, _sample_set, variant_written))
+    from prunert.serving.cli import add_serve_parser
+    add_serve_parser(sub)  # `prunert serve`: the OpenAI-compatible HTTP server, or --triton (prunert.serving)
     return parser
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 from prunert.errors import ConfigError
 
@@ -27,6 +28,33 @@ class EngineConfig:
             raise ConfigError(f"--max-queue: got {self.max_queue}, expected >= 1")
         if not self.drain_s >= 0:
             raise ConfigError(f"--drain-s: got {self.drain_s}, expected >= 0 seconds")
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    """`prunert serve`'s OpenAI-compatible HTTP server (prunert.serving.http_server).
+
+    host, port:       where it listens (port 0: any free port, printed when it starts).
+    max_body_mb:      a larger request body is refused with 413 before it is parsed (its rest is read and dropped).
+    allow_image_dir:  image_url parts may name local files under this directory; None: only data: URIs.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_mb: float = 20.0
+    allow_image_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.port, bool) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port: got {self.port}, expected a TCP port 0..65535 (0: any free port)")
+        if not 0 < self.max_body_mb < 1 << 20:
+            raise ConfigError(f"--max-body-mb: got {self.max_body_mb}, expected a positive number of megabytes")
+        if self.allow_image_dir is not None and not Path(self.allow_image_dir).is_dir():
+            raise ConfigError(f"--allow-image-dir '{self.allow_image_dir}': not a directory, expected an existing directory of images")
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * (1 << 20))
 
 
 @dataclass(frozen=True)

@@ -117,17 +117,26 @@ class Engine:
         QueueFullError at max_queue waiting, EngineClosedError while shutting down."""
         sequence = self.pipeline.tokenize([request.prompt])[0]
         with self._lock:
-            if self._closing:
-                raise EngineClosedError("the server is shutting down; retry on another replica")
-            if len(self._pending) >= self.config.max_queue:
-                self.metrics.rejected.inc()
-                raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
+            self._refuse_if_full()
             ticket = self._next_ticket
             self._next_ticket += 1
             self._pending.append(_Job(ticket, request, sequence, deliver, time.perf_counter()))
             self.metrics.queue_depth.set(len(self._pending))
             self._lock.notify()
         return ticket
+
+    def check_room(self) -> None:
+        """Raise what submit() would for a full queue or a closing engine, now: a server refuses an overload before it
+        spends time decoding the request's image (submit checks again)."""
+        with self._lock:
+            self._refuse_if_full()
+
+    def _refuse_if_full(self) -> None:  # under self._lock
+        if self._closing:
+            raise EngineClosedError("the server is shutting down; retry on another replica")
+        if len(self._pending) >= self.config.max_queue:
+            self.metrics.rejected.inc()
+            raise QueueFullError(f"the queue is full ({self.config.max_queue} requests waiting); retry later")
 
     def cancel(self, ticket: int) -> None:
         """The request's client is gone: its row (or queue place) is freed before the next step."""

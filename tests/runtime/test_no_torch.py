@@ -82,3 +82,25 @@ def test_cli_run_and_inspect_without_torch(python_without, tiny_artifact: Path) 
     assert f'"schema_version": {SCHEMA_VERSION}' in result.stdout  # inspect --json
     assert "prunert: error: prompt '<image> twice <image>'" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_serving_without_torch(python_without, tiny_artifact: Path) -> None:
+    """prunert.serving (engine, HTTP server, OpenAI protocol, `prunert serve`, the Triton model) stays torch-free."""
+    result = python_without(
+        """
+        import prunert.serving.cli, prunert.serving.openai_api, prunert.serving.triton
+        from prunert.runtime import VLMPipeline
+        from prunert.serving.config import EngineConfig
+        from prunert.serving.engine import Engine
+        from prunert.serving.http_server import HttpServer, make_server
+
+        engine = Engine(VLMPipeline(sys.argv[1]), EngineConfig()).start()
+        make_server(HttpServer(engine))  # the app and its uvicorn server over the running engine
+        engine.shutdown(0)
+        assert_no_heavy_modules()
+        print("ok")
+        """,
+        tiny_artifact,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "ok"
