@@ -21,7 +21,7 @@ def add_serve_parser(sub: argparse._SubParsersAction) -> argparse.ArgumentParser
     engine, http = EngineConfig(), HttpConfig()
     p = sub.add_parser("serve", help="serve an artifact over an OpenAI-compatible HTTP API (/v1/chat/completions; "
                        "needs prunert[serve]) or, with --triton, as Triton models (no torch needed)")
-    p.add_argument("artifact", type=Path)
+    p.add_argument("artifact", type=Path, help="artifact directory (`prunert export`); its directory name is the model id")
     p.add_argument("--host", default=http.host, help="address to listen on (default: %(default)s; 0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=http.port, help="TCP port (default: %(default)s; 0: any free port, printed at start)")
     _add_backend_flags(p)
