@@ -281,3 +281,27 @@ def test_1000_requests_against_a_queue_of_8(start_server, chat_body, data_uri, t
     assert all(text == "queue_full" for code, text in results if code == 429)
     assert running.engine.metrics.rejected.values[""] == codes.get(429, 0)
     still_answers(running, chat_body)
+
+
+def test_a_client_gone_while_waiting_cancels_its_request(start_server, chat_body) -> None:
+    """Not streamed: the server notices the disconnect while the answer is pending and frees the row."""
+    import threading
+
+    running = start_server(EngineConfig(max_batch=1))
+    gate, step = threading.Event(), running.engine._batch.step
+
+    def gated_step():  # decoding waits until the client has given up
+        assert gate.wait(TIMEOUT)
+        return step()
+
+    running.engine._batch.step = gated_step
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{running.url}/v1/chat/completions", json=chat_body(row=0, max_tokens=8), timeout=0.5)
+    deadline = time.monotonic() + TIMEOUT
+    while running.http.responses.values.get("499") is None:  # the handler saw the disconnect and cancelled
+        assert time.monotonic() < deadline, "the disconnect was not noticed"
+        time.sleep(0.01)
+    gate.set()
+    _wait_idle(running)
+    assert running.finished() == {"cancelled": 1.0}
+    still_answers(running, chat_body)
