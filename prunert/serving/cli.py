@@ -53,9 +53,9 @@ def serve(args: argparse.Namespace) -> int:
     engine_config = EngineConfig(max_batch=args.max_batch, max_queue=args.max_queue, drain_s=args.drain_s)
     http_config = HttpConfig(host=args.host, port=args.port, max_body_mb=args.max_body_mb, allow_image_dir=args.allow_image_dir)
     logging.basicConfig(level=logging.WARNING, format="prunert serve: %(levelname)s %(name)s: %(message)s")
-    steady_malloc()
 
     def started() -> Engine:
+        steady_malloc()
         artifact = Artifact(args.artifact, verify_hashes=not args.no_verify)
         return Engine(VLMPipeline(artifact, args.backend, args.precision, runtime_config(args)), engine_config).start()
 

@@ -140,3 +140,11 @@ def test_sigterm_cuts_requests_after_drain_s(serve_subprocess, chat_body) -> Non
     cut = outcomes.count("cut") + outcomes.count("503")
     assert cut >= 1 and set(outcomes) <= {"stop", "length", "cut", "503"}, outcomes
     assert f"prunert serve: stopped; {cut} requests were cut at --drain-s 0" in stderr and "Traceback" not in stderr, stderr
+
+
+def test_ctrl_c_stops_with_130(serve_subprocess, chat_body) -> None:
+    server = serve_subprocess()
+    assert httpx.post(f"{server.url}/v1/chat/completions", json=chat_body(max_tokens=2), timeout=TIMEOUT).status_code == 200
+    code, stderr = server.stop(signal.SIGINT)
+    assert code == 130, stderr
+    assert stderr.strip().splitlines()[-1] == "prunert: interrupted" and "Traceback" not in stderr
