@@ -209,8 +209,8 @@ def load_request_image(url: str, param: str, source: ImageSource) -> Any:
 
 def _data_uri_image(url: str, param: str) -> Any:
     header, comma, payload = url[5:].partition(",")
-    media, *flags = header.split(";")
-    if not comma or not media.lower().startswith("image/") or "base64" not in flags:
+    media, *flags = (part.strip().lower() for part in header.split(";"))  # RFC 2397: case-insensitive
+    if not comma or not media.startswith("image/") or "base64" not in flags:
         raise bad_request(f"{param}: a data URI of {media or 'no media type'!r}{'' if 'base64' in flags else ', not base64'}, "
                           "expected data:image/...;base64,<data>", param, "invalid_image")
     try:
