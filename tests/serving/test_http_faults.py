@@ -229,6 +229,7 @@ def test_100_clients_disconnect_mid_stream(start_server, chat_body) -> None:
     assert all(got_content)
     _wait_idle(running)
     finished = running.finished()
+    print(f"100 clients gone mid-stream: finished {finished}")  # the report's fault table (pytest -s)
     assert sum(finished.values()) - before == 100  # every one accounted for: finished or cancelled, none stuck
     assert finished.get("cancelled", 0) >= 1  # rows freed at the next step, not run to their end
     assert running.engine.active == 0 and running.engine.waiting == 0
@@ -276,6 +277,7 @@ def test_1000_requests_against_a_queue_of_8(start_server, chat_body, data_uri, t
     results = asyncio.run(asyncio.wait_for(main(), 3 * TIMEOUT))
     codes = {code: sum(1 for c, _ in results if c == code) for code, _ in results}
     assert sum(codes.values()) == 1000 and set(codes) <= {200, 429, 503}, codes
+    print(f"1,000 requests, --max-queue 8: {codes}")  # the report's fault table (pytest -s)
     assert codes.get(429, 0) >= 1 and codes[200] >= 8, codes
     assert all(text == expected for code, text in results if code == 200)
     assert all(text == "queue_full" for code, text in results if code == 429)
