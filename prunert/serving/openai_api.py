@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import secrets
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from prunert.config import GenerationConfig
+from prunert.config import GenerationConfig, fresh_seed
 from prunert.errors import ConfigError, PrunertError
 from prunert.runtime.image import decode_image_bytes
 
@@ -180,7 +179,7 @@ def _generation(request: dict[str, Any], default_max_tokens: int) -> tuple[Gener
     top_p = float(_typed(request, "top_p", float, 1.0))
     seed = _typed(request, "seed", int, None)
     if seed is None:
-        seed = secrets.randbelow(1 << 31) if temperature > 0 else 0  # a fresh seed per sampled request
+        seed = fresh_seed() if temperature > 0 else 0  # a fresh seed per sampled request
     try:
         return GenerationConfig(max_new_tokens=max_tokens or default_max_tokens, temperature=temperature, top_p=top_p, seed=seed), seed
     except ConfigError as exc:  # "temperature: got -1.0, expected >= 0", ...
