@@ -69,9 +69,10 @@ def _run(args: argparse.Namespace) -> int:
     if len(images) != len(prompts):
         raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                              seed=_run_seed(args))
+                              seed=GenerationConfig().seed if args.seed is None else args.seed)  # checked before anything runs
     pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision,
                        runtime=runtime_config(args))
+    config = _run_seed(args, config)
     stream = args.stream and len(images) == 1
 
     def on_token(row: int, token: int, text: str) -> None:
@@ -97,18 +98,18 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_seed(args: argparse.Namespace) -> int:
-    """--seed, else for a sampled run (--temperature > 0) a fresh one, printed on stderr so the run can be repeated;
-    greedy decoding draws nothing (GenerationConfig's seed)."""
-    from prunert.config import GenerationConfig, fresh_seed
+def _run_seed(args: argparse.Namespace, config):
+    """The checked config with --seed, else for a sampled run (--temperature > 0) a fresh seed, printed on stderr (once
+    the run is about to start) so it can be repeated; greedy decoding draws nothing."""
+    from dataclasses import replace
 
-    if args.seed is not None:
-        return args.seed
-    if args.temperature <= 0:
-        return GenerationConfig().seed
+    from prunert.config import fresh_seed
+
+    if args.seed is not None or config.temperature == 0:
+        return config
     seed = fresh_seed()
     print(f"seed: {seed} (pass --seed {seed} to repeat)", file=sys.stderr)
-    return seed
+    return replace(config, seed=seed)
 
 
 def _parity(args: argparse.Namespace) -> int:
