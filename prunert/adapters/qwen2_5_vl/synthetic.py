@@ -28,6 +28,7 @@ from prunert.adapters.llava.synthetic import (
     _write_json,
 )
 from prunert.adapters.qwen2_5_vl import ENDOFTEXT, IM_END, IMAGE_PAD, QWEN_PROMPT_TEMPLATE, VISION_END, VISION_START  # noqa: F401
+from prunert.adapters.qwen2_5_vl.host import QWEN_CHAT_TEMPLATE
 from prunert.adapters.qwen2_5_vl.tokenizer_builder import VIDEO_PAD, build_tokenizer, num_trained_tokens
 from prunert.errors import ConfigError
 
@@ -38,21 +39,7 @@ if TYPE_CHECKING:
 SYNTHETIC_FORMAT_VERSION = 1  # bump when the files written for an unchanged preset change
 BICUBIC = 3
 
-# Qwen2.5-VL's chat template (images and videos; `add_vision_id` numbers them).
-CHAT_TEMPLATE = (
-    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
-    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n{% endif %}"
-    "<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}<|im_end|>\n"
-    "{% else %}{% for content in message['content'] %}"
-    "{% if content['type'] == 'image' or 'image' in content or 'image_url' in content %}"
-    "{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}Picture {{ image_count.value }}: {% endif %}"
-    "<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif content['type'] == 'video' or 'video' in content %}"
-    "{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}Video {{ video_count.value }}: {% endif %}"
-    "<|vision_start|><|video_pad|><|vision_end|>"
-    "{% elif 'text' in content %}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+CHAT_TEMPLATE = QWEN_CHAT_TEMPLATE  # the checkpoint ships Qwen2.5-VL's template (the host's default, one copy)
 
 
 @dataclass(frozen=True)
