@@ -30,6 +30,7 @@ class SharedBufferKVSession(DecoderSession):
         self.length = 0  # the host mask's width T (the longest row's length)
         self.padding = np.zeros(0, np.int64)  # [batch] T - each row's own length (its left padding in the host layout)
         self._bound = -1  # the row count the binding was made for
+        self._out: np.ndarray | None = None  # a step's logits buffer (_logits)
 
     @property
     def rows(self) -> int:
@@ -53,11 +54,17 @@ class SharedBufferKVSession(DecoderSession):
         binding = self._binding()
         for name, value in feeds.items():
             binding.bind_cpu_input(name, np.ascontiguousarray(value))
-        binding.bind_output(LOGITS)  # unallocated again: its shape changes from prefill to decode
+        out = None if first else self._logits(new)
+        if out is None:  # a prefill: ONNX Runtime allocates [B, S, V]
+            binding.bind_output(LOGITS)
+        else:  # a step writes into a buffer kept for its shape: no allocation, and no wrapping of every bound output
+            binding.bind_output(LOGITS, "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
         self.runner.session.run_with_iobinding(binding)
         self.length += new
+        if out is not None:
+            return out.copy()  # [B, S, V]; the buffer is the next step's
         logits = binding.get_outputs()[0].numpy()  # [B, S, V], bound first
-        return shift_rows(logits, self.padding, axis=1) if first else logits  # the host's layout: each row's last token at -1
+        return shift_rows(logits, self.padding, axis=1)  # the host's layout: each row's last token at -1
 
     def present(self) -> list[np.ndarray]:
         """The cache in the host's left-padded layout, [B, kv_heads, T, head_dim]: zeros where a row is padded."""
@@ -103,6 +110,14 @@ class SharedBufferKVSession(DecoderSession):
         for new, old in zip(grown, self.buffers):
             new[:keep, :, : self.length] = old[:keep, :, : self.length]
         self.buffers, self._bound = grown, -1
+
+    def _logits(self, new: int) -> np.ndarray:
+        """The logits buffer [rows, new, V] of a step (made again when the rows or the step size change)."""
+        spec = next(t for t in self.runner.spec.outputs if t.name == LOGITS)  # [batch, sequence, V]
+        shape = (self.batch, new, int(spec.shape[-1]))
+        if self._out is None or self._out.shape != shape:
+            self._out = np.empty(shape, np.dtype(spec.dtype))
+        return self._out
 
     def _binding(self) -> Any:
         """One IOBinding per row count: each buffer's first `batch` rows bound as past and present (the same memory)."""
