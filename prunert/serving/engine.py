@@ -101,6 +101,7 @@ class Engine:
         self._jobs: dict[int, _Job] = {}  # admitted, by ticket
         self._pending: collections.deque[_Job] = collections.deque()
         self._cancelled: set[int] = set()
+        self._admitting: set[int] = set()  # taken from the queue, in vision or prefill (in neither _pending nor _jobs)
         self._lock = threading.Condition()
         self._next_ticket = 0
         self._closing = False  # no new requests
@@ -151,15 +152,19 @@ class Engine:
         with self._lock:
             self._closing = True
             self._lock.notify()
-            while (self._pending or self._jobs) and time.monotonic() < deadline and self._thread.is_alive():
+            while self._in_flight() and time.monotonic() < deadline and self._thread.is_alive():
                 self._lock.wait(timeout=min(0.05, max(deadline - time.monotonic(), 0.0)))
-            drained = not (self._pending or self._jobs)
+            drained = not self._in_flight()
             self._cancelled.update(job.ticket for job in self._pending)
             self._cancelled.update(self._jobs)
+            self._cancelled.update(self._admitting)  # in _admit now: in _jobs by the worker's next look at _cancelled
             self._stopped = True
             self._lock.notify()
         self._thread.join(timeout=10)
         return drained
+
+    def _in_flight(self) -> bool:  # under self._lock
+        return bool(self._pending or self._jobs or self._admitting)
 
     @property
     def active(self) -> int:
@@ -182,6 +187,7 @@ class Engine:
                 admit = []
                 while self._pending and len(self._jobs) + len(admit) < self.max_batch:
                     admit.append(self._pending.popleft())
+                self._admitting = {job.ticket for job in admit}
                 self.metrics.queue_depth.set(len(self._pending))
                 stop_now = self._stopped and not self._pending and not admit
             for ticket in cancelled & set(self._jobs):
@@ -189,6 +195,8 @@ class Engine:
                 self._finish(self._jobs.pop(ticket), "cancelled")
             for job in admit:
                 self._admit(job)
+            with self._lock:
+                self._admitting = set()
             self.metrics.active.set(len(self._jobs))
             if self._jobs:
                 self._step()
