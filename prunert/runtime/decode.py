@@ -73,7 +73,6 @@ class DecodeBatch:
         self.rows: list[_Row] = []
         self.mask = np.zeros((0, 0), np.int64)  # [n, T] left-padded, as the session's cache
         self.positions = np.zeros((0, 1), np.int64)  # [n, 1] (M-RoPE [3, n, 1]): each row's next position
-        self.calls = 0  # decoder calls made
 
     @property
     def handles(self) -> list[Hashable]:
@@ -110,7 +109,6 @@ class DecodeBatch:
         self.mask = np.concatenate([self.mask, np.ones((len(tokens), 1), self.mask.dtype)], axis=1)  # [n, T + 1]
         logits = self.session.run(self.embed(tokens), self.mask, self.positions)[:, -1]  # [n, V]
         self.positions = self.positions + 1
-        self.calls += 1
         events = [self._choose(row, row_logits) for row, row_logits in zip(self.rows, logits)]
         self._leave([i for i, event in enumerate(events) if event.finish is not None])
         return events

@@ -139,7 +139,21 @@ def empty_past(spec: GraphSpec, batch: int) -> list[np.ndarray]:
     return [np.zeros((batch, t.shape[1], 0, t.shape[3]), np.dtype(t.dtype)) for t in tensors]
 
 
-class HostKVSession(DecoderSession):
+class HostRowsSession(DecoderSession):
+    """A session whose rows join and leave through host copies of its cache: merge and keep are made on present()'s
+    arrays and written back with _load (the numpy cache, ORT-CUDA's OrtValues, TensorRT's device buffers)."""
+
+    @abstractmethod
+    def _load(self, cache: list[np.ndarray]) -> None: ...
+
+    def merge(self, other: DecoderSession) -> None:  # one host copy per admitted request
+        self._load(merge_caches(self.present(), other.present()))
+
+    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
+        self._load(keep_caches(self.present(), rows, trim))
+
+
+class HostKVSession(HostRowsSession):
     """The KV cache lives in numpy arrays; every step feeds them in and takes the new ones out."""
 
     def reset(self, batch: int) -> None:
@@ -158,11 +172,8 @@ class HostKVSession(DecoderSession):
     def rows(self) -> int:
         return self.cache[0].shape[0]
 
-    def merge(self, other: DecoderSession) -> None:
-        self.cache = merge_caches(self.cache, other.present())
-
-    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
-        self.cache = keep_caches(self.cache, rows, trim)
+    def _load(self, cache: list[np.ndarray]) -> None:
+        self.cache = cache
 
 
 def check_inputs(spec: GraphSpec, feeds: dict[str, np.ndarray], only: Sequence[str] | None = None) -> None:
@@ -265,7 +276,7 @@ def _open_session(ort: Any, path: Path, options: Any, providers: list[Any]) -> A
         raise ArtifactError(f"graph '{path}': ONNX Runtime cannot load it ({reason}); without --no-verify its sha256 is checked") from None
 
 
-class OrtBoundKVSession(DecoderSession):
+class OrtBoundKVSession(HostRowsSession):
     """ONNX Runtime IOBinding: the present tensors of one step are bound, as OrtValues on the session's
     device, as the past of the next; only embeds/mask/positions go in and logits come out each step."""
 
@@ -297,12 +308,6 @@ class OrtBoundKVSession(DecoderSession):
     @property
     def rows(self) -> int:
         return self.cache[0].shape()[0]
-
-    def merge(self, other: DecoderSession) -> None:  # through the host: one copy per admitted request
-        self._load(merge_caches(self.present(), other.present()))
-
-    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
-        self._load(keep_caches(self.present(), rows, trim))
 
     def _load(self, cache: list[np.ndarray]) -> None:
         import onnxruntime as ort

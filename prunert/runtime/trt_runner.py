@@ -26,7 +26,7 @@ from prunert.engines.profiles import Profile, select_profile
 from prunert.errors import ArtifactError, InputShapeError, PrunertError
 from prunert.manifest import MANIFEST_NAME, EngineSpec, GraphSpec
 from prunert.runtime import cuda as cuda_rt
-from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, Runner, check_inputs, keep_caches, merge_caches
+from prunert.runtime.runner import HOST_INPUTS, LOGITS, HostRowsSession, Runner, check_inputs
 
 _NUMPY_TYPES = {"FLOAT": np.float32, "HALF": np.float16, "INT8": np.int8, "UINT8": np.uint8,
                 "INT32": np.int32, "INT64": np.int64, "BOOL": np.bool_}
@@ -201,7 +201,7 @@ class TensorRTRunner(Runner):
             pass
 
 
-class TensorRTDecoderSession(DecoderSession):
+class TensorRTDecoderSession(HostRowsSession):
     """KV cache on the device: per layer two buffers [B, kv_heads, max_total, head_dim] used ping-pong.
 
     Step t binds past = front buffer viewed as [B, H, past, Dh] and present = back buffer (written densely
@@ -285,12 +285,6 @@ class TensorRTDecoderSession(DecoderSession):
     @property
     def rows(self) -> int:
         return self.batch
-
-    def merge(self, other: DecoderSession) -> None:  # through the host: one copy per admitted request
-        self._load(merge_caches(self.present(), other.present()))
-
-    def keep(self, rows: Sequence[int], trim: int = 0) -> None:
-        self._load(keep_caches(self.present(), rows, trim))
 
     def _load(self, cache: list[np.ndarray]) -> None:
         """The front buffers from host caches [B, H, T, hd] (B >= 1; an empty batch holds nothing on the device)."""
