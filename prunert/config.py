@@ -289,6 +289,14 @@ def fresh_seed() -> int:
     return secrets.randbits(FRESH_SEED_BITS)
 
 
+def seed_for(seed: int | None, temperature: float) -> int:
+    """The seed a served request runs with: its own; without one, a fresh one when it samples (temperature > 0),
+    else GenerationConfig's (greedy decoding draws nothing)."""
+    if seed is not None:
+        return seed
+    return fresh_seed() if temperature > 0 else GenerationConfig().seed
+
+
 MAX_PANEL_SCALE = 16  # `prunert visualize --scale`: a 336 px crop becomes 5376 px square (~90 MB of RGB per panel)
 
 

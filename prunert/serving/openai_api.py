@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
-from prunert.config import GenerationConfig, fresh_seed
+from prunert.config import GenerationConfig, seed_for
 from prunert.errors import ConfigError, PrunertError
 from prunert.runtime.image import decode_image_bytes
 
@@ -177,9 +177,7 @@ def _generation(request: dict[str, Any], default_max_tokens: int) -> tuple[Gener
     max_tokens = limits["max_completion_tokens"] or limits["max_tokens"]
     temperature = float(_typed(request, "temperature", float, 0.0))
     top_p = float(_typed(request, "top_p", float, 1.0))
-    seed = _typed(request, "seed", int, None)
-    if seed is None:
-        seed = fresh_seed() if temperature > 0 else 0  # a fresh seed per sampled request
+    seed = seed_for(_typed(request, "seed", int, None), temperature)  # a fresh seed per sampled request without one
     try:
         return GenerationConfig(max_new_tokens=max_tokens or default_max_tokens, temperature=temperature, top_p=top_p, seed=seed), seed
     except ConfigError as exc:  # "temperature: got -1.0, expected >= 0", ...

@@ -41,7 +41,6 @@ import argparse
 import asyncio
 import logging
 import os
-import secrets
 import signal
 import socket
 import sys
@@ -52,7 +51,7 @@ from typing import Any, AsyncIterator, Mapping
 
 import numpy as np
 
-from prunert.config import GenerationConfig
+from prunert.config import GenerationConfig, seed_for
 from prunert.errors import BackendUnavailableError, ConfigError, PromptError, PrunertError
 from prunert.runtime.image import decode_image_bytes
 from prunert.serving.config import TritonConfig
@@ -259,8 +258,8 @@ def _request(row: Mapping[str, np.ndarray], default_max_tokens: int) -> Request:
     if max_tokens < 1:
         raise ConfigError(f"max_tokens: got {max_tokens}, expected >= 1")
     temperature = float(_item(row, "temperature", default.temperature))
-    fresh = secrets.randbelow(2**31) if temperature > 0 else default.seed  # sampling without a seed: a new one
-    seed = int(_item(row, "seed", fresh))
+    given = _item(row, "seed")
+    seed = seed_for(None if given is None else int(given), temperature)  # sampling without a seed: a new one
     config = GenerationConfig(max_tokens, temperature, float(_item(row, "top_p", default.top_p)), seed)
     return Request(image, prompt, config)
 
