@@ -4,7 +4,8 @@ ORT-genai's model is built by its own model builder from the Llama part of the L
 prunert's is the artifact exported from that checkpoint, run through the runtime as `prunert run` runs it (make_runner's
 decoder graph for the onnxruntime backend at the precision, its DecoderSession, the one decode loop decode_steps).
 Both run at the same --threads and spinning setting, greedy, on the same random prompt ids of each context. Interleaved
-rounds (A B, then B A, ...) time a prefill of C tokens and then N decode steps, per precision and context; a bandwidth
+rounds (A B, then B A, ...; each round opens both peers afresh in its order) time a prefill of C tokens and then N
+decode steps, per precision and context; a bandwidth
 probe gives the floor (bandwidth / bytes read per step) and a fixed matmul between rounds shows the machine's noise.
 Weights are synthetic (seeded random): speed only.
 
@@ -15,6 +16,7 @@ Weights are synthetic (seeded random): speed only.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import subprocess
@@ -47,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precisions", default="fp32,int4", help="comma-separated, of fp32 and int4 (default: %(default)s)")
     p.add_argument("--contexts", default="104,616,1500", help="prefill lengths C (default: %(default)s)")
     p.add_argument("--steps", type=int, default=32, help="decode steps timed after each prefill (default: %(default)s)")
-    p.add_argument("--rounds", type=int, default=5, help="interleaved rounds (default: %(default)s)")
+    p.add_argument("--rounds", type=int, default=6, help="interleaved rounds; even balances the order (default: %(default)s)")
     p.add_argument("--threads", type=int, required=True, help="intra-op threads of both peers' sessions (e.g. 2)")
     p.add_argument("--spin", action="store_true", help="let both peers' ONNX Runtime threads spin (default: off, as prunert's)")
     p.add_argument("--block-size", type=int, default=Int4Settings.block_size, help="int4 block size (default: %(default)s)")
@@ -206,26 +208,34 @@ def time_one(peer, ids: np.ndarray, steps: int) -> dict:
     return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tok_s": steps / decode_s, "tokens": tokens}
 
 
-def measure(peers: dict, prompts: dict, args: argparse.Namespace) -> tuple[list[dict], list[float]]:
-    """Warm-up (each peer once at the largest context), then `rounds` rounds; each round times every (precision,
-    context) on both peers back to back, prunert first in even rounds and ORT-genai first in odd ones."""
-    largest = prompts[max(prompts)]
-    for peer in peers.values():
-        time_one(peer, largest, 2)
+def measure(open_peer, keys: list[tuple[str, str]], prompts: dict, args: argparse.Namespace) -> tuple[list[dict], list[float], dict]:
+    """`rounds` rounds; each round times every (precision, context) on both peers back to back, prunert first in even
+    rounds and ORT-genai first in odd ones. Each round opens both peers of a precision afresh, in that round's order
+    (the previous round's freed first), and warms each up once at the largest context: in one process a session opened
+    later measured 3-6% faster per decode step than one opened earlier on the same graph (four sessions of the int4
+    decoder, 2 threads, three runs), so opening order alternates with the timing order. -> runs, noise probes, and
+    what each peer runs (graph facts, from its first opening)."""
+    largest, graphs = prompts[max(prompts)], {}
     runs, probes = [], [speed_probe()]
     for round_ in range(args.rounds):
+        order = PEERS if round_ % 2 == 0 else PEERS[::-1]
         for precision in args.precisions:
+            peers: dict = {}
+            gc.collect()  # the last precision's sessions are gone before these open
+            for name in (n for n in order if (n, precision) in keys):
+                peers[name], facts = open_peer(name, precision)
+                graphs.setdefault(f"{name} {precision}", facts)
+                time_one(peers[name], largest, 2)
             for context, ids in prompts.items():
-                order = PEERS if round_ % 2 == 0 else PEERS[::-1]
-                for name in (n for n in order if (n, precision) in peers):
-                    run = {"round": round_, "peer": name, "precision": precision, "context": context,
-                           **time_one(peers[(name, precision)], ids, args.steps)}
+                for name, peer in peers.items():
+                    run = {"round": round_, "peer": name, "precision": precision, "context": context, **time_one(peer, ids, args.steps)}
                     runs.append(run)
                     log(f"round {round_ + 1}/{args.rounds} {name:9} {precision} C={context}: prefill {run['prefill_s']:.3f} s, "
                         f"decode {run['decode_tok_s']:.2f} tok/s")
+            del peers
         probes.append(speed_probe())
         log(f"round {round_ + 1}: noise probe {probes[-1]:.1f} ms")
-    return runs, probes
+    return runs, probes, graphs
 
 
 def spread(values: list[float]) -> dict:
@@ -310,22 +320,20 @@ def genai_builds(args: argparse.Namespace, checkpoint: Path, int4: Int4Settings)
     return builds
 
 
-def open_peers(args: argparse.Namespace, artifact: Path, builds: dict, runtime, unavailable: dict) -> tuple[dict, dict]:
-    """(peer, precision) -> peer, and what each runs (graph file, nodes, session settings)."""
+def peer_opener(args: argparse.Namespace, artifact: Path, builds: dict, runtime):
+    """(peer, precision) -> (a freshly opened peer, what it runs: graph file, nodes, session settings)."""
     from prunert.manifest import load_manifest
 
     capacity = load_manifest(artifact, verify_hashes=False).text.max_sequence  # ORT-genai's KV capacity = prunert's
-    peers, graphs = {}, {}
-    for precision in args.precisions:
-        genai = peers[("ort-genai", precision)] = GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
-        graphs[f"ort-genai {precision}"] = {"nodes": genai.graph_nodes(), "session_options": genai.session_options,
-                                            "max_length": capacity}
-        if f"prunert {precision}" not in unavailable:
-            peers[("prunert", precision)] = PrunertPeer(artifact, precision, runtime)
-            graphs[f"prunert {precision}"] = peers[("prunert", precision)].graph()
-    for label, facts in graphs.items():
-        log(f"{label}: {facts}")
-    return peers, graphs
+
+    def open_peer(name: str, precision: str):
+        if name == "ort-genai":
+            genai = GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
+            return genai, {"nodes": genai.graph_nodes(), "session_options": genai.session_options, "max_length": capacity}
+        peer = PrunertPeer(artifact, precision, runtime)
+        return peer, peer.graph()
+
+    return open_peer
 
 
 def print_summary(report: dict) -> None:
@@ -352,6 +360,7 @@ def main(argv=None) -> int:
     args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters import resolve_source
     from prunert.config import RuntimeConfig
+    from prunert.runtime import Artifact
 
     environment = {"machine": machine(), "versions": {**versions(), "onnxruntime-genai": genai_version()}}
     checkpoint = resolve_source(f"synthetic:{args.preset}").path
@@ -368,11 +377,13 @@ def main(argv=None) -> int:
     if args.prepare_only:
         log(f"prepared: prunert {artifact}, ORT-genai {[b['dir'] for b in builds.values()]}; unavailable: {unavailable or 'none'}")
         return 0
-    peers, graphs = open_peers(args, artifact, builds, runtime, unavailable)
-    special = next((peer.artifact.special_ids for (name, _), peer in peers.items() if name == "prunert"), set())
+    keys = [(name, p) for p in args.precisions for name in PEERS if f"{name} {p}" not in unavailable]
+    special = Artifact(artifact, verify_hashes=False).special_ids
     prompts = {c: prompt_ids(c, text_config["vocab_size"], special) for c in args.contexts}
     bandwidth = bandwidth_probe(args.threads, args.probe_gib)
-    runs, probes = measure(peers, prompts, args)
+    runs, probes, graphs = measure(peer_opener(args, artifact, builds, runtime), keys, prompts, args)
+    for label, facts in graphs.items():
+        log(f"{label}: {facts}")
     bandwidth_after = bandwidth_probe(args.threads, args.probe_gib)
     bw = max(bandwidth["gb_s"], bandwidth_after["gb_s"])
     floor = {p: {str(c): {**(b := bytes_per_step(text_config, p, int4, c)), "tok_s": bw * 1e9 / b["total"]} for c in args.contexts}

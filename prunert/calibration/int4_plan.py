@@ -1,8 +1,8 @@
 """The int4 numbers of one decoder graph (Int4Plan: RTN, AWQ or GPTQ), carried over to the graph's other form, and
 written out (`prunert quantize`). prunert.calibration.weight_only holds the int4 primitives and the rewrite.
 
-The standard decoder is planned from its own calibration feeds. The fused decoder (FUSED_DECODER: fused QKV and
-gate/up weights, the same matrices concatenated along N) takes the standard plan through `transfer_plan`:
+The standard decoder is planned from its own calibration feeds. The fused decoder (FUSED_DECODER: fused QKV weights,
+the same matrices concatenated along N) takes the standard plan through `transfer_plan`:
 its matmul groups pair with the standard ones in graph order, and each fused weight column takes the int4 numbers
 and block scales of its identical column in the pair (every algorithm here quantizes each output column on its
 own), so both forms hold the very same int4 numbers.

@@ -123,7 +123,9 @@ def weight_array(model: onnx.ModelProto, name: str, base_dir: Path | None = None
 def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_scales: dict[str, np.ndarray],
             targets: list[MatMulTarget], form: str, accuracy_level: int) -> onnx.ModelProto:
     """A copy of `model` whose target MatMuls read `quantized[weight]` in `form` ("dq" or "nbits"); an
-    activation with inverse_scales[activation] [K] is multiplied by them first (AWQ), once for all its readers."""
+    activation with inverse_scales[activation] [K] is multiplied by them first (AWQ), once for all its readers.
+    In the nbits form, sibling targets (one activation, the same K and block size: e.g. gate and up) become one
+    MatMulNBits over their weights side by side and a Split (_siblings)."""
     if form not in FORMS:
         raise ExportError(f"int4 form: got {form!r}, expected one of {list(FORMS)}")
     out = _copy_without(model, {t.weight for t in targets})  # not a second copy of the float weights
@@ -135,10 +137,14 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
     replaced = {index: node for index, node in folded.values() if index is not None}  # producer index -> its rescaled copy
     muls_done = {x for x, (index, _) in folded.items() if index is not None}
     scaled = {x: name for x, name in scaled.items() if x not in muls_done} | {x: x for x in muls_done}
+    siblings = _siblings(targets) if form == "nbits" else {}
     for index, node in enumerate(model.graph.node):
         target = by_node.get(index)
         if target is None:
             nodes.append(replaced.get(index, node))  # the source model's node (extend copies it)
+            continue
+        group = siblings.get(index, (target,))
+        if not group:  # written with its first sibling
             continue
         x = target.activation
         if x in scaled:
@@ -148,11 +154,56 @@ def rewrite(model: onnx.ModelProto, quantized: dict[str, Int4Weight], inverse_sc
                 nodes.append(helper.make_node("Mul", [x, f"{x}_awq_inverse"], [scaled[x]], name=f"{x}_awq_mul"))
                 muls_done.add(x)
             x = scaled[x]
-        nodes.extend(_int4_matmul(graph, node, x, quantized[target.weight], target, form, accuracy_level))
+        if len(group) == 1:
+            nodes.extend(_int4_matmul(graph, node, x, quantized[target.weight], target, form, accuracy_level))
+        else:
+            nodes.extend(_sibling_matmul(graph, model, x, group, quantized, accuracy_level))
     del graph.node[:]
     graph.node.extend(nodes)
     _set_opsets(out, form)
     return out
+
+
+def _siblings(targets: list[MatMulTarget]) -> dict[int, tuple[MatMulTarget, ...]]:
+    """node index -> the sibling group it heads (every target of one activation with the same K and dtype, in graph
+    order), or () for a later member. Only groups of two or more.
+
+    A decode step runs each weight-only matmul as its own parallel section: one MatMulNBits over [K, N1 + N2] and a
+    Split of its [.., N1 + N2] output measured 3-5% faster per int4 step than two MatMulNBits (llava-1.5-shaped
+    decoder, gate/up, 2 threads, contexts 104-1400), and ~1% slower for a 1500-token prefill (the Split's copy)."""
+    groups: dict[tuple, list[MatMulTarget]] = {}
+    for target in sorted(targets, key=lambda t: t.node):
+        groups.setdefault((target.activation, target.shape[0], target.dtype), []).append(target)
+    out: dict[int, tuple[MatMulTarget, ...]] = {}
+    for group in (g for g in groups.values() if len(g) > 1):
+        out[group[0].node] = tuple(group)
+        out.update({t.node: () for t in group[1:]})
+    return out
+
+
+def _sibling_matmul(graph: onnx.GraphProto, model: onnx.ModelProto, x: str, group: tuple[MatMulTarget, ...],
+                    quantized: dict[str, Int4Weight], accuracy_level: int) -> list[onnx.NodeProto]:
+    """One MatMulNBits over the group's int4 weights side by side [K, sum N], then a Split into each member's output."""
+    weights = [quantized[t.weight] for t in group]
+    if len({w.block_size for w in weights}) != 1:
+        raise ExportError(f"int4 siblings {[t.weight for t in group]}: block sizes {[w.block_size for w in weights]} differ")
+    joined = Int4Weight(np.concatenate([w.values for w in weights], axis=1), np.concatenate([w.scales for w in weights], axis=1),
+                        weights[0].block_size)  # [K, sum N], [blocks, sum N]
+    head, widths = group[0], [t.shape[1] for t in group]
+    name = f"{head.weight}_siblings{len(group)}"
+    merged = MatMulTarget(head.node, x, name, (head.shape[0], sum(widths)), head.dtype)
+    first = model.graph.node[head.node]
+    out = f"{name}_out"
+    matmul = onnx.NodeProto()
+    matmul.CopyFrom(first)  # the head's name and metadata, the joined output
+    matmul.name = f"{first.name or name}_siblings{len(group)}"
+    del matmul.output[:]
+    matmul.output.append(out)
+    nodes = _int4_matmul(graph, matmul, x, joined, merged, "nbits", accuracy_level)  # [.., sum N]
+    graph.initializer.append(numpy_helper.from_array(np.asarray(widths, np.int64), f"{name}_split"))
+    outputs = [model.graph.node[t.node].output[0] for t in group]
+    nodes.append(helper.make_node("Split", [out, f"{name}_split"], outputs, name=f"{matmul.name}_split", axis=-1))
+    return nodes
 
 
 def _copy_without(model: onnx.ModelProto, drop: set[str]) -> onnx.ModelProto:

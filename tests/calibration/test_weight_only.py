@@ -98,6 +98,44 @@ def test_awq_mul_scales_the_activation_and_keeps_the_product() -> None:
     np.testing.assert_allclose(_run(out, x), (x / s) @ int4["w"].dequantize(), rtol=1e-4, atol=1e-4)
 
 
+def _siblings_model(weights: list[np.ndarray], other_k: int) -> onnx.ModelProto:
+    """y_i = x @ W_i for each weight (siblings of one activation, e.g. gate/up), a Relu between them, and a matmul
+    of another activation (u [.., other_k]) that is nobody's sibling."""
+    k = weights[0].shape[0]
+    nodes, outputs, inits = [], [], []
+    for i, weight in enumerate(weights):
+        nodes.append(helper.make_node("MatMul", ["x", f"w{i}"], [f"y{i}"], name=f"proj{i}"))
+        if i == 0:
+            nodes.append(helper.make_node("Relu", ["x"], ["r"], name="between"))
+        outputs.append(helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None))
+        inits.append(numpy_helper.from_array(weight, f"w{i}"))
+    nodes.append(helper.make_node("MatMul", ["u", "w_other"], ["z"], name="other"))
+    inits.append(numpy_helper.from_array(np.ones((other_k, 8), np.float32), "w_other"))
+    outputs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("r", "z")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, k]), helper.make_tensor_value_info("u", TensorProto.FLOAT, [None, other_k])]
+    return helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("widths", [(48, 80), (32, 32, 16)])
+def test_nbits_siblings_become_one_matmulnbits_and_a_split(widths: tuple[int, ...]) -> None:
+    rng = np.random.default_rng(len(widths))
+    weights = [rng.normal(size=(64, n)).astype(np.float32) for n in widths]
+    model = _siblings_model(weights, other_k=32)
+    targets = matmul_targets(model)
+    int4 = {t.weight: quantize_blockwise(weight, 32) for t, weight in zip(targets, [*weights, np.ones((32, 8), np.float32)])}
+    out = rewrite(model, int4, {}, targets, "nbits", accuracy_level=0)
+    assert [n.op_type for n in out.graph.node] == ["MatMulNBits", "Split", "Relu", "MatMulNBits"]  # the other stays alone
+    joined = next(n for n in out.graph.node if n.op_type == "MatMulNBits")
+    assert {a.name: helper.get_attribute_value(a) for a in joined.attribute}["N"] == sum(widths)
+    x, u = rng.normal(size=(3, 64)).astype(np.float32), rng.normal(size=(3, 32)).astype(np.float32)
+    got = ort.InferenceSession(out.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x, "u": u})
+    for i in range(len(widths)):  # each sibling's own output, as its own int4 matmul gives it
+        np.testing.assert_allclose(got[i], x @ int4[f"w{i}"].dequantize(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(got[-1], u @ int4["w_other"].dequantize(), rtol=1e-4, atol=1e-4)
+    dq = rewrite(model, int4, {}, targets, "dq", accuracy_level=0)  # TensorRT's form keeps one matmul each
+    assert [n.op_type for n in dq.graph.node].count("MatMul") == len(widths) + 1
+
+
 def _norm_matmul_model(weight: np.ndarray, gamma: np.ndarray, extra_reader: bool) -> onnx.ModelProto:
     """y = (h * gamma) @ W, an RMSNorm's last Mul feeding the matmul; extra_reader: z = h * gamma + h too."""
     k = weight.shape[0]
