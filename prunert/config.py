@@ -36,6 +36,13 @@ EXPORT_DTYPES = ("fp32", "fp16")
 
 EPSILON_FLOORS = ("affine", "clip")  # ResPruneConfig.epsilon_floor
 
+# ResPrune's and CDPruner's greedy form (--gram-max-n; prunert.pruning_ops.common.uses_gram): while the largest N
+# the vision graph accepts is <= this, the greedy reads rows of the N x N Gram (kernel) matrix built once,
+# O(N^2 d); above it, each of the K steps computes the picked token's row from the features, O(K N d) in all.
+# MEASURED, not guessed: bench/bench_selection.py (bench/results/selection.json; docs/resolution.md "Selection at
+# large N"), ONNX Runtime CPU, 1 thread, K = 64, d = 4096: PROVISIONAL, replaced by the measured crossover.
+GRAM_MAX_N = 1024
+
 
 @dataclass(frozen=True)
 class ResPruneConfig:
@@ -46,6 +53,9 @@ class ResPruneConfig:
     epsilon:    floor of the min-max normalised relevance, so r in [epsilon, 1].
     tau:        a token's residual energy counts as 0 once below tau * its initial energy.
     normalize:  L2-normalise tokens before selection (alpha=2 then equals greedy DPP MAP).
+    gram_max_n: the greedy's form (GRAM_MAX_N): the N x N Gram while the graph's largest N is <= gram_max_n,
+                else each step's row from the features (O(K N d)); the same kept sets either way. 0: always the
+                rows; a value >= N: always the Gram.
     epsilon_floor: how epsilon bounds r (docs/methods.md, ResPrune): "affine" (default; what every artifact
                 exported before this option computes, so manifests without it keep their meaning) maps min-max
                 onto [epsilon, 1] as epsilon + (1 - epsilon) * minmax; "clip" is max(minmax, epsilon), plain
@@ -58,14 +68,21 @@ class ResPruneConfig:
     tau: float = 1e-4
     normalize: bool = False
     epsilon_floor: str = "affine"
+    gram_max_n: int = GRAM_MAX_N
 
     def __post_init__(self) -> None:
         check_finite(self, "resprune ")
         if self.alpha < 0:
             raise ConfigError(f"resprune alpha: got {self.alpha}, expected >= 0")
+        _check_gram_max_n("resprune", self.gram_max_n)
         if self.epsilon_floor not in EPSILON_FLOORS:
             raise ConfigError(f"resprune epsilon_floor: got {self.epsilon_floor!r}, expected one of {list(EPSILON_FLOORS)}")
         _check_relevance_params("resprune", self.relevance, self.epsilon, self.tau)
+
+
+def _check_gram_max_n(method: str, gram_max_n: int) -> None:
+    if isinstance(gram_max_n, bool) or not isinstance(gram_max_n, int) or gram_max_n < 0:
+        raise ConfigError(f"{method} gram_max_n: got {gram_max_n!r}, expected an integer >= 0")
 
 
 def _check_relevance_params(method: str, relevance: str, epsilon: float, tau: float) -> None:
@@ -131,15 +148,18 @@ class CDPrunerConfig:
     epsilon:    floor of the min-max normalised relevance, so r in [epsilon, 1].
     relevance:  how token-to-text cosines are pooled over content words: "max" or "mean".
     tau:        a token's marginal gain counts as 0 once below tau * its initial gain L_ii (rank exhausted).
+    gram_max_n: the greedy's form, as ResPruneConfig's (GRAM_MAX_N): the N x N kernel, or its rows from the features.
     """
 
     epsilon: float = 1e-3
     relevance: str = "max"
     tau: float = 1e-4
+    gram_max_n: int = GRAM_MAX_N
 
     def __post_init__(self) -> None:
         check_finite(self, "cdpruner ")
         _check_relevance_params("cdpruner", self.relevance, self.epsilon, self.tau)
+        _check_gram_max_n("cdpruner", self.gram_max_n)
 
 
 @dataclass(frozen=True)

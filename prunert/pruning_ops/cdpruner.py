@@ -28,7 +28,9 @@ tau): ResPrune scores r_i^2 * residual energy of u_i, which is d2_i. The two are
 vs Gram + weight) and are tested against each other (tests/pruning_ops/test_cdpruner.py).
 
 Graph: the K steps in one ONNX Loop (torch._higher_order_ops.while_loop) with constant carried shapes and no
-scan outputs; picks through one-hot mat-muls; one TopK (sorted, k = K) in kept_to_indices; no NonZero. 82
+scan outputs; picks through one-hot mat-muls; one TopK (sorted, k = K) in kept_to_indices; no NonZero. The kernel
+in one of two forms (common.kernel_rows; cfg.gram_max_n, config.GRAM_MAX_N): L [N, N] built once, O(N^2 d), or
+each step's column L[:, j] = r * (U u_j) * r_j from the unit tokens U, O(K N d) in all; the same definition. 82
 top-level nodes, 121 with the Loop body, whatever K (59 / 97 before the bad-number rules); ~3-5 s export; ONNX Runtime, 2 CPU cores, N=576, D=1024,
 K=64: 18.5 ms best of 10 on a shared machine (ResPrune normalize=True, alpha=2 measured the same in the same
 run: the N x N kernel and the loop dominate both).
@@ -77,7 +79,7 @@ def cdpruner_select(tokens: Any, text: Any, text_mask: Any, budget: int, cfg: CD
     """tokens [B, N, D] (any float), text [B, M, D], text_mask [B, M] -> kept indices [B, K] ascending, int64."""
     import torch
 
-    from prunert.pruning_ops.common import greedy_order, kept_to_indices
+    from prunert.pruning_ops.common import greedy_order, kept_to_indices, kernel_rows
     from prunert.pruning_ops.resprune import finite_tokens, text_relevance
 
     x = finite_tokens(tokens)  # [B, N, D] fp32; a token with a NaN / inf entry is a zero token
@@ -89,7 +91,7 @@ def cdpruner_select(tokens: Any, text: Any, text_mask: Any, budget: int, cfg: CD
     norm = x.norm(dim=-1, keepdim=True)  # [B, N, 1]
     unit = x / torch.where(norm > 0, norm, 1.0)  # [B, N, D]
     r = text_relevance(x, text.float(), text_mask, relevance_config(cfg))  # [B, N] in [epsilon, 1]
-    kernel = r[:, :, None] * (unit @ unit.transpose(1, 2)) * r[:, None, :]  # [B, N, N]  L = diag(r) G^ diag(r)
+    kernel = kernel_rows(unit, cfg.gram_max_n, scale=r)  # rows of L = diag(r) G^ diag(r): [B, N, N] once, or from unit
     gain = r * r * (norm[..., 0] > 0).to(r.dtype)  # [B, N]  L_ii with G^_ii exactly 1 (0 for zero tokens)
     order = greedy_order(kernel, gain, budget, cfg.tau)  # [B, N]: ResPrune's loop, score = the gain itself
     return kept_to_indices(order < budget, budget)  # [B, K]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Callable
+
 import torch
 from torch._higher_order_ops import while_loop
 
@@ -59,8 +62,55 @@ def finite_rows(v: torch.Tensor) -> torch.Tensor:
     return (v.abs() < float("inf")).to(v.dtype).amin(dim=-1) > 0
 
 
+# Row j of the greedy's kernel for every token: (pick [B, 1] int64, onehot [B, N]) -> [B, N, 1] = K[:, j].
+KernelRows = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def largest_n(n: int | torch.SymInt) -> float:
+    """The largest N a graph traced at `n` tokens accepts: n itself when static, else the upper bound of the
+    symbolic dim (torch.export's Dim max, e.g. Qwen2.5-VL's merged tokens; inf without one). Read from the shape
+    environment's value range, which adds no guard: N stays symbolic."""
+    if isinstance(n, int):
+        return n
+    node = n.node
+    upper = node.shape_env.bound_sympy(node.expr).upper
+    return float(upper) if upper.is_finite else math.inf
+
+
+def uses_gram(n: int | torch.SymInt, gram_max_n: int) -> bool:
+    """The form rule (config.GRAM_MAX_N): the greedy reads rows of an N x N Gram matrix built once, O(N^2 d),
+    while the largest N the graph accepts is <= gram_max_n; above it, each step computes the picked token's
+    row from the features, O(N d) per step, O(K N d) in all."""
+    return largest_n(n) <= gram_max_n
+
+
+def kernel_rows(features: torch.Tensor, gram_max_n: int, scale: torch.Tensor | None = None) -> KernelRows:
+    """The rows of K = diag(s) F F^T diag(s) (s = 1 without `scale`) in the form `uses_gram` picks.
+    features [B, N, D], scale [B, N] or None. Gram form: K [B, N, N] once, row j by a one-hot mat-mul (the
+    form every op had before the rows form). Rows form: F_j by GatherElements, F F_j one [B, N, D] x [B, D, 1]
+    mat-mul; never an N x N tensor."""
+    if uses_gram(features.shape[1], gram_max_n):
+        gram = features @ features.transpose(1, 2)  # [B, N, N]
+        kernel = gram if scale is None else scale[:, :, None] * gram * scale[:, None, :]
+
+        def gram_row(pick: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+            return (onehot[:, None, :] @ kernel).transpose(1, 2)  # [B, N, 1]
+
+        return gram_row
+    d = features.shape[-1]
+
+    def feature_row(pick: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
+        picked = features.gather(1, pick[:, :, None].expand(-1, 1, d))  # [B, 1, D]  F_j
+        dots = features @ picked.transpose(1, 2)  # [B, N, 1]  <f_n, f_j>
+        if scale is None:
+            return dots
+        return scale[:, :, None] * dots * scale.gather(1, pick)[:, :, None]  # s_n <f_n, f_j> s_j
+
+    return feature_row
+
+
 def greedy_order(
-    gram: torch.Tensor,
+    rows: KernelRows,
     energy: torch.Tensor,
     steps: int,
     tau: float,
@@ -70,16 +120,17 @@ def greedy_order(
     """The greedy pivoted Cholesky that ResPrune, CDPruner and the tiled op share, `steps` steps in one ONNX Loop
     with constant carried shapes and no scan outputs.
 
-    gram [B, N, N] (ResPrune: X X^T; CDPruner: the DPP kernel L), energy [B, N] its diagonal as the method defines
-    it (exactly 1 for unit tokens), weight [B, N] or None (score = weight * residual energy, or the energy alone),
-    candidates [B, N] bool or None (every token) -> order [B, N] int64: the step at which each token was picked,
-    `steps` if never. The rules (reference.greedy_order is the same loop in float64):
+    rows: the kernel's rows (kernel_rows: ResPrune X X^T, CDPruner the DPP kernel L; from an N x N Gram or from
+    the features), energy [B, N] its diagonal as the method defines it (exactly 1 for unit tokens), weight [B, N]
+    or None (score = weight * residual energy, or the energy alone), candidates [B, N] bool or None (every token)
+    -> order [B, N] int64: the step at which each token was picked, `steps` if never. The rules
+    (reference.greedy_order is the same loop in float64):
       * a residual energy below tau * its initial value counts as 0 (spanned: duplicates, zeros, low rank);
       * scores within TIE_RTOL (relative) of the best tie, and the lowest index wins;
       * when no candidate is left, the lowest unpicked token: K distinct picks always.
     Step k stores coeffs[:, :, k] = <x_n, q_k>, every token's coordinate on the k-th orthonormal basis vector, so
     the residual energy drops by coeffs[n, k]^2 without carrying residual vectors [B, N, D]. Picks go through
-    one-hot mat-muls instead of gathers (cheap at N <= a few thousand, loop-friendly).
+    one-hot mat-muls (cheap at N <= a few thousand, loop-friendly); only the rows form gathers F_j, its [D] row.
     """
     n = energy.shape[-1]
     floor = tau * energy  # below its own floor a token counts as spanned (rounding noise)
@@ -104,9 +155,8 @@ def greedy_order(
         pick = tied.argmax(dim=-1, keepdim=True)  # [B, 1]
         onehot = (positions[None, :] == pick).to(energy.dtype)  # [B, N]
         pick_energy = (effective * onehot).sum(dim=-1, keepdim=True)  # [B, 1]
-        gram_row = onehot[:, None, :] @ gram  # [B, 1, N]  <x_j, x_n>
         pick_coeffs = onehot[:, None, :] @ coeffs  # [B, 1, S]
-        inner = gram_row.transpose(1, 2) - coeffs @ pick_coeffs.transpose(1, 2)  # [B, N, 1]  <x_n, r_j>
+        inner = rows(pick, onehot) - coeffs @ pick_coeffs.transpose(1, 2)  # [B, N, 1]  <x_n, r_j>
         scale = torch.where(pick_energy > 0, pick_energy.clamp_min(TINY).rsqrt(), 0.0)  # [B, 1]
         column = inner * scale[:, :, None]  # [B, N, 1]  <x_n, q_k>; zero once nothing is left to span
         coeffs = torch.where((step_ids == step)[None, None, :], column, coeffs)  # [B, N, S]

@@ -28,6 +28,10 @@ distance [B, N], kept mask [B, N]: constant shapes, no scan outputs) whose body 
 row of the distance matrix (GatherElements); kept_to_indices turns the mask into ascending indices (TopK
 sorted=1). The module imports torch only inside the op, so the reference loads without torch.
 
+No O(K N d) form (the one ResPrune and CDPruner have, common.kernel_rows): pick 1 is defined by every token's
+nearest-neighbour distance, all N^2 pairs; with those distances computed, the Gram is already paid for, and the
+K steps only read rows of it (GatherElements, O(N) each).
+
 Measured on this 2-core CPU, ONNX Runtime 1 thread, N=576, D=1024, K=64 (best of 30): Loop + GatherElements
 8.7 ms / 42 nodes / 3.4 s export; Loop + one-hot mat-mul row 9.8 ms / 41 nodes; unrolled 8.6 ms / 1,040
 nodes / 12.9 s export (one-hot: 10.1 ms / 977 nodes). The Gram matrix (N^2 D) dominates, ~7-8 ms; the loop

@@ -93,7 +93,7 @@ def resprune_order(tokens, weight, valid, steps: int, cfg: ResPruneConfig):
     """ResPrune's greedy (common.greedy_order) for `steps` steps, returning WHEN each token was picked.
     tokens [R, N, D], weight [R, N] (r^alpha), valid [R, N] bool -> order [R, N] int64: the step at which
     the token was kept, `steps` if never. Valid tokens first; then masked ones by index."""
-    from prunert.pruning_ops.common import greedy_order
+    from prunert.pruning_ops.common import greedy_order, kernel_rows
     from prunert.pruning_ops.resprune import _unit_rows, finite_tokens, range_guard
 
     x = range_guard(finite_tokens(tokens), (1, 2))  # [R, N, D]: the range guard, per tile
@@ -102,7 +102,7 @@ def resprune_order(tokens, weight, valid, steps: int, cfg: ResPruneConfig):
     energy = (x * x).sum(dim=-1)  # [R, N]
     if cfg.normalize:
         energy = (energy > 0).to(energy.dtype)
-    return greedy_order(x @ x.transpose(1, 2), energy, steps, cfg.tau, weight, candidates=valid)  # [R, N]
+    return greedy_order(kernel_rows(x, cfg.gram_max_n), energy, steps, cfg.tau, weight, candidates=valid)  # [R, N]; N per tile
 
 
 def relevance_config(cfg: Any) -> ResPruneConfig:

@@ -61,7 +61,7 @@ def test_manifest_has_every_required_field(tiny_artifact: Path, tiny_settings: d
     assert manifest.budget.method == "resprune"
     assert manifest.budget.num_visual_tokens == TINY_N
     assert manifest.budget.params == pruning_ops.method_params(BudgetConfig(budget=budget))
-    assert set(manifest.budget.params) == {"alpha", "relevance", "epsilon", "tau", "normalize", "epsilon_floor"}
+    assert set(manifest.budget.params) == {"alpha", "relevance", "epsilon", "tau", "normalize", "epsilon_floor", "gram_max_n"}
 
     text = manifest.text
     assert text.image_token == "<image>"

@@ -3,11 +3,11 @@
 degenerate inputs included.
 
 Layout:
-  1. export      two graphs (module-scoped, exported once): K=8 and K=N-1.
+  1. export      four graphs (module-scoped, exported once): K=8 and K=N-1, each in the Gram and the rows form.
                  One Loop without scan outputs, no NonZero, TopK sorted only, small node count, batch and M
                  symbolic, graph size independent of K.
   2. ORT         20 input kinds (duplicates, zeros, low rank, collinear, exact ties, extreme scales, no / partial
-                 / orthogonal text...) x (8 + 3) = 220 inputs vs the reference; batch rows independent.
+                 / orthogonal text...) x (8 + 3) = 220 inputs vs the reference in each form; batch rows independent.
   3. torch eager cdpruner_select vs the reference on every kind, also with relevance="mean", tau=1e-3.
   4. forms       the reference equals ResPrune(normalize=True, alpha=2) and a naive log-det greedy DPP MAP;
                  its first pick is the most relevant token; scale invariance; closed-form degenerate cases.
@@ -36,14 +36,18 @@ N, D = 48, 32  # tokens per image, width
 INPUTS = ("tokens", "text", "text_mask")
 PROPERTY = settings(max_examples=30, deadline=None, derandomize=True, database=None)
 
-# name -> (budget, config)
+# name -> (budget, config): the Gram form (the default rule, config.GRAM_MAX_N, at N = 48) and the rows form
+# (gram_max_n = 0: each step's kernel row L[:, j] = r * (U u_j) * r_j from the unit tokens, no N x N matrix)
 GRAPHS: dict[str, tuple[int, CDPrunerConfig]] = {
     "k8": (8, CDPrunerConfig()),
     "k47": (N - 1, CDPrunerConfig()),
+    "k8_rows": (8, CDPrunerConfig(gram_max_n=0)),
+    "k47_rows": (N - 1, CDPrunerConfig(gram_max_n=0)),
 }
-CASES_PER_KIND = {"k8": 8, "k47": 3}  # random inputs per (graph, kind) through ORT
+CASES_PER_KIND = {"k8": 8, "k47": 3, "k8_rows": 8, "k47_rows": 3}  # random inputs per (graph, kind) through ORT
 # torch eager also runs a non-default config (its relevance path is ResPrune's, tested in ORT there)
-EAGER: dict[str, tuple[int, CDPrunerConfig]] = {**GRAPHS, "mean_tau": (8, CDPrunerConfig(relevance="mean", tau=1e-3, epsilon=0.05))}
+EAGER: dict[str, tuple[int, CDPrunerConfig]] = {**GRAPHS, "mean_tau": (8, CDPrunerConfig(relevance="mean", tau=1e-3, epsilon=0.05)),
+                                               "mean_tau_rows": (8, CDPrunerConfig(relevance="mean", tau=1e-3, epsilon=0.05, gram_max_n=0))}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -124,16 +128,18 @@ def test_graph_structure(graphs: dict[str, og.Exported], name: str) -> None:
     assert every < 130, f"{every} nodes including the Loop body"  # 121 (97 before)
 
 
-def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported]) -> None:
-    assert og.op_counts(graphs["k8"].model) == og.op_counts(graphs["k47"].model)
+@pytest.mark.parametrize("suffix", ["", "_rows"])
+def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported], suffix: str) -> None:
+    assert og.op_counts(graphs["k8" + suffix].model) == og.op_counts(graphs["k47" + suffix].model)
 
 
 # ----------------------------------------------------------------------------------------- ORT vs reference
 
 
-def test_random_case_count() -> None:
-    total = sum(CASES_PER_KIND.values()) * len(KINDS)
-    assert total >= 200, total  # 20 kinds x (8 + 3) = 220 inputs through ORT
+@pytest.mark.parametrize("suffix", ["", "_rows"])
+def test_random_case_count(suffix: str) -> None:
+    total = sum(count for name, count in CASES_PER_KIND.items() if name.endswith("_rows") == bool(suffix)) * len(KINDS)
+    assert total >= 200, total  # 20 kinds x (8 + 3) = 220 inputs through ORT, in each form
 
 
 @pytest.mark.parametrize("name", list(GRAPHS))
@@ -147,9 +153,10 @@ def test_ort_matches_reference(graphs: dict[str, og.Exported], name: str) -> Non
         assert_same_sets(indices, cases, g.budget, g.cfg, f"ORT {name}/{kind}")
 
 
-def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported]) -> None:
+@pytest.mark.parametrize("name", ["k8", "k8_rows"])
+def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported], name: str) -> None:
     """One row per kind in a batch of 20 (text padded to the longest): each row alone gives the same set."""
-    g = graphs["k8"]
+    g = graphs[name]
     cases = [make_cases(kind, 1, g.budget, stream=2)[0] for kind in sorted(KINDS)]
     batched, _ = g.run(*stack(cases))
     for b, case in enumerate(cases):
@@ -171,13 +178,14 @@ def test_ort_dynamic_text_length(graphs: dict[str, og.Exported], m: int) -> None
     assert_same_sets(indices, cases, 8, CDPrunerConfig(), f"ORT M={m}")
 
 
-def test_ort_token_scale_invariance(graphs: dict[str, og.Exported]) -> None:
+@pytest.mark.parametrize("name", ["k8", "k8_rows"])
+def test_ort_token_scale_invariance(graphs: dict[str, og.Exported], name: str) -> None:
     """A cosine kernel: positive per-token scales (1e-20 .. 1e20) change nothing, in ORT too."""
     base = make_cases("gaussian", 3, 8, stream=8)
     rng = np.random.default_rng(8)
     scaled = [Case((c.tokens * 10 ** rng.uniform(-20, 20, (N, 1))).astype(np.float32), c.text, c.mask) for c in base]
-    a, _ = graphs["k8"].run(*stack(base))
-    b, _ = graphs["k8"].run(*stack(scaled))
+    a, _ = graphs[name].run(*stack(base))
+    b, _ = graphs[name].run(*stack(scaled))
     np.testing.assert_array_equal(a, b)
 
 
@@ -325,8 +333,9 @@ def test_closed_form_degenerate_cases(graphs: dict[str, og.Exported], label: str
     cfg = CDPrunerConfig()
     assert ref(case, 8, cfg).tolist() == want
     tokens, text, mask = stack([case, case])
-    assert graphs["k8"].run(tokens, text, mask)[0].tolist() == [want, want]
-    assert run_eager([case, case], 8, cfg).tolist() == [want, want]
+    for suffix in ("", "_rows"):  # the Gram form and the rows form
+        assert graphs["k8" + suffix].run(tokens, text, mask)[0].tolist() == [want, want], suffix
+        assert run_eager([case, case], 8, graphs["k8" + suffix].cfg).tolist() == [want, want], suffix
 
 
 def test_duplicates_are_never_both_kept_while_rank_remains() -> None:

@@ -2,9 +2,10 @@
 kept index SETS, degenerate inputs included (methods.md, ResPrune "Numerics").
 
 Layout:
-  1. export      four graphs (module-scoped, exported once): K=8; K=N-1; normalize + mean + alpha=2; clip + alpha=2.
+  1. export      four graphs (module-scoped, exported once): K=8; K=N-1; normalize + mean + alpha=2; clip + alpha=2,
+                 each in the Gram form and in the rows form (gram_max_n=0; test_selection_forms.py: the rule).
                  Loop present, no NonZero, small node count, batch and M symbolic.
-  2. ORT         300 random inputs over 20 input kinds (duplicates, zeros, low rank, exact ties, huge and
+  2. ORT         340 random inputs per form over 20 input kinds (duplicates, zeros, low rank, exact ties, huge and
                  tiny norms, no / partial / orthogonal text...) vs reference.resprune; output invariants on every row;
                  batch rows independent.
   3. torch eager resprune_select vs the reference on the same kinds.
@@ -20,6 +21,8 @@ Bad numbers (NaN / inf tokens and text, text of extreme magnitude): test_resprun
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -41,14 +44,17 @@ N, D = 48, 32  # tokens per image, width
 INPUTS = ("tokens", "text", "text_mask")
 PROPERTY = settings(max_examples=40, deadline=None, derandomize=True, database=None)
 
-# name -> (budget, config)
-GRAPHS: dict[str, tuple[int, ResPruneConfig]] = {
+# name -> (budget, config); at N = 48 the default rule (config.GRAM_MAX_N) gives the Gram form
+GRAM_GRAPHS: dict[str, tuple[int, ResPruneConfig]] = {
     "k8": (8, ResPruneConfig()),
     "k47": (N - 1, ResPruneConfig()),
     "norm_mean_a2": (8, ResPruneConfig(normalize=True, relevance="mean", alpha=2.0)),
     "clip_a2": (8, ResPruneConfig(epsilon_floor="clip", alpha=2.0)),
 }
+# the same graphs in the rows form (gram_max_n = 0: each step's Gram row from the tokens, O(K N d), no N x N matrix)
+GRAPHS = {**GRAM_GRAPHS, **{f"{name}_rows": (k, replace(cfg, gram_max_n=0)) for name, (k, cfg) in GRAM_GRAPHS.items()}}
 CASES_PER_KIND = {"k8": 8, "k47": 3, "norm_mean_a2": 4, "clip_a2": 2}  # random inputs per (graph, kind) through ORT
+CASES_PER_KIND |= {f"{name}_rows": count for name, count in CASES_PER_KIND.items()}
 
 
 # ----------------------------------------------------------------------------------------- inputs
@@ -123,8 +129,9 @@ def test_graph_structure(graphs: dict[str, og.Exported], name: str) -> None:
     assert every < 128, f"{every} nodes including the Loop body"
 
 
-def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported]) -> None:
-    assert og.op_counts(graphs["k8"].model) == og.op_counts(graphs["k47"].model)
+@pytest.mark.parametrize("suffix", ["", "_rows"])
+def test_graph_size_does_not_depend_on_budget(graphs: dict[str, og.Exported], suffix: str) -> None:
+    assert og.op_counts(graphs["k8" + suffix].model) == og.op_counts(graphs["k47" + suffix].model)
 
 
 # ----------------------------------------------------------------------------------------- ORT vs reference
@@ -141,12 +148,13 @@ def test_ort_matches_reference(graphs: dict[str, og.Exported], name: str, kind: 
     assert_same_sets(indices, cases, g.budget, g.cfg, f"ORT {name}/{kind}")
 
 
-def test_random_case_count() -> None:
-    total = sum(CASES_PER_KIND[name] * len(KINDS) for name in GRAPHS)
-    assert total >= 200, total  # 20 kinds x (8 + 3 + 4 + 2) = 340 inputs through ORT
+@pytest.mark.parametrize("names", [list(GRAM_GRAPHS), [f"{name}_rows" for name in GRAM_GRAPHS]], ids=["gram", "rows"])
+def test_random_case_count(names: list[str]) -> None:
+    total = sum(CASES_PER_KIND[name] * len(KINDS) for name in names)
+    assert total >= 200, total  # 20 kinds x (8 + 3 + 4 + 2) = 340 inputs through ORT, in each form
 
 
-@pytest.mark.parametrize("name", ["k8", "norm_mean_a2"])
+@pytest.mark.parametrize("name", ["k8", "norm_mean_a2", "k8_rows"])
 def test_ort_batch_rows_are_independent(graphs: dict[str, og.Exported], name: str) -> None:
     """One row per kind in a batch of 20 (text padded to the longest): each row alone gives the same set."""
     g = graphs[name]
@@ -206,10 +214,11 @@ def test_closed_form_degenerate_cases(graphs: dict[str, og.Exported], label: str
         want = ref.tolist()
     assert ref.tolist() == want
     tokens, text, mask = stack([case, case])
-    got_ort, _ = graphs["k8"].run(tokens, text, mask)
-    got_torch = resprune_select(torch.from_numpy(tokens), torch.from_numpy(text), torch.from_numpy(mask), 8, cfg).numpy()
-    assert got_ort.tolist() == [want, want]
-    assert got_torch.tolist() == [want, want]
+    for suffix in ("", "_rows"):  # the Gram form and the rows form
+        got_ort, _ = graphs["k8" + suffix].run(tokens, text, mask)
+        got_torch = resprune_select(torch.from_numpy(tokens), torch.from_numpy(text), torch.from_numpy(mask), 8, graphs["k8" + suffix].cfg).numpy()
+        assert got_ort.tolist() == [want, want], suffix
+        assert got_torch.tolist() == [want, want], suffix
 
 
 REAL_N, REAL_D, REAL_K = 576, 1024, 64  # LLaVA-1.5 token count, a quarter of its width, a typical budget
@@ -296,7 +305,7 @@ def test_clustered_inputs_agree_up_to_the_first_ambiguous_step(realistic_graph: 
     assert unambiguous >= 4, unambiguous  # and the criterion is not vacuous
 
 
-@pytest.mark.parametrize("name", list(GRAPHS))
+@pytest.mark.parametrize("name", list(GRAM_GRAPHS))
 def test_random_inputs_are_stable_all_the_way(name: str) -> None:
     """On well-separated inputs (the random kinds test_ort_matches_reference runs) no step is fp32-ambiguous, so
     the guarantee is exact agreement there; exact ties (duplicates, small integers) agree by the tie rule instead."""
@@ -602,6 +611,7 @@ def test_tie_rule_is_relative_and_goes_to_lower_index(graphs: dict[str, og.Expor
     results = {
         "reference": ref_select(case, 8, cfg),
         "ort": graphs["k8"].run(tokens, text, mask)[0][0],
+        "ort rows": graphs["k8_rows"].run(tokens, text, mask)[0][0],
         "torch": resprune_select(torch.from_numpy(tokens), torch.from_numpy(text), torch.from_numpy(mask), 8, cfg).numpy()[0],
     }
     for backend, kept in results.items():

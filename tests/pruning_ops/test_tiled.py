@@ -102,6 +102,7 @@ CONFIGS = {
     "default": ResPruneConfig(),
     "alpha0": ResPruneConfig(alpha=0.0),
     "mean_normalize": ResPruneConfig(relevance="mean", normalize=True, alpha=2.0),
+    "default_rows": ResPruneConfig(gram_max_n=0),  # the rows form inside the tiles (N = 16 <= GRAM_MAX_N: the Gram otherwise)
 }
 
 
@@ -226,10 +227,12 @@ def test_config_errors() -> None:
         TileBudgetConfig(thumbnail_share=1.5)
 
 
-@pytest.mark.parametrize("method", ["resprune", "uniform", "random"])
+@pytest.mark.parametrize("method", ["resprune", "resprune_rows", "uniform", "random"])
 def test_exported_graph_matches_torch_in_onnxruntime(tmp_path, method: str) -> None:
-    """Batch symbolic (example batch 2), one Loop (ResPrune), TensorRT-clean; ORT keeps torch's sets on random images."""
-    budget = BudgetConfig(budget=12, method=method)
+    """Batch symbolic (example batch 2), one Loop (ResPrune), TensorRT-clean; ORT keeps torch's sets on random images.
+    resprune_rows: the rows form of the greedy inside the tiles (gram_max_n = 0)."""
+    params = ResPruneConfig(gram_max_n=0) if method == "resprune_rows" else None
+    budget = BudgetConfig(budget=12, method=method.removesuffix("_rows"), params=params)
     module = TiledSelection(budget, TILES, T, N).eval()
 
     class Graph(torch.nn.Module):
@@ -249,7 +252,7 @@ def test_exported_graph_matches_torch_in_onnxruntime(tmp_path, method: str) -> N
         )
     program.save(str(path))
     assert not check_trt(path, TrtCheckConfig())
-    assert og.op_counts(og.onnx.load(str(path))).get("Loop", 0) == (method == "resprune")
+    assert og.op_counts(og.onnx.load(str(path))).get("Loop", 0) == (budget.method == "resprune")
     session = og.session(path)
     for size in (1, 3, 5):
         images = [_image(rng, kind) for kind in ("gaussian", "duplicates", "zero_rows", "low_rank", "gaussian")[:size]]
