@@ -53,8 +53,8 @@ def _export(args: argparse.Namespace) -> int:
 
 def _kept_summary(manifest, results) -> str:
     """`kept k/N visual tokens (method)` with each image's own N (Qwen2.5-VL's dynamic resolution, LLaVA-NeXT's
-    valid tile tokens) and k its real kept tokens; one k/N per image of a batch."""
-    kept = ", ".join(f"{len(r.kept_indices)}/{r.num_visual_tokens}" for r in results)
+    valid tile tokens) and k its real kept tokens; one k/N per image, of every prompt of a batch."""
+    kept = ", ".join(f"{len(k)}/{n}" for r in results for k, n in zip(r.kept_per_image, r.tokens_per_image))
     return f"kept {kept} visual tokens ({manifest.budget.method})"
 
 
@@ -64,16 +64,17 @@ def _run(args: argparse.Namespace) -> int:
     from prunert.runtime import Artifact, VLMPipeline
 
     images, prompts = args.image, args.prompt
-    if len(prompts) == 1 and len(images) > 1:
-        prompts = prompts * len(images)
+    if len(prompts) == 1 and len(images) > 1:  # one prompt about several images (one placeholder each, or none)
+        images = [images]
     if len(images) != len(prompts):
-        raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected equal counts (or one prompt)")
+        raise ConfigError(f"--image/--prompt: got {len(images)} images and {len(prompts)} prompts, expected one prompt (about all "
+                          "the images) or one image per prompt (a batch)")
     config = GenerationConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                               seed=GenerationConfig().seed if args.seed is None else args.seed)  # checked before anything runs
     pipe = VLMPipeline(Artifact(args.artifact, verify_hashes=not args.no_verify), backend=args.backend, precision=args.precision,
                        runtime=runtime_config(args))
     config = _run_seed(args, config)
-    stream = args.stream and len(images) == 1
+    stream = args.stream and len(prompts) == 1
 
     def on_token(row: int, token: int, text: str) -> None:
         print(text, end="", flush=True)
@@ -83,7 +84,7 @@ def _run(args: argparse.Namespace) -> int:
         print()
     for image, result in zip(images, results):
         if not stream:
-            print(f"[{image}] {result.text}" if len(images) > 1 else result.text)
+            print(f"[{image}] {result.text}" if len(prompts) > 1 else result.text)
     t = pipe.timings
     print(
         f"{_kept_summary(pipe.manifest, results)}; "
@@ -383,11 +384,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="answer a prompt about an image with an exported artifact (no torch needed)")
     p.add_argument("artifact", type=Path, help="artifact directory (from `prunert export`)")
-    p.add_argument("--image", action="append", required=True, help="image file; repeat for a batch")
+    p.add_argument("--image", action="append", required=True,
+                   help="image file; repeat for several images in one prompt (one --prompt; LLaVA-NeXT, Qwen2.5-VL), or for a "
+                   "batch (one --prompt per --image)")
     p.add_argument("--prompt", action="append", required=True,
-                   help="the question; the image goes where the model's chat template puts it, or where the prompt has the "
-                   "artifact's image placeholder (<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) once; "
-                   "repeat per image (one prompt is shared)")
+                   help="the question; the images go where the model's chat template puts them, or where the prompt has the "
+                   "artifact's image placeholder (<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>) once per "
+                   "image, in order; repeat for a batch, one per --image")
     p.add_argument("--max-new-tokens", type=int, default=gen.max_new_tokens, help="most tokens generated (default %(default)s)")
     p.add_argument("--temperature", type=float, default=gen.temperature, help="sampling temperature; 0 = greedy (default %(default)s)")
     p.add_argument("--top-p", type=float, default=gen.top_p, help="nucleus sampling: keep the tokens of this probability mass (default %(default)s)")
@@ -400,9 +403,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("parity", help="compare the exported pipeline with the PyTorch reference, stage by stage")
     p.add_argument("artifact", type=Path, help="artifact directory (from `prunert export`)")
-    p.add_argument("--image", type=Path, required=True, help="image file")
-    p.add_argument("--prompt", required=True, help="prompt with the artifact's image placeholder once (<image>; Qwen2.5-VL: "
-                   "<|vision_start|><|image_pad|><|vision_end|>)")
+    p.add_argument("--image", type=Path, action="append", required=True,
+                   help="image file; repeat for a prompt of several images (LLaVA-NeXT, Qwen2.5-VL)")
+    p.add_argument("--prompt", required=True, help="prompt with the artifact's image placeholder once per --image, in order "
+                   "(<image>; Qwen2.5-VL: <|vision_start|><|image_pad|><|vision_end|>)")
     p.add_argument("--model", help="source checkpoint, if it moved since export (default: the manifest's)")
     p.add_argument("--greedy-tokens", type=int, default=ParityTolerances().greedy_tokens, help="greedy steps compared (default %(default)s)")
     p.add_argument("--out", type=Path, help="parity.json path (default: ARTIFACT/parity.json)")

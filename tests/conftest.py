@@ -272,3 +272,31 @@ def greedy_steps():
         return logits, session.present(), mask
 
     return run
+
+
+# Several images per prompt (issue 14): the two families that take them, exported once per session (max_batch 2, so
+# a batch of two-image prompts needs two vision calls of a batched graph).
+NEXT_TINY, NEXT_BUDGET = "synthetic:llava-next-tiny", 12
+QWEN_TINY, QWEN_BUDGET = "synthetic:qwen2.5-vl-tiny", 16
+
+
+def _export_tiny(tmp_path_factory: pytest.TempPathFactory, model: str, budget: int, name: str) -> Path:
+    from prunert.config import BudgetConfig, ExportConfig
+    from prunert.export.pipeline import export_artifact
+
+    out = tmp_path_factory.mktemp("artifacts") / name
+    export_artifact(model, out, BudgetConfig(budget=budget), ExportConfig(max_prompt_tokens=64, max_new_tokens=16, max_batch=2),
+                    log=lambda message: None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def next_tiny_artifact(tmp_path_factory: pytest.TempPathFactory, prunert_cache: Path) -> Path:
+    """synthetic:llava-next-tiny exported once, K=12 per image, 64 prompt tokens, 16 new tokens, max batch 2. Read-only!"""
+    return _export_tiny(tmp_path_factory, NEXT_TINY, NEXT_BUDGET, "next-tiny")
+
+
+@pytest.fixture(scope="session")
+def qwen_tiny_artifact(tmp_path_factory: pytest.TempPathFactory, prunert_cache: Path) -> Path:
+    """synthetic:qwen2.5-vl-tiny exported once, K=16 per image, 64 prompt tokens, 16 new tokens, max batch 2. Read-only!"""
+    return _export_tiny(tmp_path_factory, QWEN_TINY, QWEN_BUDGET, "qwen-tiny")

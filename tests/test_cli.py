@@ -37,7 +37,9 @@ def test_run_subprocess_prints_answer_and_summary(cli_subprocess, tiny_artifact:
 
 
 def test_run_batch_prints_one_line_per_image(prunert_main, tiny_artifact: Path) -> None:
-    code, out, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", PHOTO_2, "--prompt", PROMPT, "--max-new-tokens", "4")
+    """A batch is one --prompt per --image (one --prompt with several --image is one prompt about all of them)."""
+    code, out, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", PHOTO_2, "--prompt", PROMPT, "--prompt", PROMPT,
+                                  "--max-new-tokens", "4")
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith(f"[{PHOTO}] ") and lines[1].startswith(f"[{PHOTO_2}] ")
@@ -106,7 +108,7 @@ def test_run_rejects_bad_image(error_line, prunert_main, tmp_path: Path, tiny_ar
 
 def test_run_rejects_bad_image_in_a_batch(error_line, prunert_main, tmp_path: Path, tiny_artifact: Path) -> None:
     image = _bad_image("tiny", tmp_path)
-    code, _, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", image, "--prompt", PROMPT)
+    code, _, err = prunert_main("run", tiny_artifact, "--image", PHOTO, "--image", image, "--prompt", PROMPT, "--prompt", PROMPT)
     assert code == 2
     error_line(err, str(image), "too small")
 

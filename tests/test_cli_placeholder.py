@@ -22,9 +22,9 @@ WRAPPED = "[IMG]<image>[/IMG]"  # a placeholder that is more than the image toke
 
 def test_kept_summary_names_each_images_own_n(prunert_main, artifact_copy: Path) -> None:
     manifest = load_manifest(artifact_copy)
-    results = [types.SimpleNamespace(kept_indices=np.arange(16), num_visual_tokens=100),
-               types.SimpleNamespace(kept_indices=np.arange(12), num_visual_tokens=54)]  # e.g. masked slots left out
-    assert cli._kept_summary(manifest, results) == "kept 16/100, 12/54 visual tokens (resprune)"
+    results = [types.SimpleNamespace(kept_per_image=(np.arange(16),), tokens_per_image=(100,)),
+               types.SimpleNamespace(kept_per_image=(np.arange(12), np.arange(16)), tokens_per_image=(54, 64))]  # masked slots left out
+    assert cli._kept_summary(manifest, results) == "kept 16/100, 12/54, 16/64 visual tokens (resprune)"
     code, _, err = prunert_main("run", artifact_copy, "--image", PHOTO, "--prompt", "<image> What is it?", "--max-new-tokens", "2")
     assert code == 0, err
     assert "kept 16/100 visual tokens (resprune); onnxruntime fp32" in err

@@ -93,7 +93,7 @@ class HFTextParts:
     def hf_token_ids(self, text: str, model_dir: Path) -> list[int]:
         """Parity's reference ids of the formatted prompt `text`: Hugging Face's tokenizer, with the runtime's rule for
         special tokens typed in the prompt (prunert.runtime.text.plain_text_runs): plain text (split_special_tokens),
-        except the template's own and the prompt's one image placeholder."""
+        except the template's own and the prompt's image placeholders (one per image)."""
         from transformers import AutoTokenizer
 
         from prunert.runtime.text import plain_text_runs, user_spans
@@ -103,13 +103,13 @@ class HFTextParts:
         head, tail = template.format(prompt="\0").split("\0")
         if not (text.startswith(head) and text.endswith(tail) and len(text) >= len(head) + len(tail)):
             raise ParityError(f"prompt {text[:60]!r}: not in the checkpoint's prompt template {template!r}")
-        _, user, keep = user_spans(template, text[len(head) : len(text) - len(tail)], placeholder)
+        _, user, keeps = user_spans(template, text[len(head) : len(text) - len(tail)], placeholder)
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         encoding = tokenizer(text, return_offsets_mapping=True)
         ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
         special = {i for i, token in tokenizer.added_tokens_decoder.items() if token.special} | set(tokenizer.all_special_ids)
         body = [i for i, sequence in enumerate(encoding.sequence_ids()) if sequence is not None]  # None: BOS/EOS added
-        runs = plain_text_runs([offsets[i] for i in body], [ids[i] in special for i in body], user, keep, len(text))
+        runs = plain_text_runs([offsets[i] for i in body], [ids[i] in special for i in body], user, keeps, len(text))
         if runs is None:
             return ids
 

@@ -26,7 +26,8 @@ def add_eval_parser(sub: Any, add_backend_flags: Callable[[argparse.ArgumentPars
     p.add_argument("artifact", type=Path, nargs="+", help="artifact directories; one table row each, in this order")
     p.add_argument("--data", type=Path, required=True,
                    help='JSONL, one record a line: {"image": path (relative to the file, or absolute), "question": ..., "answer": ...}; '
-                   'optional "answers": [...] (any counts) and "category" (per-category breakdown)')
+                   'optional "answers": [...] (any counts) and "category" (per-category breakdown); "images": [path, ...] in place '
+                   'of "image" for a question about several images (LLaVA-NeXT, Qwen2.5-VL: one prompt holds them all)')
     p.add_argument("--limit", type=int, help="evaluate only the first N records (default: all)")
     p.add_argument("--batch", type=int, default=defaults.batch,
                    help="records per generate call (default %(default)s); silently capped at each artifact's max_batch")

@@ -2,7 +2,8 @@
 
 `{"image": "<path relative to the jsonl, or absolute>", "question": "...", "answer": "..."}`, with optional
 `"answers": [...]` (any of them counts as correct) and `"category": "..."` (the per-template breakdown): the
-record format lmms-eval's `dataset_path: json` tasks read. Every bad record is a ConfigError naming the file
+record format lmms-eval's `dataset_path: json` tasks read. A record about several images gives
+`"images": ["a.jpg", "b.jpg"]` instead of `"image"` (LLaVA-NeXT, Qwen2.5-VL: one prompt holds them all, in order). Every bad record is a ConfigError naming the file
 and its line (`questions.jsonl line 7: ...`); blank lines are skipped.
 """
 
@@ -20,11 +21,17 @@ from prunert.errors import ConfigError
 @dataclass(frozen=True)
 class EvalRecord:
     line: int  # 1-based line of the jsonl
-    image: Path  # resolved: relative paths are read from the jsonl's directory
+    image: Path  # resolved: relative paths are read from the jsonl's directory ("images": the first)
     question: str
     answers: tuple[str, ...]  # "answer" first, then "answers"; any one matches
     category: str | None = None
     source: str = ""  # the jsonl as given, for messages
+    more_images: tuple[Path, ...] = ()  # "images": the ones after the first, resolved like `image`
+
+    @property
+    def images(self) -> tuple[Path, ...]:
+        """Every image of the record, in order (one for an "image" record)."""
+        return (self.image, *self.more_images)
 
     @property
     def where(self) -> str:
@@ -70,17 +77,35 @@ def parse_record(text: str, line: int, path: Path) -> EvalRecord:
         raise ConfigError(f"{where}: not valid JSON ({reason}); expected one JSON object per line") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: got a JSON {type(data).__name__}, expected an object with image, question and answer")
-    image, question = _string(data, "image", where), _string(data, "question", where)
+    images, question = _images(data, where), _string(data, "question", where)
     answers = _answers(data, where)
     category = data.get("category")
     if category is not None and not isinstance(category, str):
         raise ConfigError(f"{where}: field 'category' is {_kind(category)}, expected a string (or no field)")
+    resolved = [_image_file(image, path, where) for image in images]
+    return EvalRecord(line, resolved[0], question, answers, category, str(path), tuple(resolved[1:]))
+
+
+def _images(data: dict[str, Any], where: str) -> list[str]:
+    """"image" (a non-empty string), or "images" (a non-empty list of them): the record's image paths, in order."""
+    if "images" not in data:
+        return [_string(data, "image", where)]
+    if "image" in data:
+        raise ConfigError(f"{where}: fields 'image' and 'images' both given, expected one of them ('images' for several)")
+    listed = data["images"]
+    if not isinstance(listed, list) or not listed or not all(isinstance(i, str) and i.strip() for i in listed):
+        raise ConfigError(f"{where}: field 'images' is {_kind(listed)}, expected a non-empty list of non-empty strings (image paths)")
+    return listed
+
+
+def _image_file(image: str, path: Path, where: str) -> Path:
+    """An image path of the record, resolved against the jsonl's directory; a ConfigError unless it is a file."""
     resolved = Path(image).expanduser()
     resolved = resolved if resolved.is_absolute() else path.parent / resolved
     if not resolved.is_file():
         why = "is not a regular file" if resolved.exists() else "no such file"
         raise ConfigError(f"{where}: image '{image}' ({resolved}): {why}; relative paths are read from the jsonl's directory")
-    return EvalRecord(line, resolved, question, answers, category, str(path))
+    return resolved
 
 
 def _string(data: dict[str, Any], name: str, where: str) -> str:

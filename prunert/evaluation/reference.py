@@ -23,7 +23,7 @@ from typing import Sequence
 from prunert.errors import BackendUnavailableError
 from prunert.evaluation.data import EvalRecord
 from prunert.evaluation.report import ArtifactResult, Prediction
-from prunert.evaluation.runner import EvalConfig, Progress, question_prompt, record_image, score
+from prunert.evaluation.runner import EvalConfig, Progress, question_prompt, record_images, score
 
 REFERENCE_METHOD = "none"  # the reference keeps every visual token
 REFERENCE_PRECISION = "fp32"  # the checkpoint in torch float32
@@ -64,8 +64,8 @@ def evaluate_reference(model: str, records: Sequence[EvalRecord], cfg: EvalConfi
     hf_logging.set_verbosity_error()  # generate's notices about the checkpoint's generation_config
     try:
         for record in records:
-            text = info["prompt_template"].format(prompt=question_prompt(info["image_placeholder"], record.question))
-            inputs = processor(images=[record_image(record)], text=[text], return_tensors="pt")
+            text = info["prompt_template"].format(prompt=question_prompt(info["image_placeholder"], record.question, len(record.images)))
+            inputs = processor(images=record_images(record), text=[text], return_tensors="pt")  # HF expands each placeholder
             with torch.no_grad():
                 out = adapter.model.generate(**inputs, do_sample=False, max_new_tokens=cfg.max_new_tokens,
                                              eos_token_id=eos or None, pad_token_id=int(info["pad_token_id"]))

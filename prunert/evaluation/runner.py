@@ -1,7 +1,8 @@
 """Evaluating one exported artifact on records: greedy generation through prunert.runtime.VLMPipeline (no torch).
 
-Each record's prompt is `question_prompt(placeholder, question)` (the placeholder, a newline, the question), which
-the runtime puts through the family's prompt template, as `prunert run --prompt "<image>\\n..."` does. Records
+Each record's prompt is `question_prompt(placeholder, question, images)` (the placeholder and a newline once per
+image, then the question), which the runtime puts through the family's prompt template, as
+`prunert run --prompt "<image>\\n..."` does; a record of several images ("images") gets them in one prompt. Records
 run in batches of `min(EvalConfig.batch, the artifact's max_batch)`, in order; every prompt is tokenized before
 the first batch, so a question too long for the artifact fails before the long run, naming its line.
 """
@@ -44,17 +45,18 @@ class EvalConfig:
         object.__setattr__(self, "precision", GraphPrecisions.parse(self.precision))
 
 
-def question_prompt(placeholder: str, question: str) -> str:
-    """The prompt of one record: the image placeholder, then the question (the family's template wraps it)."""
-    return f"{placeholder}\n{question}"
+def question_prompt(placeholder: str, question: str, images: int = 1) -> str:
+    """The prompt of one record: the image placeholder and a newline per image, then the question (the family's
+    template wraps it)."""
+    return f"{placeholder}\n" * images + question
 
 
-def record_image(record: EvalRecord):
-    """The record's image (runtime.image.load_image); a bad file names the record's line."""
+def record_images(record: EvalRecord) -> list:
+    """The record's images, in order (runtime.image.load_image); a bad file names the record's line."""
     from prunert.runtime.image import load_image
 
     try:
-        return load_image(record.image)
+        return [load_image(image) for image in record.images]
     except ImageError as exc:
         raise ImageError(f"{record.where}: {exc}") from None
 
@@ -93,10 +95,10 @@ class Progress:
 
 def check_prompts(pipe, records: Sequence[EvalRecord]) -> list[str]:
     """Every record's prompt, tokenized once here so that a bad one fails before the first batch, naming its line."""
-    prompts = [question_prompt(pipe.manifest.text.placeholder, r.question) for r in records]
+    prompts = [question_prompt(pipe.manifest.text.placeholder, r.question, len(r.images)) for r in records]
     for record, prompt in zip(records, prompts):
         try:
-            pipe.tokenize([prompt])
+            pipe.tokenize([prompt], [len(record.images)])
         except PromptError as exc:
             raise PromptError(f"{record.where}: question: {exc}") from None
     return prompts
@@ -122,7 +124,7 @@ def evaluate_artifact(artifact_dir: str | Path, records: Sequence[EvalRecord], c
     try:
         for start in range(0, len(records), size):
             batch = records[start : start + size]
-            results = pipe.generate([record_image(r) for r in batch], prompts[start : start + size], generation)
+            results = pipe.generate([record_images(r) for r in batch], prompts[start : start + size], generation)
             predictions += [score(record, result.text) for record, result in zip(batch, results)]
             timings = pipe.timings
             ttft_total += timings.ttft_s * len(batch)  # each record waited its batch's TTFT

@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -137,7 +137,9 @@ class ExportAdapter(ABC):
         return json.loads((Path(model_dir) / PREPROCESSOR_CONFIG).read_text())
 
     def hf_position_ids(self, token_ids: list[int], images: list[Any], model_dir: Path,
-                        kept_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+                        kept_indices: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Parity: Hugging Face's own position ids of the pruned prompt (prefill [..., 1, L]) and the delta of decode
-        positions (step at cache length c: c + rope_deltas). Default None: HF's default positions (1-D RoPE)."""
+        positions (step at cache length c: c + rope_deltas). token_ids hold one image token per image of `images`, in
+        order; kept_indices: each image's kept indices (a sequence of [k_i], or a tensor [images, K]). Default None:
+        HF's default positions (1-D RoPE)."""
         return None

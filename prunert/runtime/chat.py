@@ -34,7 +34,6 @@ from prunert.runtime.text import ChatPrompt, Span
 
 ROLES = ("system", "user", "assistant")
 PART_TYPES = ("text", "image")
-IMAGES_PER_PROMPT = 1  # the runtime splices one image per prompt, at its one placeholder
 ARTIFACT_CHAT_TEMPLATE = "chat_template.jinja"  # the file export writes (manifest text.chat_template names it)
 # Where a Hugging Face checkpoint keeps its chat template, in the order transformers prefers them (the processor's
 # multimodal template before the tokenizer's).
@@ -43,9 +42,10 @@ MIN_JINJA = (3, 1, 6)  # transformers' floor: older Jinja2 has known sandbox esc
 _MARK = re.compile("\ue000(\\d+)\ue001")  # private-use characters around a text's index
 
 
-def user_turn(prompt: str) -> list[dict[str, Any]]:
-    """One user message: the image, then `prompt` (how `run` places the image when a prompt has no placeholder)."""
-    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": prompt}]}]
+def user_turn(prompt: str, images: int = 1) -> list[dict[str, Any]]:
+    """One user message: the image parts (`images` of them), then `prompt` (how `run` places the images when a prompt
+    has no placeholder; the template then puts each where its chat format puts images)."""
+    return [{"role": "user", "content": [{"type": "image"}] * images + [{"type": "text", "text": prompt}]}]
 
 
 @dataclass(frozen=True)
@@ -54,31 +54,35 @@ class ChatFormat:
 
     template:        Jinja source (HF chat-template conventions).
     origin:          where it came from, for messages ("artifact 'A' chat_template.jinja", "the llava family's default").
-    placeholder:     the manifest's image placeholder: what the template must render for the one image part.
+    placeholder:     the manifest's image placeholder: what the template must render for each image part.
     special_tokens:  template variables as HF passes them (bos_token, eos_token, pad_token, image_token), as text.
+    max_images:      the most image parts one conversation may hold (the host's max_images_per_prompt; None: any).
     """
 
     template: str
     origin: str
     placeholder: str
     special_tokens: tuple[tuple[str, str], ...] = ()
+    max_images: int | None = 1
 
     def check(self) -> None:
         """Compile now (a syntax error is an ArtifactError naming the origin)."""
         _compiled(self.template, self.origin)
 
     def render(self, messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
-        """messages -> the prompt text with one image placeholder where the image part was, ending with the generation
+        """messages -> the prompt text with one image placeholder for each image part, ending with the generation
         prompt. PromptError for messages the runtime cannot take (unknown role or part type, no image, more than
-        IMAGES_PER_PROMPT); ArtifactError where the template fails its own contract (unsafe, or no placeholder)."""
-        conversation, texts = normalize_messages(messages)
+        max_images); ArtifactError where the template fails its own contract (unsafe, or not one placeholder per image)."""
+        conversation, texts = normalize_messages(messages, self.max_images)
+        images = sum(part["type"] == "image" for message in conversation for part in message["content"])
         marks = [_marker(index, text) for index, text in enumerate(texts)]
         marked = self._render(_with_texts(conversation, marks))
         plain = self._render(conversation)
         count = marked.count(self.placeholder)
-        if count != IMAGES_PER_PROMPT:
-            raise ArtifactError(f"chat template ({self.origin}): renders one image part as {count} image placeholders "
-                                f"{self.placeholder!r}, expected {IMAGES_PER_PROMPT}")
+        if count != images:
+            parts = "one image part" if images == 1 else f"{images} image parts"
+            raise ArtifactError(f"chat template ({self.origin}): renders {parts} as {count} image placeholders "
+                                f"{self.placeholder!r}, expected {images}")
         filled = _fill(marked, texts)
         bos = dict(self.special_tokens).get("bos_token")
         query = "\n".join(text for text, role in zip(texts, _text_roles(conversation)) if role == "user")
@@ -86,7 +90,7 @@ class ChatFormat:
             text, spans = plain, ()
         else:
             text, spans = filled
-        return ChatPrompt(text, spans, query, add_special_tokens=not (bos and text.startswith(bos)))
+        return ChatPrompt(text, spans, query, add_special_tokens=not (bos and text.startswith(bos)), images=images)
 
     def _render(self, conversation: list[dict[str, Any]]) -> str:
         import jinja2
@@ -103,9 +107,10 @@ class ChatFormat:
             raise PromptError(f"messages: the chat template ({self.origin}) cannot render them: {type(exc).__name__}: {_line(exc)}") from None
 
 
-def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[str]]:
+def normalize_messages(messages: Any, max_images: int | None = 1) -> tuple[list[dict[str, Any]], list[str]]:
     """Check OpenAI-shaped messages -> (a fresh copy with every content a list of parts, the text of every text part in
-    order). Image parts become {"type": "image"}. PromptError names the message and part."""
+    order). Image parts become {"type": "image"}: at least one, at most max_images (None: any). PromptError names the
+    message and part."""
     if isinstance(messages, (str, bytes)) or not isinstance(messages, Sequence) or not messages:
         raise PromptError("messages: expected a non-empty list of {'role': ..., 'content': ...} objects")
     conversation, texts, images = [], [], 0
@@ -135,10 +140,12 @@ def normalize_messages(messages: Any) -> tuple[list[dict[str, Any]], list[str]]:
             texts.append(part["text"])
             normalized.append({"type": "text", "text": part["text"]})
         conversation.append({"role": role, "content": normalized})
-    if images != IMAGES_PER_PROMPT:
+    if not images or (max_images is not None and images > max_images):
         found = "no image part" if not images else f"{images} image parts"
-        raise PromptError(f"messages: {found}; this artifact takes exactly {IMAGES_PER_PROMPT} image per prompt "
-                          "(a {'type': 'image'} content part in a user message)")
+        takes = ("exactly 1 image per prompt" if max_images == 1 else "at least 1 image per prompt" if max_images is None
+                 else f"1 to {max_images} images per prompt")
+        raise PromptError(f"messages: {found}; this artifact takes {takes} (a {{'type': 'image'}} content part in a user "
+                          "message, for each image)")
     return conversation, texts
 
 
@@ -323,7 +330,8 @@ def chat_format(artifact: Any) -> ChatFormat:
     ids = {"bos_token": text.bos_token_id, "eos_token": text.eos_token_ids[0] if text.eos_token_ids else None, "pad_token": text.pad_token_id}
     tokens = {name: tokenizer.id_to_token(token_id) for name, token_id in ids.items() if token_id is not None}
     tokens["image_token"] = text.image_token
-    result = ChatFormat(source, origin, text.placeholder, tuple((k, v) for k, v in tokens.items() if v is not None))
+    result = ChatFormat(source, origin, text.placeholder, tuple((k, v) for k, v in tokens.items() if v is not None),
+                        artifact.host.max_images_per_prompt)
     result.check()
     _FORMATS[artifact] = result
     return result

@@ -29,9 +29,11 @@ class SpliceLayout:
     """What the host may need, beyond the mask, for the position ids of a spliced batch.
 
     input_ids:    [B, L] int64, the spliced token ids: each image placeholder repeated once per kept visual
-                  token, left-padded with the pad id where attention_mask is 0.
-    kept_indices: per row, the kept indices (ascending) of the tokens spliced in (a list of B arrays, rows
-                  may keep different counts), or None when only visual tokens were given.
+                  token, left-padded with the pad id where attention_mask is 0. A row with several images
+                  has one such run per image, in the order of its images.
+    kept_indices: per image, the kept indices (ascending) of the tokens spliced in, images in order over the
+                  batch (row 0's images, then row 1's, ...; one per row when every prompt has one image); images
+                  may keep different counts. None when only visual tokens were given.
     host_outputs: the host's own `vision_inputs` results, one per vision-graph call, in image order (one
                   dict for a batched call, one per image with `one_image_per_vision_call`); empty when
                   only visual tokens were given.
@@ -53,6 +55,10 @@ class HostAdapter(ABC):
     # The vision graph has no batch axis: its inputs are one image's, its text inputs and outputs have batch 1
     # (images of a batch have different patch counts). The runtime then calls it once per image.
     one_image_per_vision_call: bool = False
+    # The most images one prompt may hold (one placeholder each, each image pruned to the artifact's own K); None: no
+    # limit but the decoder's max_sequence. Default 1: a family takes several where its model is used with several
+    # (LLaVA-NeXT, Qwen2.5-VL); LLaVA-1.5 was trained with one image per conversation and refuses a second.
+    max_images_per_prompt: int | None = 1
 
     def __init__(self, family_config: Mapping[str, Any], num_visual_tokens: int):
         self.family_config = dict(family_config)

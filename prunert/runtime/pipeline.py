@@ -1,5 +1,11 @@
 """The runtime pipeline: preprocess -> tokenize -> content-word embeddings -> vision graph (pruned) ->
-splice K visual tokens at the placeholder -> prefill -> decode with the KV cache.
+splice K visual tokens at each image's placeholder -> prefill -> decode with the KV cache.
+
+Several images per prompt (where the host's max_images_per_prompt allows): one placeholder per image, in order,
+or none (the images go where the chat template puts images). Each image is pruned to the artifact's own K, on its
+own (the static vision graph's K per image), with its prompt's content words; a prompt of n images holds n * K
+visual tokens. The vision graph sees images, not prompts: the prompts' images in order over the batch, in calls of
+at most max_batch images (one per call with `one_image_per_vision_call`).
 
 Family quirks come from the artifact's host adapter (prunert.runtime.host.HostAdapter): a host with
 `one_image_per_vision_call` (Qwen2.5-VL) gets one vision-graph call per image; the host's own outputs go
@@ -29,6 +35,9 @@ from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRunt
 from prunert.runtime.sampling import next_tokens
 from prunert.runtime.chat import chat_format, user_turn
 from prunert.runtime.text import ChatPrompt, content_word_groups, encode_prompt, text_relevance_inputs
+from prunert.runtime.vision_result import (  # noqa: F401  (VisionResult, prompt_images: re-exported, the pipeline's API)
+    VisionResult, check_image_count, placeholder_count, prompt_images, stack_calls as _stack_calls,
+)
 
 TokenCallback = Callable[[int, int, str], None]  # (row, token id, new text)
 BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
@@ -36,28 +45,6 @@ BACKENDS = ("onnxruntime", "ort-cuda", "ort-trt", "trt")
 # ONNX Runtime's CPU kernels run the fused form (contrib ops, KV cache in place; prunert.export.fused_decoder);
 # CUDA's GroupQueryAttention has no fp32 kernel and TensorRT parses standard ops only, so they run "decoder".
 DECODER_GRAPHS = {"onnxruntime": (FUSED_DECODER, "decoder"), "ort-cuda": ("decoder",), "ort-trt": ("decoder",), "trt": ("decoder",)}
-
-
-@dataclass
-class VisionResult:
-    pixel_inputs: dict[str, np.ndarray] | list[dict[str, np.ndarray]]  # host outputs: batched, or one dict per image (per-image calls)
-    visual_tokens: np.ndarray  # [B, K, D]
-    kept_indices: np.ndarray  # [B, K] ascending, original positions (tiled families: tile * N + index)
-    kept_valid: np.ndarray | None = None  # [B, K] bool: slots holding a real token; None = all of them
-    visual_token_counts: np.ndarray | None = None  # [B] each image's own N (unpruned tokens); None = the manifest's
-
-    @property
-    def host_outputs(self) -> tuple[dict[str, np.ndarray], ...]:
-        """The host's vision_inputs results, one per vision-graph call (SpliceLayout.host_outputs)."""
-        return tuple(self.pixel_inputs) if isinstance(self.pixel_inputs, list) else (self.pixel_inputs,)
-
-    def kept(self, row: int) -> tuple[np.ndarray, np.ndarray]:
-        """Row `row`'s real kept tokens [k, D] and their indices [k] (k = K unless some slots are masked:
-        the unpruned graph of a static tile layout, or per-image calls of different lengths, padded)."""
-        if self.kept_valid is None:
-            return self.visual_tokens[row], self.kept_indices[row]
-        valid = self.kept_valid[row]
-        return self.visual_tokens[row][valid], self.kept_indices[row][valid]
 
 
 @dataclass
@@ -79,8 +66,10 @@ class Generation:
     text: str
     token_ids: list[int]
     finish_reason: str  # "eos" or "length"
-    kept_indices: np.ndarray  # [k] the real kept tokens' original positions (k = K unless slots were masked)
-    num_visual_tokens: int  # the image's own N, of which k were kept
+    kept_indices: np.ndarray  # [k] the real kept tokens' original positions (k = K per image unless slots were masked), image after image
+    num_visual_tokens: int  # the images' own N, summed, of which k were kept
+    kept_per_image: tuple[np.ndarray, ...] = ()  # each image's kept indices [k_i], in the prompt's image order
+    tokens_per_image: tuple[int, ...] = ()  # each image's own N
 
 
 @dataclass
@@ -143,42 +132,51 @@ class VLMPipeline:
         self.timings = Timings()
 
     # ---- stages (public so parity can compare each one) ----------------------------------------
-    def tokenize(self, prompts: Sequence[str]) -> list[list[int]]:
-        """Token ids of each prompt: a user's prompt in the manifest's prompt_template, with the image placeholder once
-        where the user put it, or none: then the image goes where the chat format puts it (the prompt as one user turn
-        through chat_prompt, as llama.cpp's mtmd-cli and ollama do); a ChatPrompt (chat_prompt's) as rendered."""
+    def tokenize(self, prompts: Sequence[str], image_counts: Sequence[int] | None = None) -> list[list[int]]:
+        """Token ids of each prompt, which holds image_counts[i] images (None: one each): a user's prompt in the
+        manifest's prompt_template, with the image placeholder once per image where the user put them, or none: then
+        the images go where the chat format puts them (the prompt as one user turn of that many image parts through
+        chat_prompt, as llama.cpp's mtmd-cli and ollama do); a ChatPrompt (chat_prompt's) as rendered. PromptError:
+        more images than the family takes, placeholders that are not one per image, or a prompt over the limits."""
         text = self.manifest.text
+        counts = [1] * len(prompts) if image_counts is None else [int(count) for count in image_counts]
+        if len(counts) != len(prompts):
+            raise ConfigError(f"image_counts: got {len(counts)} for {len(prompts)} prompts, expected one per prompt")
         sequences = []
-        for prompt in prompts:
-            count = 1 if isinstance(prompt, ChatPrompt) else prompt.count(text.placeholder)  # Qwen2.5-VL: <|vision_start|>...
-            if count > 1:
-                raise PromptError(
-                    f"prompt {prompt[:60]!r}: contains the image placeholder {text.placeholder!r} {count} times, expected at most "
-                    "once (none: the image goes where the chat template puts it)"
-                )
-            rendered = self.chat_prompt(user_turn(prompt)) if count == 0 else prompt
-            # typed special tokens (`</s>`, `<|im_end|>`) are text; the template's and the placeholder's stay special
+        for prompt, images in zip(prompts, counts):
+            check_image_count(prompt, images, self.artifact.host.max_images_per_prompt, self.manifest.source.family)
+            placeholders = placeholder_count(prompt, images, text.placeholder)
+            rendered = self.chat_prompt(user_turn(prompt, images)) if placeholders == 0 else prompt
+            # typed special tokens (`</s>`, `<|im_end|>`) are text; the template's and the placeholders' stay special
             ids = encode_prompt(self.artifact.tokenizer, rendered, text.placeholder, self.artifact.special_ids, text.prompt_template).ids
-            if ids.count(text.image_token_id) != 1:
-                raise PromptError(f"prompt {prompt[:60]!r}: tokenizes to {ids.count(text.image_token_id)} image tokens, expected 1")
+            if ids.count(text.image_token_id) != images:
+                raise PromptError(f"prompt {prompt[:60]!r}: tokenizes to {ids.count(text.image_token_id)} image tokens, "
+                                  f"expected {images} (one per image)")
             if len(ids) > text.max_prompt_tokens:
                 raise PromptError(
                     f"prompt {prompt[:60]!r}: {len(ids)} tokens, expected at most {text.max_prompt_tokens} (the exported maximum)"
                 )
+            spliced = len(ids) + images * (self.manifest.budget.budget - 1)  # each placeholder becomes (at most) K tokens
+            if spliced >= text.max_sequence:  # one image always fits (max_sequence = max_prompt_tokens - 1 + K + max_new_tokens)
+                raise PromptError(f"prompt {prompt[:60]!r}: {images} images of K={self.manifest.budget.budget} visual tokens and "
+                                  f"{len(ids) - images} text tokens make {spliced} positions, expected fewer than "
+                                  f"{text.max_sequence} (the exported maximum sequence, room to generate included)")
             sequences.append(ids)
         return sequences
 
     def chat_prompt(self, messages: Sequence[Mapping[str, Any]]) -> ChatPrompt:
         """OpenAI-shaped messages ({"role": "system" | "user" | "assistant", "content": str | [{"type": "text", "text": ...},
         {"type": "image"}]}) rendered with the artifact's chat template (the checkpoint's own, else the family's default;
-        prunert.runtime.chat): the prompt text with the image placeholder once where the image part was, ending with the
+        prunert.runtime.chat): the prompt text with the image placeholder once where each image part was, ending with the
         generation prompt. A ChatPrompt, a str that tokenize, generate and the serving engine take as rendered (pass it on
-        unchanged). PromptError: an unknown role, a part type other than text / image, no image part, or more than one."""
+        unchanged). PromptError: an unknown role, a part type other than text / image, no image part, or more than the
+        family takes (the host's max_images_per_prompt)."""
         return chat_format(self.artifact).render(messages)
 
     def chat(self, messages: Sequence[Mapping[str, Any]], image: Any, config: GenerationConfig = GenerationConfig(),
              on_token: TokenCallback | None = None) -> Generation:
-        """The assistant's answer to `messages` (chat_prompt) about `image` (a path or an RGB PIL image)."""
+        """The assistant's answer to `messages` (chat_prompt) about `image` (a path or an RGB PIL image), or about a list
+        of images, one per image part of the messages, in order."""
         return self.generate([image], [self.chat_prompt(messages)], config, on_token)[0]
 
     def content_words(self, prompts: Sequence[str]) -> list[list[list[int]]]:
@@ -187,18 +185,23 @@ class VLMPipeline:
         return [content_word_groups(tokenizer, prompt, special, placeholder) for prompt in prompts]
 
     def encode_images(self, images: Sequence[Any], prompts: Sequence[str]) -> VisionResult:
-        loaded = [load_image(image) if isinstance(image, (str, Path)) else image for image in images]
-        groups = self.content_words(prompts)
+        """The vision graph on each prompt's images (images[i]: one image, or a list of them: prompt_images), each image
+        with its prompt's content words -> one row per image, the prompts' images in order over the batch."""
+        per_prompt = [prompt_images(item) for item in images]
+        if len(per_prompt) != len(prompts):
+            raise ConfigError(f"images and prompts: got {len(per_prompt)} images and {len(prompts)} prompts, expected one image "
+                              "(or one list of images) per prompt")
+        loaded = [load_image(image) if isinstance(image, (str, Path)) else image for group in per_prompt for image in group]
+        words = self.content_words(prompts)
+        groups = [words[b] for b, group in enumerate(per_prompt) for _ in group]  # each image: its prompt's content words
         host, names = self.artifact.host, {t.name for t in self.vision.spec.inputs}
-        per_image = host.one_image_per_vision_call  # the vision graph has no batch axis
-        if per_image and len(loaded) != len(groups):
-            raise ConfigError(f"images and prompts: got {len(loaded)} images and {len(groups)} prompts, expected one image per prompt")
-        calls = [([image], [group]) for image, group in zip(loaded, groups)] if per_image else [(loaded, groups)]
+        size = 1 if host.one_image_per_vision_call else self.manifest.text.max_batch  # no batch axis / the graphs' batch
+        calls = [(loaded[at : at + size], groups[at : at + size]) for at in range(0, len(loaded), size)]
         pixel_inputs, tokens, kept, valid, counts, elapsed = [], [], [], [], [], 0.0
         for call_images, call_groups in calls:
             inputs = host.vision_inputs(call_images, self.artifact.preprocessor_config)  # graph inputs (+ the host's own data)
             text_embeds, text_mask = text_relevance_inputs(call_groups, self.artifact.embeddings, self.manifest.text.max_text_tokens)
-            text_embeds = text_embeds.astype(self.vision.spec.input("text_embeds").dtype, copy=False)  # [B, M, D] as the graph declares
+            text_embeds = text_embeds.astype(self.vision.spec.input("text_embeds").dtype, copy=False)  # [b, M, D] as the graph declares
             feeds = {name: value for name, value in inputs.items() if name in names}
             start = time.perf_counter()
             out = self.vision.infer({**feeds, "text_embeds": text_embeds, "text_mask": text_mask})
@@ -211,25 +214,35 @@ class VLMPipeline:
             counts.append(host.visual_token_counts(inputs, len(call_images)))  # [b]: each image's own N
         self.timings.vision_s = elapsed
         visual, indices, valid = _stack_calls(tokens, kept, valid)
-        return VisionResult(pixel_inputs if per_image else pixel_inputs[0], visual, indices, None if valid.all() else valid,
-                            np.concatenate(counts))
+        several = any(len(group) != 1 for group in per_prompt)
+        return VisionResult(pixel_inputs if host.one_image_per_vision_call or len(calls) > 1 else pixel_inputs[0], visual, indices,
+                            None if valid.all() else valid, np.concatenate(counts),
+                            tuple(len(group) for group in per_prompt) if several else None)
 
     def splice(self, sequences: list[list[int]], vision: VisionResult | np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Replace each sequence's placeholder by its K visual tokens; left-pad the batch. `vision`: the
-        VisionResult (its kept indices and the host's own outputs go to the host's position ids; masked slots are left
-        out, so a row may have fewer than K), or just visual tokens [B, K, D] for families whose positions
-        need only the mask (LLaVA).
+        """Replace each image placeholder of each sequence by its image's kept visual tokens (a sequence's placeholders
+        take its images in order); left-pad the batch. `vision`: the VisionResult (its kept indices and the host's own
+        outputs go to the host's position ids; masked slots are left out, so an image may have fewer than K), or just
+        visual tokens [B, K, D], one image per sequence, for families whose positions need only the mask (LLaVA).
 
         -> inputs_embeds [B, L, D], attention_mask [B, L], position_ids [B, L] (or the family's layout, [3, B, L])
         """
         table, text = self.artifact.embeddings, self.manifest.text
         rows, spliced, kept = [], [], []
         for b, ids in enumerate(sequences):
-            visual, indices = vision.kept(b) if isinstance(vision, VisionResult) else (vision[b], None)  # [k, D], [k]
-            kept.append(indices)
-            at = ids.index(text.image_token_id)
-            rows.append(np.concatenate([table[ids[:at]], visual, table[ids[at + 1 :]]]).astype(self.embeds_dtype))  # [L_i, D]
-            spliced.append(ids[:at] + [text.image_token_id] * len(visual) + ids[at + 1 :])  # one placeholder per kept token
+            places = [at for at, token in enumerate(ids) if token == text.image_token_id]
+            images = vision.image_rows(b) if isinstance(vision, VisionResult) else range(b, b + 1)
+            if len(places) != len(images):
+                raise ConfigError(f"sequence {b}: {len(places)} image tokens for {len(images)} images, expected one per image (tokenize)")
+            pieces, row_ids, last = [], [], 0
+            for at, image in zip(places, images):
+                visual, indices = vision.kept(image) if isinstance(vision, VisionResult) else (vision[image], None)  # [k, D], [k]
+                kept.append(indices)
+                pieces += [table[ids[last:at]], visual]
+                row_ids += ids[last:at] + [text.image_token_id] * len(visual)  # one placeholder per kept token
+                last = at + 1
+            rows.append(np.concatenate([*pieces, table[ids[last:]]]).astype(self.embeds_dtype))  # [L_i, D]
+            spliced.append(row_ids + ids[last:])
         length = max(len(row) for row in rows)
         embeds = np.repeat(np.asarray(table[text.pad_token_id], self.embeds_dtype)[None, None], len(rows), 0).repeat(length, 1)
         mask = np.zeros((len(rows), length), np.int64)
@@ -284,13 +297,17 @@ class VLMPipeline:
         config: GenerationConfig = GenerationConfig(),
         on_token: TokenCallback | None = None,
     ) -> list[Generation]:
+        """Each prompt's answer about its images: images[i] is prompt i's image, or a list of its images (one per
+        placeholder, in order; prompt_images)."""
         if len(images) != len(prompts):
-            raise ConfigError(f"images and prompts: got {len(images)} images and {len(prompts)} prompts, expected one image per prompt")
+            raise ConfigError(f"images and prompts: got {len(images)} images and {len(prompts)} prompts, expected one image "
+                              "(or one list of images) per prompt")
         if len(prompts) > self.manifest.text.max_batch:
             raise ConfigError(f"batch: got {len(prompts)} prompts, expected at most {self.manifest.text.max_batch} (the exported maximum)")
         self.timings = Timings()
-        sequences = self.tokenize(prompts)
-        vision = self.encode_images(images, prompts)
+        per_prompt = [prompt_images(item) for item in images]
+        sequences = self.tokenize(prompts, [len(group) for group in per_prompt])  # before any image is read
+        vision = self.encode_images(per_prompt, prompts)
         state = self.prefill(sequences, vision)
         tokens = self.decode(state, config, on_token)
         results = []
@@ -298,7 +315,8 @@ class VLMPipeline:
         for row, ids in enumerate(tokens):
             finish = "eos" if ids and ids[-1] in eos else "length"
             text = self.artifact.tokenizer.decode([t for t in ids if t not in eos], skip_special_tokens=True)
-            results.append(Generation(text, ids, finish, vision.kept(row)[1], int(vision.visual_token_counts[row])))
+            kept, counts = vision.prompt_kept(row)
+            results.append(Generation(text, ids, finish, np.concatenate(kept), sum(counts), kept, counts))
         return results
 
     def decode(self, state: Prefill, config: GenerationConfig = GenerationConfig(), on_token: TokenCallback | None = None) -> list[list[int]]:
@@ -345,19 +363,3 @@ def _chooser(config: GenerationConfig) -> Callable[[np.ndarray], np.ndarray]:
     """A row's chooser: logits [1, V] -> [1], sampling with a generator of its own seeded by config.seed."""
     rng = np.random.default_rng(config.seed)
     return lambda logits: next_tokens(logits, config, rng)
-
-
-def _stack_calls(tokens: list[np.ndarray], kept: list[np.ndarray], valid: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The vision calls' outputs ([b, K_i, D], [b, K_i], [b, K_i] bool) as one batch [B, K, D], [B, K], [B, K]
-    with K = max K_i: shorter calls (per-image graphs whose K is the image's own N, e.g. unpruned) are padded
-    with masked slots (index -1, zero token)."""
-    if len(tokens) == 1:
-        return tokens[0], kept[0], valid[0]
-    width = max(t.shape[1] for t in tokens)
-
-    def pad(array: np.ndarray, value: Any) -> np.ndarray:
-        widths = [(0, 0), (0, width - array.shape[1])] + [(0, 0)] * (array.ndim - 2)
-        return np.pad(array, widths, constant_values=value)
-
-    return (np.concatenate([pad(t, 0.0) for t in tokens]), np.concatenate([pad(k, -1) for k in kept]),
-            np.concatenate([pad(v, False) for v in valid]))

@@ -5,9 +5,9 @@ Content words: the prompt's tokens grouped by word (the tokenizer's word ids); a
 any of its tokens is special (BOS, the image placeholder, ...), or if it is punctuation / a number-free
 symbol run, or a stop word. Each remaining word's embedding is the mean of its word pieces' rows.
 
-Special tokens typed in a prompt (`</s>`, `<s>`, `<pad>`, `<|im_end|>`, a second `<image>`) are text, as a
-chat server encodes user content: only the template's own special tokens and the prompt's one image
-placeholder are special (`encode_prompt`; parity's Hugging Face reference applies the same `plain_text_runs`).
+Special tokens typed in a prompt (`</s>`, `<s>`, `<pad>`, `<|im_end|>`) are text, as a chat server encodes user
+content: only the template's own special tokens and the prompt's image placeholders (one per image) are special
+(`encode_prompt`; parity's Hugging Face reference applies the same `plain_text_runs`).
 A rendered chat template (`ChatPrompt`, prunert.runtime.chat) is encoded the same way: the messages' own text is
 user text, everything else (role markers, the image placeholder the template put there) is the template's.
 """
@@ -33,13 +33,15 @@ STOP_WORDS = frozenset(
 Span = tuple[int, int]  # [start, end) characters of the formatted prompt
 
 
-def user_spans(template: str, prompt: str, placeholder: str) -> tuple[str, Span, Span]:
-    """template.format(prompt=prompt), the prompt's span in it, and the span of the prompt's first
-    placeholder ((-1, -1) if it has none)."""
+def user_spans(template: str, prompt: str, placeholder: str) -> tuple[str, Span, tuple[Span, ...]]:
+    """template.format(prompt=prompt), the prompt's span in it, and the spans of the prompt's placeholders, in
+    order (one per image; () if it has none)."""
     head = template.format(prompt="\0").split("\0")[0]
-    at = prompt.find(placeholder)
-    keep = (len(head) + at, len(head) + at + len(placeholder)) if at >= 0 else (-1, -1)
-    return template.format(prompt=prompt), (len(head), len(head) + len(prompt)), keep
+    keeps, at = [], prompt.find(placeholder) if placeholder else -1
+    while at >= 0:
+        keeps.append((len(head) + at, len(head) + at + len(placeholder)))
+        at = prompt.find(placeholder, at + len(placeholder))
+    return template.format(prompt=prompt), (len(head), len(head) + len(prompt)), tuple(keeps)
 
 
 class ChatPrompt(str):
@@ -51,36 +53,42 @@ class ChatPrompt(str):
     query:               the user messages' text, joined by newlines: the content words of text relevance.
     add_special_tokens:  whether the tokenizer adds its own BOS (False where the template wrote it, as HF's
                          apply_chat_template(tokenize=True) does).
+    images:              the messages' image parts (the template put one placeholder for each).
     """
 
     user_spans: tuple[Span, ...]
     query: str
     add_special_tokens: bool
+    images: int
 
-    def __new__(cls, text: str = "", user_spans: Sequence[Span] = (), query: str = "", add_special_tokens: bool = True) -> "ChatPrompt":
+    def __new__(cls, text: str = "", user_spans: Sequence[Span] = (), query: str = "", add_special_tokens: bool = True,
+                images: int = 1) -> "ChatPrompt":
         prompt = super().__new__(cls, text)
         prompt.user_spans, prompt.query, prompt.add_special_tokens = tuple(user_spans), query, add_special_tokens
+        prompt.images = int(images)
         return prompt
 
 
-def plain_text_runs(offsets: Sequence[Span], special: Sequence[bool], user: Span, keep: Span, length: int) -> list[int | Span] | None:
-    """How to re-encode a prompt whose user text holds special tokens other than its one placeholder.
+def plain_text_runs(offsets: Sequence[Span], special: Sequence[bool], user: Span, keeps: Sequence[Span], length: int
+                    ) -> list[int | Span] | None:
+    """How to re-encode a prompt whose user text holds special tokens other than its placeholders.
 
     offsets, special: the text tokens of the formatted prompt (post-processor tokens left out) as the tokenizer
     found them with special-token parsing on, and which are special tokens. A special token is legitimate if it
-    is the template's (outside `user`) or the placeholder's (inside `keep`). None: every one is, the encoding
-    stands. Else the runs that replace it, in order: the index of each legitimate special token, and between
-    them (start, end) spans of the text to encode with special-token parsing off.
+    is the template's (outside `user`) or a placeholder's (inside one of `keeps`, user_spans'). None: every one is,
+    the encoding stands. Else the runs that replace it, in order: the index of each legitimate special token, and
+    between them (start, end) spans of the text to encode with special-token parsing off.
     """
-    return text_runs(offsets, special, (user,), keep, length)
+    return text_runs(offsets, special, (user,), keeps, length)
 
 
-def text_runs(offsets: Sequence[Span], special: Sequence[bool], users: Sequence[Span], keep: Span, length: int) -> list[int | Span] | None:
+def text_runs(offsets: Sequence[Span], special: Sequence[bool], users: Sequence[Span], keeps: Sequence[Span], length: int
+              ) -> list[int | Span] | None:
     """plain_text_runs with several user spans (a chat's message texts): a special token inside any is typed text."""
 
     def legitimate(span: Span) -> bool:
         outside = all(span[1] <= user[0] or span[0] >= user[1] for user in users)
-        return outside or keep[0] <= span[0] <= span[1] <= keep[1]
+        return outside or any(keep[0] <= span[0] <= span[1] <= keep[1] for keep in keeps)
 
     if all(legitimate(span) for span, is_special in zip(offsets, special) if is_special):
         return None
@@ -106,20 +114,20 @@ class PromptTokens:
 def encode_prompt(tokenizer: Any, prompt: str, placeholder: str, special_ids: set[int], template: str = "{prompt}",
                   add_special_tokens: bool = True) -> PromptTokens:
     """`template` formatted with `prompt`, tokenized (a `tokenizers.Tokenizer`) with the template's own special
-    tokens and the prompt's first `placeholder` as special tokens, and the rest of the prompt as plain text
+    tokens and the prompt's `placeholder`s (one per image) as special tokens, and the rest of the prompt as plain text
     (plain_text_runs). A prompt without typed special tokens encodes exactly as tokenizer.encode(text).
     A ChatPrompt is already rendered: `template` is not applied, its user_spans are the user text and its
     add_special_tokens (ANDed with the argument) says whether the tokenizer adds BOS/EOS."""
     if isinstance(prompt, ChatPrompt):
-        text, users, keep = str(prompt), prompt.user_spans, (-1, -1)  # its placeholder is the template's, outside users
+        text, users, keeps = str(prompt), prompt.user_spans, ()  # its placeholders are the template's, outside users
         add_special_tokens = add_special_tokens and prompt.add_special_tokens
     else:
-        text, user, keep = user_spans(template, prompt, placeholder)
+        text, user, keeps = user_spans(template, prompt, placeholder)
         users = (user,)
     encoding = tokenizer.encode(text, add_special_tokens=add_special_tokens)
     ids, words, offsets = encoding.ids, encoding.word_ids, encoding.offsets
     body = [i for i, sequence in enumerate(encoding.sequence_ids) if sequence is not None]  # BOS/EOS of the post-processor: None
-    runs = text_runs([offsets[i] for i in body], [ids[i] in special_ids for i in body], users, keep, len(text))
+    runs = text_runs([offsets[i] for i in body], [ids[i] in special_ids for i in body], users, keeps, len(text))
     if runs is None:
         return PromptTokens(list(ids), list(words), list(offsets))
     first, last = (body[0], body[-1] + 1) if body else (len(ids), len(ids))
@@ -147,7 +155,7 @@ def _encode_plain(tokenizer: Any, text: str) -> Any:
 
 def content_word_groups(tokenizer, prompt: str, special_ids: set[int], placeholder: str) -> list[list[int]]:
     """Token ids of each content word of `prompt`, in order. Special tokens typed in the prompt are text, as in
-    encode_prompt (`Stop</s>dog` keeps `dog`); the artifact's one `placeholder` stays special and is no word.
+    encode_prompt (`Stop</s>dog` keeps `dog`); the artifact's `placeholder`s stay special and are no words.
     A ChatPrompt's words are those of its query (the user messages' text), not of the template around them."""
     prompt = prompt.query if isinstance(prompt, ChatPrompt) else prompt
     encoding = encode_prompt(tokenizer, prompt, placeholder, special_ids, add_special_tokens=False)

@@ -24,7 +24,7 @@ from typing import Any, Callable
 from prunert.config import GenerationConfig
 from prunert.errors import PrunertError
 from prunert.runtime.decode import DecodeBatch, RowEvent, table_embedder
-from prunert.runtime.pipeline import VLMPipeline
+from prunert.runtime.pipeline import VLMPipeline, prompt_images
 from prunert.serving.config import EngineConfig
 from prunert.serving.metrics import EngineMetrics
 
@@ -45,8 +45,8 @@ class EngineClosedError(PrunertError):
 
 @dataclass(frozen=True)
 class Request:
-    image: Any  # a decoded RGB image (PIL.Image or [H, W, 3] uint8), or a path
-    prompt: str  # exactly one image placeholder (a rendered chat template, or the user's own)
+    image: Any  # a decoded RGB image (PIL.Image or [H, W, 3] uint8) or a path; or a tuple of them (several images, in order)
+    prompt: str  # one image placeholder per image, or none (a rendered chat template, or the user's own; pipeline.tokenize)
     config: GenerationConfig = GenerationConfig()
     stop: tuple[str, ...] = ()  # the answer ends before the first of these strings
 
@@ -55,10 +55,10 @@ class Request:
 class Usage:
     prompt_tokens: int  # text tokens + the kept visual tokens, as the decoder saw them
     completion_tokens: int
-    visual_kept: int
-    visual_total: int  # the image's own N before pruning
+    visual_kept: int  # summed over the request's images
+    visual_total: int  # the images' own N before pruning, summed
     ttft_s: float  # submit -> first token (queue + vision + prefill)
-    kept_indices: tuple[int, ...] = ()
+    kept_indices: tuple[int, ...] = ()  # the kept tokens' indices, image after image
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class _Job:
     first: float = 0.0
     kept: tuple[int, ...] = ()
     visual_total: int = 0
+    images: int = 1  # the request's images (each placeholder of `sequence` becomes one image's kept tokens)
 
 
 class Engine:
@@ -116,12 +117,13 @@ class Engine:
     def submit(self, request: Request, deliver: Deliver) -> int:
         """Queue a request -> its ticket. PromptError for a prompt the artifact cannot take (before anything is queued),
         QueueFullError at max_queue waiting, EngineClosedError while shutting down."""
-        sequence = self.pipeline.tokenize([request.prompt])[0]
+        images = len(prompt_images(request.image))
+        sequence = self.pipeline.tokenize([request.prompt], [images])[0]
         with self._lock:
             self._refuse_if_full()
             ticket = self._next_ticket
             self._next_ticket += 1
-            self._pending.append(_Job(ticket, request, sequence, deliver, time.perf_counter()))
+            self._pending.append(_Job(ticket, request, sequence, deliver, time.perf_counter(), images=images))
             self.metrics.queue_depth.set(len(self._pending))
             self._lock.notify()
         return ticket
@@ -217,7 +219,8 @@ class Engine:
             self.metrics.errors.inc()
             _send(job, Event("", "error", error=f"{type(exc).__name__}: {exc}"))
             return
-        job.kept, job.visual_total = tuple(int(i) for i in vision.kept(0)[1]), int(vision.visual_token_counts[0])
+        kept, totals = vision.prompt_kept(0)  # per image of the request
+        job.kept, job.visual_total = tuple(int(i) for indices in kept for i in indices), sum(totals)
         self._jobs[job.ticket] = job
         (event,) = self._batch.admit(state.session, state.logits[:, -1], mask, positions, choosers, budgets, [job.ticket])
         job.first = time.perf_counter()
@@ -266,7 +269,7 @@ class Engine:
         if finish in ("stop", "length") and decode_s > 0 and len(job.ids) > 1:
             self.metrics.decode_rate.observe((len(job.ids) - 1) / decode_s)
         self.metrics.requests.inc(finish)
-        usage = Usage(len(job.sequence) - 1 + len(job.kept), len(job.ids), len(job.kept), job.visual_total,
+        usage = Usage(len(job.sequence) - job.images + len(job.kept), len(job.ids), len(job.kept), job.visual_total,
                       (job.first or now) - job.submitted, job.kept)
         _send(job, Event(piece, finish, usage))
 

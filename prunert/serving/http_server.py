@@ -51,7 +51,7 @@ class HttpServer:
     def __init__(self, engine: Any, config: HttpConfig = HttpConfig()):
         self.engine, self.config = engine, config
         self.card = model_card(engine.pipeline)
-        self.images = ImageSource(config.allow_image_dir, config.max_body_bytes)
+        self.images = ImageSource(config.allow_image_dir, config.max_body_bytes, engine.pipeline.artifact.host.max_images_per_prompt)
         self.default_max_tokens = engine.pipeline.manifest.text.max_sequence  # each row is capped to what fits
         self.responses = Counter("prunert_http_responses_total", "HTTP responses, by status code.", "code")
         self.errors = Counter("prunert_http_errors_total", "HTTP error responses (4xx, 5xx), by status code.", "code")
@@ -152,7 +152,7 @@ class HttpServer:
             prompt = self.engine.pipeline.chat_prompt(list(call.messages))
         except PromptError as exc:  # roles, parts
             raise ApiError(400, str(exc), "messages", "invalid_prompt") from None
-        return call, _refusal(lambda: self.engine.submit(Request(call.image, prompt, call.config, call.stop), deliver))
+        return call, _refusal(lambda: self.engine.submit(Request(call.images, prompt, call.config, call.stop), deliver))
 
     async def _answer(self, queue: asyncio.Queue, request: HttpRequest, ticket: int) -> tuple[str, Event] | None:
         """Collect a non-streamed answer; a client that disconnects meanwhile cancels it (-> None)."""

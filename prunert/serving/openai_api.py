@@ -1,12 +1,13 @@
 """OpenAI's chat-completions protocol, without a web framework: a request body -> a ChatCall (messages for the
-artifact's chat template, the one image decoded, the generation settings), ApiError -> OpenAI-shaped error JSON,
+artifact's chat template, its images decoded, the generation settings), ApiError -> OpenAI-shaped error JSON,
 and the response and stream-chunk objects. prunert.serving.http_server puts it on the wire.
 
 Policy (https://platform.openai.com/docs/api-reference/chat/create):
 - unknown fields are ignored, as OpenAI does; known fields prunert does not implement (UNSUPPORTED) are a 400 naming
   them, unless they hold their no-op value (`n: 1`, `logprobs: false`, `tools: []`, ...);
 - an image is a `data:image/...;base64,` URI, or a local file only under --allow-image-dir; http(s) URLs are never
-  fetched;
+  fetched; a request holds one image_url part per image, as many as the artifact's family takes in one prompt
+  (LLaVA-1.5: one; LLaVA-NeXT and Qwen2.5-VL: several, each where its part stands in the chat template);
 - temperature > 0 without a seed samples with a fresh seed (reported in the X-Prunert-Seed header).
 """
 
@@ -60,10 +61,12 @@ def bad_request(message: str, param: str | None = None, code: str = "invalid_req
 
 @dataclass(frozen=True)
 class ImageSource:
-    """Where request images may come from (HttpConfig): local files only under allow_dir; files up to max_bytes."""
+    """Where request images may come from (HttpConfig): local files only under allow_dir; files up to max_bytes; at
+    most max_count images a request (the artifact's host max_images_per_prompt; None: any number)."""
 
     allow_dir: Path | None = None
     max_bytes: int = 20 << 20
+    max_count: int | None = None
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ class ChatCall:
     """A parsed request: `messages` as VLMPipeline.chat_prompt takes them (image parts as {"type": "image"})."""
 
     messages: tuple[dict[str, Any], ...]
-    image: Any  # the one RGB image (PIL.Image)
+    images: tuple[Any, ...]  # the RGB images (PIL.Image), one per image_url part, in order
     config: GenerationConfig
     stop: tuple[str, ...]
     stream: bool
@@ -80,7 +83,7 @@ class ChatCall:
 
 
 def parse_chat(body: bytes, default_max_tokens: int, images: ImageSource = ImageSource()) -> ChatCall:
-    """A request body -> ChatCall; ApiError (400) naming the field for anything malformed. Decodes the image (call it
+    """A request body -> ChatCall; ApiError (400) naming the field for anything malformed. Decodes the images (call it
     off the event loop)."""
     try:
         request = json.loads(body)
@@ -93,13 +96,20 @@ def parse_chat(body: bytes, default_max_tokens: int, images: ImageSource = Image
     options = _typed(request, "stream_options", dict, {})
     include_usage = _typed(options, "include_usage", bool, False, "stream_options.include_usage")
     messages, image_urls = _messages(request.get("messages"))
-    if len(image_urls) != 1:
-        raise bad_request(f"messages: {len(image_urls)} images, expected exactly one (this artifact's family takes one image "
-                          "per request)" + ("" if image_urls else "; add an image_url content part"), "messages", "image_count")
+    _check_image_count(len(image_urls), images.max_count)
     config, seed = _generation(request, default_max_tokens)
-    param, url = image_urls[0]
-    return ChatCall(tuple(messages), load_request_image(url, param, images), config, _stop(request.get("stop")), stream,
-                    include_usage, seed)
+    decoded = tuple(load_request_image(url, param, images) for param, url in image_urls)
+    return ChatCall(tuple(messages), decoded, config, _stop(request.get("stop")), stream, include_usage, seed)
+
+
+def _check_image_count(count: int, most: int | None) -> None:
+    """A 400 (code image_count) unless 1 <= count <= most (None: no upper limit), before any image is decoded."""
+    if count and (most is None or count <= most):
+        return
+    expected = ("exactly one (this artifact's family takes one image per request)" if most == 1 else
+                "at least one" if most is None else f"1 to {most} (this artifact's family takes at most {most} per request)")
+    raise bad_request(f"messages: {count} images, expected {expected}" + ("" if count else "; add an image_url content part"),
+                      "messages", "image_count")
 
 
 def _refuse_unsupported(request: dict[str, Any]) -> None:

@@ -82,6 +82,21 @@ def start_server(serving_pipeline):
         server.stop()
 
 
+@pytest.fixture
+def start_server_over():
+    """start_server_over(pipeline, EngineConfig | None, HttpConfig | None) -> a RunningServer over another artifact's
+    pipeline (stopped after the test)."""
+    running: list[RunningServer] = []
+
+    def start(pipeline, engine_config=None, http_config=None) -> RunningServer:
+        running.append(_start(pipeline, engine_config, http_config))
+        return running[-1]
+
+    yield start
+    for server in running:
+        server.stop()
+
+
 @pytest.fixture(scope="module")
 def server(serving_pipeline):
     """A server with the default settings, shared by a module's tests (none of them changes it)."""

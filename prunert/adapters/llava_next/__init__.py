@@ -65,8 +65,9 @@ text_embeds [batch, text, D], text_mask [batch, text] -> visual_tokens [batch, K
   real, so the prompt gets exactly HF's visual tokens minus the image_newline rows (parity compares
   against HF's features with the same slots left out).
 * Output: kept tokens in (tile, raster index in the tile) order; kept_indices = tile * N + index,
-  positions in the [T, N] layout. The runtime's splice replaces the one `<image>` placeholder by the
-  K tokens (no image_newline, see below); decoder graph and decoding are LLaVA-1.5's (Llama).
+  positions in the [T, N] layout. The runtime's splice replaces each `<image>` placeholder by its image's
+  K tokens (no image_newline, see below; several images per prompt, each with its own tiles and K:
+  docs/resolution.md); decoder graph and decoding are LLaVA-1.5's (Llama).
 * Parity compares the host's preprocessing with HF's `LlavaNextImageProcessorPil` laid out the same
   way (token_mask from HF's own `unpad_image`), then kept sets, kept tokens, prefill logits and
   greedy tokens against HF's tower + projector + the same selection module in torch + HF's LM.

@@ -229,6 +229,8 @@ def image_tiles(image: Image.Image, cfg: AnyresConfig) -> np.ndarray:
 class LlavaNextHostAdapter(LlavaHostAdapter):
     """`vision_inputs` for the static-tile vision graph; `position_ids` is LLaVA-1.5's (cumulative)."""
 
+    max_images_per_prompt = None  # several images per prompt, each with its own tiles and K (bounded by max_sequence)
+
     def vision_inputs(
         self, images: Sequence[Any], preprocessor_config: Mapping[str, Any], patch_size: int | None = None
     ) -> dict[str, np.ndarray]:

@@ -34,7 +34,8 @@ Design (the hooks its ExportAdapter and HostAdapter subclasses override)
   (prunert.export.validate.check_symbolic_dims); cls_attention and visionzip need a [CLS] token Qwen's
   tower does not have.
 * Splice and positions. The user prompt carries IMAGE_PLACEHOLDER (<|vision_start|><|image_pad|><|vision_end|>)
-  once; the runtime replaces <|image_pad|> by the K kept tokens. Kept tokens keep their ORIGINAL (t, h, w)
+  once per image (several images per prompt: docs/resolution.md); the runtime replaces each <|image_pad|> by its
+  image's K kept tokens, one M-RoPE grid per image run. Kept tokens keep their ORIGINAL (t, h, w)
   M-RoPE positions and the text after the image continues where it would in the unpruned sequence
   (mrope.rope_index with kept_indices); decode positions are max position + 1 + step (HF's rope_deltas).
   Never renumber the kept tokens (deploy-facts.md): tests/parity/test_parity_qwen2_5_vl.py shows that a
@@ -48,7 +49,7 @@ Design (the hooks its ExportAdapter and HostAdapter subclasses override)
 
 Precisions: fp16 (`convert`) and int8 (`calibrate`) variants pass parity at their bars on the tiny preset
 (tests/parity/test_parity_qwen2_5_vl.py); TensorRT engines over the P profiles are untested on a GPU.
-Not covered: videos, several images in one prompt, `prunert visualize` (it refuses: its overlay needs one
+Not covered: videos, `prunert visualize` (it refuses: its overlay needs one
 fixed patch grid).
 """
 

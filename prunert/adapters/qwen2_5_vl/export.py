@@ -262,21 +262,32 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         return {"tokens": tokens}, torch.ones(tokens.shape[:2], dtype=torch.bool)
 
     def hf_position_ids(self, token_ids: list[int], images: list[Any], model_dir: Path,
-                        kept_indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                        kept_indices: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Parity: HF's own M-RoPE positions of the pruned prompt. HF's get_rope_index runs on the UNPRUNED
-        prompt (the placeholder expanded to the image's N tokens, HF's image_grid_thw), then the columns of
-        the pruned tokens are dropped: -> position_ids [3, 1, L] of text + kept tokens, and rope_deltas [1, 1]
-        such that decode at cache length c has position c + rope_deltas (HF's delta shifted by the N - K
-        dropped tokens: generation continues at the unpruned sequence's max position + 1)."""
-        grid = self.hf_image_inputs(images, model_dir)["image_grid_thw"]  # [1, 3]
+        prompt (each image token expanded to its image's N tokens, HF's image_grid_thw of all the images, as HF's
+        processor expands a prompt of several), then the columns of the pruned tokens are dropped: -> position_ids
+        [3, 1, L] of text + kept tokens, and rope_deltas [1, 1] such that decode at cache length c has position
+        c + rope_deltas (HF's delta shifted by the sum of N - K dropped tokens: generation continues at the unpruned
+        sequence's max position + 1). kept_indices: one [k_i] per image (or a tensor [images, K])."""
+        grid = self.hf_image_inputs(images, model_dir)["image_grid_thw"]  # [n, 3]
         image_id = int(self.model.config.image_token_id)
-        at, count = token_ids.index(image_id), int(grid[0].prod()) // self.merge**2
-        full = torch.tensor([token_ids[:at] + [image_id] * count + token_ids[at + 1 :]])  # [1, L + N - 1]
+        kept = list(kept_indices.reshape(len(grid), -1)) if isinstance(kept_indices, torch.Tensor) else list(kept_indices)
+        places = [at for at, token in enumerate(token_ids) if token == image_id]
+        if len(places) != len(grid) or len(kept) != len(grid):
+            raise ConfigError(f"hf_position_ids: {len(places)} image tokens, {len(grid)} images, {len(kept)} kept sets; expected one each")
+        full, columns, last = [], [], 0  # the unpruned ids, and the columns of the pruned prompt's tokens in them
+        for at, thw, keep in zip(places, grid, kept):
+            columns += range(len(full), len(full) + at - last)
+            full += token_ids[last:at]
+            columns += (len(full) + keep.reshape(-1).long()).tolist()
+            full += [image_id] * (int(thw.prod()) // self.merge**2)
+            last = at + 1
+        columns += range(len(full), len(full) + len(token_ids) - last)
+        full += token_ids[last:]
+        ids = torch.tensor([full])  # [1, L + sum(N_i - 1)]
         with torch.no_grad():
-            positions, deltas = self.model.model.get_rope_index(full, mm_token_type_ids=(full == image_id).int(), image_grid_thw=grid)
-        kept = kept_indices.reshape(-1).long()
-        columns = torch.cat([torch.arange(at), at + kept, torch.arange(at + count, full.shape[1])])
-        return positions[:, :, columns], deltas + (count - len(kept))  # [3, 1, L], [1, 1]
+            positions, deltas = self.model.model.get_rope_index(ids, mm_token_type_ids=(ids == image_id).int(), image_grid_thw=grid)
+        return positions[:, :, torch.tensor(columns)], deltas + (len(full) - len(columns))  # [3, 1, L], [1, 1]
 
 
 class QwenVisionGraph(torch.nn.Module):

@@ -326,6 +326,7 @@ class QwenHostAdapter(HostAdapter):
     inputs need). One image per vision-graph call: images of a batch have different patch counts."""
 
     one_image_per_vision_call = True
+    max_images_per_prompt = None  # several images per prompt (each its own vision call and K; M-RoPE: rope_index per run)
 
     def vision_inputs(self, images: Sequence[Any], preprocessor_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """ONE PIL image -> the vision graph's inputs (graph_vision_inputs) plus "image_grid_thw" int64 [1, 3]

@@ -33,6 +33,10 @@ def write_task(data: str | os.PathLike[str], out_dir: str | os.PathLike[str], ta
     if not _TASK_NAME.fullmatch(task):
         raise ConfigError(f"--task {task!r}: expected a name of letters, digits and underscores, starting with a letter")
     records = load_records(data, limit)
+    several = next((record for record in records if record.more_images), None)
+    if several is not None:  # the shipped task's doc_to_visual reads one "image"
+        raise ConfigError(f"{several.where}: 'images' holds {len(several.images)} images; the lmms-eval task takes one image per "
+                          "record (use `prunert eval` for records of several images)")
     out = Path(out_dir).expanduser().absolute()
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is not a directory")
