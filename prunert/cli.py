@@ -31,7 +31,7 @@ def _export(args: argparse.Namespace) -> int:
     from dataclasses import fields
 
     from prunert import pruning_ops
-    from prunert.config import BudgetConfig, ExportConfig
+    from prunert.config import BudgetConfig, ExportConfig, PixelRange
     from prunert.errors import ConfigError
     from prunert.export.pipeline import export_artifact
 
@@ -45,7 +45,8 @@ def _export(args: argparse.Namespace) -> int:
     budget = BudgetConfig(budget=args.budget, method=args.method, params=config_type(**given))
     cfg = ExportConfig(opset=args.opset, max_prompt_tokens=args.max_prompt_tokens, max_new_tokens=args.max_new_tokens, max_batch=args.max_batch,
                        dtype=args.dtype)
-    manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite)
+    pixels = PixelRange(min_pixels=args.min_pixels, max_pixels=args.max_pixels)  # checked before the checkpoint loads
+    manifest = export_artifact(args.model, args.out, budget, cfg, overwrite=args.overwrite, pixels=pixels)
     if source_note(manifest.source):
         print(source_note(manifest.source))
     return 0
@@ -239,6 +240,8 @@ def _inspect(args: argparse.Namespace) -> int:
     from prunert.manifest import load_manifest
     from prunert.inspect import manifest_table
 
+    if args.image:
+        return _inspect_images(args)
     manifest = load_manifest(Path(args.artifact), verify_hashes=not args.no_verify)
     found = leftovers(Path(args.artifact))  # staging folders and swap journals beside and inside it
     if args.json:  # stdout stays the raw manifest; leftovers go to stderr
@@ -254,6 +257,18 @@ def _inspect(args: argparse.Namespace) -> int:
         check_manifest(manifest)
     except ArtifactError as exc:
         raise ArtifactError(f"artifact '{args.artifact}': {exc}") from None
+    return 0
+
+
+def _inspect_images(args: argparse.Namespace) -> int:
+    """`inspect A --image x.jpg`: per image, its visual tokens before and after pruning (--json: one JSON object)."""
+    import json
+
+    from prunert.inspect import image_tokens
+    from prunert.runtime import Artifact
+
+    rows = image_tokens(Artifact(args.artifact, verify_hashes=not args.no_verify), args.image)
+    print(json.dumps({"images": [row.to_dict() for row in rows]}, indent=2) if args.json else "\n".join(row.line() for row in rows))
     return 0
 
 
@@ -378,6 +393,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=ex.max_batch, help="largest batch the graphs declare (default %(default)s)")
     p.add_argument("--dtype", help="fp32 | fp16: the dtype the checkpoint is loaded and exported in (graph I/O stays float32, the "
                    "selection fp32); default: the checkpoint's config.json torch_dtype (fp16 as is, bf16 and fp32 at fp32)")
+    p.add_argument("--min-pixels", type=int, help="Qwen2.5-VL: smallest image area in pixels after resizing (smart_resize; 28 x 28 "
+                   "pixels = one visual token; raised to K tokens' worth); default: the checkpoint's preprocessor_config.json")
+    p.add_argument("--max-pixels", type=int, help="Qwen2.5-VL: largest image area in pixels after resizing, the visual-token budget "
+                   "before pruning (e.g. 1003520 = 1,280 tokens); default: the checkpoint's preprocessor_config.json")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     p.set_defaults(func=_export)
@@ -456,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("artifact", type=Path, help="artifact directory")
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
+    p.add_argument("--image", action="append", help="instead of the manifest: how many visual tokens this image gives before and after "
+                   "pruning, through the artifact's own preprocessing (repeat for several; with --json, a JSON object)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser would reject in a graph (CPU only, no TensorRT needed)")

@@ -264,6 +264,27 @@ class ExportConfig:
 
 
 @dataclass(frozen=True)
+class PixelRange:
+    """`export --min-pixels / --max-pixels`: the pixel-count range of a dynamic-resolution image processor (Qwen2.5-VL's
+    smart_resize; the adapter's fit_pixel_range takes it or refuses it). None: the checkpoint's own value."""
+
+    min_pixels: int | None = None
+    max_pixels: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"--{name.replace('_', '-')}: got {value!r}, expected a pixel count >= 1")
+        if self.min_pixels is not None and self.max_pixels is not None and self.min_pixels > self.max_pixels:
+            raise ConfigError(f"--min-pixels / --max-pixels: got {self.min_pixels} > {self.max_pixels}, expected min <= max")
+
+    @property
+    def given(self) -> bool:
+        return self.min_pixels is not None or self.max_pixels is not None
+
+
+@dataclass(frozen=True)
 class GenerationConfig:
     """Decoding settings for the runtime pipeline. temperature == 0 means greedy."""
 

@@ -1,11 +1,54 @@
-"""A manifest as a readable table (standard library only)."""
+"""A manifest as a readable table (standard library only); `image_tokens`: what one image costs in visual tokens."""
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Sequence
 
 from prunert.artifact_publish import Leftover
 from prunert.manifest import Manifest
+
+if TYPE_CHECKING:
+    from prunert.runtime.artifact import Artifact
+
+
+@dataclass(frozen=True)
+class ImageTokens:
+    """`prunert inspect A --image x.jpg`: the visual tokens one image gives an artifact, before and after pruning."""
+
+    image: str
+    width: int
+    height: int
+    visual_tokens: int  # N: the image's own (Qwen2.5-VL: its resized grid; LLaVA-NeXT: its valid tile tokens)
+    kept: int  # spliced into the prompt: min(K, N) (the unpruned baseline: N)
+    budget: int  # K of the manifest
+    method: str
+
+    def line(self) -> str:
+        return (f"{self.image} ({self.width} x {self.height}): {self.visual_tokens} visual tokens before pruning, "
+                f"{self.kept} after ({self.method}, K={self.budget})")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def image_tokens(artifact: Artifact, images: Sequence[str | Path]) -> list[ImageTokens]:
+    """Each image through the artifact's own preprocessing (its host adapter, the artifact's preprocessor_config.json):
+    N from the host's visual_token_counts, kept = min(K, N) (a masked slot kept beyond an image's N is left out of the
+    splice), or N for the unpruned baseline (--method none). No graph runs."""
+    from prunert import pruning_ops
+    from prunert.runtime.image import load_image
+
+    manifest, host = artifact.manifest, artifact.host
+    budget, keeps_all = manifest.budget.budget, pruning_ops.method_spec(manifest.budget.method).keeps_all
+    rows = []
+    for path in images:
+        picture = load_image(path)
+        count = int(host.visual_token_counts(host.vision_inputs([picture], artifact.preprocessor_config), 1)[0])
+        rows.append(ImageTokens(str(path), picture.width, picture.height, count, count if keeps_all else min(budget, count), budget,
+                                manifest.budget.method))
+    return rows
 
 
 def precision_table(m: Manifest) -> list[str]:

@@ -103,6 +103,19 @@ class ExportAdapter(ABC):
         """The fewest visual tokens an image gives (default: N, fixed per image)."""
         return self.num_visual_tokens
 
+    def fit_pixel_range(self, pixels: PixelRange) -> None:
+        """`export --min-pixels / --max-pixels` (and parity, with exported_pixel_range's record): the image processor's
+        pixel-count range, set before fit_budget. Default: a family that resizes every image to a fixed resolution
+        refuses a given range in one line (nothing given: nothing to do)."""
+        if pixels.given:
+            raise ConfigError(f"--min-pixels / --max-pixels: the {self.family} family resizes every image to a fixed resolution; "
+                              "a pixel range applies to a dynamic-resolution image processor (Qwen2.5-VL's)")
+
+    def exported_pixel_range(self, family_config: dict[str, Any]) -> PixelRange:
+        """The pixel range an artifact was exported with, read back from its manifest's family_config (parity passes it
+        to fit_pixel_range, so HF's processor sees the artifact's range). Default: PixelRange(), the checkpoint's own."""
+        return PixelRange()
+
     def fit_budget(self, budget: BudgetConfig) -> None:
         """Check K against the visual tokens the checkpoint's images can give and adapt the adapter to it, at
         export and at parity. Default: budget.validate_against(num_visual_tokens) (Qwen2.5-VL: N varies per

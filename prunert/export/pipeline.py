@@ -29,7 +29,7 @@ from prunert import pruning_ops
 from prunert.adapters import ModelSource, export_adapter_class, resolve_source
 from prunert.adapters.hf_loading import checkpoint_dtype
 from prunert.artifact_publish import PARTIAL, Staging, clean_stale, publish, recover_swap, refuse_unless_artifact
-from prunert.config import FUSED_DECODER, SCHEMA_VERSION, BudgetConfig, ExportConfig
+from prunert.config import FUSED_DECODER, SCHEMA_VERSION, BudgetConfig, ExportConfig, PixelRange
 from prunert.errors import ArtifactError, ExportError, ModelSourceError, PrunertError
 from prunert.export.adapter import PREPROCESSOR_CONFIG, ExportAdapter
 from prunert.export.fused_decoder import build_fused_decoder
@@ -47,11 +47,13 @@ def load_export_adapter(source: ModelSource, dtype: str = "fp32") -> ExportAdapt
     return export_adapter_class(source.family)(source.path, dtype=dtype)
 
 
-def fit_budget(adapter: ExportAdapter, budget: BudgetConfig) -> None:
-    """The adapter's `fit_budget(budget)`: K checked against N (default), or the adapter adapts its preprocessing
-    to K where N varies per image. Export and parity both call it. A method that needs the tower's [CLS] token
-    (MethodSpec.needs_cls) on a tower without one (adapter.has_cls_token) is refused first, in one line."""
+def fit_budget(adapter: ExportAdapter, budget: BudgetConfig, pixels: PixelRange = PixelRange()) -> None:
+    """The adapter's `fit_pixel_range(pixels)` (export's --min-pixels / --max-pixels; parity: the manifest's record), then
+    its `fit_budget(budget)`: K checked against N (default), or the adapter adapts its preprocessing to K where N varies
+    per image. Export and parity both call it. A method that needs the tower's [CLS] token (MethodSpec.needs_cls) on a
+    tower without one (adapter.has_cls_token) is refused first, in one line."""
     pruning_ops.check_applies(budget.method, adapter.has_cls_token)
+    adapter.fit_pixel_range(pixels)
     adapter.fit_budget(budget)
 
 
@@ -62,7 +64,9 @@ def export_artifact(
     cfg: ExportConfig = ExportConfig(),
     overwrite: bool = False,
     log: Callable[[str], None] = print,
+    pixels: PixelRange = PixelRange(),
 ) -> Manifest:
+    """pixels: --min-pixels / --max-pixels (the adapter's fit_pixel_range takes or refuses them)."""
     out_dir = Path(out_dir)
     recover_swap(out_dir)  # a swap a kill cut short: the previous artifact is put back first
     if os.path.lexists(out_dir):
@@ -75,7 +79,7 @@ def export_artifact(
         + (f" ({source.note})" if source.note else ""))
     adapter = load_export_adapter(source, cfg.dtype)
     own_weights(adapter.model)  # held once, as the graphs read them: no transposed copy in the exporter, no file pages beside
-    fit_budget(adapter, budget)
+    fit_budget(adapter, budget, pixels)
     pruning_ops.method_params(budget)  # unknown method -> ConfigError before any work
     for name in ("tokenizer.json", "preprocessor_config.json"):
         if not (source.path / name).is_file():

@@ -67,14 +67,14 @@ def test_adapter_basics(adapter: QwenExportAdapter, model_dir: Path) -> None:
     assert [name for name, _, _ in specs] == list(adapter.vision_input_names)
     assert specs[0] == ("pixel_values", "float32", ("patches", 3 * 2 * 14 * 14))
     example = adapter.example_vision_inputs(2)
-    assert [tuple(t.shape) for t in example] == [(96, 1176), (96, 16), (96, 16), (96,), (24,)]  # 8 x 12 patches
+    assert [tuple(t.shape) for t in example] == [(96, 1176), (96, 16), (96, 16), (6, 16), (6, 16), (96,), (24,)]  # 8 x 12 patches, 6 windows
     info = adapter.text_info(model_dir)
     assert info["image_token"] == IMAGE_PAD and info["image_token_id"] == config.image_token_id
     assert info["bos_token_id"] is None and info["eos_token_ids"] == (config.text_config.eos_token_id,)
     assert info["prompt_template"] == QWEN_PROMPT_TEMPLATE
     family = adapter.family_config()
     assert family == {**host.family_config(json.loads((model_dir / "config.json").read_text())),
-                      "min_visual_tokens": 4, "max_visual_tokens": 113}
+                      "min_visual_tokens": 4, "max_visual_tokens": 113, "pixel_range": {"min_pixels": 4 * 784, "max_pixels": 64 * 784}}
     ids = adapter.hf_token_ids(QWEN_PROMPT_TEMPLATE.format(prompt=IMAGE_PLACEHOLDER + "Hi"), model_dir)
     assert ids.count(info["image_token_id"]) == 1  # one placeholder; the runtime splices the K tokens
     with pytest.raises(ConfigError, match="cls_attention"):
@@ -111,12 +111,12 @@ def test_graph_inputs_from_host_equal_hf_processor_converted(adapter: QwenExport
     for name in ref:
         assert ours[name].dtype == ref[name].numpy().dtype and ours[name].shape == tuple(ref[name].shape)
         assert np.abs(ours[name] - ref[name].numpy()).max() <= 1e-6, name
-    # the segment ids are the window mask: Equal over them is host.block_diagonal_mask of cu_window_seqlens
+    # the padded windows are HF's cu_window_seqlens: slot (w, j) of a real patch is row cu[w] + j
     meta = host.vision_metadata([[1, 12, 18]], adapter.family_config())
-    seg = ours["window_segments"]
-    assert np.array_equal(seg[:, None] == seg[None, :], meta["window_attention_mask"])
-    patches = len(seg)  # 216: O(P) int64 ids instead of an O(P^2) float32 additive mask
-    assert seg.nbytes == 8 * patches and host.additive_mask(meta["window_attention_mask"]).nbytes == 4 * patches**2
+    cu, mask = meta["cu_window_seqlens"], ours["window_mask"]
+    assert np.array_equal(mask.sum(1), np.diff(cu)) and np.array_equal(ours["window_gather"][mask == 1], np.arange(cu[-1]))
+    patches, (windows, width) = len(ours["window_slots"]), mask.shape  # 216 patches in 15 windows of <= 16
+    assert (patches, windows, width) == (216, 15, 16) and windows * width ** 2 < patches**2 / 10  # window-layer scores per head
 
 
 @pytest.mark.parametrize("name", ["astronaut.jpg", "chelsea.jpg", "coffee.jpg"])
@@ -263,10 +263,12 @@ def test_onnx_graphs_pass_check_trt(onnx_graphs: dict[str, Path]) -> None:
         assert check_trt(path, TrtCheckConfig()) == [], name
         assert not {"NonZero", "Loop", "If", "Scan", "SequenceConstruct"} & set(op_histogram(path)), name
     vision_ops = op_histogram(onnx_graphs["vision"])
-    assert "Split" not in vision_ops  # no cu_seqlens splits: one masked softmax per block
-    assert vision_ops["Softmax"] == 4 and vision_ops["Equal"] == 1 and vision_ops["Where"] == 1  # one mask, built once
+    assert "Split" not in vision_ops  # no cu_seqlens splits: windows padded, full layers one head at a time
+    assert vision_ops["Softmax"] == 2 + 2 * 4 and vision_ops["Equal"] == 1 and vision_ops["Where"] == 1  # one key mask, built once
     session = _session(onnx_graphs["vision"])
-    assert [i.shape for i in session.get_inputs()] == [["4*merged", 1176], ["4*merged", 16], ["4*merged", 16], ["4*merged"], ["merged"]]
+    layout = ["windows", "window_len"]
+    assert [i.shape for i in session.get_inputs()] == [["4*merged", 1176], ["4*merged", 16], ["4*merged", 16], layout, layout,
+                                                       ["4*merged"], ["merged"]]
     assert session.get_outputs()[0].shape == [1, "merged", 64]
     decoder = _session(onnx_graphs["decoder"])
     assert decoder.get_inputs()[2].shape == [3, "batch", "sequence"] and decoder.get_inputs()[3].shape == ["batch", 2, "past", 16]
@@ -283,6 +285,31 @@ def test_onnx_vision_matches_hf_on_real_images(adapter: QwenExportAdapter, model
         counts.append(ref.shape[0])
         assert ours.shape == (1, *ref.shape) and np.abs(ours[0] - ref).max() <= 1e-4
     assert counts == [64, 54, 4, 113]
+
+
+def test_onnx_vision_matches_hf_at_every_window_count(adapter: QwenExportAdapter, onnx_graphs) -> None:
+    """The graph exported from 6 full windows runs any layout of the range: windows cut at the right / bottom edge,
+    1 to 57 windows, window_len 8 and 16 (merged grids rows x cols, 2 x 2-token windows)."""
+    session = _session(onnx_graphs["vision"])
+    for rows, cols in [(1, 4), (2, 2), (3, 5), (5, 3), (7, 7), (1, 113), (9, 12), (2, 16)]:
+        grid = np.array([[1, 2 * rows, 2 * cols]])
+        pixels = np.random.default_rng(rows * cols).standard_normal((4 * rows * cols, adapter.patch_dim)).astype(np.float32)
+        feeds = qwen_export.graph_vision_inputs(pixels, grid, adapter.family_config())
+        ours = session.run(None, feeds)[0][0]
+        with torch.no_grad():
+            ref = adapter.visual(torch.from_numpy(pixels), grid_thw=torch.from_numpy(grid)).pooler_output.numpy()  # HF, per window
+        assert ours.shape == ref.shape and np.abs(ours - ref).max() <= 1e-4, (rows, cols)
+
+
+def test_onnx_window_layers_attend_per_window(onnx_graphs) -> None:
+    """Softmax inputs (ONNX shape inference): the two window layers' scores are [windows, heads, window_len, window_len];
+    the two full-attention layers run head after head, [1, 1, P, P] each (before: all four were [1, heads, P, P])."""
+    import onnx
+
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(onnx_graphs["vision"]), load_external_data=False))
+    shapes = {info.name: [d.dim_param or d.dim_value for d in info.type.tensor_type.shape.dim] for info in model.graph.value_info}
+    scores = sorted(str(shapes.get(node.input[0])) for node in model.graph.node if node.op_type == "Softmax")
+    assert scores == sorted([str([1, 1, "4*merged", "4*merged"])] * 8 + [str(["windows", 4, "window_len", "window_len"])] * 2), scores
 
 
 def test_onnx_decoder_matches_hf_generate(adapter: QwenExportAdapter, model_dir: Path, hf_run, onnx_graphs) -> None:

@@ -33,7 +33,8 @@ IMAGES = REPO / "examples" / "images"
 MODEL = "synthetic:qwen2.5-vl-tiny"
 BUDGET, N_MIN, N_MAX = 16, 16, 113
 PROMPT = IMAGE_PLACEHOLDER + "What is the cat doing?"
-PIXEL_STAGES = {f"pixels:{name}" for name in ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")}
+PIXEL_STAGES = {f"pixels:{name}" for name in ("pixel_values", "rotary_cos", "rotary_sin", "window_gather", "window_mask", "window_slots",
+                                               "reverse_index")}
 STAGES = {"source", *PIXEL_STAGES, "token ids", "visual tokens before pruning", "kept indices", "kept tokens", "prefill logits",
           "greedy tokens"}
 
@@ -74,14 +75,17 @@ def test_manifest_and_profiles_describe_the_one_image_graph(artifact: Path) -> N
     vision = manifest.graphs["vision"]
     assert [(t.name, t.shape) for t in vision.inputs] == [
         ("pixel_values", ("patches", 1176)), ("rotary_cos", ("patches", 16)), ("rotary_sin", ("patches", 16)),
-        ("window_segments", ("patches",)), ("reverse_index", ("merged",)), ("text_embeds", (1, "text", 64)), ("text_mask", (1, "text"))]
+        ("window_gather", ("windows", "window_len")), ("window_mask", ("windows", "window_len")), ("window_slots", ("patches",)),
+        ("reverse_index", ("merged",)), ("text_embeds", (1, "text", 64)), ("text_mask", (1, "text"))]
     assert [(t.name, t.shape) for t in vision.outputs] == [("visual_tokens", (1, BUDGET, 64)), ("kept_indices", (1, BUDGET))]
-    assert vision.dim_ranges == {"merged": (N_MIN, 64, N_MAX), "patches": (4 * N_MIN, 256, 4 * N_MAX)}
+    assert vision.dim_ranges == {"merged": (N_MIN, 64, N_MAX), "patches": (4 * N_MIN, 256, 4 * N_MAX), "windows": (1, 16, 57),
+                                 "window_len": (8, 16, 16)}
     assert manifest.graphs["decoder"].input("position_ids").shape == (3, "batch", "sequence")
     assert manifest.family_config["min_visual_tokens"] == N_MIN
     assert json.loads((artifact / "preprocessor_config.json").read_text())["min_pixels"] == BUDGET * 28 * 28  # raised from 4 tokens
     (profile,) = derive_profiles(manifest, "vision", EngineBuildConfig())
     assert profile.shapes["pixel_values"] == ((64, 1176), (256, 1176), (452, 1176)) and profile.shapes["reverse_index"] == ((16,), (64,), (113,))
+    assert profile.shapes["window_gather"] == profile.shapes["window_mask"] == ((1, 8), (16, 16), (57, 16))  # profiles over the window count
     context, generation = derive_profiles(manifest, "decoder", EngineBuildConfig())
     assert context.shapes["position_ids"][2] == (3, 8, manifest.text.max_sequence) and generation.shapes["position_ids"][0] == (3, 1, 1)
 
@@ -125,7 +129,8 @@ def test_dim_ranges_are_checked(artifact: Path, pipe: VLMPipeline, tmp_path: Pat
     text = (artifact / "manifest.json").read_text()
     assert text.count('"dim_ranges"') == 2  # the vision graph's and the fused decoder's cache; empty ones are not written
     feeds = pipe.artifact.host.vision_inputs([_noise(20, 20)], pipe.artifact.preprocessor_config)
-    small = {name: value[: len(value) // 2] for name, value in feeds.items() if name != "image_grid_thw"}  # 8 merged < 16
+    names = {t.name for t in pipe.vision.spec.inputs}  # the graph's inputs (the host also gives image_grid_thw, window_segments)
+    small = {name: value[: len(value) // 2] for name, value in feeds.items() if name in names}  # 8 merged < 16
     embeds, mask = np.zeros((1, 1, 64), np.float32), np.zeros((1, 1), np.int64)
     with pytest.raises(InputShapeError, match=r"input 'pixel_values'.*patches in 64\.\.452"):
         pipe.vision.infer({**small, "text_embeds": embeds, "text_mask": mask})

@@ -9,16 +9,19 @@ Design (the hooks its ExportAdapter and HostAdapter subclasses override)
 ------------------------------------------------------------------------
 * One image per vision-graph call. smart_resize gives every image its own patch count P = 4 N (N merged
   tokens), so the vision graph has no batch axis: pixel_values [P, 1176] (window order), rotary_cos/_sin
-  [P, head_dim], window_segments [P], reverse_index [N], text_embeds [1, text, D], text_mask [1, text] ->
-  visual_tokens [1, K, D], kept_indices [1, K] (raster indices of the merged grid). The window index,
-  rotary tables and segment ids are computed on the host (`host.graph_vision_inputs`). The runtime calls
-  the graph once per image (`one_image_per_vision_call`) and keeps each image's grid_thw for positions.
+  [P, head_dim], window_gather / window_mask [W, L], window_slots [P], reverse_index [N], text_embeds [1, text, D],
+  text_mask [1, text] -> visual_tokens [1, K, D], kept_indices [1, K] (raster indices of the merged grid). The window
+  index, rotary tables and padded-window layout are computed on the host (`host.graph_vision_inputs`). The runtime
+  calls the graph once per image (`one_image_per_vision_call`) and keeps each image's grid_thw for positions.
   Padding images to one P would need a validity mask through the selection; one call per image is how
-  Qwen's own runtimes batch too. Window attention is full [P, P] attention with an additive mask built
-  in the graph from window_segments: O(P) input but O(P^2) work and memory per window layer (HF's
-  eager path attends window by window). Fine up to a few thousand patches (the shaped preset's 2304:
-  [heads, P, P] fp32 scores ~340 MB); checkpoints at Qwen's default max_pixels (16384 patches) would
-  want a padded per-window layout instead (not done).
+  Qwen's own runtimes batch too.
+* Window attention in O(P * L) (`windows`): the window layers run on W padded windows of at most L patches
+  (L = 64 for Qwen2.5-VL's 112-pixel windows, 16 in the tiny preset), [W, heads, L, L] scores, gathered from and
+  back to the P patch rows by host-computed indices; the full-attention layers stay [P, P] attention, one head
+  after another (one head's [1, 1, P, P] scores live at a time: P = 16,384 fits where all heads' 17 GB would not).
+  New dims "windows" and "window_len" are bounded in the manifest (dim_ranges) for TensorRT profiles. Graphs
+  exported before (one [P, P] mask from window_segments [P]) still run: the host gives window_segments too.
+  Memory and time against the masked graph and HF eager: bench/bench_qwen_vision.py, docs/resolution.md.
 * The budget. K must not exceed the fewest merged tokens an image can give. `fit_budget` raises the
   preprocessor's min_pixels to K tokens' worth (K * 28^2 pixels), so an image that would give fewer tokens
   is upscaled, exactly as HF upscales images below min_pixels; the artifact's preprocessor_config.json

@@ -6,11 +6,14 @@ the LLM"). Inputs, in `vision_input_names` order (P = merge^2 * N patches, N mer
 
   pixel_values     float32 [P, C*T*p*p]  HF's patch rows permuted into WINDOW order (host.patch_permutation)
   rotary_cos/_sin  float32 [P, head_dim] 2-D vision rotary tables, window order (host.rotary_cos_sin)
-  window_segments  int64   [P]           window id of every patch (window order); the additive window mask
-                                         [P, P] is built in-graph by Equal + Where (O(P) input, not O(P^2))
+  window_gather    int64   [W, L]        the padded windows of the window layers (windows.window_layout): W windows
+  window_mask      int64   [W, L]        of at most L patches, each slot's patch row and whether it is one (1) or
+  window_slots     int64   [P]           padding (0); each patch's slot in the flattened [W * L] layout
   reverse_index    int64   [N]           argsort(window_index): merger outputs -> raster order of the merged grid
 
-Full-attention blocks attend over all P patches: one still image is one segment, so they need no mask.
+Window blocks attend per window ([W, heads, L, L] scores: O(P * L), L = 64 patches for Qwen2.5-VL), full-attention
+blocks over all P patches one head after another ([1, 1, P, P] scores live at a time): one still image is one
+segment, so they need no mask.
 Batching is one call per image (no batch axis, no padding): images of a batch have different P, and
 padding would need a validity mask through the selection graph. Output: tokens [1, N, D] in raster order.
 
@@ -38,12 +41,13 @@ from torch.export import Dim
 from prunert.adapters.hf_loading import HFTextParts, load_hf_model
 from prunert.export.fused_decoder import RopeSpec
 from prunert.adapters.qwen2_5_vl import IMAGE_PAD, IMAGE_PLACEHOLDER, QWEN_PROMPT_TEMPLATE, host
-from prunert.config import BudgetConfig
+from prunert.adapters.qwen2_5_vl.windows import WINDOW_INPUT_NAMES, window_dim_ranges
+from prunert.config import BudgetConfig, PixelRange
 from prunert.errors import ConfigError, ImageError, ModelSourceError
 from prunert.export.adapter import ExportAdapter
 from prunert.export.graphs import DecoderGraph
 
-VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")
+VISION_INPUT_NAMES = ("pixel_values", "rotary_cos", "rotary_sin", *WINDOW_INPUT_NAMES, "reverse_index")
 EXAMPLE_GRID = (1, 8, 12)  # export example: 4 x 6 merged tokens, windows cut at the grid edge
 
 
@@ -90,7 +94,8 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         self.preprocess = host.QwenPreprocessConfig.from_hf_dict(_read_json(model_dir / "preprocessor_config.json"))
         if (self.preprocess.patch_size, self.preprocess.merge_size) != (vision.patch_size, self.merge):
             raise ModelSourceError(f"--model '{model_dir}': preprocessor patch/merge size differ from the vision config")
-        self.checkpoint_preprocess = self.preprocess
+        self.checkpoint_preprocess = self.preprocess  # the checkpoint's own
+        self.base_preprocess = self.preprocess  # its pixel range or export's --min/--max-pixels (fit_pixel_range)
         self._min_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
         self.num_visual_tokens = self.max_visual_tokens  # N varies per image; this is the largest
 
@@ -100,6 +105,28 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         return self._min_tokens
 
     # --- budget -------------------------------------------------------------------------------
+    def fit_pixel_range(self, pixels: PixelRange) -> None:
+        """`export --min-pixels / --max-pixels`: smart_resize's pixel range in place of the checkpoint's (None keeps
+        the checkpoint's value), before fit_budget raises min_pixels to K tokens. Both must allow one merged token
+        (factor^2 pixels); the range is recorded in family_config ("pixel_range") and preprocessor_config.json."""
+        own, unit = self.checkpoint_preprocess, self.checkpoint_preprocess.factor**2
+        low = own.min_pixels if pixels.min_pixels is None else pixels.min_pixels
+        high = own.max_pixels if pixels.max_pixels is None else pixels.max_pixels
+        if high < unit:
+            raise ConfigError(f"--max-pixels: got {high}, expected >= {unit} (one merged token, {own.factor} x {own.factor} pixels)")
+        if low > high:
+            which = "--min-pixels" if pixels.min_pixels is not None else "the checkpoint's min_pixels"
+            bound = "--max-pixels" if pixels.max_pixels is not None else "the checkpoint's max_pixels"
+            raise ConfigError(f"{which}: got {low}, expected <= {bound} {high}")
+        self.base_preprocess = replace(own, min_pixels=low, max_pixels=high)
+        self.preprocess = self.base_preprocess
+        self._min_tokens, self.max_visual_tokens = visual_token_range(self.preprocess)
+        self.num_visual_tokens = self.max_visual_tokens
+
+    def exported_pixel_range(self, family_config: dict[str, Any]) -> PixelRange:
+        """The range fit_pixel_range recorded (artifacts exported before it: the checkpoint's own)."""
+        return PixelRange(**family_config.get("pixel_range", {}))
+
     def fit_budget(self, budget: BudgetConfig) -> None:
         """N varies per image (smart_resize), so K must not exceed the fewest merged tokens any image gives.
         min_pixels is raised to K merged tokens' worth (K * factor^2 pixels): an image that would give fewer
@@ -109,7 +136,7 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         give fewer tokens: a K above that floor is refused. Called at export and, with the manifest's budget,
         at parity. The unpruned baseline (--method none, K = the largest N) keeps every image's own N tokens
         (outputs [1, merged, D]) and leaves the pixel range as it is."""
-        base = self.checkpoint_preprocess
+        base = self.base_preprocess
         low, high = visual_token_range(base)
         if budget.keeps_all:  # every image keeps its own N: the K dim of the outputs is "merged"
             if budget.budget != high:
@@ -134,28 +161,32 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
 
     # --- vision -------------------------------------------------------------------------------
     def vision_features(self, pixel_values: torch.Tensor, rotary_cos: torch.Tensor, rotary_sin: torch.Tensor,
-                        window_segments: torch.Tensor, reverse_index: torch.Tensor,
-                        extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
+                        window_gather: torch.Tensor, window_mask: torch.Tensor, window_slots: torch.Tensor,
+                        reverse_index: torch.Tensor, extras: tuple[str, ...] = ()) -> dict[str, torch.Tensor]:
         """One image's host inputs -> {"tokens" [1, N, D]} in raster order of the merged grid, equal to
-        HF's visual(...).pooler_output. Blocks, patch embedding and merger are the model's own; only the
-        cu_seqlens splits become an additive mask (one softmax over [P, P] per head)."""
+        HF's visual(...).pooler_output. Blocks, patch embedding and merger are the model's own; HF's cu_seqlens
+        splits become padded windows in the window layers ([W, heads, L, L] scores, W windows of at most L
+        patches: windows.window_layout) and one softmax over [P, P] per head, head after head, in the full-attention
+        layers."""
         if extras:
             raise ConfigError(f"qwen2.5-vl: selection inputs {list(extras)} are not available (no [CLS] token); "
                               "use a method that needs only the tokens (resprune, divprune, cdpruner, uniform, random, none)")
-        from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision, eager_attention_forward
-
         visual = self.visual
         x = visual.patch_embed(pixel_values)  # [P, Dv], window order (patch embedding is per row)
-        same = window_segments[:, None] == window_segments[None, :]  # [P, P]
-        window_bias = torch.where(same, 0.0, torch.finfo(x.dtype).min).to(x.dtype)[None, None]  # [1, 1, P, P]
+        windows, width = window_gather.shape  # W, L (symbolic)
+        rows = window_gather.reshape(-1)  # [W * L] patch row of every slot
+        window_cos, window_sin = rotary_cos.index_select(0, rows), rotary_sin.index_select(0, rows)  # [W * L, hd], once
+        pad = (window_mask == 0)[:, None, None, :]  # [W, 1, 1, L]: padding slots are no key
+        window_bias = torch.where(pad, torch.finfo(x.dtype).min, 0.0).to(x.dtype)  # [W, 1, 1, L]
         for layer, block in enumerate(visual.blocks):
-            attn, length = block.attn, x.shape[0]
-            q, k, v = attn.qkv(block.norm1(x)).reshape(length, 3, attn.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
-            q, k = apply_rotary_pos_emb_vision(q, k, rotary_cos, rotary_sin)
-            q, k, v = (t.transpose(0, 1)[None] for t in (q, k, v))  # [1, heads, P, head_dim]
-            bias = None if layer in self.full_attention else window_bias
-            out, _ = eager_attention_forward(attn, q, k, v, bias, scaling=attn.scaling)  # [1, P, heads, head_dim]
-            x = x + attn.proj(out.reshape(length, -1))
+            attn = block.attn
+            qkv = attn.qkv(block.norm1(x))  # [P, 3 Dv]
+            if layer in self.full_attention:  # one still image: one segment over all P patches, one head at a time
+                out = _attention(attn, qkv, rotary_cos, rotary_sin, (1, qkv.shape[0]), None, per_head=True)  # [P, Dv]
+            else:  # per window: slots gathered, attention in [W, heads, L, L], each patch's slot gathered back
+                slots = _attention(attn, qkv.index_select(0, rows), window_cos, window_sin, (windows, width), window_bias)  # [W * L, Dv]
+                out = slots.index_select(0, window_slots)  # [P, Dv]
+            x = x + attn.proj(out)
             x = x + block.mlp(block.norm2(x))
         merged = visual.merger(x)  # [N, D], window order
         return {"tokens": merged.index_select(0, reverse_index)[None]}  # [1, N, D], raster order
@@ -181,23 +212,30 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         return tuple(torch.from_numpy(inputs[name]) for name in self.vision_input_names)
 
     def vision_dynamic_shapes(self, batch_dim: Any = None) -> tuple[dict[int, Any], ...]:
-        """P = merge^2 * N is declared as a derived dim of N (the merger reshapes P rows into N)."""
+        """P = merge^2 * N is declared as a derived dim of N (the merger reshapes P rows into N); the window layout's
+        windows and window_len are dims of their own (vision_dim_ranges bounds them)."""
+        ranges = self.vision_dim_ranges()
         merged = Dim("merged", min=self.min_visual_tokens, max=self.max_visual_tokens)
         patches = self.merge**2 * merged
-        return ({0: patches}, {0: patches}, {0: patches}, {0: patches}, {0: merged})
+        layout = {0: Dim("windows", min=ranges["windows"][0], max=ranges["windows"][2]),
+                  1: Dim("window_len", min=ranges["window_len"][0], max=ranges["window_len"][2])}
+        return ({0: patches}, {0: patches}, {0: patches}, layout, dict(layout), {0: patches}, {0: merged})
 
     def vision_input_specs(self) -> list[tuple[str, str, tuple]]:
-        hd = self.vision_head_dim
+        hd, layout = self.vision_head_dim, ("windows", "window_len")
         return [("pixel_values", "float32", ("patches", self.patch_dim)), ("rotary_cos", "float32", ("patches", hd)),
-                ("rotary_sin", "float32", ("patches", hd)), ("window_segments", "int64", ("patches",)),
-                ("reverse_index", "int64", ("merged",))]
+                ("rotary_sin", "float32", ("patches", hd)), ("window_gather", "int64", layout), ("window_mask", "int64", layout),
+                ("window_slots", "int64", ("patches",)), ("reverse_index", "int64", ("merged",))]
 
     def vision_dim_ranges(self) -> dict[str, tuple[int, int, int]]:
-        """(min, opt, max) of the symbolic dims: merged tokens, and patches = merge^2 * merged (opt: an image at
-        max_pixels). Recorded in the manifest; TensorRT profiles use them."""
+        """(min, opt, max) of the symbolic dims: merged tokens, patches = merge^2 * merged (opt: an image at
+        max_pixels), and the padded windows' count and length (windows.window_dim_ranges). Recorded in the manifest;
+        TensorRT profiles use them."""
         low, high, unit = self.min_visual_tokens, self.max_visual_tokens, self.merge**2
         opt = min(high, max(low, self.preprocess.max_pixels // self.preprocess.factor**2))
-        return {"merged": (low, opt, high), "patches": (unit * low, unit * opt, unit * high)}
+        side = self._family["window_size"] // self.merge // self._family["patch_size"]  # merged tokens per window side
+        return {"merged": (low, opt, high), "patches": (unit * low, unit * opt, unit * high),
+                **window_dim_ranges(low, opt, high, side, unit)}
 
     def decoder_module(self) -> torch.nn.Module:
         return QwenDecoderGraph(self)
@@ -229,7 +267,10 @@ class QwenExportAdapter(HFTextParts, ExportAdapter):
         }
 
     def family_config(self) -> dict[str, Any]:
-        return {**self._family, "min_visual_tokens": self.min_visual_tokens, "max_visual_tokens": self.max_visual_tokens}
+        """The host's settings, the visual-token range, and the pixel range before fit_budget's raise (exported_pixel_range)."""
+        pixels = {"min_pixels": self.base_preprocess.min_pixels, "max_pixels": self.base_preprocess.max_pixels}
+        return {**self._family, "min_visual_tokens": self.min_visual_tokens, "max_visual_tokens": self.max_visual_tokens,
+                "pixel_range": pixels}
 
     # --- the Hugging Face reference path, for parity ----------------------------------------------
     def hf_image_inputs(self, images: list[Any], model_dir: Path) -> dict[str, torch.Tensor]:
@@ -298,8 +339,9 @@ class QwenVisionGraph(torch.nn.Module):
         self.adapter = adapter
         self.visual = adapter.visual  # registered so export sees the parameters
 
-    def forward(self, pixel_values, rotary_cos, rotary_sin, window_segments, reverse_index):
-        return self.adapter.vision_features(pixel_values, rotary_cos, rotary_sin, window_segments, reverse_index)["tokens"]
+    def forward(self, pixel_values, rotary_cos, rotary_sin, window_gather, window_mask, window_slots, reverse_index):
+        inputs = (pixel_values, rotary_cos, rotary_sin, window_gather, window_mask, window_slots, reverse_index)
+        return self.adapter.vision_features(*inputs)["tokens"]  # [1, N, D]
 
 
 class QwenDecoderGraph(DecoderGraph):

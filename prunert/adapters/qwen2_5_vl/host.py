@@ -2,8 +2,9 @@
 
 Everything data-dependent stays here, outside the engines (deploy-facts: "How others stitch vision to
 the LLM"): the vision graph takes the window permutation of the patches, its inverse, the rotary cos/sin
-tables and the window segment ids as inputs (`graph_vision_inputs`); the decoder takes 3-D M-RoPE
-position ids [3, B, L] (prunert.adapters.qwen2_5_vl.mrope, re-exported here).
+tables and the padded-window layout of the window layers (prunert.adapters.qwen2_5_vl.windows) as inputs
+(`graph_vision_inputs`); the decoder takes 3-D M-RoPE position ids [3, B, L] (prunert.adapters.qwen2_5_vl.mrope,
+re-exported here).
 
 Each function mirrors one piece of transformers 5.23 and is tested equal to it:
   vision_inputs / preprocess_image  Qwen2VLImageProcessorPil (smart_resize, Pillow resize, patchify)
@@ -35,6 +36,7 @@ from PIL import Image
 from prunert.adapters.qwen2_5_vl.mrope import (  # noqa: F401  (re-exported: host.rope_index, ...)
     _grids, decode_position_ids, grid_positions, pruned_rope_index, rope_deltas, rope_index, sequence_positions,
 )
+from prunert.adapters.qwen2_5_vl.windows import window_layout
 from prunert.adapters.llava.host import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, PIL_RESAMPLE_CODES
 from prunert.errors import ConfigError, ImageError
 from prunert.runtime.host import HostAdapter, SpliceLayout
@@ -305,7 +307,8 @@ def vision_metadata(grid_thw: Any, fc: Mapping[str, Any], masks: bool = True) ->
 # ------------------------------------------------------------------------------- vision-graph inputs
 def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """ONE image's HF-order patch rows [P, C*T*p*p] and grid [1, 3] -> the vision graph's inputs, window order:
-    pixel_values [P, C*T*p*p], rotary_cos/_sin [P, head_dim], window_segments [P] int64, reverse_index [N] int64."""
+    pixel_values [P, C*T*p*p], rotary_cos/_sin [P, head_dim], the padded-window layout (windows.window_layout:
+    window_gather / window_mask [windows, window_len], window_slots [P], int64), reverse_index [N] int64."""
     grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
     if len(grid) != 1 or grid[0, 0] != 1:
         raise ImageError(f"qwen2.5-vl vision graph: one still image per call, got grid_thw {grid.tolist()}")
@@ -316,9 +319,18 @@ def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: Mapping[str
         "pixel_values": np.ascontiguousarray(np.asarray(pixel_values, np.float32)[patch_permutation(widx, merge)]),
         "rotary_cos": cos,
         "rotary_sin": sin,
-        "window_segments": segment_ids(cu_window).astype(np.int64),
+        **window_layout(cu_window),
         "reverse_index": reverse_index(widx),
     }
+
+
+def masked_window_inputs(grid_thw: Any, fc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+    """{"window_segments" int64 [P]}: the window id of every patch (window order), the input of the vision graphs
+    exported before the padded windows (one [P, P] mask over the image); the host still gives it, so those artifacts
+    keep running (the runtime feeds a graph only the inputs its manifest declares)."""
+    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
+    _, cu_window = window_index(grid, fc["spatial_merge_size"], fc["window_size"], fc["patch_size"])
+    return {"window_segments": segment_ids(cu_window).astype(np.int64)}
 
 
 class QwenHostAdapter(HostAdapter):
@@ -335,7 +347,7 @@ class QwenHostAdapter(HostAdapter):
             raise ImageError(f"qwen2.5-vl vision_inputs: one image per vision-graph call, got {len(images)}")
         out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
         return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], self.family_config),
-                "image_grid_thw": out["image_grid_thw"]}
+                **masked_window_inputs(out["image_grid_thw"], self.family_config), "image_grid_thw": out["image_grid_thw"]}
 
     def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray], num_images: int) -> np.ndarray:
         """The image's own N (merged tokens), int64 [1]."""
