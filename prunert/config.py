@@ -39,8 +39,12 @@ EPSILON_FLOORS = ("affine", "clip")  # ResPruneConfig.epsilon_floor
 # ResPrune's and CDPruner's greedy form (--gram-max-n; prunert.pruning_ops.common.uses_gram): while the largest N
 # the vision graph accepts is <= this, the greedy reads rows of the N x N Gram (kernel) matrix built once,
 # O(N^2 d); above it, each of the K steps computes the picked token's row from the features, O(K N d) in all.
-# MEASURED, not guessed: bench/bench_selection.py (bench/results/selection.json; docs/resolution.md "Selection at
-# large N"), ONNX Runtime CPU, 1 thread, K = 64, d = 4096: PROVISIONAL, replaced by the measured crossover.
+# Measured (bench/bench_selection.py -> bench/results/selection.json; docs/resolution.md "Selection at large N"; ORT
+# CPU, 1 thread, K = 64, d = 4096, median of 5 interleaved rounds): rows / Gram time, ResPrune | CDPruner, was
+# 1.26 | 1.29 at N = 128 and 1.17 | 1.06 at 256 (Gram faster), 0.72 .. 1.24 alternating over 384 .. 1024 (within
+# the run's noise: probe max/min 1.57), and below 1 from 1536 on in every cell (0.79 | 0.78 at 1536, 0.23 | 0.26 at
+# 4096). 1024 = the largest N at which the Gram form measured faster, for both methods (the report's
+# "largest_gram_faster"). Not measured on a GPU, where the Gram matmul is cheap: there, measure and pass --gram-max-n.
 GRAM_MAX_N = 1024
 
 
