@@ -18,7 +18,8 @@ from typing import Any, Sequence
 
 import torch
 
-from prunert.config import BudgetConfig
+from prunert.config import BudgetConfig, PixelRange
+from prunert.errors import ConfigError
 from prunert.export.fused_decoder import RopeSpec
 from prunert.export.graphs import DecoderGraph, Selection
 

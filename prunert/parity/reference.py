@@ -79,7 +79,8 @@ def run_parity(
     source = resolve_source(model or manifest.source.model)
     adapter = load_export_adapter(source)
     budget = pruning_ops.config_from_params(manifest.budget.method, manifest.budget.params, manifest.budget.budget)
-    fit_budget(adapter, budget)  # the adapter's preprocessing as at export (Qwen2.5-VL: min_pixels raised to K)
+    pixels = adapter.exported_pixel_range(manifest.family_config)  # export's --min/--max-pixels (default: the checkpoint's)
+    fit_budget(adapter, budget, pixels)  # the adapter's preprocessing as at export (Qwen2.5-VL: min_pixels raised to K)
     report = ParityReport(str(artifact_dir), source.label, source.synthetic, backend, precision.label, asdict(tolerances),
                           ", ".join(str(path) for path in paths), prompt, note=source.note, runtime=runtime.record())
     tol = tolerances

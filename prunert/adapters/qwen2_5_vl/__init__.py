@@ -47,8 +47,11 @@ Design (the hooks its ExportAdapter and HostAdapter subclasses override)
   the prefill and greedy references run HF's model with HF's own positions of the pruned prompt
   (get_rope_index on the unpruned prompt, columns of the pruned tokens dropped: `hf_position_ids`), the
   greedy one as a loop over HF's forward with its KV cache (generate recomputes M-RoPE from input ids).
-* TensorRT profiles: the manifest records (min, opt, max) of "merged" and "patches" (= 4 merged) in the
-  vision graph's dim_ranges; prunert.engines.profiles uses them in place of a batch range.
+* TensorRT profiles: the manifest records (min, opt, max) of "merged", "patches" (= 4 merged), "windows" and
+  "window_len" in the vision graph's dim_ranges; prunert.engines.profiles uses them in place of a batch range.
+* Budget control: `export --min-pixels / --max-pixels` set smart_resize's range (fit_pixel_range; recorded in
+  family_config["pixel_range"] and preprocessor_config.json, re-applied by parity); `prunert inspect A --image x.jpg`
+  prints an image's visual tokens before and after pruning.
 
 Precisions: fp16 (`convert`) and int8 (`calibrate`) variants pass parity at their bars on the tiny preset
 (tests/parity/test_parity_qwen2_5_vl.py); TensorRT engines over the P profiles are untested on a GPU.

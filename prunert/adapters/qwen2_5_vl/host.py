@@ -342,7 +342,8 @@ class QwenHostAdapter(HostAdapter):
 
     def vision_inputs(self, images: Sequence[Any], preprocessor_config: Mapping[str, Any]) -> dict[str, np.ndarray]:
         """ONE PIL image -> the vision graph's inputs (graph_vision_inputs) plus "image_grid_thw" int64 [1, 3]
-        (not a graph input: the host's own, for the M-RoPE positions of the spliced sequence)."""
+        (not a graph input: the host's own, for the M-RoPE positions of the spliced sequence) and the older graphs'
+        "window_segments" (masked_window_inputs)."""
         if len(images) != 1:
             raise ImageError(f"qwen2.5-vl vision_inputs: one image per vision-graph call, got {len(images)}")
         out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
