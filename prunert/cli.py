@@ -476,7 +476,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the raw manifest")
     p.add_argument("--no-verify", action="store_true", help="skip sha256 verification")
     p.add_argument("--image", action="append", help="instead of the manifest: how many visual tokens this image gives before and after "
-                   "pruning, through the artifact's own preprocessing (repeat for several; with --json, a JSON object)")
+                   "pruning, through the artifact's own preprocessing (repeat for several; with --json, a JSON object; default: none, "
+                   "the manifest is shown)")
     p.set_defaults(func=_inspect)
 
     p = sub.add_parser("check-trt", help="report what TensorRT's ONNX parser would reject in a graph (CPU only, no TensorRT needed)")
