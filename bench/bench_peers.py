@@ -214,7 +214,7 @@ def measure(open_peer, keys: list[tuple[str, str]], prompts: dict, args: argpars
     (the previous round's freed first), and warms each up once at the largest context: in one process a session opened
     later measured 3-6% faster per decode step than one opened earlier on the same graph (four sessions of the int4
     decoder, 2 threads, three runs), so opening order alternates with the timing order. -> runs, noise probes, and
-    what each peer runs (graph facts, from its first opening)."""
+    what each peer runs (its graph(), from its first opening)."""
     largest, graphs = prompts[max(prompts)], {}
     runs, probes = [], [speed_probe()]
     for round_ in range(args.rounds):
@@ -223,8 +223,9 @@ def measure(open_peer, keys: list[tuple[str, str]], prompts: dict, args: argpars
             peers: dict = {}
             gc.collect()  # the last precision's sessions are gone before these open
             for name in (n for n in order if (n, precision) in keys):
-                peers[name], facts = open_peer(name, precision)
-                graphs.setdefault(f"{name} {precision}", facts)
+                peers[name] = open_peer(name, precision)
+                if f"{name} {precision}" not in graphs:  # the same files every round: read once
+                    graphs[f"{name} {precision}"] = peers[name].graph()
                 time_one(peers[name], largest, 2)
             for context, ids in prompts.items():
                 for name, peer in peers.items():
@@ -321,17 +322,15 @@ def genai_builds(args: argparse.Namespace, checkpoint: Path, int4: Int4Settings)
 
 
 def peer_opener(args: argparse.Namespace, artifact: Path, builds: dict, runtime):
-    """(peer, precision) -> (a freshly opened peer, what it runs: graph file, nodes, session settings)."""
+    """(peer, precision) -> a freshly opened peer (PrunertPeer or GenaiPeer; graph() says what it runs)."""
     from prunert.manifest import load_manifest
 
     capacity = load_manifest(artifact, verify_hashes=False).text.max_sequence  # ORT-genai's KV capacity = prunert's
 
     def open_peer(name: str, precision: str):
         if name == "ort-genai":
-            genai = GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
-            return genai, {"nodes": genai.graph_nodes(), "session_options": genai.session_options, "max_length": capacity}
-        peer = PrunertPeer(artifact, precision, runtime)
-        return peer, peer.graph()
+            return GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
+        return PrunertPeer(artifact, precision, runtime)
 
     return open_peer
 

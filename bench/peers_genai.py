@@ -137,11 +137,13 @@ class GenaiPeer:
         self.model = og.Model(config)
         self.generator = None
 
-    def graph_nodes(self) -> int:
+    def graph(self) -> dict:
+        """What this peer runs: its graph's node count, session options and KV capacity."""
         import onnx
 
         name = json.loads((self.model_dir / "genai_config.json").read_text())["model"]["decoder"]["filename"]
-        return len(onnx.load(str(self.model_dir / name), load_external_data=False).graph.node)
+        nodes = len(onnx.load(str(self.model_dir / name), load_external_data=False).graph.node)
+        return {"nodes": nodes, "session_options": self.session_options, "max_length": self.max_length}
 
     def prefill(self, ids: np.ndarray) -> float:
         """A fresh Generator (its buffers allocated outside the timing), then the prompt's ids [L] run through it."""

@@ -169,8 +169,9 @@ def _siblings(targets: list[MatMulTarget]) -> dict[int, tuple[MatMulTarget, ...]
     order), or () for a later member. Only groups of two or more.
 
     A decode step runs each weight-only matmul as its own parallel section: one MatMulNBits over [K, N1 + N2] and a
-    Split of its [.., N1 + N2] output measured 3-5% faster per int4 step than two MatMulNBits (llava-1.5-shaped
-    decoder, gate/up, 2 threads, contexts 104-1400), and ~1% slower for a 1500-token prefill (the Split's copy)."""
+    Split of its [.., N1 + N2] output measured ~2% faster per int4 step than two MatMulNBits (llava-1.5-shaped
+    decoder, gate/up, 2 threads, context 104, 0.6% and 3.6% with either session opened first), and ~1% slower for a
+    1500-token prefill (the Split's copy)."""
     groups: dict[tuple, list[MatMulTarget]] = {}
     for target in sorted(targets, key=lambda t: t.node):
         groups.setdefault((target.activation, target.shape[0], target.dtype), []).append(target)
