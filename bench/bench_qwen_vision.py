@@ -91,11 +91,11 @@ def masked_graph(adapter):
     return MaskedVisionGraph()
 
 
-def masked_inputs(new_inputs: dict, grid: np.ndarray, family: dict) -> dict:
+def masked_inputs(new_inputs: dict) -> dict:
     from prunert.adapters.qwen2_5_vl import host
 
     kept = {name: new_inputs[name] for name in ("pixel_values", "rotary_cos", "rotary_sin")}
-    return {**kept, **host.masked_window_inputs(grid, family), "reverse_index": new_inputs["reverse_index"]}
+    return {**kept, **host.masked_window_inputs(new_inputs), "reverse_index": new_inputs["reverse_index"]}
 
 
 # ---- children ---------------------------------------------------------------------------------------------------------
@@ -121,9 +121,8 @@ def export_child(variant: str, checkpoint: Path, max_tokens: int, out: Path) -> 
     module = qwen.QwenVisionGraph(adapter).eval()
     if variant == "masked":
         module = masked_graph(adapter).eval()
-        grid = np.array([adapter.example_grid()])
         example = {name: value.numpy() for name, value in zip(adapter.vision_input_names, args)}
-        args = tuple(torch.from_numpy(v) for v in masked_inputs(example, grid, adapter.family_config()).values())
+        args = tuple(torch.from_numpy(v) for v in masked_inputs(example).values())
         merged = Dim("merged", min=adapter.min_visual_tokens, max=adapter.max_visual_tokens)
         dynamic = ({0: UNIT * merged},) * 4 + ({0: merged},)
         inputs = [(name, "", ()) for name in ("pixel_values", "rotary_cos", "rotary_sin", "window_segments", "reverse_index")]
@@ -204,7 +203,7 @@ def measure_child(variant: str, checkpoint: Path, graph: str, sizes: list[int], 
 
     def inputs(patches: int):
         pixels, grid, feeds = _inputs(patches, family)
-        return pixels, grid, masked_inputs(feeds, grid, family) if variant == "masked" else feeds
+        return pixels, grid, masked_inputs(feeds) if variant == "masked" else feeds
 
     call(*inputs(min(sizes)))  # warm-up: kernels, thread pools
     records = []

@@ -324,13 +324,12 @@ def graph_vision_inputs(pixel_values: np.ndarray, grid_thw: Any, fc: Mapping[str
     }
 
 
-def masked_window_inputs(grid_thw: Any, fc: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def masked_window_inputs(layout: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """{"window_segments" int64 [P]}: the window id of every patch (window order), the input of the vision graphs
     exported before the padded windows (one [P, P] mask over the image); the host still gives it, so those artifacts
-    keep running (the runtime feeds a graph only the inputs its manifest declares)."""
-    grid = np.asarray(grid_thw, np.int64).reshape(-1, 3)
-    _, cu_window = window_index(grid, fc["spatial_merge_size"], fc["window_size"], fc["patch_size"])
-    return {"window_segments": segment_ids(cu_window).astype(np.int64)}
+    keep running (the runtime feeds a graph only the inputs its manifest declares). Read off the padded layout
+    (graph_vision_inputs): patch p sits in slot w * window_len + j of window w."""
+    return {"window_segments": layout["window_slots"] // layout["window_gather"].shape[1]}
 
 
 class QwenHostAdapter(HostAdapter):
@@ -347,8 +346,8 @@ class QwenHostAdapter(HostAdapter):
         if len(images) != 1:
             raise ImageError(f"qwen2.5-vl vision_inputs: one image per vision-graph call, got {len(images)}")
         out = vision_inputs(images, preprocessor_config)  # HF layout: pixel_values [P, C*T*p*p], image_grid_thw [1, 3]
-        return {**graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], self.family_config),
-                **masked_window_inputs(out["image_grid_thw"], self.family_config), "image_grid_thw": out["image_grid_thw"]}
+        inputs = graph_vision_inputs(out["pixel_values"], out["image_grid_thw"], self.family_config)
+        return {**inputs, **masked_window_inputs(inputs), "image_grid_thw": out["image_grid_thw"]}
 
     def visual_token_counts(self, vision_inputs: Mapping[str, np.ndarray], num_images: int) -> np.ndarray:
         """The image's own N (merged tokens), int64 [1]."""
