@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_vlm import artifact_matches, export_record, log, machine, peak_rss_mb, speed_probe, versions  # noqa: E402
 from peers_floor import bandwidth_probe, bytes_per_step  # noqa: E402
 from peers_genai import GenaiPeer, Int4Settings, build_genai, extract_llama, genai_version, settings_key  # noqa: E402
+from prunert.runtime.huge_pages import thp_mode  # noqa: E402
 
 PEERS = ("prunert", "ort-genai")
 STATEMENT = "weights are synthetic (seeded random): only speed is measured, not accuracy"
@@ -52,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds; even balances the order (default: %(default)s)")
     p.add_argument("--threads", type=int, required=True, help="intra-op threads of both peers' sessions (e.g. 2)")
     p.add_argument("--spin", action="store_true", help="let both peers' ONNX Runtime threads spin (default: off, as prunert's)")
+    p.add_argument("--no-huge-pages", action="store_true",
+                   help="prunert's sessions without transparent huge pages (its `--no-huge-pages`; default: on, as prunert's)")
     p.add_argument("--block-size", type=int, default=Int4Settings.block_size, help="int4 block size (default: %(default)s)")
     p.add_argument("--probe-gib", type=float, default=1.0, help="array size of the bandwidth probe, GiB (default: %(default)s)")
     p.add_argument("--prepare-only", action="store_true", help="export / quantize / build what the run needs, then stop")
@@ -168,7 +171,8 @@ class PrunertPeer:
         options = self.runner.session.get_session_options()
         return {"file": spec.file, "nodes": nodes, "kv_cache": spec.kv_cache, "session": type(self.session).__name__,
                 "intra_op_num_threads": options.intra_op_num_threads,
-                "allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning")}
+                "allow_spinning": options.get_session_config_entry("session.intra_op.allow_spinning"),
+                "huge_page_bytes": self.runner.huge_page_bytes, "thp": thp_mode()}
 
     def prefill(self, ids: np.ndarray) -> float:
         from prunert.runtime.host import SpliceLayout
@@ -365,7 +369,7 @@ def main(argv=None) -> int:
     checkpoint = resolve_source(f"synthetic:{args.preset}").path
     text_config = json.loads((checkpoint / "config.json").read_text())["text_config"]
     artifact, export = prunert_artifact(args, checkpoint, args.contexts[-1] + args.steps + 3)  # + warm-up, decode step 0
-    runtime = RuntimeConfig(threads=args.threads, spinning=args.spin)
+    runtime = RuntimeConfig(threads=args.threads, spinning=args.spin, huge_pages=not args.no_huge_pages)
     unavailable, prunert_int4 = {}, {}
     if "int4" in args.precisions:
         reason, prunert_int4 = int4_variant(artifact, args.block_size)

@@ -360,13 +360,15 @@ def _add_backend_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads of every ONNX Runtime session (default 0: its own choice)")
     parser.add_argument("--spin", action="store_true",
                         help="let ONNX Runtime's idle threads spin (busy-wait) between ops; off by default, which suits a shared machine")
+    parser.add_argument("--no-huge-pages", action="store_true",
+                        help="do not back CPU sessions' weights and the KV cache with transparent huge pages (Linux; on by default)")
 
 
 def runtime_config(args: argparse.Namespace):
-    """The RuntimeConfig of _add_backend_flags' --threads / --spin."""
+    """The RuntimeConfig of _add_backend_flags' --threads / --spin / --no-huge-pages."""
     from prunert.config import RuntimeConfig
 
-    return RuntimeConfig(threads=args.threads, spinning=args.spin)
+    return RuntimeConfig(threads=args.threads, spinning=args.spin, huge_pages=not args.no_huge_pages)
 
 
 def build_parser() -> argparse.ArgumentParser:

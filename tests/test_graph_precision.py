@@ -168,7 +168,7 @@ def test_parity_mixed_precision_applies_each_stages_bars(prunert_main, fp16_arti
     report = json.loads(out.read_text())
     assert code == (0 if report["verdict"] == "PASS" else 1), err
     assert report["precision"] == MIXED and f"{MIXED} bars" in stdout
-    assert report["runtime"] == {"threads": 1, "spinning": False}
+    assert report["runtime"] == {"threads": 1, "spinning": False, "huge_pages": True}
     bounds = {(c["stage"].split(" (")[0], c["metric"]): c["bound"] for c in report["checks"]}
     assert bounds[("kept indices", "set overlap")] == f">= {PRECISION_TOLERANCES['fp16']['kept_min_overlap']:g}"  # vision: fp16
     assert bounds[("kept tokens", "max abs diff")] == "(reported)"
@@ -186,7 +186,7 @@ def test_eval_records_the_per_graph_label_and_threads(prunert_main, fp16_artifac
     code, stdout, err = prunert_main("eval", fp16_artifact, "--data", data, "--precision", MIXED, "--threads", "2", "--out", out)
     assert code == 0, err
     row = json.loads(out.read_text())["artifacts"][0]
-    assert row["precision"] == MIXED and row["runtime"] == {"threads": 2, "spinning": False}
+    assert row["precision"] == MIXED and row["runtime"] == {"threads": 2, "spinning": False, "huge_pages": True}
     assert MIXED in stdout
     assert {options.intra_op_num_threads for _, options in opened} == {2}
 

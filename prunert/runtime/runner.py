@@ -220,7 +220,8 @@ class OnnxRuntimeRunner(Runner):
     def __init__(self, path: Path, spec: GraphSpec, providers: Sequence[Any] = ("CPUExecutionProvider",), runtime: Any = None,
                  session_config: dict[str, str] | None = None, session: Any = None):
         """providers: names or (name, options) pairs, as ONNX Runtime takes them.
-        runtime: prunert.config.RuntimeConfig (threads, spinning); None = its defaults (ORT's thread count, no spinning).
+        runtime: prunert.config.RuntimeConfig (threads, spinning, huge pages); None = its defaults (ORT's thread count, no
+        spinning, huge pages for a CPU session's weights).
         session_config: SessionOptions config entries a graph variant needs (its manifest settings say which).
         session: an InferenceSession already open over `path` with options of the caller's (export validation's lean
         one, prunert.export.validate.ort_session); providers, runtime and session_config then do not apply."""
@@ -243,9 +244,17 @@ class OnnxRuntimeRunner(Runner):
             options.intra_op_num_threads = runtime.threads
         for key, value in {**runtime.session_config(), **(session_config or {})}.items():
             options.add_session_config_entry(key, str(value))
-        self.session = session or _open_session(ort, Path(path), options, list(providers))
-        self.output_names = [o.name for o in spec.outputs]
         self.device = "cuda" if names[0] in ("CUDAExecutionProvider", "TensorrtExecutionProvider") else "cpu"
+        self.runtime = runtime
+        self.huge_page_bytes = 0  # the session's weights collapsed into huge pages (prunert.runtime.huge_pages)
+        if session is None:
+            from prunert.runtime.huge_pages import Collapse
+
+            with Collapse(runtime.huge_pages and self.device == "cpu") as collapse:
+                session = _open_session(ort, Path(path), options, list(providers))
+            self.huge_page_bytes = collapse.bytes
+        self.session = session
+        self.output_names = [o.name for o in spec.outputs]
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         values = self.session.run(self.output_names, feeds)

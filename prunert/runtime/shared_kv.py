@@ -16,6 +16,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from prunert.errors import InputShapeError
+from prunert.runtime.huge_pages import huge_empty
 from prunert.runtime.runner import HOST_INPUTS, LOGITS, DecoderSession, OnnxRuntimeRunner, Runner
 
 
@@ -105,8 +106,9 @@ class SharedBufferKVSession(DecoderSession):
             return
         specs = [self.runner.spec.input(name) for name in self.past_names]
         size = max(rows, 2 * self.buffers[0].shape[0]) if self.buffers else rows  # a growing batch doubles
-        grown = [np.empty((size, spec.shape[1], self.capacity, spec.shape[3]), np.dtype(spec.dtype))
-                 for spec in specs]  # np.empty: pages are touched only where written
+        huge = self.runner.runtime.huge_pages
+        grown = [huge_empty((size, spec.shape[1], self.capacity, spec.shape[3]), np.dtype(spec.dtype), huge)
+                 for spec in specs]  # empty: pages are touched only where written (huge pages where the runtime may)
         for new, old in zip(grown, self.buffers):
             new[:keep, :, : self.length] = old[:keep, :, : self.length]
         self.buffers, self._bound = grown, -1

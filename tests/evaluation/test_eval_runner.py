@@ -91,7 +91,7 @@ def test_threads_reach_the_pipeline(monkeypatch, tiny_artifact: Path, shapes_set
     monkeypatch.setattr(runtime, "VLMPipeline", Spy)
     result = evaluate_artifact(tiny_artifact, load_records(shapes_set, limit=1), EvalConfig(runtime=RuntimeConfig(threads=1)), progress=False)
     assert seen == {"backend": "onnxruntime", "runtime": RuntimeConfig(threads=1), "precision": GraphPrecisions()}
-    assert result.to_json()["runtime"] == {"threads": 1, "spinning": False}  # recorded in --out
+    assert result.to_json()["runtime"] == {"threads": 1, "spinning": False, "huge_pages": True}  # recorded in --out
 
 
 def _no_generate(monkeypatch) -> None:
