@@ -16,11 +16,11 @@ Weights are synthetic (seeded random): speed only.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -53,6 +53,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=6, help="interleaved rounds; even balances the order (default: %(default)s)")
     p.add_argument("--threads", type=int, required=True, help="intra-op threads of both peers' sessions (e.g. 2)")
     p.add_argument("--spin", action="store_true", help="let both peers' ONNX Runtime threads spin (default: off, as prunert's)")
+    p.add_argument("--block-steps", type=int, default=4,
+                   help="decoder calls per block: the two peers' decodings alternate block by block (default: 4; 0: one block each)")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="prunert's sessions without transparent huge pages (its `--no-huge-pages`; default: on, as prunert's)")
     p.add_argument("--block-size", type=int, default=Int4Settings.block_size, help="int4 block size (default: %(default)s)")
@@ -161,6 +163,7 @@ class PrunertPeer:
         spec = self.runner.spec
         self.embeds_dtype, self.mask_dtype = (np.dtype(spec.input(n).dtype) for n in ("inputs_embeds", "attention_mask"))
         self.embed = table_embedder(self.artifact.embeddings, self.embeds_dtype)  # ids [B] -> [B, 1, D]
+        self.capacity = self.artifact.manifest.text.max_sequence  # decode_steps' cap (advance takes fewer)
         self.state = None
 
     def graph(self) -> dict:
@@ -187,16 +190,25 @@ class PrunertPeer:
         self.state = (logits[:, -1], mask, self.artifact.host.next_position_ids(positions, mask))
         return seconds
 
-    def decode(self, steps: int) -> tuple[float, list[int]]:
-        """`steps` decoder calls through decode_steps (steps + 1 steps: step 0 chooses from the prefill's logits)."""
+    def begin(self) -> None:
+        """Decoding from the prefill's state through decode_steps, advanced by advance(): its first step chooses from
+        the prefill's logits, each later one runs the decoder on the previous token."""
         from prunert.runtime.decode import decode_steps, greedy
 
         logits, mask, positions = self.state
-        tokens = []
-        start = time.perf_counter()
-        for step in decode_steps(self.session, logits, mask, positions, self.embed, greedy, steps + 1):
-            tokens.append(int(step.tokens[0]))
+        self.steps = decode_steps(self.session, logits, mask, positions, self.embed, greedy, self.capacity)
+
+    def advance(self, calls: int) -> tuple[float, list[int]]:
+        """The next `calls` steps of begin()'s decoding -> seconds, their tokens."""
+        tokens, start = [], time.perf_counter()
+        for _ in range(calls):
+            tokens.append(int(next(self.steps).tokens[0]))
         return time.perf_counter() - start, tokens
+
+    def decode(self, steps: int) -> tuple[float, list[int]]:
+        """`steps` decoder calls after the prefill (steps + 1 steps: step 0 chooses from the prefill's logits)."""
+        self.begin()
+        return self.advance(steps + 1)
 
 
 # ---- 2. interleaved rounds --------------------------------------------------------------------
@@ -212,35 +224,90 @@ def time_one(peer, ids: np.ndarray, steps: int) -> dict:
     return {"prefill_s": prefill_s, "decode_s": decode_s, "decode_tok_s": steps / decode_s, "tokens": tokens}
 
 
-def measure(open_peer, keys: list[tuple[str, str]], prompts: dict, args: argparse.Namespace) -> tuple[list[dict], list[float], dict]:
-    """`rounds` rounds; each round times every (precision, context) on both peers back to back, prunert first in even
-    rounds and ORT-genai first in odd ones. Each round opens both peers of a precision afresh, in that round's order
-    (the previous round's freed first), and warms each up once at the largest context: in one process a session opened
-    later measured 3-6% faster per decode step than one opened earlier on the same graph (four sessions of the int4
-    decoder, 2 threads, three runs), so opening order alternates with the timing order. -> runs, noise probes, and
-    what each peer runs (its graph(), from its first opening)."""
-    largest, graphs = prompts[max(prompts)], {}
+def blocks(steps: int, block: int) -> list[int]:
+    """The decoder calls of each block of one peer's decoding, steps + 1 in all: step 0 (it chooses from the prefill's
+    logits) rides in the first block, then `block` each, the last what is left. block 0 (or >= steps): one block."""
+    calls = steps + 1
+    if block <= 0 or block >= steps:
+        return [calls]
+    out, left = [block + 1], steps - block
+    while left > 0:
+        out.append(min(block, left))
+        left -= out[-1]
+    return out
+
+
+def time_pair(peers: dict, ids: np.ndarray, steps: int, block: int) -> dict[str, dict]:
+    """Both peers at one context: each prefills (in the round's order), then their decodings alternate block by block
+    (`block` decoder calls each, the first of each pair alternating), so the two are timed within a block's time of
+    each other and a burst of load on this shared machine falls on both. -> peer -> its run (decode_s: its blocks'
+    sum)."""
+    runs = {name: {"prefill_s": peer.prefill(ids), "decode_s": 0.0, "tokens": [], "blocks_s": []} for name, peer in peers.items()}
+    for peer in peers.values():
+        peer.begin()
+    names = list(peers)
+    for index, calls in enumerate(blocks(steps, block)):
+        for name in names if index % 2 == 0 else names[::-1]:
+            seconds, tokens = peers[name].advance(calls)
+            run = runs[name]
+            run["decode_s"] += seconds
+            run["tokens"] += tokens
+            run["blocks_s"].append(seconds)
+    for run in runs.values():
+        run["decode_tok_s"] = steps / run["decode_s"]
+    return runs
+
+
+def measure(base: dict, keys: list[tuple[str, str]], prompts: dict, args: argparse.Namespace) -> tuple[list[dict], list[float], dict]:
+    """`rounds` rounds; each round times every (precision, context) on both peers together (time_pair: decodings
+    interleaved in blocks of --block-steps), prunert first in even rounds and ORT-genai first in odd ones. Each round
+    of a precision runs in a fresh process (one_round) that opens both peers in that round's order: in one process a
+    session opened later measured 3-6% faster per decode step than one opened earlier on the same graph (four
+    sessions of the int4 decoder, 2 threads, three runs), and memory one peer freed (huge pages included,
+    prunert.runtime.huge_pages) would be the next one's. -> runs, noise probes, and what each peer runs (graph())."""
+    graphs: dict = {}
     runs, probes = [], [speed_probe()]
-    for round_ in range(args.rounds):
-        order = PEERS if round_ % 2 == 0 else PEERS[::-1]
-        for precision in args.precisions:
-            peers: dict = {}
-            gc.collect()  # the last precision's sessions are gone before these open
-            for name in (n for n in order if (n, precision) in keys):
-                peers[name] = open_peer(name, precision)
-                if f"{name} {precision}" not in graphs:  # the same files every round: read once
-                    graphs[f"{name} {precision}"] = peers[name].graph()
-                time_one(peers[name], largest, 2)
-            for context, ids in prompts.items():
-                for name, peer in peers.items():
-                    run = {"round": round_, "peer": name, "precision": precision, "context": context, **time_one(peer, ids, args.steps)}
+    with tempfile.TemporaryDirectory(prefix="bench-peers-") as work:
+        for round_ in range(args.rounds):
+            order = PEERS if round_ % 2 == 0 else PEERS[::-1]
+            for precision in args.precisions:
+                names = [n for n in order if (n, precision) in keys]
+                spec = {**base, "round": round_, "precision": precision, "order": names, "graphs": not graphs.keys() >= {f"{n} {precision}" for n in names},
+                        "prompts": {str(c): ids.tolist() for c, ids in prompts.items()}, "steps": args.steps, "block_steps": args.block_steps}
+                path = Path(work) / "round.json"
+                path.write_text(json.dumps(spec))
+                subprocess.run([sys.executable, str(Path(__file__).resolve()), "--one-round", str(path)], check=True)
+                out = json.loads(path.read_text())
+                graphs = {**out["graphs"], **graphs}
+                for run in out["runs"]:
                     runs.append(run)
-                    log(f"round {round_ + 1}/{args.rounds} {name:9} {precision} C={context}: prefill {run['prefill_s']:.3f} s, "
+                    log(f"round {round_ + 1}/{args.rounds} {run['peer']:9} {precision} C={run['context']}: prefill {run['prefill_s']:.3f} s, "
                         f"decode {run['decode_tok_s']:.2f} tok/s")
-            del peers
-        probes.append(speed_probe())
-        log(f"round {round_ + 1}: noise probe {probes[-1]:.1f} ms")
+            probes.append(speed_probe())
+            log(f"round {round_ + 1}: noise probe {probes[-1]:.1f} ms")
     return runs, probes, graphs
+
+
+def one_round(path: Path) -> int:
+    """A child process of measure(): one round of one precision, as the file at `path` says; its runs (and, asked,
+    each peer's graph()) written back to it."""
+    from prunert.config import RuntimeConfig
+
+    spec = json.loads(path.read_text())
+    runtime = RuntimeConfig(**spec["runtime"])
+    open_peer = peer_opener(spec["threads"], Path(spec["artifact"]), spec["builds"], runtime)
+    prompts = {int(c): np.asarray(ids, np.int64) for c, ids in spec["prompts"].items()}
+    peers, graphs, runs = {}, {}, []
+    for name in spec["order"]:
+        peers[name] = open_peer(name, spec["precision"])
+        if spec["graphs"]:
+            graphs[f"{name} {spec['precision']}"] = peers[name].graph()
+        time_one(peers[name], prompts[max(prompts)], 2)  # warm-up at the largest context
+    for context, ids in prompts.items():
+        for name, run in time_pair(peers, ids, spec["steps"], spec["block_steps"]).items():
+            runs.append({"round": spec["round"], "peer": name, "precision": spec["precision"], "context": context, **run})
+    path.write_text(json.dumps({"runs": runs, "graphs": graphs}, default=float))
+    return 0
 
 
 def spread(values: list[float]) -> dict:
@@ -263,9 +330,16 @@ def summarize(runs: list[dict]) -> dict:
 
 
 # ---- 3. report --------------------------------------------------------------------------------
-def verdict(results: dict, precisions: list[str], contexts: list[int]) -> dict:
+def paired_ratios(runs: list[dict], precision: str, context: int) -> list[float]:
+    """prunert / ORT-genai decode tok/s of each round at one cell (the two were timed together, time_pair)."""
+    cell = {(r["round"], r["peer"]): r["decode_tok_s"] for r in runs if (r["precision"], r["context"]) == (precision, context)}
+    return [cell[(n, "prunert")] / cell[(n, "ort-genai")] for n, peer in sorted(cell) if peer == "prunert" and (n, "ort-genai") in cell]
+
+
+def verdict(results: dict, runs: list[dict], precisions: list[str], contexts: list[int]) -> dict:
     """The issue's 'Decode' line on medians: prunert >= ORT-genai at every context, and its slowdown from the smallest
-    to the largest context no worse. A precision prunert cannot run is reported, not judged."""
+    to the largest context no worse. A precision prunert cannot run is reported, not judged. paired_median_ratio (not
+    judged): the median of each round's own ratio."""
     out = {}
     for precision in precisions:
         if precision not in results.get("prunert", {}) or precision not in results.get("ort-genai", {}):
@@ -274,7 +348,8 @@ def verdict(results: dict, precisions: list[str], contexts: list[int]) -> dict:
         med = {peer: {c: results[peer][precision][str(c)]["decode_tok_s"]["median"] for c in contexts} for peer in PEERS}
         ratio = {str(c): med["prunert"][c] / med["ort-genai"][c] for c in contexts}
         slow = {peer: med[peer][contexts[0]] / med[peer][contexts[-1]] for peer in PEERS}
-        out[precision] = {"judged": True, "prunert_over_genai": ratio, "slowdown_first_to_last": slow,
+        paired = {str(c): statistics.median(paired_ratios(runs, precision, c)) for c in contexts}
+        out[precision] = {"judged": True, "prunert_over_genai": ratio, "paired_median_ratio": paired, "slowdown_first_to_last": slow,
                           "decode_at_least_genai": all(r >= 1 for r in ratio.values()), "slowdown_no_worse": slow["prunert"] <= slow["ort-genai"]}
     return out
 
@@ -325,7 +400,7 @@ def genai_builds(args: argparse.Namespace, checkpoint: Path, int4: Int4Settings)
     return builds
 
 
-def peer_opener(args: argparse.Namespace, artifact: Path, builds: dict, runtime):
+def peer_opener(threads: int, artifact: Path, builds: dict, runtime):
     """(peer, precision) -> a freshly opened peer (PrunertPeer or GenaiPeer; graph() says what it runs)."""
     from prunert.manifest import load_manifest
 
@@ -333,7 +408,7 @@ def peer_opener(args: argparse.Namespace, artifact: Path, builds: dict, runtime)
 
     def open_peer(name: str, precision: str):
         if name == "ort-genai":
-            return GenaiPeer(Path(builds[precision]["dir"]), args.threads, runtime.session_config(), capacity)
+            return GenaiPeer(Path(builds[precision]["dir"]), threads, runtime.session_config(), capacity)
         return PrunertPeer(artifact, precision, runtime)
 
     return open_peer
@@ -352,6 +427,7 @@ def print_summary(report: dict) -> None:
             print(f"{precision}: not judged ({report['unavailable'].get('prunert ' + precision, 'a peer is missing')})")
             continue
         ratios = ", ".join(f"C={c} {r:.2f}x" for c, r in v["prunert_over_genai"].items())
+        ratios += " (paired: " + ", ".join(f"{r:.2f}x" for r in v["paired_median_ratio"].values()) + ")"
         slow = v["slowdown_first_to_last"]
         print(f"{precision}: prunert / ORT-genai decode {ratios}; slowdown {report['contexts'][0]}->{report['contexts'][-1]}: "
               f"prunert {slow['prunert']:.2f}x, ORT-genai {slow['ort-genai']:.2f}x; decode >= ORT-genai: "
@@ -360,6 +436,9 @@ def print_summary(report: dict) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--one-round"]:  # measure()'s child process
+        return one_round(Path(argv[1]))
     args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters import resolve_source
     from prunert.config import RuntimeConfig
@@ -384,7 +463,8 @@ def main(argv=None) -> int:
     special = Artifact(artifact, verify_hashes=False).special_ids
     prompts = {c: prompt_ids(c, text_config["vocab_size"], special) for c in args.contexts}
     bandwidth = bandwidth_probe(args.threads, args.probe_gib)
-    runs, probes, graphs = measure(peer_opener(args, artifact, builds, runtime), keys, prompts, args)
+    base = {"threads": args.threads, "artifact": str(artifact), "builds": builds, "runtime": runtime.record()}
+    runs, probes, graphs = measure(base, keys, prompts, args)
     for label, facts in graphs.items():
         log(f"{label}: {facts}")
     bandwidth_after = bandwidth_probe(args.threads, args.probe_gib)
@@ -394,12 +474,12 @@ def main(argv=None) -> int:
     results = summarize(runs)
     report = {"statement": STATEMENT, "preset": args.preset, "checkpoint": str(checkpoint), "artifact": str(artifact), "export": export,
               "threads": args.threads, "spinning": args.spin, "runtime": runtime.record(), "precisions": args.precisions,
-              "contexts": args.contexts, "steps": args.steps, "rounds": args.rounds, **environment, "graphs": graphs,
+              "contexts": args.contexts, "steps": args.steps, "block_steps": args.block_steps, "rounds": args.rounds, **environment, "graphs": graphs,
               "genai_builds": builds, "prunert_int4": prunert_int4, "unavailable": unavailable,
               "bandwidth": {"gb_s": bw, "before": bandwidth, "after": bandwidth_after}, "floor": floor,
               "noise_probe": {"ms": probes, **spread(probes), "max_over_min": max(probes) / min(probes)},
               "results": results, "agreement": agreement(results, args.precisions, args.contexts),
-              "done_when_decode": verdict(results, args.precisions, args.contexts), "runs": runs}
+              "done_when_decode": verdict(results, runs, args.precisions, args.contexts), "runs": runs}
     report["table_markdown"] = table(report)
     print_summary(report)
     report.update(peak_rss_mb=peak_rss_mb(), total_wall_s=time.perf_counter() - started)

@@ -154,12 +154,20 @@ class GenaiPeer:
         self.generator.append_tokens(np.asarray(ids, np.int32)[None])  # [1, L]
         return time.perf_counter() - start
 
-    def decode(self, steps: int) -> tuple[float, list[int]]:
-        """`steps` decoder calls: as prunert's decode_steps, the first generate_next_token chooses from the prefill's
-        logits, each later one first runs the model on the previous token -> steps + 1 tokens."""
+    def begin(self) -> None:
+        """Decoding from the prefill, advanced by advance(): as prunert's decode_steps, the first generate_next_token
+        chooses from the prefill's logits, each later one first runs the model on the previous token."""
+
+    def advance(self, calls: int) -> tuple[float, list[int]]:
+        """The next `calls` generate_next_token -> seconds, their tokens."""
         tokens, generator = [], self.generator
         start = time.perf_counter()
-        for _ in range(steps + 1):
+        for _ in range(calls):
             generator.generate_next_token()
             tokens.append(int(generator.get_next_tokens()[0]))
         return time.perf_counter() - start, tokens
+
+    def decode(self, steps: int) -> tuple[float, list[int]]:
+        """`steps` decoder calls after the prefill -> steps + 1 tokens."""
+        self.begin()
+        return self.advance(steps + 1)

@@ -63,11 +63,18 @@ def test_ort_genai_gets_prunert_int4_settings(peers) -> None:
         "block_size=32", "is_symmetric=true", "accuracy_level=4"]
 
 
+def test_blocks_split_a_decoding_into_interleavable_blocks(peers) -> None:
+    assert peers.blocks(32, 4) == [5, 4, 4, 4, 4, 4, 4, 4]  # step 0 rides in the first block: 33 steps in all
+    assert peers.blocks(32, 5) == [6, 5, 5, 5, 5, 5, 2]
+    assert peers.blocks(4, 2) == [3, 2]
+    assert peers.blocks(4, 0) == peers.blocks(4, 4) == [5]  # one block
+
+
 def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e .[peers])")
     out = tmp_path / "peers.json"
     code = peers.main(["--preset", "llava-tiny", "--artifact", str(tiny_artifact), "--precisions", "fp32", "--contexts", "8,16",
-                       "--steps", "4", "--rounds", "1", "--threads", "1", "--probe-gib", "0.05",
+                       "--steps", "4", "--block-steps", "2", "--rounds", "1", "--threads", "1", "--probe-gib", "0.05",
                        "--work", str(tmp_path / "work"), "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
@@ -87,6 +94,8 @@ def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_
     assert set(report["done_when_decode"]["fp32"]) >= {"prunert_over_genai", "slowdown_first_to_last", "decode_at_least_genai"}
     assert report["floor"]["fp32"]["8"]["tok_s"] > 0 and report["bandwidth"]["gb_s"] > 0
     assert len(report["noise_probe"]["ms"]) == 2 and len(report["runs"]) == 4
+    assert all(len(run["blocks_s"]) == 2 and sum(run["blocks_s"]) == pytest.approx(run["decode_s"]) for run in report["runs"])
+    assert report["block_steps"] == 2 and set(report["done_when_decode"]["fp32"]["paired_median_ratio"]) == {"8", "16"}
     printed = capsys.readouterr().out
     assert "| decode tok/s, context 16 |" in printed and "| prefill s, 8 tokens |" in printed
     assert report["table_markdown"] in printed
