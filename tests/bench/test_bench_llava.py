@@ -64,7 +64,7 @@ def test_bench_vlm_runtime_flags_become_the_recorded_runtime_config(vlm) -> None
 
     assert vlm.parse_args(["--preset", "llava-tiny"]).runtime == RuntimeConfig()  # ORT's thread count, no spinning
     args = vlm.parse_args(["--preset", "llava-tiny", "--threads", "2", "--spin"])
-    assert args.runtime == RuntimeConfig(threads=2, spinning=True) and args.runtime.record() == {"threads": 2, "spinning": True}
+    assert args.runtime == RuntimeConfig(threads=2, spinning=True) and args.runtime.record() == {"threads": 2, "spinning": True, "huge_pages": True}
 
 
 def test_the_prompt_is_the_manifest_placeholder_then_the_question(vlm) -> None:
