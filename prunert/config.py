@@ -443,7 +443,8 @@ class RuntimeConfig:
                 cores between ops and slows everything else on a shared machine (or a second session of its own).
     huge_pages: back a CPU session's weights and the runtime's KV cache with transparent huge pages (Linux; a hint
                 that does nothing elsewhere, prunert.runtime.huge_pages). A decode step streams every weight, and
-                fewer page walks made it 4-15% faster on the llava-1.5-shaped fp32 decoder (bench/bench_peers.py).
+                fewer page walks made it 4-15% faster on the llava-1.5-shaped fp32 decoder (against the same session
+                without them: README, "Huge pages").
     """
 
     threads: int = 0

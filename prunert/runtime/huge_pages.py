@@ -17,6 +17,7 @@ region does not grow in RSS.
 from __future__ import annotations
 
 import ctypes
+import functools
 import mmap
 import sys
 from dataclasses import dataclass
@@ -93,9 +94,14 @@ def _madvise(start: int, end: int, advice: int) -> int:
     low, high = -(-start // HUGE_PAGE) * HUGE_PAGE, end // HUGE_PAGE * HUGE_PAGE
     if high - low < HUGE_PAGE:
         return 0
-    libc = ctypes.CDLL(None, use_errno=True)
+    return high - low if _libc().madvise(low, high - low, advice) == 0 else 0
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)  # this process's C library
     libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return high - low if libc.madvise(low, high - low, advice) == 0 else 0
+    return libc
 
 
 class Collapse:

@@ -12,6 +12,7 @@ import numpy as np
 
 from prunert.errors import ArtifactError, BackendUnavailableError, InputShapeError
 from prunert.manifest import KV_SHARED_BUFFER, GraphSpec
+from prunert.runtime.huge_pages import Collapse
 
 # The decoder graph's declared tensor names (prunert.export.graphs writes them; Optimum / onnxruntime-genai use the same)
 HOST_INPUTS = ("inputs_embeds", "attention_mask", "position_ids")  # what the host feeds every step
@@ -248,8 +249,6 @@ class OnnxRuntimeRunner(Runner):
         self.runtime = runtime
         self.huge_page_bytes = 0  # the session's weights collapsed into huge pages (prunert.runtime.huge_pages)
         if session is None:
-            from prunert.runtime.huge_pages import Collapse
-
             with Collapse(runtime.huge_pages and self.device == "cpu") as collapse:
                 session = _open_session(ort, Path(path), options, list(providers))
             self.huge_page_bytes = collapse.bytes
