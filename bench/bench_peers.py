@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_vlm import artifact_matches, export_record, log, machine, peak_rss_mb, speed_probe, versions  # noqa: E402
 from peers_floor import bandwidth_probe, bytes_per_step  # noqa: E402
+import peers_ops  # noqa: E402
 from peers_genai import GenaiPeer, Int4Settings, build_genai, extract_llama, genai_version, settings_key  # noqa: E402
 from prunert.runtime.huge_pages import thp_mode  # noqa: E402
 
@@ -57,6 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="decoder calls per block: the two peers' decodings alternate block by block (default: 4; 0: one block each)")
     p.add_argument("--no-huge-pages", action="store_true",
                    help="prunert's sessions without transparent huge pages (its `--no-huge-pages`; default: on, as prunert's)")
+    p.add_argument("--op-profile", action="store_true",
+                   help="also profile both peers per op type at the first and last context (bench/peers_ops.py)")
     p.add_argument("--block-size", type=int, default=Int4Settings.block_size, help="int4 block size (default: %(default)s)")
     p.add_argument("--probe-gib", type=float, default=1.0, help="array size of the bandwidth probe, GiB (default: %(default)s)")
     p.add_argument("--prepare-only", action="store_true", help="export / quantize / build what the run needs, then stop")
@@ -291,12 +294,8 @@ def measure(base: dict, keys: list[tuple[str, str]], prompts: dict, args: argpar
 def one_round(path: Path) -> int:
     """A child process of measure(): one round of one precision, as the file at `path` says; its runs (and, asked,
     each peer's graph()) written back to it."""
-    from prunert.config import RuntimeConfig
-
     spec = json.loads(path.read_text())
-    runtime = RuntimeConfig(**spec["runtime"])
-    open_peer = peer_opener(spec["threads"], Path(spec["artifact"]), spec["builds"], runtime)
-    prompts = {int(c): np.asarray(ids, np.int64) for c, ids in spec["prompts"].items()}
+    open_peer, prompts = round_inputs(spec)
     peers, graphs, runs = {}, {}, []
     for name in spec["order"]:
         peers[name] = open_peer(name, spec["precision"])
@@ -308,6 +307,30 @@ def one_round(path: Path) -> int:
             runs.append({"round": spec["round"], "peer": name, "precision": spec["precision"], "context": context, **run})
     path.write_text(json.dumps({"runs": runs, "graphs": graphs}, default=float))
     return 0
+
+
+def round_inputs(spec: dict) -> tuple:
+    """A child's spec (measure, op_profile) -> its peer opener and prompts (context -> ids)."""
+    from prunert.config import RuntimeConfig
+
+    open_peer = peer_opener(spec["threads"], Path(spec["artifact"]), spec["builds"], RuntimeConfig(**spec["runtime"]))
+    return open_peer, {int(c): np.asarray(ids, np.int64) for c, ids in spec["prompts"].items()}
+
+
+def op_profile(base: dict, keys: list[tuple[str, str]], prompts: dict, args: argparse.Namespace) -> dict:
+    """--op-profile: per precision, a child process profiles both peers at the first and last context (bench/peers_ops.py)
+    -> precision -> peer -> context -> step_ms and ops_ms."""
+    out = {}
+    with tempfile.TemporaryDirectory(prefix="bench-peers-ops-") as work:
+        for precision in args.precisions:
+            path = Path(work) / "ops.json"
+            ends = {str(c): prompts[c].tolist() for c in (args.contexts[0], args.contexts[-1])}
+            path.write_text(json.dumps({**base, "precision": precision, "order": [n for n in PEERS if (n, precision) in keys],
+                                        "prompts": ends, "steps": args.steps}))
+            subprocess.run([sys.executable, str(Path(__file__).resolve()), "--op-profile-round", str(path)], check=True)
+            out[precision] = json.loads(path.read_text())
+            log(f"op profile {precision}: done")
+    return out
 
 
 def spread(values: list[float]) -> dict:
@@ -338,8 +361,9 @@ def paired_ratios(runs: list[dict], precision: str, context: int) -> list[float]
 
 def verdict(results: dict, runs: list[dict], precisions: list[str], contexts: list[int]) -> dict:
     """The issue's 'Decode' line on medians: prunert >= ORT-genai at every context, and its slowdown from the smallest
-    to the largest context no worse. A precision prunert cannot run is reported, not judged. paired_median_ratio (not
-    judged): the median of each round's own ratio."""
+    to the largest context no worse. A precision prunert cannot run is reported, not judged. Not judged:
+    paired_median_ratio, the median of each round's own ratio; added_ms_per_step, what the longer context adds to each
+    peer's median step (ms): the cost of reading the KV cache, apart from the fixed cost of the weights."""
     out = {}
     for precision in precisions:
         if precision not in results.get("prunert", {}) or precision not in results.get("ort-genai", {}):
@@ -348,8 +372,10 @@ def verdict(results: dict, runs: list[dict], precisions: list[str], contexts: li
         med = {peer: {c: results[peer][precision][str(c)]["decode_tok_s"]["median"] for c in contexts} for peer in PEERS}
         ratio = {str(c): med["prunert"][c] / med["ort-genai"][c] for c in contexts}
         slow = {peer: med[peer][contexts[0]] / med[peer][contexts[-1]] for peer in PEERS}
+        added = {peer: 1000 / med[peer][contexts[-1]] - 1000 / med[peer][contexts[0]] for peer in PEERS}
         paired = {str(c): statistics.median(paired_ratios(runs, precision, c)) for c in contexts}
         out[precision] = {"judged": True, "prunert_over_genai": ratio, "paired_median_ratio": paired, "slowdown_first_to_last": slow,
+                          "added_ms_per_step": added,
                           "decode_at_least_genai": all(r >= 1 for r in ratio.values()), "slowdown_no_worse": slow["prunert"] <= slow["ort-genai"]}
     return out
 
@@ -406,9 +432,9 @@ def peer_opener(threads: int, artifact: Path, builds: dict, runtime):
 
     capacity = load_manifest(artifact, verify_hashes=False).text.max_sequence  # ORT-genai's KV capacity = prunert's
 
-    def open_peer(name: str, precision: str):
-        if name == "ort-genai":
-            return GenaiPeer(Path(builds[precision]["dir"]), threads, runtime.session_config(), capacity)
+    def open_peer(name: str, precision: str, genai_options: dict | None = None):
+        if name == "ort-genai":  # genai_options: more session options for ORT-genai's session (its profiler, peers_ops)
+            return GenaiPeer(Path(builds[precision]["dir"]), threads, {**runtime.session_config(), **(genai_options or {})}, capacity)
         return PrunertPeer(artifact, precision, runtime)
 
     return open_peer
@@ -430,8 +456,11 @@ def print_summary(report: dict) -> None:
         ratios += " (paired: " + ", ".join(f"{r:.2f}x" for r in v["paired_median_ratio"].values()) + ")"
         slow = v["slowdown_first_to_last"]
         print(f"{precision}: prunert / ORT-genai decode {ratios}; slowdown {report['contexts'][0]}->{report['contexts'][-1]}: "
-              f"prunert {slow['prunert']:.2f}x, ORT-genai {slow['ort-genai']:.2f}x; decode >= ORT-genai: "
+              f"prunert {slow['prunert']:.2f}x, ORT-genai {slow['ort-genai']:.2f}x (ms added per step: prunert "
+              f"{v['added_ms_per_step']['prunert']:.2f}, ORT-genai {v['added_ms_per_step']['ort-genai']:.2f}); decode >= ORT-genai: "
               f"{v['decode_at_least_genai']}, slowdown no worse: {v['slowdown_no_worse']}")
+    if "op_profile_markdown" in report:
+        print("\n" + report["op_profile_markdown"] + "\n")
     print(f"greedy agreement (tokens before the first difference, of steps + 1): {json.dumps(report['agreement'])}")
 
 
@@ -439,6 +468,9 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["--one-round"]:  # measure()'s child process
         return one_round(Path(argv[1]))
+    if argv[:1] == ["--op-profile-round"]:  # op_profile()'s child process
+        open_peer, prompts = round_inputs(json.loads(Path(argv[1]).read_text()))
+        return peers_ops.child(Path(argv[1]), open_peer, prompts)
     args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters import resolve_source
     from prunert.config import RuntimeConfig
@@ -481,6 +513,9 @@ def main(argv=None) -> int:
               "results": results, "agreement": agreement(results, args.precisions, args.contexts),
               "done_when_decode": verdict(results, runs, args.precisions, args.contexts), "runs": runs}
     report["table_markdown"] = table(report)
+    if args.op_profile:
+        report["op_profile"] = op_profile(base, keys, prompts, args)
+        report["op_profile_markdown"] = peers_ops.ops_table(report["op_profile"], args.contexts)
     print_summary(report)
     report.update(peak_rss_mb=peak_rss_mb(), total_wall_s=time.perf_counter() - started)
     args.out.parent.mkdir(parents=True, exist_ok=True)

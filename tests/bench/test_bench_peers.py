@@ -70,12 +70,37 @@ def test_blocks_split_a_decoding_into_interleavable_blocks(peers) -> None:
     assert peers.blocks(4, 0) == peers.blocks(4, 4) == [5]  # one block
 
 
+def test_step_ops_times_each_op_type_per_decode_step(peers) -> None:
+    import peers_ops
+
+    def run(ts: int, dur: int) -> dict:
+        return {"cat": "Session", "name": "model_run", "ts": ts, "dur": dur}
+
+    def node(ts: int, op: str, dur: int) -> dict:
+        return {"cat": "Node", "name": f"n{ts}_kernel_time", "ts": ts, "dur": dur, "args": {"op_name": op}}
+
+    # two contexts of 1 prefill + 4 steps; warm-up (2 steps) left out: steps 3 and 4 of each count
+    starts = [0, 100, 200, 300, 400, 1000, 1100, 1200, 1300, 1400]
+    events = [run(t, 50 if i % 5 else 90) for i, t in enumerate(starts)]
+    for i, t in enumerate(starts):
+        events += [node(t + 1, "MatMul", 20 if t < 1000 else 22), node(t + 30, "GroupQueryAttention", i * 1000 if i % 5 in (1, 2) else 10 + t // 1000 * 10)]
+    events.append(node(2000, "MatMul", 5))  # outside every run
+    got = peers_ops.step_ops(events, [8, 16], 4)
+    assert got == {"8": {"step_ms": 0.05, "ops_ms": {"MatMul": 0.02, "GroupQueryAttention": 0.01}},
+                   "16": {"step_ms": 0.05, "ops_ms": {"MatMul": 0.022, "GroupQueryAttention": 0.02}}}
+    with pytest.raises(ValueError, match="9 model runs, expected 2 x"):
+        peers_ops.step_ops(events[1:], [8, 16], 4)
+    table = peers_ops.ops_table({"fp32": {"prunert": got, "ort-genai": got}}, [8, 16])
+    assert "| GroupQueryAttention | 0.01 | 0.02 | 0.01 | 0.02 |" in table and "| whole step | 0.05 |" in table
+    assert "MatMulNBits" not in table  # an op no column has is not a row
+
+
 def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_path: Path, capsys) -> None:
     pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai is not installed (pip install -e .[peers])")
     out = tmp_path / "peers.json"
     code = peers.main(["--preset", "llava-tiny", "--artifact", str(tiny_artifact), "--precisions", "fp32", "--contexts", "8,16",
                        "--steps", "4", "--block-steps", "2", "--rounds", "1", "--threads", "1", "--probe-gib", "0.05",
-                       "--work", str(tmp_path / "work"), "--out", str(out)])
+                       "--op-profile", "--work", str(tmp_path / "work"), "--out", str(out)])
     assert code == 0
     report = json.loads(out.read_text())
     assert (report["threads"], report["spinning"], report["contexts"], report["precisions"]) == (1, False, [8, 16], ["fp32"])
@@ -96,6 +121,15 @@ def test_bench_peers_runs_both_peers_end_to_end(peers, tiny_artifact: Path, tmp_
     assert len(report["noise_probe"]["ms"]) == 2 and len(report["runs"]) == 4
     assert all(len(run["blocks_s"]) == 2 and sum(run["blocks_s"]) == pytest.approx(run["decode_s"]) for run in report["runs"])
     assert report["block_steps"] == 2 and set(report["done_when_decode"]["fp32"]["paired_median_ratio"]) == {"8", "16"}
+    for peer, added in report["done_when_decode"]["fp32"]["added_ms_per_step"].items():  # median step at 16 - at 8, in ms
+        tok_s = {c: report["results"][peer]["fp32"][c]["decode_tok_s"]["median"] for c in ("8", "16")}
+        assert added == pytest.approx(1000 / tok_s["16"] - 1000 / tok_s["8"])
+    for peer, contexts in report["op_profile"]["fp32"].items():  # ONNX Runtime's profile of each peer's own session
+        assert set(contexts) == {"8", "16"}, peer
+        for cell in contexts.values():
+            assert cell["ops_ms"]["GroupQueryAttention"] > 0 and cell["ops_ms"]["MatMul"] > 0
+            assert 0 < sum(cell["ops_ms"].values()) <= cell["step_ms"]
     printed = capsys.readouterr().out
+    assert report["op_profile_markdown"] in printed and "| GroupQueryAttention |" in printed
     assert "| decode tok/s, context 16 |" in printed and "| prefill s, 8 tokens |" in printed
     assert report["table_markdown"] in printed
