@@ -251,11 +251,9 @@ def _export(model: str, out: Path, budget: int) -> Path:
 
 
 @pytest.fixture(scope="module")
-def family_artifacts(tiny_artifact: Path, tmp_path_factory) -> dict[str, Path]:
-    """llava (the session's tiny artifact), llava_next and qwen2_5_vl tiny artifacts, exported once here."""
-    root = tmp_path_factory.mktemp("chat")
-    return {"llava": tiny_artifact, "llava_next": _export("synthetic:llava-next-tiny", root / "next", 12),
-            "qwen2_5_vl": _export("synthetic:qwen2.5-vl-tiny", root / "qwen", 16)}
+def family_artifacts(tiny_artifact: Path, next_tiny_artifact: Path, qwen_tiny_artifact: Path) -> dict[str, Path]:
+    """The session's tiny artifact of each family (read-only)."""
+    return {"llava": tiny_artifact, "llava_next": next_tiny_artifact, "qwen2_5_vl": qwen_tiny_artifact}
 
 
 EXPLICIT = {"llava": "<image>\n", "llava_next": "<image>\n", "qwen2_5_vl": "<|vision_start|><|image_pad|><|vision_end|>"}

@@ -32,12 +32,9 @@ def _export(tmp_path_factory, model: str, name: str, budget: int, **sizes) -> Pa
 
 
 @pytest.fixture(scope="module")
-def family_artifacts(tiny_artifact: Path, tmp_path_factory) -> dict[str, Path]:
-    """llava (the session's tiny artifact), llava_next and qwen2_5_vl tiny artifacts (exported once here)."""
-    small = {"max_prompt_tokens": 48, "max_new_tokens": 16}
-    return {"llava": tiny_artifact,
-            "llava_next": _export(tmp_path_factory, "synthetic:llava-next-tiny", "next", 12, **small),
-            "qwen2_5_vl": _export(tmp_path_factory, "synthetic:qwen2.5-vl-tiny", "qwen", 16, **small)}
+def family_artifacts(tiny_artifact: Path, next_tiny_artifact: Path, qwen_tiny_artifact: Path) -> dict[str, Path]:
+    """The session's tiny artifact of each family (read-only)."""
+    return {"llava": tiny_artifact, "llava_next": next_tiny_artifact, "qwen2_5_vl": qwen_tiny_artifact}
 
 
 @pytest.mark.parametrize("family", ["llava", "llava_next", "qwen2_5_vl"])
