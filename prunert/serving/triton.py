@@ -60,6 +60,7 @@ from prunert.serving.engine import Engine, Event, Request
 LOG = logging.getLogger("prunert.serve")
 MODEL = "prunert"
 STREAM_MODEL = "prunert_stream"
+START_ATTEMPTS = 2  # a failed start of the Triton server is made once more (_start)
 INSTALL = ('PyTriton is not installed here; it pins numpy < 2, so give it its own environment: python -m venv '
            '.venv-triton && .venv-triton/bin/pip install "prunert[triton]" (docs/serving.md)')
 
@@ -83,15 +84,11 @@ def serve_triton(args: argparse.Namespace, engine: Engine) -> int:
     config = TritonConfig(http_port=args.http_port, grpc_port=args.grpc_port, metrics_port=args.metrics_port)
     _check_free(args.host, {"--http-port": config.http_port, "--grpc-port": config.grpc_port,
                             "--metrics-port": config.metrics_port})
-    pytriton = _pytriton()
-    server = pytriton.Triton(config=pytriton.TritonConfig(
-        http_address=args.host, http_port=config.http_port, grpc_address=args.host, grpc_port=config.grpc_port,
-        metrics_address=args.host, metrics_port=config.metrics_port, exit_timeout_secs=int(min(engine.config.drain_s, 30)),
-        allow_gpu_metrics=False))
-    bind_models(server, TritonModel(engine), engine.max_batch, config)
+    pytriton, model = _pytriton(), TritonModel(engine)
     _own_libpython_first()
     stop = threading.Event()
     received: list[int] = []
+    server = None
 
     def on_signal(signum: int, _frame: Any) -> None:
         received.append(signum)
@@ -99,19 +96,15 @@ def serve_triton(args: argparse.Namespace, engine: Engine) -> int:
 
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
-        try:
-            server.run()
-        except Exception as exc:  # noqa: BLE001 - PyTriton's start-up failures (a port in use, ...) are one error line
-            first = str(exc).split("Traceback")[0].strip().splitlines()[:1] or [""]
-            raise ConfigError(f"--triton: the Triton server did not start on {args.host} (ports {config.http_port}, "
-                              f"{config.grpc_port}, {config.metrics_port}): {type(exc).__name__}: {first[0][:300]}") from None
+        server = _start(pytriton, args.host, config, engine, model)
         print(f"prunert: Triton models {MODEL!r} and {STREAM_MODEL!r} (KServe v2) on http://{args.host}:{config.http_port}"
               f" and grpc {args.host}:{config.grpc_port}; metrics http://{args.host}:{config.metrics_port}/metrics",
               flush=True)
         while not stop.wait(1.0) and server.is_alive():
             pass
     finally:
-        server.stop()  # tritonserver stops taking requests and waits for those in flight (exit_timeout_secs)
+        if server is not None:
+            server.stop()  # tritonserver stops taking requests and waits for those in flight (exit_timeout_secs)
         engine.shutdown(0.0)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
@@ -123,9 +116,34 @@ def serve_triton(args: argparse.Namespace, engine: Engine) -> int:
     return 0
 
 
-def bind_models(server: Any, model: "TritonModel", max_batch: int, config: TritonConfig) -> None:
-    """Bind the batched model and its decoupled streaming twin on a pytriton.triton.Triton."""
-    pytriton = _pytriton()
+def _start(pytriton: Any, host: str, config: TritonConfig, engine: Engine, model: "TritonModel") -> Any:
+    """A running pytriton.triton.Triton with both models bound. A start that fails is stopped and made again on a
+    fresh server, START_ATTEMPTS times in all: PyTriton's model instances after the first read the first one's config
+    over a local socket within 1 s of starting, and on a loaded machine the first may not listen yet (the load fails
+    with ConnectionRefusedError or a timeout). What still fails is one ConfigError line."""
+    attempt = 1
+    while True:
+        server = pytriton.Triton(config=pytriton.TritonConfig(
+            http_address=host, http_port=config.http_port, grpc_address=host, grpc_port=config.grpc_port,
+            metrics_address=host, metrics_port=config.metrics_port, exit_timeout_secs=int(min(engine.config.drain_s, 30)),
+            allow_gpu_metrics=False))
+        bind_models(pytriton, server, model, engine.max_batch, config)
+        try:
+            server.run()
+            return server
+        except Exception as exc:  # noqa: BLE001 - PyTriton's start-up failures (a model that did not load, ...)
+            server.stop()
+            first = (str(exc).split("Traceback")[0].strip().splitlines()[:1] or [""])[0][:300]
+            if attempt == START_ATTEMPTS:
+                raise ConfigError(f"--triton: the Triton server did not start on {host} (ports {config.http_port}, "
+                                  f"{config.grpc_port}, {config.metrics_port}): {type(exc).__name__}: {first}") from None
+            attempt += 1
+            LOG.warning("the Triton server did not start (%s: %s); starting a fresh one (attempt %d of %d)",
+                        type(exc).__name__, first, attempt, START_ATTEMPTS)
+
+
+def bind_models(pytriton: Any, server: Any, model: "TritonModel", max_batch: int, config: TritonConfig) -> None:
+    """Bind the batched model and its decoupled streaming twin on a pytriton.triton.Triton (pytriton: _pytriton())."""
     inputs = [pytriton.Tensor(name=name, dtype=dtype, shape=(1,), optional=optional) for name, dtype, optional in INPUTS]
     outputs = [pytriton.Tensor(name=name, dtype=dtype, shape=shape) for name, dtype, shape in OUTPUTS]
     batcher = pytriton.DynamicBatcher(max_queue_delay_microseconds=config.max_queue_delay_us)
