@@ -469,8 +469,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["--one-round"]:  # measure()'s child process
         return one_round(Path(argv[1]))
     if argv[:1] == ["--op-profile-round"]:  # op_profile()'s child process
-        open_peer, prompts = round_inputs(json.loads(Path(argv[1]).read_text()))
-        return peers_ops.child(Path(argv[1]), open_peer, prompts)
+        spec = json.loads(Path(argv[1]).read_text())
+        return peers_ops.child(Path(argv[1]), spec, *round_inputs(spec))
     args, started = parse_args(argv), time.perf_counter()
     from prunert.adapters import resolve_source
     from prunert.config import RuntimeConfig

@@ -74,9 +74,9 @@ def profile_peer(open_peer, name: str, precision: str, prompts: dict, steps: int
     return step_ops(json.loads(path.read_text()), [int(c) for c in prompts], steps)
 
 
-def child(path: Path, open_peer, prompts: dict) -> int:
-    """bench_peers' --op-profile-round: both peers of one precision, as the file at `path` says; results written back."""
-    spec = json.loads(path.read_text())
+def child(path: Path, spec: dict, open_peer, prompts: dict) -> int:
+    """bench_peers' --op-profile-round: both peers of one precision, as `spec` (read from `path`) says, opened by
+    `open_peer`; results written back to `path`."""
     with tempfile.TemporaryDirectory(prefix="peers-ops-") as work:
         out = {name: profile_peer(open_peer, name, spec["precision"], prompts, spec["steps"], Path(work)) for name in spec["order"]}
     path.write_text(json.dumps(out))
